@@ -1,0 +1,95 @@
+"""The only place the harness talks to cnpsfs: through its CLI, exactly as a user would.
+
+The CLI is still being written, so every call is probed first and a missing command turns the
+cnpsfs rows into "not available" notes instead of failing the run. The calls assumed are:
+
+* ``cnpsfs --store STORE import dir DIR --name NAME --version VERSION`` (last stdout line = ref)
+* ``cnpsfs --store STORE mount REF MNT`` (returns once MNT is mounted)
+* ``cnpsfs umount MNT``
+* ``cnpsfs status MNT --json`` (optional: FUSE request counters, see :meth:`CnpsfsCli.counters`)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from .common import BenchError, last_line, run
+
+log = logging.getLogger(__name__)
+
+IMAGE_NAME = "bench.example/rootfs"
+
+
+class CnpsfsCli:
+    def __init__(self, repo: Path) -> None:
+        self.exe = repo / ".venv" / "bin" / "cnpsfs"
+
+    @functools.cache  # noqa: B019 - one probe per command per run is the point
+    def _missing(self, *subcommand: str) -> str | None:
+        """Probe ``cnpsfs SUBCOMMAND --help``; return why it is unusable, or None."""
+        if not os.access(self.exe, os.X_OK):
+            return f"cnpsfs CLI not available ({self.exe.name} not installed in .venv)"
+        argv = [os.fspath(self.exe), *subcommand, "--help"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"cnpsfs CLI not available ({exc})"
+        if proc.returncode != 0:
+            what = " ".join(["cnpsfs", *subcommand, "--help"])
+            why = f"`{what}` exited {proc.returncode}: {last_line(proc.stderr)}"
+            return f"cnpsfs CLI not available ({why})"
+        return None
+
+    def unavailable(self) -> str | None:
+        return self._missing("import", "dir")
+
+    def mount_unavailable(self) -> str | None:
+        return self._missing("import", "dir") or self._missing("mount") or self._missing("umount")
+
+    def import_dir(self, store: Path, src: Path, version: str) -> str:
+        proc = run(
+            [self.exe, "--store", store, "import", "dir", src, "--name", IMAGE_NAME, "--version", version],
+            capture=True,
+        )
+        ref = last_line(proc.stdout)
+        if ref == "(no message)":
+            raise BenchError("cnpsfs import printed no FileSet reference")
+        return ref
+
+    def mount(self, store: Path, ref: str, mnt: Path) -> None:
+        run([self.exe, "--store", store, "mount", ref, mnt], timeout=300)
+
+    def umount(self, mnt: Path) -> None:
+        run([self.exe, "umount", mnt], timeout=120)
+
+    def counters(self, mnt: Path) -> dict[str, int] | None:
+        """FUSE request counts per operation, or None while ``cnpsfs status`` does not exist.
+
+        Accepted shapes: ``{"requests": {"lookup": 12, ...}}`` or a flat ``{"lookup": 12, ...}``;
+        non-integer values are ignored so the status output can carry other fields too.
+        """
+        if self._missing("status"):
+            return None
+        proc = subprocess.run(
+            [os.fspath(self.exe), "status", os.fspath(mnt), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if proc.returncode != 0:
+            return None
+        try:
+            data = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(data, dict) and isinstance(data.get("requests"), dict):
+            data = data["requests"]
+        if not isinstance(data, dict):
+            return None
+        return {str(k): int(v) for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)}
