@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import blake3
 import pyfastcdc
 
 from . import format as fmt
@@ -195,16 +196,25 @@ class ContentWriter:
 
     # ------------------------------------------------------------------ files
 
-    def add_small(self, data: bytes, sink: Callable[[tuple[fmt.Extent, ...]], None]) -> None:
-        """Append a small file to the FileSet's shared stream (call in canonical order)."""
+    def add_small(self, data: bytes, sink: Callable[[tuple[fmt.Extent, ...]], None]) -> bytes:
+        """Append a small file to the FileSet's shared stream (call in canonical order).
+
+        Returns the file's content hash; *sink* receives its extents once they are cut.
+        """
         start = self.small.length
         self.small.add_span(start, len(data), sink)
         self.small.write(data)
         self._progress(len(data))
+        return fmt.digest_bytes(data)
 
-    def add_large(self, pieces: Iterable[bytes | memoryview | int], size: int) -> tuple[fmt.Extent, ...]:
-        """Cut one large file on its own. *pieces* yields data, or an int for that many zeros."""
+    def add_large(self, pieces: Iterable[bytes | memoryview | int],
+                  size: int) -> tuple[tuple[fmt.Extent, ...], bytes]:
+        """Cut one large file on its own; returns its extents and content hash.
+
+        *pieces* yields data, or an int for that many zeros (a hole in the source).
+        """
         stream = _Stream(self)
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         result: list[tuple[fmt.Extent, ...]] = []
         stream.add_span(0, size, result.append)
         for piece in pieces:
@@ -212,16 +222,19 @@ class ContentWriter:
                 remaining = piece
                 while remaining:
                     n = min(remaining, _READ)
-                    stream.write(memoryview(_ZERO)[:n])
+                    zeros = memoryview(_ZERO)[:n]
+                    stream.write(zeros)
+                    hasher.update(zeros)
                     remaining -= n
                 self._progress(piece)
             else:
                 stream.write(piece)
+                hasher.update(piece)
                 self._progress(len(piece))
         if stream.length != size:
             raise ValueError(f"file data is {stream.length} bytes, expected {size}")
         stream.finish()
-        return result[0]
+        return result[0], hasher.digest()
 
     def finish(self) -> None:
         self.small.finish()

@@ -117,6 +117,17 @@ class Entry:
     rdev: tuple[int, int] = (0, 0)  # devices: (major, minor)
     tree: bytes | None = None  # directories: digest of the directory object
     link: tuple[bytes, int] | None = None  # hard links: (first path in the FileSet, nlink)
+    hash: bytes | None = None  # regular files with data: BLAKE3-256 of the whole content
+
+    def same_content(self, other: Entry) -> bool:
+        """True when both entries present the same object (name and mtime aside).
+
+        Extents are not compared: the same bytes can be cut differently in two FileSets
+        (small files share a per-FileSet stream), so file identity is the content hash.
+        """
+        return (self.kind is other.kind and self.mode == other.mode and self.uid == other.uid
+                and self.gid == other.gid and self.size == other.size and self.hash == other.hash
+                and self.target == other.target and self.rdev == other.rdev and self.xattrs == other.xattrs)
 
     @property
     def st_mode(self) -> int:
@@ -230,6 +241,8 @@ def entry_to_cbor(entry: Entry) -> dict[int, Any]:
         out[12] = entry.tree
     if entry.link is not None:
         out[13] = [entry.link[0], entry.link[1]]
+    if entry.kind is Kind.FILE and entry.size:
+        out[14] = entry.hash
     return out
 
 
@@ -298,6 +311,8 @@ def check_entry(entry: Entry) -> None:
     if entry.mode & ~0o7777:
         raise FormatError(f"{entry.name!r}: mode has bits outside 0o7777")
     if entry.kind is Kind.FILE:
+        if entry.size and (entry.hash is None or len(entry.hash) != DIGEST_SIZE):
+            raise FormatError(f"{entry.name!r}: a non-empty file needs its content hash")
         if entry.content is None:
             covered = sum(e.length for e in entry.extents or ())
             if covered != entry.size:
@@ -359,6 +374,7 @@ def entry_from_cbor(raw: Mapping[int, Any]) -> Entry:
             rdev=(rdev[0], rdev[1]) if rdev else (0, 0),
             tree=raw.get(12),
             link=(link[0], link[1]) if link else None,
+            hash=raw.get(14),
         )
     except (KeyError, ValueError, TypeError, IndexError):
         raise FormatError(f"malformed directory entry {raw.get(0)!r}") from None

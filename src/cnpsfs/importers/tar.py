@@ -149,7 +149,7 @@ class TarImporter:
             data = tf.extractfile(member)
             assert data is not None
             if member.size >= LARGE_FILE:
-                node.extents = content.add_large(self._pieces(data, member.size, what), member.size)
+                node.extents, entry.hash = content.add_large(self._pieces(data, member.size, what), member.size)
             else:
                 buf = data.read(member.size)
                 if len(buf) != member.size:
@@ -190,6 +190,7 @@ class TarImporter:
         node = self.builder.add(parts, linked, source=target.source, link_group=target.link_group, what=what)
         if node is not None:
             node.extents = target.extents
+            linked.hash = src.hash
 
     @staticmethod
     def _pieces(data: IO[bytes], size: int, what: str) -> Iterator[bytes]:

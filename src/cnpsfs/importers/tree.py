@@ -287,12 +287,12 @@ def _store_file_data(builder: TreeBuilder, content: ContentWriter) -> None:
             done.add(node.link_group)
         assert node.source is not None
         if entry.size >= LARGE_FILE:
-            node.extents = content.add_large(node.source.pieces(), entry.size)
+            node.extents, entry.hash = content.add_large(node.source.pieces(), entry.size)
         elif entry.size:
             data = node.source.read_all()
             if len(data) != entry.size:
                 raise ImportRejected(f"{builder.source_name}: {entry.name!r} changed size while importing")
-            content.add_small(data, _setter(node))
+            entry.hash = content.add_small(data, _setter(node))
         else:
             node.extents = ()
 
@@ -305,16 +305,16 @@ def _setter(node: Node) -> Callable[[tuple[fmt.Extent, ...]], None]:
 
 def _store_directories(builder: TreeBuilder, writer: StoreWriter) -> fmt.Entry:
     """Write directory objects bottom-up and return the root entry."""
-    extents_by_group: dict[object, tuple[fmt.Extent, ...]] = {}
+    extents_by_group: dict[object, tuple[tuple[fmt.Extent, ...], bytes | None]] = {}
     for _parts, node in builder.walk():
         if node.link_group is not None and node.extents is not None:
-            extents_by_group.setdefault(node.link_group, node.extents)
+            extents_by_group.setdefault(node.link_group, (node.extents, node.entry.hash))
 
     def finish_file(node: Node) -> None:
         entry = node.entry
         extents = node.extents
-        if extents is None and node.link_group is not None:
-            extents = extents_by_group.get(node.link_group)
+        if extents is None and node.link_group is not None and node.link_group in extents_by_group:
+            extents, entry.hash = extents_by_group[node.link_group]
         if extents is None:
             raise ImportRejected(f"{builder.source_name}: no data recorded for {entry.name!r}")
         if len(extents) > fmt.INLINE_EXTENTS_MAX:
