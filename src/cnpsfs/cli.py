@@ -497,6 +497,206 @@ def tag_rm(app: App, tag: str) -> None:
         raise NotFoundError(f"no such tag {tag!r}")
 
 
+# --------------------------------------------------------------------------- images
+
+
+@main.group("image")
+def image_group() -> None:
+    """Create images (an ordered list of FileSets plus run config) from manifests."""
+
+
+@image_group.command("create")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def image_create(app: App, manifest: str, as_json: bool) -> None:
+    """Store MANIFEST (TOML, see docs/manifest.md) as an image object tagged
+    NAME@VERSION. Every reference is resolved to a digest and the whole composition is
+    checked (union conflicts fail here, naming both FileSets and the path). Prints the
+    image digest last on stdout."""
+    from .manifest import compose, load_manifest_file, store_image
+
+    store = app.store()
+    image = load_manifest_file(store, manifest)
+    compose(store, image).check()
+    digest = store_image(store, image)
+    if as_json:
+        emit_json({"digest": fmt.format_digest(digest), "name": image.name, "version": image.version})
+        return
+    click.echo(f"created image {image.name}@{image.version} ({len(image.layers)} layers)", err=True)
+    click.echo(fmt.format_digest(digest))
+
+
+@main.command("inspect")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def inspect_cmd(app: App, ref: str, as_json: bool) -> None:
+    """Show an image's layers and run config, or a FileSet's name, version and metadata.
+    REF may also be a manifest file."""
+    from .manifest import describe_layers, load_image
+
+    store = app.store()
+    if ref.endswith(".toml") or os.path.isfile(ref):
+        image, digest = load_image(store, ref)
+    else:
+        digest = store.resolve(ref)
+        if store.object_type(digest) == T_FILESET:
+            fs = store.get_fileset(digest)
+            data = {"type": "fileset", "digest": fmt.format_digest(digest), "name": fs.name,
+                    "version": fs.version, "root": fmt.format_digest(fs.root.tree or b""),
+                    "metadata": _jsonable(fs.metadata)}
+            if as_json:
+                emit_json(data)
+            else:
+                click.echo(f"fileset  {fs.name}@{fs.version}\ndigest   {data['digest']}\nroot     {data['root']}")
+                for key, value in sorted(fs.metadata.items()):
+                    click.echo(f"{key}: {json.dumps(_jsonable(value))[:200]}")
+            return
+        image = store.get_image(digest)
+    data = {"type": "image", "digest": fmt.format_digest(digest) if digest else None, "name": image.name,
+            "version": image.version, "mode": image.mode, "layers": describe_layers(store, image.layers),
+            "config": image.config, "metadata": _jsonable(image.metadata)}
+    if as_json:
+        emit_json(data)
+        return
+    click.echo(f"image    {image.name}@{image.version}  ({image.mode} mode)")
+    if digest:
+        click.echo(f"digest   {data['digest']}")
+    click.echo("layers")
+    for number, layer in enumerate(data["layers"], 1):
+        flags = [f for f in ("unlinked", "override") if layer[f]]
+        place = f" at {layer['at']}" if layer["at"] != "/" else ""
+        click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}  {layer['fileset'][:23]}{place}"
+                   + (f"  [{', '.join(flags)}]" if flags else ""))
+    if image.config:
+        click.echo("config")
+        for key, value in sorted(image.config.items()):
+            click.echo(f"  {key}: {json.dumps(value)}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- mounting
+
+
+@main.command("mount")
+@click.argument("ref", metavar="REF|MANIFEST")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); log to stderr.")
+@click.option("--allow-other", is_flag=True, help="Let other users (container processes) use the mount.")
+@click.option("--fuse-mode", type=click.Choice(["auto", "stock"]), default="auto", show_default=True,
+              help="'auto' uses the kernel-cache extensions when the installed pyfuse3 has them.")
+@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Worker threads for reading and decompressing chunks.")
+@click.option("--cache-mib", type=click.IntRange(8, 1 << 20), default=128, show_default=True,
+              help="Decompressed chunk cache size in MiB.")
+@pass_app
+def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other: bool, fuse_mode: str,
+              threads: int, cache_mib: int) -> None:
+    """Mount the image REF (or a manifest file) read-only at MOUNTPOINT.
+
+    Returns once the mount answers, with the daemon in the background (its log and
+    control socket are under /run/cnpsfs). Nothing is extracted: directories are read
+    when looked up and chunks when read, each verified against its digest; a corrupt
+    chunk gives EIO for that read, never wrong bytes. Unmount with `cnpsfs umount`.
+    """
+    from .daemon import MountRecord, check_mountpoint, mount_key, runtime_dir
+    from .maintenance import register_roots, unregister_roots
+    from .manifest import compose, load_image
+    from .mount import MountOptions, MountService, control_path_for
+
+    real = check_mountpoint(mountpoint)
+    store = app.store()
+    image, digest = load_image(store, ref)
+    if digest is None and image.mode == "union":
+        compose(store, image).check()  # stored images were checked when created
+    key = mount_key(real)
+    rt = runtime_dir()
+    control = control_path_for(rt, key)
+    service = MountService(store, image, digest, real,
+                           MountOptions(allow_other, fuse_mode == "auto", threads, cache_mib << 20), control, ref)
+    generation = service.build()
+    roots = [layer.fileset for layer in image.layers] + ([digest] if digest else [])
+    record = MountRecord(real, os.getpid(), str(store.path), ref, str(rt / f"{key}.log"), control)
+
+    def serve(ready: Callable[[], None]) -> None:
+        record.pid = os.getpid()
+        record.save()
+        register_roots(store, roots)
+        try:
+            service.run(generation, ready)
+        finally:
+            record.remove()
+            unregister_roots(store)
+
+    label = f"{image.name}@{image.version}"
+    if foreground:
+        serve(lambda: log.info("mounted %s at %s", label, real))
+        return
+    from .daemon import READY, install_faulthandler, redirect_output, spawn_daemon
+
+    store.close()  # SQLite connections and pack descriptors must not cross fork()
+
+    def child(ready_fd: int) -> None:
+        redirect_output(record.log_file)
+        install_faulthandler()
+
+        def ready() -> None:
+            os.write(ready_fd, READY)
+            os.close(ready_fd)
+
+        serve(ready)
+
+    pid = spawn_daemon(child)
+    click.echo(f"mounted {label} at {real} (daemon pid {pid}, log {record.log_file})", err=True)
+
+
+@main.command("umount")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--lazy", is_flag=True, help="Detach even if processes still use the mount.")
+def umount_cmd(mountpoint: str, lazy: bool) -> None:
+    """Unmount MOUNTPOINT and wait for its daemon to exit. Also cleans up after a
+    daemon that was killed (the dead mount is detached)."""
+    from .daemon import unmount
+
+    unmount(mountpoint, lazy=lazy)
+
+
+@main.command("status")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status_cmd(mountpoint: str, as_json: bool) -> None:
+    """Show a mount's image, generation, layers, FUSE mode and request counters."""
+    from .daemon import status_record
+    from .mount import control_request
+
+    record = status_record(os.path.realpath(mountpoint))
+    if not record["alive"]:
+        raise CnpsfsError(f"the daemon of {mountpoint} (pid {record['pid']}) is gone: run `cnpsfs umount`")
+    status = control_request(record["control"], {"op": "status"})
+    status.pop("ok", None)
+    if as_json:
+        emit_json(status)
+        return
+    image = status["image"]
+    click.echo(f"mountpoint  {status['mountpoint']}  (pid {status['pid']}, {status['fuse_mode']} mode)")
+    click.echo(f"image       {image['name']}@{image['version']}  {image['digest'] or '(from manifest)'}")
+    click.echo(f"generation  {status['generation']}")
+    for number, layer in enumerate(status["layers"], 1):
+        mark = " [unlinked]" if layer["unlinked"] else ""
+        click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}{mark}")
+    click.echo("requests    " + ", ".join(f"{k}={v}" for k, v in sorted(status["requests"].items())))
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

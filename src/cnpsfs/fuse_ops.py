@@ -1,0 +1,363 @@
+"""The pyfuse3 protocol adapter: inode numbers and attributes in, FUSEErrors out.
+
+Everything about what the tree contains lives in :mod:`cnpsfs.view`; this module maps
+requests onto the current generation, runs blocking work (reading and decompressing
+blocks, hashing chunks) on worker threads, and keeps the kernel's caches full: the
+image is immutable, so entries and attributes never time out, file pages are kept, and
+with the kernel-cache extensions of our pyfuse3 patch (docs/pyfuse3-upstream.md) opens,
+directory listings and symlink targets are served by the kernel without asking us.
+
+State kept per inode only, never per open file: in no-open mode the kernel sends
+handle 0 and the inode, so the read path must not depend on what open returned.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import format as fmt
+from .errors import CnpsfsError, CorruptObjectError, FormatError, MissingObjectError
+from .reader import ChunkCache
+from .view import Generation, Node
+
+log = logging.getLogger(__name__)
+
+#: The image never changes under a generation; a swap invalidates explicitly.
+CACHE_TIMEOUT = 365 * 24 * 3600.0
+READAHEAD_BYTES = 2 << 20
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
+
+
+class ChunkFetcher:
+    """Verified chunks for the read path: cache, one fetch per chunk however many wait.
+
+    Misses run ``store.get`` (pread, zstd, BLAKE3) on a worker thread under a shared
+    CapacityLimiter, so concurrent readers proceed in parallel and the loop never blocks.
+    """
+
+    def __init__(self, store: Any, cache: ChunkCache, limiter: trio.CapacityLimiter) -> None:
+        self.store = store
+        self.cache = cache
+        self.limiter = limiter
+        self._inflight: dict[bytes, trio.Event] = {}
+        self._failed: dict[bytes, BaseException] = {}
+
+    async def get(self, digest: bytes) -> bytes:
+        data = self.cache.get(digest)
+        if data is not None:
+            return data
+        event = self._inflight.get(digest)
+        if event is not None:
+            await event.wait()
+            data = self.cache.get(digest)
+            if data is not None:
+                return data
+            failure = self._failed.get(digest)
+            if failure is not None:
+                raise failure
+        event = self._inflight[digest] = trio.Event()
+        try:
+            data = await trio.to_thread.run_sync(self.store.get, digest, limiter=self.limiter)
+            self.cache.put(digest, data)
+            self._failed.pop(digest, None)
+            return data
+        except (CorruptObjectError, MissingObjectError, OSError) as exc:
+            self._failed[digest] = exc
+            raise
+        finally:
+            del self._inflight[digest]
+            event.set()
+
+
+class Operations(pyfuse3.Operations):
+    """Read-only FUSE operations over the current :class:`Generation`."""
+
+    supports_dot_lookup = True
+
+    def __init__(self, generation: Generation, *, use_extensions: bool = True,
+                 cache_bytes: int = 128 << 20, threads: int = 4) -> None:
+        super().__init__()
+        self.generation = generation
+        self.store = generation.store
+        self.retired: dict[int, Node] = {}  # nodes of older generations the kernel may still use
+        self.lookups: Counter[int] = Counter()
+        self.requests: Counter[str] = Counter()
+        self.limiter = trio.CapacityLimiter(threads)
+        self.fetcher = ChunkFetcher(self.store, ChunkCache(cache_bytes), self.limiter)
+        self.extensions = use_extensions and HAVE_EXTENSIONS
+        self.no_open = False
+        self.no_opendir = False
+        self.readahead_nursery: trio.Nursery | None = None
+        self._read_end: dict[int, int] = {}
+        if self.extensions:
+            self.enable_cache_symlinks = True
+            self.pass_inode_to_fh_handlers = True
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def mode(self) -> str:
+        """How the kernel caches: reported by status and logged at start."""
+        if not self.extensions:
+            return "stock"
+        parts = ["kernel-cache"]
+        if self.no_open:
+            parts.append("no-open")
+        if self.no_opendir:
+            parts.append("no-opendir")
+        return "+".join(parts)
+
+    def node(self, ino: int) -> Node:
+        node = self.generation.nodes.get(ino)
+        if node is None:
+            node = self.retired.get(ino)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = node.attr
+        if attr is None:
+            entry = node.entry
+            attr = pyfuse3.EntryAttributes()
+            attr.st_ino = node.ino
+            attr.generation = 0
+            attr.entry_timeout = CACHE_TIMEOUT
+            attr.attr_timeout = CACHE_TIMEOUT
+            attr.st_mode = entry.st_mode
+            attr.st_nlink = node.nlink
+            attr.st_uid = entry.uid
+            attr.st_gid = entry.gid
+            attr.st_rdev = os.makedev(*entry.rdev) if entry.kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV) else 0
+            attr.st_size = node.size
+            attr.st_blksize = 4096
+            attr.st_blocks = node.blocks
+            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
+            node.attr = attr
+        return attr
+
+    def _io_error(self, what: str, exc: BaseException) -> pyfuse3.FUSEError:
+        log.error("%s: %s", what, exc)
+        return pyfuse3.FUSEError(errno.EIO)
+
+    async def _in_thread(self, func: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(func, *args, limiter=self.limiter)
+
+    async def _children_loaded(self, node: Node, *, listing: bool = False) -> None:
+        """Load directory objects off the loop (they may need a block read and decode)."""
+        gen = self.generation
+        try:
+            if listing:
+                if node.listing is None or any(c.is_dir and c.children is None for _n, c in node.listing):
+                    await self._in_thread(gen.listing, node)
+            elif node.children is None:
+                await self._in_thread(gen.load_children, node)
+        except (CorruptObjectError, MissingObjectError, FormatError) as exc:
+            raise self._io_error(f"directory {_show(node.path)}", exc) from None
+        except CnpsfsError as exc:  # a union conflict found lazily
+            raise self._io_error(f"directory {_show(node.path)}", exc) from None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def init(self) -> None:
+        if self.extensions:
+            caps = pyfuse3.kernel_capabilities()
+            self.no_open = bool(caps & pyfuse3.FUSE_CAP_NO_OPEN_SUPPORT)
+            self.no_opendir = bool(caps & pyfuse3.FUSE_CAP_NO_OPENDIR_SUPPORT)
+        log.info("serving %s in %s mode", self.generation.label or "image", self.mode)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            left = self.lookups[ino] - count
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            self.retired.pop(ino, None)
+            self._read_end.pop(ino, None)
+
+    # ------------------------------------------------------------------ metadata
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.requests["lookup"] += 1
+        parent = self.node(parent_inode)
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if name == b".":
+            child: Node | None = parent
+        elif name == b"..":
+            child = self.node(parent.parent)
+        else:
+            child = parent.children.get(name) if parent.children is not None else None
+            if child is None or (child.is_dir and child.children is None):
+                await self._children_loaded(parent)
+                child = parent.children.get(name) if parent.children is not None else None
+                if child is not None and child.is_dir and child.children is None:
+                    await self._children_loaded(child)  # its st_nlink counts its subdirectories
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self.lookups[child.ino] += 1
+        return self.attributes(child)
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.requests["getattr"] += 1
+        return self.attributes(self.node(inode))
+
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        self.requests["readlink"] += 1
+        node = self.node(inode)
+        if node.entry.kind is not fmt.Kind.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.entry.target
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self.requests["getxattr"] += 1
+        value = self.node(inode).entry.xattrs.get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        self.requests["listxattr"] += 1
+        return sorted(self.node(inode).entry.xattrs)
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        # default_permissions makes the kernel check modes; only writes remain to refuse.
+        self.requests["access"] += 1
+        self.node(inode)
+        return not mode & os.W_OK
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        self.requests["statfs"] += 1
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_blocks = max(1, len(self.generation.nodes))
+        st.f_bfree = st.f_bavail = 0
+        st.f_files = len(self.generation.nodes)
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = fmt.NAME_MAX
+        return st
+
+    # ------------------------------------------------------------------ directories
+
+    async def opendir(self, inode: int, ctx: Any) -> Any:
+        self.requests["opendir"] += 1
+        if self.no_opendir:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens directories itself from now on
+        node = self.node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if self.extensions:
+            return pyfuse3.FileInfo(fh=inode, cache_readdir=True, keep_cache=True)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any, inode: int = 0) -> None:
+        self.requests["readdir"] += 1
+        node = self.node(fh or inode)
+        await self._children_loaded(node, listing=True)
+        assert node.listing is not None
+        listing = node.listing
+        # Offsets: 0 and 1 are "." and "..", then listing[i] is offset i + 2; stable
+        # because a generation's listing never changes.
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", self.attributes(node), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            if not pyfuse3.readdir_reply(token, b"..", self.attributes(self.node(node.parent)), 2):
+                return
+            start_id = 2
+        for index in range(start_id - 2, len(listing)):
+            name, child = listing[index]
+            if not pyfuse3.readdir_reply(token, name, self.attributes(child), index + 3):
+                return
+            self.lookups[child.ino] += 1
+
+    async def releasedir(self, fh: int, inode: int = 0) -> None:
+        self.requests["releasedir"] += 1
+
+    # ------------------------------------------------------------------ files
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        self.requests["open"] += 1
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens files itself from now on
+        node = self.node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int, inode: int = 0) -> bytes:
+        self.requests["read"] += 1
+        ino = fh or inode
+        node = self.node(ino)
+        if node.entry.kind is not fmt.Kind.FILE:
+            raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
+        emap = node.emap
+        if emap is None:
+            try:
+                emap = await self._in_thread(self.generation.extent_map, node)
+            except (CorruptObjectError, MissingObjectError, FormatError) as exc:
+                raise self._io_error(f"file {_show(node.path)}", exc) from None
+        out = []
+        try:
+            for ext, inner, n in emap.pieces(off, size):
+                if ext.digest is None:
+                    out.append(bytes(n))
+                    continue
+                chunk = await self.fetcher.get(ext.digest)
+                start = ext.offset + inner
+                out.append(chunk[start : start + n])
+        except (CorruptObjectError, MissingObjectError, OSError) as exc:
+            raise self._io_error(f"reading {_show(node.path)} at offset {off}", exc) from None
+        end = off + size
+        if self._read_end.get(ino) == off and end < emap.size and self.readahead_nursery is not None:
+            self.readahead_nursery.start_soon(self._readahead, emap, end)
+        self._read_end[ino] = end
+        return b"".join(out) if len(out) != 1 else out[0]
+
+    async def _readahead(self, emap: Any, offset: int) -> None:
+        for digest in emap.chunks_for(offset, READAHEAD_BYTES):
+            if self.fetcher.cache.get(digest) is None:
+                try:
+                    await self.fetcher.get(digest)
+                except (CorruptObjectError, MissingObjectError, OSError):
+                    return  # the real read reports it
+
+    async def release(self, fh: int, inode: int = 0) -> None:
+        self.requests["release"] += 1
+
+    async def flush(self, fh: int, inode: int = 0) -> None:
+        # ENOSYS tells the kernel never to send FLUSH again: nothing to flush here.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    # ------------------------------------------------------------------ generations
+
+    def install(self, generation: Generation) -> list[tuple[int, bytes | None]]:
+        """Make *generation* current in one assignment; returns what to invalidate.
+
+        Nodes of the old generation stay answerable (``retired``) while the kernel holds
+        references to them, so open files keep reading their old content.
+        """
+        old = self.generation
+        for ino, node in old.nodes.items():
+            if ino not in generation.nodes and self.lookups.get(ino):
+                self.retired[ino] = node
+        self.generation = generation  # the swap: one assignment, between two awaits
+        return []
+
+
+def _show(path: tuple[bytes, ...]) -> str:
+    return "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in path)

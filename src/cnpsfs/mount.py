@@ -1,0 +1,213 @@
+"""The mount service: one FUSE session, its generations, and its control socket.
+
+The control socket (``<runtime dir>/<key>.sock``, mode 0600, owned by the daemon's
+user) speaks one JSON object per line each way. ``cnpsfs status`` uses it today; live
+upgrades use it too. Requests are served on the trio loop, between FUSE requests, so a
+generation swap is a single assignment that no FUSE handler can observe half-done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import format as fmt
+from .errors import CnpsfsError
+from .fuse_ops import Operations
+from .manifest import compose, describe_layers
+from .store import Store
+from .view import Generation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class MountOptions:
+    allow_other: bool = False
+    use_extensions: bool = True
+    threads: int = 4
+    cache_bytes: int = 128 << 20
+
+
+@dataclass(slots=True)
+class HistoryItem:
+    generation: int
+    image: str
+    digest: str | None
+    time: float
+    reason: str
+
+
+@dataclass
+class MountService:
+    store: Store
+    image: fmt.Image
+    image_digest: bytes | None
+    mountpoint: str
+    options: MountOptions
+    control_path: str
+    ref: str = ""
+    history: list[HistoryItem] = field(default_factory=list)
+    ops: Operations | None = None
+    started: float = field(default_factory=time.time)
+
+    def fuse_options(self) -> set[str]:
+        opts = {"fsname=cnpsfs", "subtype=cnpsfs", "ro", "default_permissions", "noatime"}
+        if self.options.allow_other:
+            opts.add("allow_other")
+        return opts
+
+    def build(self) -> Generation:
+        label = f"{self.image.name}@{self.image.version}"
+        generation = compose(self.store, self.image, number=1, label=label)
+        self.history.append(HistoryItem(1, label, fmt.format_digest(self.image_digest) if self.image_digest else None,
+                                        time.time(), "mount"))
+        return generation
+
+    def run(self, generation: Generation, on_ready: Callable[[], None]) -> None:
+        """Mount, serve until unmounted or signalled, then unmount (blocking)."""
+        ops = self.ops = Operations(generation, use_extensions=self.options.use_extensions,
+                                    cache_bytes=self.options.cache_bytes, threads=self.options.threads)
+        try:
+            pyfuse3.init(ops, self.mountpoint, self.fuse_options())
+        except RuntimeError as exc:
+            raise CnpsfsError(f"cannot mount at {self.mountpoint}: {exc}") from None
+        unmounted = False
+        try:
+            trio.run(self._main, on_ready)
+            unmounted = True
+        finally:
+            pyfuse3.close(unmount=not unmounted)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.control_path)
+
+    async def _main(self, on_ready: Callable[[], None]) -> None:
+        assert self.ops is not None
+        async with trio.open_nursery() as nursery:
+            self.ops.readahead_nursery = nursery
+            nursery.start_soon(self._signals, nursery)
+            await nursery.start(self._control_server)
+
+            async def serve() -> None:
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                nursery.cancel_scope.cancel()  # the kernel ended the session (unmounted)
+
+            nursery.start_soon(serve)
+            # Prove the mount answers before telling anyone it is ready.
+            await trio.to_thread.run_sync(os.stat, self.mountpoint)
+            on_ready()
+
+    async def _signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reload is handled by the upgrade machinery")
+                    continue
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+    # ------------------------------------------------------------------ control socket
+
+    async def _control_server(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(self.control_path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.control_path, 0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self._handle_control, [listener])
+
+    async def _handle_control(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            while b"\n" not in buffer:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+                if len(buffer) > 1 << 20:
+                    return
+            try:
+                request = json.loads(buffer.split(b"\n", 1)[0])
+                response = await self.dispatch(request)
+            except CnpsfsError as exc:
+                response = {"ok": False, "error": str(exc)}
+            except (ValueError, KeyError, TypeError) as exc:
+                response = {"ok": False, "error": f"bad request: {exc}"}
+            await stream.send_all(json.dumps(response).encode() + b"\n")
+
+    async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            return {"ok": True, **self.status()}
+        raise CnpsfsError(f"unknown control request {op!r}")
+
+    def status(self) -> dict[str, Any]:
+        assert self.ops is not None
+        gen = self.ops.generation
+        return {
+            "mountpoint": self.mountpoint,
+            "pid": os.getpid(),
+            "store": str(self.store.path),
+            "fuse_mode": self.ops.mode,
+            "generation": gen.number,
+            "image": {"name": gen.image.name, "version": gen.image.version, "mode": gen.image.mode,
+                      "digest": fmt.format_digest(self.image_digest) if self.image_digest else None},
+            "layers": describe_layers(self.store, gen.image.layers),
+            "history": [vars(h) if not hasattr(h, "__slots__") else {k: getattr(h, k) for k in h.__slots__}
+                        for h in self.history],
+            "requests": dict(self.ops.requests),
+            "inodes": len(gen.nodes),
+            "uptime": round(time.time() - self.started, 3),
+        }
+
+
+def control_request(path: str, request: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    """Send one request to a daemon's control socket (blocking client side)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise CnpsfsError(f"the mount daemon is not answering on {path} (is it running?)") from None
+            raise
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            part = sock.recv(65536)
+            if not part:
+                break
+            data += part
+    try:
+        response = json.loads(data)
+    except ValueError:
+        raise CnpsfsError("the mount daemon sent an unreadable reply") from None
+    if not response.get("ok"):
+        raise CnpsfsError(response.get("error", "the mount daemon refused the request"))
+    return response
+
+
+def control_path_for(runtime: Path, key: str) -> str:
+    return str(runtime / f"{key}.sock")
