@@ -25,6 +25,7 @@ kernel's caches for unchanged entries stay valid. Changed entries get fresh numb
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -187,7 +188,7 @@ class Generation:
             return Source(layer, layer.root)
         # A synthetic parent of the layer's `at` path.
         child = layer.at[len(path)]
-        inner = _synthetic_dir(child) if len(path) + 1 < len(layer.at) else layer.root
+        inner = _synthetic_dir(child) if len(path) + 1 < len(layer.at) else dataclasses.replace(layer.root, name=child)
         return Source(layer, _synthetic_dir(path[-1] if path else b""), {child: inner})
 
     def _source_children(self, source: Source) -> tuple[list[fmt.Entry], bool]:
