@@ -65,6 +65,10 @@ class MountService:
 
     def fuse_options(self) -> set[str]:
         opts = {"fsname=cnpsfs", "subtype=cnpsfs", "ro", "default_permissions", "noatime"}
+        if os.geteuid() == 0:
+            # A root filesystem needs its setuid programs and device nodes to work;
+            # libfuse would otherwise add nosuid,nodev.
+            opts |= {"suid", "dev"}
         if self.options.allow_other:
             opts.add("allow_other")
         return opts
