@@ -264,6 +264,26 @@ def _resolve_root(store: Store, ref: str) -> fmt.Entry:
     raise UsageError(f"{ref} is a {TYPE_NAMES.get(type_code or -1, 'object')}; expected a FileSet")
 
 
+def _lookup_path(store: Store, ref: str, path: str) -> tuple[fmt.Entry, list[tuple[bytes, fmt.Entry]] | None, Any]:
+    """The entry at *path* in a FileSet or a composed image; its children when a directory.
+
+    Also returns how to read file contents (the image's generation, or None for a FileSet).
+    """
+    from .manifest import compose
+    from .walk import lookup
+
+    digest = store.resolve(ref)
+    if store.object_type(digest) == T_IMAGE:
+        generation = compose(store, store.get_image(digest))
+        node = generation.resolve(path)
+        children = [(name, child.entry) for name, child in generation.listing(node)] if node.is_dir else None
+        return node.entry, children, generation
+    entry = lookup(store, _resolve_root(store, ref), path)
+    if entry.kind is fmt.Kind.DIR and entry.tree is not None:
+        return entry, [(e.name, e) for e in store.get_directory(entry.tree).entries], None
+    return entry, None, None
+
+
 def _mode_string(entry: fmt.Entry) -> str:
     return stat.filemode(entry.st_mode) if entry.kind is not fmt.Kind.WHITEOUT else "c-wh------"
 
@@ -305,19 +325,16 @@ def _ls_line(entry: fmt.Entry, name: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_app
 def ls_cmd(app: App, ref: str, path: str, long: bool, as_json: bool) -> None:
-    """List PATH (default /) inside the FileSet REF."""
-    from .walk import lookup
-
+    """List PATH (default /) inside REF, a FileSet or an image (composed as mounted)."""
     store = app.store()
-    entry = lookup(store, _resolve_root(store, ref), path)
-    if entry.kind is fmt.Kind.DIR and entry.tree is not None:
-        children = [(e.name.decode("utf-8", "surrogateescape"), e) for e in store.get_directory(entry.tree).entries]
-    else:
-        children = [(os.path.basename(path.rstrip("/")), entry)]
+    entry, children, _gen = _lookup_path(store, ref, path)
+    if children is None:
+        children = [(os.path.basename(path.rstrip("/")).encode("utf-8", "surrogateescape"), entry)]
+    named = [(name.decode("utf-8", "surrogateescape"), child) for name, child in children]
     if as_json:
-        emit_json([_entry_json(e, n) for n, e in children])
+        emit_json([_entry_json(e, n) for n, e in named])
         return
-    for name, child in children:
+    for name, child in named:
         shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         click.echo(_ls_line(child, shown) if long else shown)
 
@@ -327,12 +344,11 @@ def ls_cmd(app: App, ref: str, path: str, long: bool, as_json: bool) -> None:
 @click.argument("path")
 @pass_app
 def cat_cmd(app: App, ref: str, path: str) -> None:
-    """Write the contents of the regular file PATH inside REF to stdout."""
+    """Write the contents of the regular file PATH inside REF (FileSet or image) to stdout."""
     from .reader import ChunkCache, ExtentMap, cached_getter, read_range
-    from .walk import lookup
 
     store = app.store()
-    entry = lookup(store, _resolve_root(store, ref), path)
+    entry, _children, _gen = _lookup_path(store, ref, path)
     if entry.kind is not fmt.Kind.FILE:
         raise UsageError(f"{path} is a {entry.kind.name.lower()}, not a regular file")
     emap = ExtentMap(store.file_extents(entry))
