@@ -692,14 +692,7 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status_cmd(mountpoint: str, as_json: bool) -> None:
     """Show a mount's image, generation, layers, FUSE mode and request counters."""
-    from .daemon import status_record
-    from .mount import control_request
-
-    record = status_record(os.path.realpath(mountpoint))
-    if not record["alive"]:
-        raise CnpsfsError(f"the daemon of {mountpoint} (pid {record['pid']}) is gone: run `cnpsfs umount`")
-    status = control_request(record["control"], {"op": "status"})
-    status.pop("ok", None)
+    status = _control(mountpoint, {"op": "status"})
     if as_json:
         emit_json(status)
         return
@@ -710,7 +703,76 @@ def status_cmd(mountpoint: str, as_json: bool) -> None:
     for number, layer in enumerate(status["layers"], 1):
         mark = " [unlinked]" if layer["unlinked"] else ""
         click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}{mark}")
+    click.echo("history")
+    for item in status["history"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["time"]))
+        click.echo(f"  {item['generation']:>3}. {when}  {item['image']}  ({item['reason']})")
     click.echo("requests    " + ", ".join(f"{k}={v}" for k, v in sorted(status["requests"].items())))
+
+
+def _control(mountpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+    from .daemon import status_record
+    from .mount import control_request
+
+    record = status_record(os.path.realpath(mountpoint))
+    if not record["alive"]:
+        raise CnpsfsError(f"the daemon of {mountpoint} (pid {record['pid']}) is gone: run `cnpsfs umount`")
+    response = control_request(record["control"], request)
+    response.pop("ok", None)
+    return response
+
+
+def _report_swap(mountpoint: str, result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{mountpoint}: generation {result['generation']} in {result['seconds'] * 1000:.1f} ms "
+               f"({result['changed_dirs']} changed, {result['shared_dirs']} shared directories; "
+               f"{result['invalidated_entries']} names invalidated)")
+
+
+@main.command("upgrade")
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("ref", metavar="REF|MANIFEST")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def upgrade_cmd(mountpoint: str, ref: str, as_json: bool) -> None:
+    """Swap the live mount at MOUNTPOINT to another image, atomically.
+
+    The new composition is built beside the current one, checked (union conflicts,
+    missing objects or chunks leave the mount untouched), and made current in one step:
+    every lookup, listing and read sees the old tree or the new one, never a mix. Files
+    open before the swap keep reading their old content; unchanged entries keep their
+    inode numbers and kernel caches. The cost grows with the change, not the image.
+    """
+    if os.path.isfile(ref):
+        ref = os.path.abspath(ref)
+    _report_swap(mountpoint, _control(mountpoint, {"op": "upgrade", "ref": ref}), as_json)
+
+
+@main.command("unlink")
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("layer")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def unlink_cmd(mountpoint: str, layer: str, as_json: bool) -> None:
+    """Hide LAYER of the live mount (1-based position, FileSet reference or label), atomically."""
+    _report_swap(mountpoint, _control(mountpoint, {"op": "unlink", "layer": layer}), as_json)
+
+
+@main.command("link")
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("layer")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def link_cmd(mountpoint: str, layer: str, as_json: bool) -> None:
+    """Show an unlinked LAYER of the live mount again, atomically."""
+    _report_swap(mountpoint, _control(mountpoint, {"op": "link", "layer": layer}), as_json)
+
+
+@main.command("rollback")
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def rollback_cmd(mountpoint: str, as_json: bool) -> None:
+    """Return the live mount to the image it served before the last swap."""
+    _report_swap(mountpoint, _control(mountpoint, {"op": "rollback"}), as_json)
 
 
 def _human(n: float) -> str:

@@ -89,7 +89,11 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.generation = generation
         self.store = generation.store
-        self.retired: dict[int, Node] = {}  # nodes of older generations the kernel may still use
+        # A swap waits for directory loads in flight and holds new ones back, so it sees
+        # a stable old generation; reads and cached lookups go on meanwhile.
+        self._loads_in_flight = 0
+        self._loads_done = trio.Event()
+        self._swap_done: trio.Event | None = None
         self.lookups: Counter[int] = Counter()
         self.requests: Counter[str] = Counter()
         self.limiter = trio.CapacityLimiter(threads)
@@ -118,11 +122,11 @@ class Operations(pyfuse3.Operations):
         return "+".join(parts)
 
     def node(self, ino: int) -> Node:
+        # A generation's table also holds the previous generations' nodes that it did not
+        # replace, so inodes the kernel got before a swap stay answerable.
         node = self.generation.nodes.get(ino)
         if node is None:
-            node = self.retired.get(ino)
-            if node is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+            raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -153,9 +157,16 @@ class Operations(pyfuse3.Operations):
     async def _in_thread(self, func: Any, *args: Any) -> Any:
         return await trio.to_thread.run_sync(func, *args, limiter=self.limiter)
 
-    async def _children_loaded(self, node: Node, *, listing: bool = False) -> None:
-        """Load directory objects off the loop (they may need a block read and decode)."""
+    async def _children_loaded(self, node: Node, *, listing: bool = False) -> Node:
+        """Load directory objects off the loop (they may need a block read and decode).
+
+        Returns the node to use: after waiting out a swap, the new generation's.
+        """
+        while self._swap_done is not None:
+            await self._swap_done.wait()
+            node = self.node(node.ino)
         gen = self.generation
+        self._loads_in_flight += 1
         try:
             if listing:
                 if node.listing is None or any(c.is_dir and c.children is None for _n, c in node.listing):
@@ -166,6 +177,11 @@ class Operations(pyfuse3.Operations):
             raise self._io_error(f"directory {_show(node.path)}", exc) from None
         except CnpsfsError as exc:  # a union conflict found lazily
             raise self._io_error(f"directory {_show(node.path)}", exc) from None
+        finally:
+            self._loads_in_flight -= 1
+            if not self._loads_in_flight:
+                self._loads_done.set()
+        return node
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,7 +199,6 @@ class Operations(pyfuse3.Operations):
                 self.lookups[ino] = left
                 continue
             self.lookups.pop(ino, None)
-            self.retired.pop(ino, None)
             self._read_end.pop(ino, None)
 
     # ------------------------------------------------------------------ metadata
@@ -200,10 +215,10 @@ class Operations(pyfuse3.Operations):
         else:
             child = parent.children.get(name) if parent.children is not None else None
             if child is None or (child.is_dir and child.children is None):
-                await self._children_loaded(parent)
+                parent = await self._children_loaded(parent)
                 child = parent.children.get(name) if parent.children is not None else None
                 if child is not None and child.is_dir and child.children is None:
-                    await self._children_loaded(child)  # its st_nlink counts its subdirectories
+                    child = await self._children_loaded(child)  # its st_nlink counts its subdirectories
         if child is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         self.lookups[child.ino] += 1
@@ -263,8 +278,7 @@ class Operations(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: Any, inode: int = 0) -> None:
         self.requests["readdir"] += 1
-        node = self.node(fh or inode)
-        await self._children_loaded(node, listing=True)
+        node = await self._children_loaded(self.node(fh or inode), listing=True)
         assert node.listing is not None
         listing = node.listing
         # Offsets: 0 and 1 are "." and "..", then listing[i] is offset i + 2; stable
@@ -345,18 +359,41 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ generations
 
-    def install(self, generation: Generation) -> list[tuple[int, bytes | None]]:
-        """Make *generation* current in one assignment; returns what to invalidate.
+    async def swap(self, build: Any) -> tuple[Generation, Any]:
+        """Build a new generation with *build(old)* and make it current atomically.
 
-        Nodes of the old generation stay answerable (``retired``) while the kernel holds
-        references to them, so open files keep reading their old content.
+        *build* runs on a worker thread and returns ``(generation, plan)``; directory
+        loads are held back meanwhile so the old generation it diffs against is stable.
+        If it raises, the current generation stays untouched. The switch itself is one
+        assignment on the loop; the kernel is then told to forget what changed.
         """
-        old = self.generation
-        for ino, node in old.nodes.items():
-            if ino not in generation.nodes and self.lookups.get(ino):
-                self.retired[ino] = node
-        self.generation = generation  # the swap: one assignment, between two awaits
-        return []
+        if self._swap_done is not None:
+            raise CnpsfsError("another swap is in progress")
+        self._swap_done = trio.Event()
+        try:
+            while self._loads_in_flight:
+                self._loads_done = trio.Event()
+                await self._loads_done.wait()
+            old = self.generation
+            generation, plan = await trio.to_thread.run_sync(build, old)
+            self.generation = generation  # the swap: one assignment, no await before it
+        finally:
+            done, self._swap_done = self._swap_done, None
+            done.set()
+        await trio.to_thread.run_sync(self._invalidate, plan)
+        return generation, plan
+
+    def _invalidate(self, plan: Any) -> None:
+        for parent, name in plan.entries:
+            try:
+                pyfuse3.invalidate_entry(parent, name)
+            except OSError as exc:  # ENOENT: the kernel had already dropped it
+                log.debug("invalidate_entry(%d, %r): %s", parent, name, exc)
+        for ino in plan.dirs:
+            try:
+                pyfuse3.invalidate_inode(ino)
+            except OSError as exc:
+                log.debug("invalidate_inode(%d): %s", ino, exc)
 
 
 def _show(path: tuple[bytes, ...]) -> str:

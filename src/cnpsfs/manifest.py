@@ -168,10 +168,10 @@ def active_layers(store: Store, image: fmt.Image) -> list[LayerInfo]:
 
 
 def compose(store: Store, image: fmt.Image, inodes: InodeTable | None = None, *, number: int = 1,
-            label: str = "") -> Generation:
+            label: str = "", previous: Generation | None = None) -> Generation:
     """A generation for *image*: reads the image's FileSet objects and root directories only."""
     return Generation(store, image, active_layers(store, image), inodes or InodeTable(), number=number,
-                      label=label)
+                      label=label, previous=previous)
 
 
 def describe_layers(store: Store, layers: Sequence[fmt.Layer]) -> list[dict[str, Any]]:

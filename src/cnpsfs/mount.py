@@ -9,6 +9,7 @@ generation swap is a single assignment that no FUSE handler can observe half-don
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -26,8 +27,9 @@ import trio
 from . import format as fmt
 from .errors import CnpsfsError
 from .fuse_ops import Operations
-from .manifest import compose, describe_layers
+from .manifest import compose, describe_layers, load_image, looks_like_file
 from .store import Store
+from .swap import SwapPlan, prepare
 from .view import Generation
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class MountService:
     control_path: str
     ref: str = ""
     history: list[HistoryItem] = field(default_factory=list)
+    images: list[tuple[fmt.Image, bytes | None]] = field(default_factory=list)  # for rollback
     ops: Operations | None = None
     started: float = field(default_factory=time.time)
 
@@ -76,6 +79,7 @@ class MountService:
     def build(self) -> Generation:
         label = f"{self.image.name}@{self.image.version}"
         generation = compose(self.store, self.image, number=1, label=label)
+        self.images.append((self.image, self.image_digest))
         self.history.append(HistoryItem(1, label, fmt.format_digest(self.image_digest) if self.image_digest else None,
                                         time.time(), "mount"))
         return generation
@@ -117,7 +121,11 @@ class MountService:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reload is handled by the upgrade machinery")
+                    try:
+                        result = await self.dispatch({"op": "reload"})
+                        log.info("SIGHUP: reloaded %s: generation %d", self.ref, result["generation"])
+                    except CnpsfsError as exc:
+                        log.error("SIGHUP: reload failed, generation unchanged: %s", exc)
                     continue
                 log.info("signal %d: unmounting", signum)
                 pyfuse3.terminate()
@@ -163,7 +171,82 @@ class MountService:
         op = request.get("op")
         if op == "status":
             return {"ok": True, **self.status()}
+        if op == "upgrade":
+            image, digest = await trio.to_thread.run_sync(load_image, self.store, str(request["ref"]))
+            return {"ok": True, **await self.swap_to(image, digest, f"upgrade to {request['ref']}")}
+        if op == "reload":
+            if not looks_like_file(self.ref):
+                raise CnpsfsError("this mount was not started from a manifest file: nothing to re-read")
+            image, digest = await trio.to_thread.run_sync(load_image, self.store, self.ref)
+            return {"ok": True, **await self.swap_to(image, digest, f"reload of {self.ref}")}
+        if op in ("link", "unlink"):
+            image = self._with_layer_flag(str(request["layer"]), unlinked=op == "unlink")
+            return {"ok": True, **await self.swap_to(image, None, f"{op} {request['layer']}")}
+        if op == "rollback":
+            if len(self.images) < 2:
+                raise CnpsfsError("no previous generation to roll back to")
+            image, digest = self.images[-2]
+            result = await self.swap_to(image, digest, "rollback")
+            del self.images[-3:-1]  # the rolled-back-to image is now the last entry once
+            return {"ok": True, **result}
         raise CnpsfsError(f"unknown control request {op!r}")
+
+    def _with_layer_flag(self, which: str, *, unlinked: bool) -> fmt.Image:
+        image = self.image
+        index = self._layer_index(image, which)
+        layers = list(image.layers)
+        layers[index] = dataclasses.replace(layers[index], unlinked=unlinked)
+        return dataclasses.replace(image, layers=layers)
+
+    def _layer_index(self, image: fmt.Image, which: str) -> int:
+        if which.isdigit():
+            index = int(which) - 1
+            if not 0 <= index < len(image.layers):
+                raise CnpsfsError(f"unknown layer {which}: the image has {len(image.layers)} layers")
+            return index
+        try:
+            digest = self.store.resolve(which)
+        except CnpsfsError:
+            digest = None
+        matches = [i for i, layer in enumerate(image.layers) if layer.fileset == digest or layer.label == which]
+        if not matches:
+            raise CnpsfsError(f"unknown layer {which!r}: no layer of the mounted image is that FileSet or label")
+        if len(matches) > 1:
+            raise CnpsfsError(f"layer {which!r} is ambiguous: it is layers {', '.join(str(i + 1) for i in matches)}")
+        return matches[0]
+
+    async def swap_to(self, image: fmt.Image, digest: bytes | None, reason: str) -> dict[str, Any]:
+        """Compose *image* beside the current generation and switch to it atomically."""
+        assert self.ops is not None
+        started = time.monotonic()
+        label = f"{image.name}@{image.version}"
+
+        def build(old: Generation) -> tuple[Generation, SwapPlan]:
+            new = compose(self.store, image, old.inodes, number=old.number + 1, label=label, previous=old)
+            return new, prepare(old, new)
+
+        generation, plan = await self.ops.swap(build)
+        seconds = time.monotonic() - started
+        if generation.previous is not None:
+            generation.previous.previous = None  # keep one generation back, not the whole chain
+        self.image, self.image_digest = image, digest
+        self.images.append((image, digest))
+        self.history.append(HistoryItem(generation.number, label, fmt.format_digest(digest) if digest else None,
+                                        time.time(), reason))
+        self._register_roots()
+        log.info("generation %d: %s (%s) in %.1f ms: %d changed and %d shared directories, %d names invalidated",
+                 generation.number, label, reason, seconds * 1000, plan.changed_dirs, plan.shared_dirs,
+                 len(plan.entries))
+        return {"generation": generation.number, "seconds": round(seconds, 6), "changed_dirs": plan.changed_dirs,
+                "shared_dirs": plan.shared_dirs, "invalidated_entries": len(plan.entries),
+                "invalidated_dirs": len(plan.dirs)}
+
+    def _register_roots(self) -> None:
+        from .maintenance import register_roots
+
+        roots = {layer.fileset for image, _d in self.images for layer in image.layers}
+        roots |= {d for _i, d in self.images if d is not None}
+        register_roots(self.store, sorted(roots))
 
     def status(self) -> dict[str, Any]:
         assert self.ops is not None

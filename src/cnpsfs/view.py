@@ -162,7 +162,7 @@ class Generation:
     """
 
     def __init__(self, store: Store, image: fmt.Image, layers: Sequence[LayerInfo], inodes: InodeTable,
-                 *, number: int = 1, label: str = "") -> None:
+                 *, number: int = 1, label: str = "", previous: Generation | None = None) -> None:
         self.store = store
         self.image = image
         self.mode = image.mode
@@ -170,8 +170,11 @@ class Generation:
         self.inodes = inodes
         self.number = number
         self.label = label
+        self.previous = previous
         self._lock = threading.RLock()
-        self.nodes: dict[int, Node] = {}
+        # Nodes of the previous generation stay answerable by inode (the kernel may hold
+        # them, open files read them); nodes of this generation replace them as they load.
+        self.nodes: dict[int, Node] = dict(previous.nodes) if previous is not None else {}
         root_sources = [self._layer_root_source(layer, ()) for layer in self.layers]
         root_entry = self._dir_metadata([s for s in root_sources if s is not None], b"")
         self.root = Node(ROOT_INODE, root_entry, ROOT_INODE, (), None,
@@ -293,6 +296,9 @@ class Generation:
         with self._lock:
             if node.children is not None:
                 return node.children
+            if self._reuse_previous(node):
+                assert node.children is not None
+                return node.children
             merged = self._merge(node)
             children = {}
             subdirs = 0
@@ -303,6 +309,9 @@ class Generation:
                     meta = self._dir_metadata(sources, name)
                     ino = self.inodes.number(("d", path))
                     child = Node(ino, meta, node.ino, path, None, sources)
+                    shared = self._previous_dir(child)
+                    if shared is not None:
+                        child = shared  # an unchanged subtree: share it, loaded parts included
                 else:
                     if entry.link is not None:
                         key: tuple[Any, ...] = ("l", layer.fileset, layer.at, entry.link[0], identity(entry))
@@ -317,6 +326,24 @@ class Generation:
             node.listing = sorted(children.items())
             node.children = children  # published last: readers see all or nothing
             return children
+
+    def _previous_dir(self, node: Node) -> Node | None:
+        """The previous generation's node for the same directory, if it composes identically."""
+        if self.previous is None:
+            return None
+        old = self.previous.nodes.get(node.ino)
+        if old is None or not old.is_dir or signature(old, self.previous.mode) != signature(node, self.mode):
+            return None
+        return old
+
+    def _reuse_previous(self, node: Node) -> bool:
+        old = self._previous_dir(node)
+        if old is None or old is node or old.children is None:
+            return False
+        node.subdirs = old.subdirs
+        node.listing = old.listing
+        node.children = old.children
+        return True
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         child = self.load_children(parent).get(name)
@@ -374,6 +401,18 @@ class Generation:
             real = [s for s in node.sources if not s.is_synthetic]
             return node, real[-1].layer if real else None
         return node, node.layer
+
+
+def signature(node: Node, mode: str) -> tuple[Any, ...]:
+    """Everything a directory's composition depends on: equal signatures, equal subtrees.
+
+    Directory objects are named by content, so equal tree digests in the same layers
+    under the same rules compose to the same subtree: a swap skips it without reading.
+    """
+    return (mode, tuple((s.layer.fileset, s.layer.at, s.layer.override, s.entry.tree,
+                         tuple(sorted(s.synthetic)) if s.synthetic is not None else None,
+                         s.entry.mode, s.entry.uid, s.entry.gid, s.entry.mtime_ns)
+                        for s in node.sources))
 
 
 def _dir_rank(entry: fmt.Entry) -> tuple[Any, ...]:
