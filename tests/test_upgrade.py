@@ -1,0 +1,412 @@
+"""Live upgrades on real mounts: upgrade, link, unlink and rollback while the tree is in use.
+
+Every swap must be atomic for its users: programs exec'd during swaps load a complete
+set of libraries, open files keep their content, walkers never see a torn file, and a
+refused request changes nothing. Most cases run in both FUSE modes: ``auto`` (the
+kernel caches listings, opens and symlink targets, so a swap must invalidate them) and
+``stock``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cnpsfs_testlib import Cli
+from conftest import build_debian_rootfs
+from swaputil import (
+    FUSE_MODES,
+    Meta,
+    create_image,
+    file_hash,
+    import_dir,
+    mounted,
+    needs_fuse,
+    overlay_meta,
+    tree_meta,
+    write_manifest,
+)
+
+from cnpsfs.errors import CnpsfsError
+from cnpsfs.store import T_CHUNK
+
+pytestmark = needs_fuse
+
+LIBDIR = "usr/lib/x86_64-linux-gnu"
+LIBACL = "libacl.so.1.1.2301"  # cp needs it; few other programs of a minbase do
+EXEC_LOOP = 2000
+EXEC_SWAPS = 50
+WALK_SWAPS = 100
+MTIME = 1_700_000_000
+
+
+# --------------------------------------------------------------------------- the small data images
+
+
+@dataclass
+class Data:
+    cli: Cli
+    common: Path
+    va: Path
+    vb: Path
+    extra: Path
+    image_a: str
+    image_b: str
+    image_c: str  # like A, but a changed file's chunks are gone from the store
+    union_conflict: Path  # a union manifest whose two layers provide /etc/conf differently
+
+
+def _tree(root: Path, files: dict[str, bytes], links: dict[str, str] = {}) -> Path:  # noqa: B006
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(0o644)
+        os.utime(path, (MTIME, MTIME))
+    for rel, target in links.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(target)
+        os.utime(path, (MTIME, MTIME), follow_symlinks=False)
+    for dirpath, _dirs, _files in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        os.utime(dirpath, (MTIME, MTIME))
+    return root
+
+
+def _versioned_files(tag: bytes, seed: int) -> dict[str, bytes]:
+    """Half the files differ between versions; some are large enough for several chunks."""
+    rng = random.Random(seed)
+    files = {}
+    for i in range(120):
+        size = rng.choice([0, 13, 900, 5000, 70_000, 400_000]) if i % 10 else 1_500_000
+        body = random.Random(i).randbytes(size)
+        if i % 2:  # changed in the other version
+            body = tag + body[len(tag):] if size > len(tag) else tag
+        files[f"usr/share/pkg{i % 7}/file{i}"] = body
+    return files
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
+    top = tmp_path_factory.mktemp("data")
+    cli = Cli(top / "store")
+    common = _tree(top / "common", {f"usr/share/common/doc{i}": f"common {i}\n".encode() * (i + 1)
+                                    for i in range(40)} | {"etc/os": b"common\n"})
+    va = _tree(top / "va", _versioned_files(b"AAAA", 1) | {"opt/only-a/file": b"only in A\n", "etc/conf": b"a\n"},
+               {"usr/bin/tool": "tool-a", "opt/app/current": "../only-a/file"})
+    vb = _tree(top / "vb", _versioned_files(b"BBBB", 2) | {"opt/only-b/sub/file": b"only in B\n", "etc/conf": b"b\n"},
+               {"usr/bin/tool": "tool-b", "opt/app/current": "../only-b/sub/file"})
+    vc = _tree(top / "vc", {**_versioned_files(b"AAAA", 1), "usr/share/pkg0/unique": random.randbytes(300_000)})
+    extra = _tree(top / "extra", {"usr/share/common/extra-doc": b"extra\n", "opt/extra/tool": b"#!/bin/sh\n"})
+    refs = {name: import_dir(cli, path, f"test.example/{name}", "1")
+            for name, path in [("common", common), ("va", va), ("vb", vb), ("extra", extra)]}
+
+    def image(version: str, middle: str) -> str:
+        layers = [{"fileset": refs["common"]}, {"fileset": refs[middle]},
+                  {"fileset": refs["extra"], "label": "extra"}]
+        return create_image(cli, write_manifest(top / f"{version}.toml", "test.example/data", version, layers))
+
+    image_a, image_b = image("A", "va"), image("B", "vb")
+    with sqlite3.connect(top / "store" / "index.sqlite") as db:
+        before = {row[0] for row in db.execute("SELECT digest FROM objects WHERE type=?", (T_CHUNK,))}
+    refs["vc"] = import_dir(cli, vc, "test.example/vc", "1")
+    image_c = image("C", "vc")
+    db = sqlite3.connect(top / "store" / "index.sqlite")
+    try:
+        new = [row[0] for row in db.execute("SELECT digest FROM objects WHERE type=?", (T_CHUNK,))
+               if row[0] not in before]
+        assert new, "the unique file added no chunk"
+        db.executemany("DELETE FROM objects WHERE digest=?", [(d,) for d in new])
+        db.commit()
+    finally:
+        db.close()
+    conflict = write_manifest(top / "conflict.toml", "test.example/conflict", "1",
+                              [{"fileset": refs["va"]}, {"fileset": refs["vb"]}], mode="union")
+    return Data(cli, common, va, vb, extra, image_a, image_b, image_c, conflict)
+
+
+_EXPECTED: dict[tuple[int, str, bool], dict[str, Meta]] = {}
+
+
+def expected(data: Data, version: str, *, extra: bool = True) -> dict[str, Meta]:
+    """The tree image A or B must show (hashed once per module)."""
+    key = (id(data), version, extra)
+    if key not in _EXPECTED:
+        middle = data.va if version == "A" else data.vb
+        _EXPECTED[key] = overlay_meta(data.common, middle, *([data.extra] if extra else []))
+    return _EXPECTED[key]
+
+
+@pytest.fixture(params=FUSE_MODES)
+def fuse_mode(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def data_mount(data: Data, tmp_path: Path, fuse_mode: str) -> Iterator:
+    with mounted(data.cli, data.image_a, tmp_path / "mnt", fuse_mode=fuse_mode) as m:
+        yield m
+
+
+# --------------------------------------------------------------------------- 1. exec loop
+
+
+@pytest.fixture(scope="module")
+def exec_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Cli, str, str]:
+    """A tiny Debian root without libacl, and two FileSets that each provide it.
+
+    Both provide the same bytes, but under different file names behind the
+    ``libacl.so.1`` symlink (and with different mtimes): a mixed view, the symlink of one
+    generation and the directory of the other, cannot load the library.
+    """
+    rootfs = build_debian_rootfs()
+    top = tmp_path_factory.mktemp("exec")
+    cli = Cli(top / "store")
+    base = top / "base"
+    base.mkdir()
+    wanted = ["bin", "lib", "lib64", "sbin", "etc/ld.so.cache", "usr/bin/dash", "usr/bin/sh", "usr/bin/cp",
+              "usr/lib64", f"{LIBDIR}/ld-linux-x86-64.so.2", f"{LIBDIR}/libc.so.6", f"{LIBDIR}/libselinux.so.1",
+              f"{LIBDIR}/libpcre2-8.so.0", f"{LIBDIR}/libpcre2-8.so.0.11.2", f"{LIBDIR}/libattr.so.1",
+              f"{LIBDIR}/libattr.so.1.1.2501"]
+    subprocess.run(["cp", "-a", "--parents", *wanted, str(base)], cwd=rootfs, check=True)
+    lib = rootfs / LIBDIR / LIBACL
+    for version, target, mtime in [("a", LIBACL, None), ("b", "libacl.so.1.gen-b", MTIME)]:
+        root = top / f"lib-{version}"
+        (root / LIBDIR).mkdir(parents=True)
+        shutil.copy2(lib, root / LIBDIR / target)
+        if mtime is not None:
+            os.utime(root / LIBDIR / target, (mtime, mtime))
+        (root / LIBDIR / "libacl.so.1").symlink_to(target)
+        (root / "opt/gen").mkdir(parents=True)
+        (root / "opt/gen/marker").write_text(version)
+        import_dir(cli, root, f"test.example/libacl-{version}", "1")
+    import_dir(cli, base, "test.example/base", "1")
+    images = [create_image(cli, write_manifest(top / f"{v}.toml", "test.example/exec", v.upper(),
+                                               [{"fileset": "test.example/base@1"},
+                                                {"fileset": f"test.example/libacl-{v}@1"}]))
+              for v in "ab"]
+    return cli, images[0], images[1]
+
+
+def test_exec_loop_during_swaps(exec_images: tuple[Cli, str, str], tmp_path: Path, fuse_mode: str) -> None:
+    cli, image_a, image_b = exec_images
+    with mounted(cli, image_a, tmp_path / "mnt", fuse_mode=fuse_mode) as m:
+        # The image has no /dev/null: cp's version text goes to the pipe, the loader's errors to stderr.
+        loop = "i=0; while [ $i -lt 500 ]; do cp --version || echo FAIL; i=$((i+1)); done"
+        swaps: list[int] = []
+        failure: list[BaseException] = []
+        stop = threading.Event()
+
+        def swapper() -> None:
+            try:
+                while len(swaps) < EXEC_SWAPS or not stop.is_set():
+                    result = m.upgrade(image_b if len(swaps) % 2 == 0 else image_a)
+                    swaps.append(result["generation"])
+            except BaseException as exc:  # reported by the test thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=swapper)
+        thread.start()
+        runs, output = 0, []
+        chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+        try:
+            while (runs < EXEC_LOOP or len(swaps) < EXEC_SWAPS) and not failure:
+                proc = subprocess.run([chroot, str(m.path), "/bin/sh", "-c", loop], capture_output=True, text=True,
+                                      timeout=300, env={"PATH": "/usr/bin:/bin", "LANG": "C"})
+                assert proc.returncode == 0, proc.stderr
+                runs += 500
+                output += [ln for ln in proc.stdout.splitlines() if ln == "FAIL"]
+                output += proc.stderr.splitlines()
+                assert proc.stdout.count("(GNU coreutils)") == 500 - proc.stdout.count("FAIL")
+        finally:
+            stop.set()
+            thread.join()
+        assert not failure, failure
+        assert not output, f"{output.count('FAIL')} failed exec(s) of {runs}: {output[:10]}"
+        assert len(swaps) >= EXEC_SWAPS
+        assert swaps == sorted(swaps)
+        assert m.status()["generation"] == 1 + len(swaps)
+
+
+# --------------------------------------------------------------------------- 2. open files
+
+
+def test_open_file_keeps_old_content(data: Data, data_mount) -> None:
+    m = data_mount
+    changed = [r for r, meta in expected(data, "A").items()
+               if meta.kind == "f" and expected(data, "B").get(r, meta) != meta]
+    rel = max(changed, key=lambda r: expected(data, "A")[r].size)
+    old = (data.va / rel).read_bytes()
+    new = (data.vb / rel).read_bytes()
+    assert old != new and len(old) > 300_000
+    fd = os.open(m.path / rel, os.O_RDONLY)
+    try:
+        assert os.pread(fd, len(old) + 1, 0) == old
+        for target, now in [(data.image_b, new), (data.image_a, old), (data.image_b, new)]:
+            m.upgrade(target)
+            assert _read_fd(fd) == old  # the same fd: the content it was opened with
+            assert (m.path / rel).read_bytes() == now  # a new open: the current generation
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int) -> bytes:
+    parts, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+# --------------------------------------------------------------------------- 3. link, unlink, symlinks, rollback
+
+
+def test_unlink_and_link_hide_and_show_a_layer(data: Data, data_mount) -> None:
+    m = data_mount
+    share = m.path / "usr/share/common"
+    assert "extra-doc" in os.listdir(share)  # listed (and cached, in auto mode) before the swap
+    assert (m.path / "opt/extra/tool").read_bytes() == b"#!/bin/sh\n"
+    assert "extra" in os.listdir(m.path / "opt")
+
+    m.cnpsfs("unlink", m.path, "extra")
+    assert "extra-doc" not in os.listdir(share)
+    assert not (m.path / "opt/extra/tool").exists()
+    assert not (share / "extra-doc").exists()
+    assert "extra" not in os.listdir(m.path / "opt")
+    assert [layer["unlinked"] for layer in m.status()["layers"]] == [False, False, True]
+    assert tree_meta(m.path) == expected(data, "A", extra=False)
+
+    m.cnpsfs("link", m.path, "3")
+    assert "extra-doc" in os.listdir(share)
+    assert (m.path / "opt/extra/tool").read_bytes() == b"#!/bin/sh\n"
+    assert [layer["unlinked"] for layer in m.status()["layers"]] == [False, False, False]
+    assert tree_meta(m.path) == expected(data, "A")
+
+
+def test_symlink_target_changes_with_upgrade(data: Data, data_mount) -> None:
+    m = data_mount
+    assert os.readlink(m.path / "usr/bin/tool") == "tool-a"
+    assert (m.path / "opt/app/current").read_bytes() == b"only in A\n"
+    m.upgrade(data.image_b)
+    assert os.readlink(m.path / "usr/bin/tool") == "tool-b"
+    assert (m.path / "opt/app/current").read_bytes() == b"only in B\n"
+    assert sorted(os.listdir(m.path / "opt")) == ["app", "extra", "only-b"]
+
+
+def test_rollback_restores_the_previous_tree(data: Data, data_mount) -> None:
+    m = data_mount
+    before = tree_meta(m.path)  # loads (and in auto mode caches) the whole A tree
+    assert before == expected(data, "A")
+    m.upgrade(data.image_b)
+    assert tree_meta(m.path) == expected(data, "B")
+    result = m.cnpsfs("rollback", m.path)
+    assert "generation 3" in result.stdout
+    assert tree_meta(m.path) == before
+    status = m.status()
+    assert status["image"]["version"] == "A"
+    assert [h["reason"] for h in status["history"]][-1] == "rollback"
+
+
+# --------------------------------------------------------------------------- 4. walkers during swaps
+
+
+def test_walkers_see_whole_files_during_swaps(data: Data, data_mount) -> None:
+    m = data_mount
+    versions: dict[str, set[str]] = {}
+    for version in "AB":
+        for rel, meta in expected(data, version).items():
+            if meta.kind == "f":
+                versions.setdefault(rel, set()).add(meta.content)
+    links = {rel for version in "AB" for rel, meta in expected(data, version).items() if meta.kind == "l"}
+    in_both = {rel for rel in versions if (data.va / rel).exists() == (data.vb / rel).exists()}
+    stop = threading.Event()
+    problems: list[str] = []
+    checked = [0]
+
+    def walker() -> None:
+        while not stop.is_set():
+            for dirpath, _dirs, files in os.walk(m.path):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    rel = os.path.relpath(path, m.path)
+                    if rel in links:
+                        continue
+                    try:
+                        digest = file_hash(path)
+                    except OSError as exc:
+                        # A name only one version has may vanish between listing and opening.
+                        if exc.errno != errno.ENOENT or rel in in_both:
+                            problems.append(f"{rel}: {exc}")
+                        continue
+                    checked[0] += 1
+                    if digest not in versions.get(rel, set()):
+                        problems.append(f"{rel}: content of neither version")
+
+    threads = [threading.Thread(target=walker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(WALK_SWAPS):
+            m.request({"op": "upgrade", "ref": data.image_b if i % 2 == 0 else data.image_a})
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not problems, problems[:20]
+    assert checked[0] > len(versions)
+    assert m.status()["generation"] == 1 + WALK_SWAPS
+
+
+# --------------------------------------------------------------------------- 5. refused requests
+
+
+@pytest.mark.parametrize("fuse_mode", ["auto"])
+def test_bad_requests_change_nothing(data: Data, data_mount) -> None:
+    m = data_mount
+    before = tree_meta(m.path)
+    cases = [
+        (("unlink", m.path, "9"), "unknown layer 9"),
+        (("link", m.path, "nosuch"), "unknown layer 'nosuch'"),
+        (("upgrade", m.path, "test.example/nosuch@1"), "unknown reference"),
+        (("upgrade", m.path, data.union_conflict), "union conflict at /"),
+        (("upgrade", m.path, data.image_c), "missing from the store"),
+    ]
+    for args, why in cases:
+        result = m.cnpsfs(*args, check=False)
+        assert result.rc != 0, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and why in lines[0], result
+        status = m.status()
+        assert status["generation"] == 1, (args, status["history"])
+        assert status["image"]["version"] == "A"
+    assert tree_meta(m.path) == before
+    with pytest.raises(CnpsfsError, match="no previous generation"):
+        m.request({"op": "rollback"})
+
+
+# --------------------------------------------------------------------------- 6. inode numbers
+
+
+def test_unchanged_entries_keep_their_inode_numbers(data: Data, data_mount) -> None:
+    m = data_mount
+    same = [rel for rel, meta in expected(data, "A").items() if expected(data, "B").get(rel) == meta]
+    changed = [rel for rel, meta in expected(data, "A").items()
+               if meta.kind == "f" and rel in expected(data, "B") and expected(data, "B")[rel] != meta]
+    assert len(same) > 40 and changed
+    before = {rel: os.lstat(m.path / rel).st_ino for rel in same + changed}
+    m.upgrade(data.image_b)
+    after = {rel: os.lstat(m.path / rel).st_ino for rel in same + changed}
+    assert {rel: after[rel] for rel in same} == {rel: before[rel] for rel in same}
+    assert all(after[rel] != before[rel] for rel in changed)
