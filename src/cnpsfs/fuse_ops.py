@@ -226,7 +226,12 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.requests["getattr"] += 1
-        return self.attributes(self.node(inode))
+        node = self.node(inode)
+        if node.is_dir and node.children is None:
+            # Only the root gets here unloaded (lookup loads every directory it returns);
+            # its st_nlink counts its subdirectories, and the attributes are cached for good.
+            await self._children_loaded(node)
+        return self.attributes(node)
 
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         self.requests["readlink"] += 1
