@@ -208,6 +208,9 @@ class Operations(pyfuse3.Operations):
         parent = self.node(parent_inode)
         if not parent.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if len(name) > fmt.NAME_MAX:
+            # The kernel passes names up to 1024 bytes to FUSE; statfs promises f_namemax 255.
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         if name == b".":
             child: Node | None = parent
         elif name == b"..":
