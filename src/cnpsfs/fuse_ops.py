@@ -233,7 +233,7 @@ class Operations(pyfuse3.Operations):
         if node.is_dir and node.children is None:
             # Only the root gets here unloaded (lookup loads every directory it returns);
             # its st_nlink counts its subdirectories, and the attributes are cached for good.
-            await self._children_loaded(node)
+            node = await self._children_loaded(node)
         return self.attributes(node)
 
     async def readlink(self, inode: int, ctx: Any) -> bytes:
