@@ -31,7 +31,7 @@ def _fail(source: str, message: str) -> UsageError:
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str, source: str) -> None:
     unknown = sorted(set(table) - allowed)
     if unknown:
-        raise _fail(source, f"unknown key {where}{unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+        raise _fail(source, f"unknown key {where}{unknown[0]} (allowed: {', '.join(sorted(allowed))})")
 
 
 def _string_list(value: Any, key: str, source: str) -> list[str]:
