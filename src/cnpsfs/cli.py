@@ -601,6 +601,54 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+@main.command("commit")
+@click.argument("upperdir", type=click.Path(exists=True, file_okay=False))
+@click.option("--onto", metavar="REF", help="Also create an image: REF with the new FileSet on top.")
+@click.option("--name", help="FileSet name (default localhost/<UPPERDIR name>); with --onto, the image's too.")
+@click.option("--version", "version_", metavar="VERSION", help="Version (default 'latest').")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def commit_cmd(app: App, upperdir: str, onto: str | None, name: str | None, version_: str | None,
+               as_json: bool) -> None:
+    """Turn a writable mount's changes (UPPERDIR) into a FileSet.
+
+    overlayfs whiteouts and opaque directories become format whiteouts and opaque
+    directories, so the FileSet stacked on its base reproduces what the instance saw.
+    With --onto, also store an image: REF's layers plus this one on top (an override
+    layer for union-mode images), tagged NAME@VERSION (default: REF's name, version
+    REF-version+commit.<digest prefix>). The last line on stdout is the new image's
+    digest with --onto, else the FileSet's.
+    """
+    from .manifest import compose, store_image
+    from .overlay import commit_upper
+
+    store = app.store()
+    base = store.get_image(store.resolve(onto, want=T_IMAGE)) if onto is not None else None
+    fileset_name = name
+    if base is not None:
+        # The image takes NAME@VERSION; the FileSet is tagged NAME/changes@VERSION beside it.
+        fileset_name = f"{name or base.name}/changes"
+    options = _make_options(fileset_name, version_, None, False, _default_name(upperdir))
+    result = commit_upper(store, upperdir, options)
+    out: dict[str, Any] = {"fileset": fmt.format_digest(result.digest), "name": options.name,
+                           "version": options.version, "entries": result.entries}
+    if base is not None:
+        layer = fmt.Layer(result.digest, "/", False, base.mode == "union", "commit")
+        image_name = name or base.name
+        image_version = version_ or f"{base.version}+commit.{result.digest.hex()[:12]}"
+        check_tag_version(image_version)
+        image = fmt.Image(image_name, image_version, base.mode, [*base.layers, layer], dict(base.config),
+                          dict(base.metadata))
+        compose(store, image).check()
+        image_digest = store_image(store, image)
+        out["image"] = {"digest": fmt.format_digest(image_digest), "name": image_name, "version": image_version}
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"committed {result.entries} entries as {options.name}@{options.version}", err=True)
+    click.echo(out["fileset"] if onto is None else out["image"]["digest"])
+
+
 # --------------------------------------------------------------------------- mounting
 
 
@@ -615,9 +663,12 @@ def _jsonable(value: Any) -> Any:
               help="Worker threads for reading and decompressing chunks.")
 @click.option("--cache-mib", type=click.IntRange(8, 1 << 20), default=128, show_default=True,
               help="Decompressed chunk cache size in MiB.")
+@click.option("--writable", "upperdir", type=click.Path(file_okay=False), default=None, metavar="UPPERDIR",
+              help="Put a kernel overlayfs on top, with its upper and work directories in UPPERDIR "
+                   "(kept across remounts; `cnpsfs commit UPPERDIR` makes a FileSet of it).")
 @pass_app
 def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other: bool, fuse_mode: str,
-              threads: int, cache_mib: int) -> None:
+              threads: int, cache_mib: int, upperdir: str | None) -> None:
     """Mount the image REF (or a manifest file) read-only at MOUNTPOINT.
 
     Returns once the mount answers, with the daemon in the background (its log and
@@ -625,7 +676,7 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     when looked up and chunks when read, each verified against its digest; a corrupt
     chunk gives EIO for that read, never wrong bytes. Unmount with `cnpsfs umount`.
     """
-    from .daemon import MountRecord, check_mountpoint, mount_key, runtime_dir
+    from .daemon import MountRecord, check_mountpoint, mount_key, mounted_fstype, runtime_dir
     from .maintenance import register_roots, unregister_roots
     from .manifest import compose, load_image
     from .mount import MountOptions, MountService, control_path_for
@@ -638,23 +689,41 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     key = mount_key(real)
     rt = runtime_dir()
     control = control_path_for(rt, key)
-    service = MountService(store, image, digest, real,
+    label = f"{image.name}@{image.version}"
+    fuse_at = real
+    if upperdir is not None:
+        from .overlay import mount_overlay, prepare_upperdir, unmount_overlay
+
+        upperdir = os.path.abspath(upperdir)
+        prepare_upperdir(upperdir, label, fmt.format_digest(digest) if digest else None)
+        fuse_at = str(rt / f"{key}.lower")
+        os.makedirs(fuse_at, exist_ok=True)
+        check_mountpoint(fuse_at)
+    service = MountService(store, image, digest, fuse_at,
                            MountOptions(allow_other, fuse_mode == "auto", threads, cache_mib << 20), control, ref)
     generation = service.build()
     roots = [layer.fileset for layer in image.layers] + ([digest] if digest else [])
-    record = MountRecord(real, os.getpid(), str(store.path), ref, str(rt / f"{key}.log"), control)
+    record = MountRecord(real, os.getpid(), str(store.path), ref, str(rt / f"{key}.log"), control,
+                         fuse_at if upperdir else "", upperdir or "")
 
     def serve(ready: Callable[[], None]) -> None:
         record.pid = os.getpid()
         record.save()
         register_roots(store, roots)
+
+        def on_ready() -> None:
+            if upperdir is not None:
+                mount_overlay(fuse_at, upperdir, real)
+            ready()
+
         try:
-            service.run(generation, ready)
+            service.run(generation, on_ready)
         finally:
+            if upperdir is not None and mounted_fstype(real) == "overlay":
+                unmount_overlay(real, lazy=True)
             record.remove()
             unregister_roots(store)
 
-    label = f"{image.name}@{image.version}"
     if foreground:
         serve(lambda: log.info("mounted %s at %s", label, real))
         return
@@ -715,6 +784,9 @@ def _control(mountpoint: str, request: dict[str, Any]) -> dict[str, Any]:
     from .mount import control_request
 
     record = status_record(os.path.realpath(mountpoint))
+    if record.get("upperdir") and request["op"] != "status":
+        raise CnpsfsError(f"{mountpoint} is writable: overlayfs does not allow its lower layers to change "
+                          "under it; commit the upper directory and remount instead")
     if not record["alive"]:
         raise CnpsfsError(f"the daemon of {mountpoint} (pid {record['pid']}) is gone: run `cnpsfs umount`")
     response = control_request(record["control"], request)

@@ -58,6 +58,8 @@ class MountRecord:
     ref: str
     log_file: str
     control: str
+    lower: str = ""  # writable mounts: where the read-only FUSE composition is mounted
+    upperdir: str = ""  # writable mounts: the overlayfs upper/work directory
 
     @classmethod
     def path_for(cls, mountpoint: str) -> Path:
@@ -209,15 +211,38 @@ def install_faulthandler() -> None:
 
 
 def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> None:
-    """Unmount and wait for the daemon to exit; works when the daemon was killed too."""
+    """Unmount and wait for the daemon to exit; works when the daemon was killed too.
+
+    A writable mount is taken down in order: the overlay first, then the FUSE lower.
+    """
     real = os.path.realpath(mountpoint)
     record = MountRecord.load(real)
+    if record is not None and record.lower:
+        from .overlay import unmount_overlay
+
+        if mounted_fstype(real) == "overlay":
+            unmount_overlay(real, lazy=lazy)
+        if mounted_fstype(record.lower) is not None:
+            _unmount_fuse(record.lower, record, lazy=True)
+        _stop_daemon(record.pid, timeout)
+        record.remove()
+        with contextlib.suppress(OSError):
+            os.rmdir(record.lower)
+        return
     if mounted_fstype(real) is None:
         if record is not None:
             _stop_daemon(record.pid, timeout)
             record.remove()
             return
         raise UsageError(f"{mountpoint} is not mounted")
+    _unmount_fuse(real, record, lazy=lazy)
+    if record is not None:
+        _stop_daemon(record.pid, timeout)
+        record.remove()
+
+
+def _unmount_fuse(real: str, record: MountRecord | None, *, lazy: bool) -> None:
+    mountpoint = real
     args = ["fusermount3", "-u", *(["-z"] if lazy else []), real]
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
@@ -231,9 +256,6 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> No
             umount = subprocess.run(["umount", "-l", real], capture_output=True, text=True)
             if umount.returncode != 0:
                 raise CnpsfsError(f"cannot unmount {mountpoint}: {stderr or umount.stderr.strip()}")
-    if record is not None:
-        _stop_daemon(record.pid, timeout)
-        record.remove()
 
 
 def _alive(pid: int) -> bool:

@@ -115,7 +115,8 @@ class MountService:
             nursery.start_soon(serve)
             # Prove the mount answers before telling anyone it is ready.
             await trio.to_thread.run_sync(os.stat, self.mountpoint)
-            on_ready()
+            # On a thread: a writable mount's overlayfs looks up our root while mounting.
+            await trio.to_thread.run_sync(on_ready)
 
     async def _signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
