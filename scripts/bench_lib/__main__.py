@@ -22,11 +22,12 @@ from .corpus import DEFAULT_CACHE, Corpus, ensure_corpus
 from .import_section import run_import
 from .mount_section import MEASURES, run_mount
 from .report import consistency_notes, import_table, mount_table, requests_table, write_json
+from .swap_section import run_swap, swap_table
 
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("import", "mount")
+SECTIONS = ("import", "mount", "swap")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -132,7 +133,8 @@ def main(argv: list[str]) -> int:
     try:
         require_root()
         umount_all_under(args.work)  # leftovers of an interrupted run
-        corpus = ensure_corpus(args.cache)
+        # The swap section builds its own synthetic image: no Debian corpus needed for it alone.
+        corpus = ensure_corpus(args.cache) if {"import", "mount"} & set(args.sections) else None
         cli = CnpsfsCli(REPO)
         systems = _split(args.systems)
         meta: dict[str, Any] = {
@@ -141,12 +143,13 @@ def main(argv: list[str]) -> int:
             "reps": args.reps,
             "sections": args.sections,
             "machine": machine_info(),
-            "corpus": corpus_info(corpus),
+            "corpus": corpus_info(corpus) if corpus is not None else None,
             "loadavg_start": _loadavg(),
         }
         sections: dict[str, Any] = {}
         out: list[str] = []
         if "import" in args.sections:
+            assert corpus is not None
             rows = run_import(corpus, args.work, args.reps, cli, systems)
             sections["import"] = {
                 "rows": rows,
@@ -154,6 +157,7 @@ def main(argv: list[str]) -> int:
             }
             out += ["## import", "", import_table(rows), ""]
         if "mount" in args.sections:
+            assert corpus is not None
             results, notes = run_mount(corpus, args.work, args.reps, cli, systems, _split(args.measures))
             sections["mount"] = {"peers": results, "notes": notes}
             for mode in ("cold", "warm"):
@@ -161,6 +165,11 @@ def main(argv: list[str]) -> int:
             if table := requests_table(results):
                 out += ["## cnpsfs FUSE requests per measure", "", table, ""]
             out += [f"- differs from native: {n}" for n in consistency_notes(results)]
+        if "swap" in args.sections:
+            swaps, swap_info = run_swap(args.work, max(args.reps, 5) if not args.quick else 1, cli)
+            sections["swap"] = {"results": swaps, "info": swap_info,
+                                "summary": {f"{r.mode}/{r.change}": r.summary() for r in swaps}}
+            out += ["## swap (live upgrade latency)", "", swap_table(swaps, swap_info), ""]
         meta["elapsed_seconds"] = round(time.monotonic() - started, 1)
         meta["loadavg_end"] = _loadavg()
         result_file = args.out / "bench-results.json"

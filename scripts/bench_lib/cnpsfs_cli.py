@@ -61,8 +61,8 @@ class CnpsfsCli:
             raise BenchError("cnpsfs import printed no FileSet reference")
         return ref
 
-    def mount(self, store: Path, ref: str, mnt: Path) -> None:
-        run([self.exe, "--store", store, "mount", ref, mnt], timeout=300)
+    def mount(self, store: Path, ref: str, mnt: Path, *args: str) -> None:
+        run([self.exe, "--store", store, "mount", *args, ref, mnt], timeout=300)
 
     def umount(self, mnt: Path) -> None:
         run([self.exe, "umount", mnt], timeout=120)

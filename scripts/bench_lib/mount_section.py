@@ -232,8 +232,11 @@ class FuseOverlayfs(Peer):
 
 
 class Cnpsfs(Peer):
-    name, label = "cnpsfs", "cnpsfs"
+    """cnpsfs with the kernel-cache extensions of its pyfuse3 patch (when installed)."""
+
+    name, label = "cnpsfs", "cnpsfs (kernel-cache)"
     packages: ClassVar[dict[str, str]] = {"fusermount3": "fuse3"}
+    mount_args: tuple[str, ...] = ()
 
     def __init__(self, cli: CnpsfsCli) -> None:
         self.cli = cli
@@ -243,13 +246,13 @@ class Cnpsfs(Peer):
         return _needs_fuse() or self.cli.mount_unavailable()
 
     def prepare(self, corpus: Corpus, work: Path) -> None:
-        self.store = work / "cnpsfs-store"
+        self.store = work / f"{self.name}-store"
         rmtree(self.store)
         log.info("mount: importing v2 into a cnpsfs store")
         self.ref = self.cli.import_dir(self.store, corpus.v2, "v2")
 
     def _mount(self, mnt: Path) -> None:
-        self.cli.mount(self.store, self.ref, mnt)
+        self.cli.mount(self.store, self.ref, mnt, *self.mount_args)
 
     def unmount(self, mnt: Path) -> None:
         if is_mounted(mnt):
@@ -263,6 +266,13 @@ class Cnpsfs(Peer):
         return self.cli.counters(mnt)
 
 
+class CnpsfsStock(Cnpsfs):
+    """cnpsfs using only stock pyfuse3 features (what a plain `pip install` gets)."""
+
+    name, label = "cnpsfs-stock", "cnpsfs (stock pyfuse3 mode)"
+    mount_args = ("--fuse-mode", "stock")
+
+
 def peers(corpus: Corpus, work: Path, cli: CnpsfsCli) -> list[Peer]:
     images = Images(corpus, work)
     return [
@@ -273,6 +283,7 @@ def peers(corpus: Corpus, work: Path, cli: CnpsfsCli) -> list[Peer]:
         Squashfuse(images),
         FuseOverlayfs(),
         Cnpsfs(cli),
+        CnpsfsStock(cli),
     ]
 
 

@@ -141,9 +141,16 @@ def looks_like_file(ref: str) -> bool:
 
 
 def load_image(store: Store, ref: str) -> tuple[fmt.Image, bytes | None]:
-    """An image from a manifest file or a stored image reference (with its digest)."""
+    """An image from a manifest file or a stored image reference (with its digest).
+
+    A FileSet reference is accepted too, as a one-layer image (no digest: not stored).
+    """
     if looks_like_file(ref):
         return load_manifest_file(store, ref), None
+    digest = store.resolve(ref)
+    if store.object_type(digest) == T_FILESET:
+        fileset = store.get_fileset(digest)
+        return fmt.Image(fileset.name, fileset.version, "layers", [fmt.Layer(digest)]), None
     digest = store.resolve(ref, want=T_IMAGE)
     return store.get_image(digest), digest
 
