@@ -169,7 +169,7 @@ class Operations(pyfuse3.Operations):
         self._loads_in_flight += 1
         try:
             if listing:
-                if node.listing is None or any(c.is_dir and c.children is None for _n, c in node.listing):
+                if not node.listed:  # checked on every READDIR: must not cost O(entries)
                     await self._in_thread(gen.listing, node)
             elif node.children is None:
                 await self._in_thread(gen.load_children, node)

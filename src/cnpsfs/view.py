@@ -81,6 +81,7 @@ class Node:
     children: dict[bytes, Node] | None = None  # directories, once loaded
     listing: list[tuple[bytes, Node]] | None = None  # sorted children for readdir
     subdirs: int = -1
+    listed: bool = False  # listing() done: every subdirectory's children are loaded too
     emap: ExtentMap | None = None  # regular files, once opened
     attr: Any = None  # cached attributes object built by the FUSE layer
 
@@ -357,6 +358,7 @@ class Generation:
         for _name, child in node.listing:
             if child.is_dir and child.children is None:
                 self.load_children(child)
+        node.listed = True
         return node.listing
 
     def resolve(self, path: str | bytes) -> Node:
