@@ -855,5 +855,10 @@ def _human(n: float) -> str:
     raise AssertionError
 
 
+from .cli_build import COMMANDS as _BUILD_COMMANDS  # noqa: E402  (build, import deb, introspection)
+
+for _command in _BUILD_COMMANDS:
+    main.add_command(_command)
+
 if __name__ == "__main__":
     main()
