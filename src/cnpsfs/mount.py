@@ -92,12 +92,14 @@ class MountService:
             pyfuse3.init(ops, self.mountpoint, self.fuse_options())
         except RuntimeError as exc:
             raise CnpsfsError(f"cannot mount at {self.mountpoint}: {exc}") from None
-        unmounted = False
         try:
             trio.run(self._main, on_ready)
-            unmounted = True
         finally:
-            pyfuse3.close(unmount=not unmounted)
+            # Always unmount: trio.run also returns normally after SIGTERM/SIGINT
+            # (pyfuse3.terminate), and the mount is still there then. When the kernel
+            # ended the session itself (umount), libfuse sees POLLERR on the device and
+            # does nothing.
+            pyfuse3.close(unmount=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.control_path)
 
