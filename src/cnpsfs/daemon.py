@@ -100,16 +100,17 @@ def mounted_fstype(path: str) -> str | None:
 
 def check_mountpoint(mountpoint: str) -> str:
     real = os.path.realpath(mountpoint)
+    try:
+        # statfs always reaches a FUSE daemon, where a stat may be answered from the
+        # kernel's attribute cache (ours never expires): only this shows a dead mount.
+        os.statvfs(real)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise CnpsfsError(f"{mountpoint} is a dead FUSE mount: run `cnpsfs umount {mountpoint}` first") from None
     if not os.path.exists(real):
         raise UsageError(f"mountpoint {mountpoint} does not exist")
     if not os.path.isdir(real):
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
-    try:
-        os.stat(real)
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise CnpsfsError(f"{mountpoint} is a dead FUSE mount: run `cnpsfs umount {mountpoint}` first") from None
-        raise
     fstype = mounted_fstype(real)
     if fstype is not None and real != "/":
         record = MountRecord.load(real)
