@@ -45,7 +45,7 @@ from .store import T_FILESET, Store, check_tag_name, check_tag_version
 log = logging.getLogger(__name__)
 
 RECIPE_KEYS = {"name", "version", "debian", "layers", "config", "metadata", "source_date_epoch"}
-DEBIAN_KEYS = {"suite", "architecture", "sources", "packages", "essential"}
+DEBIAN_KEYS = {"suite", "architecture", "sources", "packages", "essential", "merged_usr"}
 LAYER_KEYS = {"path", "at", "label"}
 #: Packages whose preinst runs first, in this order (debootstrap's second stage).
 EARLY = ("base-passwd", "base-files", "dpkg", "libc6", "perl-base", "mawk", "debconf")
@@ -74,6 +74,7 @@ class Recipe:
     arch: str | None = None
     sources: list[str] | None = None
     essential: bool = True
+    merged_usr: bool = True
     layers: list[dict[str, str]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +111,9 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     essential = deb.get("essential", True)
     if not isinstance(essential, bool):
         raise UsageError(f"{source}: debian.essential must be true or false")
+    merged_usr = deb.get("merged_usr", True)
+    if not isinstance(merged_usr, bool):
+        raise UsageError(f"{source}: debian.merged_usr must be true or false")
     layers = []
     for number, layer in enumerate(raw.get("layers", []), 1):
         if not isinstance(layer, dict) or not isinstance(layer.get("path"), str):
@@ -130,7 +134,7 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
     if not isinstance(metadata, dict):
         raise UsageError(f"{source}: [metadata] must be a table")
     return Recipe(raw["name"], raw["version"], list(packages), deb.get("suite"), deb.get("architecture"),
-                  sources, essential, layers, parse_config(raw.get("config", {}), source), metadata, sde)
+                  sources, essential, merged_usr, layers, parse_config(raw.get("config", {}), source), metadata, sde)
 
 
 @dataclass
@@ -180,13 +184,15 @@ def _replaces(pkg: InstalledPackage) -> set[str]:
     return {part.strip().split(" ")[0].split(":")[0] for part in text.split(",") if part.strip()}
 
 
-def _package_layers(store: Store, recipe: Recipe, pkgs: list[InstalledPackage]) -> list[fmt.Layer]:
+def _package_layers(store: Store, recipe: Recipe, pkgs: list[InstalledPackage],
+                    views: dict[bytes, bytes]) -> list[fmt.Layer]:
     """Union layers for the packages; a package that Replaces another it conflicts with is
     made an override layer (overrides sorted by name, so the result is order-free)."""
     overrides: set[str] = set()
     by_name = {p.package: p for p in pkgs}
     while True:
-        layers = [fmt.Layer(p.digest, "/", False, p.package in overrides, f"{p.package} {p.control['Version']}")
+        layers = [fmt.Layer(views.get(p.digest, p.digest), "/", False, p.package in overrides,
+                            f"{p.package} {p.control['Version']}")
                   for p in sorted(pkgs, key=lambda p: (p.package in overrides, p.package, p.arch))]
         try:
             compose(store, fmt.Image(recipe.name, recipe.version, "union", layers)).check()
@@ -206,6 +212,25 @@ def _package_layers(store: Store, recipe: Recipe, pkgs: list[InstalledPackage]) 
                 raise BuildError(f"packages {a.package} and {b.package} conflict: {exc}") from None
             log.info("%s: %s and %s both ship it; one Replaces the other and takes precedence",
                      m.group("path"), a.package, b.package)
+
+
+def _merged_usr(store: Store, pkgs: list[InstalledPackage], arch: str,
+                sde: int) -> tuple[dict[bytes, bytes], bytes]:
+    """Merged-/usr views of the packages that need one, and the symlink layer's FileSet."""
+    from .debian.usrmerge import clear_pending, merged_view, symlink_tree
+
+    views: dict[bytes, bytes] = {}
+    with store.writer() as writer:
+        for pkg in pkgs:
+            view = merged_view(store, writer, pkg.fileset, pkg.digest)
+            if view is not None:
+                views[pkg.digest] = writer.add_object(fmt.encode_fileset(view))
+        root = symlink_tree(writer, arch, sde * 1_000_000_000)
+        links = writer.add_object(fmt.encode_fileset(fmt.FileSet("cnpsfs.org/merged-usr", arch, root,
+                                                                 {"cnpsfs": {"kind": "merged-usr"}})))
+        writer.commit([])
+    clear_pending()
+    return views, links
 
 
 def _dependency_order(pkgs: list[InstalledPackage]) -> list[InstalledPackage]:
@@ -334,7 +359,10 @@ def build(store: Store, recipe: Recipe, *, cache: Path = apt.DEFAULT_CACHE, refr
     env = apt.AptEnv(cache, arch, _sources_for(recipe))
     step("updating package lists" if env.update(refresh=refresh) else "package lists are fresh (cached)")
     essential = env.essential() if recipe.essential else []
-    wanted = sorted(set(recipe.packages) | set(essential))
+    # debootstrap installs usr-is-merged with the Essential set (bookworm and later) so
+    # that "usrmerge | usr-is-merged" is met by the marker package, not the converter.
+    marker = ["usr-is-merged"] if recipe.essential and recipe.merged_usr else []
+    wanted = sorted(set(recipe.packages) | set(essential) | set(marker))
     candidates = env.resolve(wanted, set(essential))
     timings["resolve"] = time.monotonic() - t0
     step(f"resolved {len(wanted)} requested packages to {len(candidates)}")
@@ -346,7 +374,12 @@ def build(store: Store, recipe: Recipe, *, cache: Path = apt.DEFAULT_CACHE, refr
     pkgs = [found[c.key] for c in candidates]
     sde = recipe.source_date_epoch or max(p.fileset.root.mtime_ns // 1_000_000_000 for p in pkgs)
     t = time.monotonic()
-    layers = _package_layers(store, recipe, pkgs)
+    views: dict[bytes, bytes] = {}
+    extra_union: list[fmt.Layer] = []
+    if recipe.merged_usr:
+        views, links = _merged_usr(store, pkgs, arch, sde)
+        extra_union.append(fmt.Layer(links, "/", False, False, "merged /usr symlinks"))
+    layers = extra_union + _package_layers(store, recipe, pkgs, views)
     db = import_database(store, pkgs, arch, source_date_epoch=sde, name=f"{recipe.name}/dpkg-database",
                          version=recipe.version, scratch=str(store.tmp_dir) if store.tmp_dir.is_dir() else None)
     layers.append(fmt.Layer(db.digest, "/", False, True, "dpkg database"))

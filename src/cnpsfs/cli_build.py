@@ -75,3 +75,93 @@ def build_cmd(app: App, recipe: str, cache_dir: Path | None, refresh: bool, as_j
 
 import_group.add_command(import_deb_cmd)
 COMMANDS = [build_cmd]
+
+
+@click.command("packages")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def packages_cmd(app: App, ref: str, as_json: bool) -> None:
+    """List the Debian packages of image REF: version, architecture, source package and
+    the FileSet digest of each."""
+    from .introspect import image_packages
+    from .store import T_IMAGE
+
+    store = app.store()
+    image = store.get_image(store.resolve(ref, want=T_IMAGE))
+    pkgs = image_packages(store, image)
+    if as_json:
+        emit_json([p.as_dict() for p in pkgs])
+        return
+    for p in pkgs:
+        click.echo(f"{p.package:<32} {p.version:<28} {p.arch:<6} {p.source:<24} {p.fileset[:23]}")
+
+
+@click.command("query")
+@click.argument("spec", metavar="PACKAGE[OP VERSION]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def query_cmd(app: App, spec: str, as_json: bool) -> None:
+    """List every stored image holding a package matching PACKAGE[OP VERSION].
+
+    OP is one of = < <= > >= (Debian version order; < and > are strict). Exits 1 when
+    no image matches.
+    """
+    from .introspect import query
+
+    hits = query(app.store(), spec)
+    if as_json:
+        emit_json(hits)
+    else:
+        for hit in hits:
+            click.echo(f"{hit['image']}  {hit['package']} {hit['version']} {hit['arch']}  {hit['digest'][:23]}")
+    if not hits:
+        raise SystemExit(1)
+
+
+@click.command("diff")
+@click.argument("ref_a")
+@click.argument("ref_b")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def diff_cmd(app: App, ref_a: str, ref_b: str, as_json: bool) -> None:
+    """Packages added, removed and changed from image A to image B, then file-level
+    changes (subtrees composed from the same layers and trees are skipped unread)."""
+    from .introspect import diff
+
+    result = diff(app.store(), ref_a, ref_b)
+    if as_json:
+        emit_json(result)
+        return
+    pk = result["packages"]
+    for p in pk["added"]:
+        click.echo(f"+ {p['package']} {p['version']}")
+    for p in pk["removed"]:
+        click.echo(f"- {p['package']} {p['version']}")
+    for p in pk["changed"]:
+        click.echo(f"~ {p['package']} {p['from']} -> {p['to']} ({p['change']})")
+    for f in result["files"]:
+        click.echo(f"{f['change']:<9} {f['path']}")
+
+
+@click.command("why")
+@click.argument("ref")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def why_cmd(app: App, ref: str, path: str, as_json: bool) -> None:
+    """Name the layer (FileSet and, for a package, the package) that provides PATH in REF."""
+    from .introspect import why
+
+    result = why(app.store(), ref, path)
+    if as_json:
+        emit_json(result)
+        return
+    if result["fileset"] is None:
+        click.echo(f"{path}: synthesised directory (no layer provides it)")
+        return
+    who = f"package {result['package']}, " if result["package"] else ""
+    click.echo(f"{path}: {who}layer {result['layer']} {result['name']} ({result['fileset'][:23]})")
+
+
+COMMANDS += [packages_cmd, query_cmd, diff_cmd, why_cmd]
