@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 #: The image never changes under a generation; a swap invalidates explicitly.
 CACHE_TIMEOUT = 365 * 24 * 3600.0
-READAHEAD_BYTES = 2 << 20
+READAHEAD_BYTES = 4 << 20
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
@@ -51,6 +51,9 @@ class ChunkFetcher:
         self.limiter = limiter
         self._inflight: dict[bytes, trio.Event] = {}
         self._failed: dict[bytes, BaseException] = {}
+
+    def cached(self, digest: bytes) -> bool:
+        return self.cache.contains(digest) or digest in self._inflight
 
     async def get(self, digest: bytes) -> bytes:
         data = self.cache.get(digest)
@@ -333,9 +336,16 @@ class Operations(pyfuse3.Operations):
                 emap = await self._in_thread(self.generation.extent_map, node)
             except (CorruptObjectError, MissingObjectError, FormatError) as exc:
                 raise self._io_error(f"file {_show(node.path)}", exc) from None
+        pieces = list(emap.pieces(off, size))
+        missing = {e.digest for e, _i, _n in pieces if e.digest is not None and not self.fetcher.cached(e.digest)}
+        if len(missing) > 1:
+            # Fetch a read's chunks in parallel: each may need a block read and decompression.
+            async with trio.open_nursery() as nursery:
+                for digest in missing:
+                    nursery.start_soon(self._prefetch, digest)
         out = []
         try:
-            for ext, inner, n in emap.pieces(off, size):
+            for ext, inner, n in pieces:
                 if ext.digest is None:
                     out.append(bytes(n))
                     continue
@@ -345,18 +355,20 @@ class Operations(pyfuse3.Operations):
         except (CorruptObjectError, MissingObjectError, OSError) as exc:
             raise self._io_error(f"reading {_show(node.path)} at offset {off}", exc) from None
         end = off + size
-        if self._read_end.get(ino) == off and end < emap.size and self.readahead_nursery is not None:
-            self.readahead_nursery.start_soon(self._readahead, emap, end)
+        sequential = off == 0 or self._read_end.get(ino) == off
+        if sequential and end < emap.size and self.readahead_nursery is not None:
+            for digest in emap.chunks_for(end, READAHEAD_BYTES):
+                if not self.fetcher.cached(digest):
+                    self.readahead_nursery.start_soon(self._prefetch, digest)
         self._read_end[ino] = end
         return b"".join(out) if len(out) != 1 else out[0]
 
-    async def _readahead(self, emap: Any, offset: int) -> None:
-        for digest in emap.chunks_for(offset, READAHEAD_BYTES):
-            if self.fetcher.cache.get(digest) is None:
-                try:
-                    await self.fetcher.get(digest)
-                except (CorruptObjectError, MissingObjectError, OSError):
-                    return  # the real read reports it
+    async def _prefetch(self, digest: bytes) -> None:
+        """Warm the chunk cache; errors are left for the read that needs the chunk to report."""
+        try:
+            await self.fetcher.get(digest)
+        except (CorruptObjectError, MissingObjectError, OSError):
+            pass
 
     async def release(self, fh: int, inode: int = 0) -> None:
         self.requests["release"] += 1

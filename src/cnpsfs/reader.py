@@ -38,6 +38,9 @@ class ChunkCache:
                 self.misses += 1
             return data
 
+    def contains(self, digest: bytes) -> bool:
+        return digest in self._data
+
     def put(self, digest: bytes, data: bytes) -> None:
         with self._lock:
             if digest in self._data:
