@@ -103,18 +103,18 @@ def tree_diff(ga: Generation, gb: Generation) -> tuple[list[dict[str, str]], int
     Returns the changes and the number of subtrees skipped."""
     changes: list[dict[str, str]] = []
     skipped = 0
-    stack: list[tuple[Node, Node]] = [(ga.root, gb.root)]
+    # Paths are carried along rather than read from nodes: hard links share one node,
+    # whose path is the first link's.
+    stack: list[tuple[str, Node, Node]] = [("", ga.root, gb.root)]
     while stack:
-        na, nb = stack.pop()
+        prefix, na, nb = stack.pop()
         if signature(na, ga.mode) == signature(nb, gb.mode):
             skipped += 1
             continue
         ca, cb = ga.load_children(na), gb.load_children(nb)
         for name in sorted(ca.keys() | cb.keys(), reverse=True):
             a, b = ca.get(name), cb.get(name)
-            node = a or b
-            assert node is not None
-            path = "/" + b"/".join(node.path).decode("utf-8", "backslashreplace")
+            path = f"{prefix}/{name.decode('utf-8', 'backslashreplace')}"
             if a is None:
                 changes.append({"path": path, "change": "added"})
             elif b is None:
@@ -122,7 +122,7 @@ def tree_diff(ga: Generation, gb: Generation) -> tuple[list[dict[str, str]], int
             elif a.is_dir and b.is_dir:
                 if not _same(a, b):
                     changes.append({"path": path, "change": "metadata"})
-                stack.append((a, b))
+                stack.append((path, a, b))
             elif not _same(a, b):
                 what = "content" if a.entry.kind is b.entry.kind and a.entry.hash != b.entry.hash else "changed"
                 changes.append({"path": path, "change": what})
