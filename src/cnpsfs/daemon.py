@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,11 +92,16 @@ def mounted_fstype(path: str) -> str | None:
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            mount_point = fields[4].decode().encode().decode("unicode_escape")
+            mount_point = os.fsdecode(_unescape_mountinfo(fields[4]))
             if mount_point == real:
                 sep = fields.index(b"-")
                 found = fields[sep + 1].decode()
     return found
+
+
+def _unescape_mountinfo(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040); bytes stay bytes."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
 def check_mountpoint(mountpoint: str) -> str:
