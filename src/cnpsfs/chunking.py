@@ -271,5 +271,10 @@ def read_file_pieces(path: str | bytes, size: int) -> Iterable[bytes | int]:
                     raise OSError(f"file shrank while reading at offset {pos}")
                 yield data
                 pos += len(data)
+        # SEEK_DATA past the end looks like a trailing hole: without this check a file that
+        # shrank after it was listed would be imported padded with zeros.
+        now = os.fstat(fd).st_size
+        if now != size:
+            raise OSError(f"file changed size while importing ({now} bytes, expected {size})")
     finally:
         os.close(fd)

@@ -109,14 +109,15 @@ def _write_file(exp: Exporter, entry: fmt.Entry, path: bytes,
 
 def _apply_metadata(path: bytes, entry: fmt.Entry, is_root: bool) -> None:
     symlink = entry.kind is fmt.Kind.SYMLINK
+    # chown first: the kernel drops security.capability (and setuid/setgid) on chown.
+    if is_root:
+        os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
     for name, value in entry.xattrs.items():
         try:
             os.setxattr(path, name, value, follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP) or is_root:
                 raise
-    if is_root:
-        os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
     if not symlink:
         # chmod after chown: chown clears setuid/setgid bits.
         os.chmod(path, entry.mode)
@@ -133,7 +134,10 @@ def _tarinfo(name: str, entry: fmt.Entry) -> tarfile.TarInfo:
     info.mtime = seconds
     pax: dict[str, str] = {}
     if nanos:
-        pax["mtime"] = f"{seconds}.{nanos:09d}".rstrip("0")
+        # PAX times are signed decimals: -1.5 s is "-1.5", not floor and fraction ("-2.5").
+        whole, frac = divmod(abs(entry.mtime_ns), 1_000_000_000)
+        sign = "-" if entry.mtime_ns < 0 else ""
+        pax["mtime"] = f"{sign}{whole}.{frac:09d}".rstrip("0")
     for key, value in entry.xattrs.items():
         pax["SCHILY.xattr." + key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
     info.pax_headers = pax

@@ -179,7 +179,19 @@ def encode_canonical(value: Any) -> bytes:
 def _check_value(value: Any, depth: int = 0) -> None:
     if depth > 64:
         raise FormatError("value nests too deeply")
-    if value is None or isinstance(value, (bool, int, str, bytes)):
+    if value is None or isinstance(value, (bool, bytes)):
+        return
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FormatError(f"text is not valid UTF-8 (use a byte string): {value!r}") from None
+        return
+    if isinstance(value, int):
+        # Outside major types 0 and 1 cbor2 would emit a bignum tag, which the format forbids.
+        if not -(1 << 64) <= value < 1 << 64:
+            raise FormatError(f"integer {value} does not fit CBOR's 64-bit major types")
         return
     if isinstance(value, float):
         raise FormatError("floats are not allowed in canonical objects")

@@ -205,8 +205,16 @@ def gc(store: Store, *, repack_below: float = 0.5, dry_run: bool = False) -> GcR
                 report.removed_tmp += 1
                 if not dry_run:
                     tmp.unlink(missing_ok=True)
-        keep = reachable(store, tag_roots(store) | live_roots(store))
         db = store.db
+        # A writer killed between renaming its pack into packs/ and committing the index
+        # leaves a pack no row names. No writer is mid-commit while we hold the lock.
+        indexed = {name for (name,) in db.execute("SELECT name FROM packs")}
+        for orphan in store.packs_dir.glob("*.pack"):
+            if orphan.stem not in indexed:
+                report.removed_tmp += 1
+                if not dry_run:
+                    orphan.unlink(missing_ok=True)
+        keep = reachable(store, tag_roots(store) | live_roots(store))
         rows = db.execute("SELECT digest, pack, raw, length FROM objects").fetchall()
         dead = [d for d, _p, _r, _l in rows if d not in keep]
         report.removed_objects = len(dead)
@@ -214,11 +222,12 @@ def gc(store: Store, *, repack_below: float = 0.5, dry_run: bool = False) -> GcR
         for digest, pack, raw, length in rows:
             if digest in keep and raw:
                 live_share[pack] = live_share.get(pack, 0.0) + length / raw
+        # Count blocks before the dead rows go: a block holding only garbage still occupies its pack.
+        block_counts = dict(db.execute("SELECT pack, count(DISTINCT offset) FROM objects GROUP BY pack").fetchall())
         if dry_run:
             return report
         with store.transaction() as tx:
             tx.executemany("DELETE FROM objects WHERE digest=?", ((d,) for d in dead))
-        block_counts = dict(db.execute("SELECT pack, count(DISTINCT offset) FROM objects GROUP BY pack").fetchall())
         for pack_id, name, _size in db.execute("SELECT id, name, size FROM packs").fetchall():
             live = live_share.get(pack_id, 0.0)
             if live == 0:

@@ -128,7 +128,9 @@ def scan_directory(root: bytes, builder: TreeBuilder,
 
 def import_directory(store: Store, path: str, options: ImportOptions,
                      on_progress: Callable[[int], None] | None = None) -> ImportResult:
-    root = os.fsencode(path)
+    # The tree's own path may be a symlink to it (the CLI accepts that as a directory);
+    # symlinks inside the tree are never followed.
+    root = os.fsencode(os.path.realpath(path) if os.path.islink(path) else path)
     builder = TreeBuilder(options, source_name=path)
     scan_directory(root, builder)
     return write_fileset(store, builder, on_progress=on_progress)

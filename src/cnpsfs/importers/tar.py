@@ -9,6 +9,7 @@ bad member rejects the whole archive and nothing becomes visible in the store.
 from __future__ import annotations
 
 import base64
+import gzip
 import lzma
 import os
 import sys
@@ -17,7 +18,7 @@ import tempfile
 import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import zstandard
 
@@ -35,6 +36,22 @@ _PIECE = 4 << 20
 _CORRUPT = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError, zstandard.ZstdError, ValueError)
 
 
+class _StrictTarInfo(tarfile.TarInfo):
+    """Fails on a damaged or cut-off header instead of ending the archive there.
+
+    tarfile treats an invalid or truncated header after the first member as the end of
+    the archive, so a corrupt or partly downloaded layer would import as a smaller tree.
+    A clean end of data without the end-of-archive blocks is still accepted, as GNU tar does.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> _StrictTarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:  # type: ignore[attr-defined]
+            raise tarfile.ReadError(f"damaged member header at offset {tarfile_.offset}: {exc}") from None
+
+
 def open_tar_stream(raw: IO[bytes], label: str) -> tuple[tarfile.TarFile, list[IO[bytes]]]:
     """Detect the compression from magic bytes and open a streaming TarFile.
 
@@ -46,7 +63,9 @@ def open_tar_stream(raw: IO[bytes], label: str) -> tuple[tarfile.TarFile, list[I
     stream: IO[bytes] = buffered
     mode = "r|"
     if head.startswith(b"\x1f\x8b"):
-        mode = "r|gz"
+        # Not tarfile's "r|gz": it never checks the gzip CRC, so flipped bits import silently.
+        stream = cast(IO[bytes], gzip.GzipFile(fileobj=buffered, mode="rb"))
+        extra.append(stream)
     elif head.startswith(b"\xfd7zXZ\x00"):
         mode = "r|xz"
     elif head.startswith(b"BZh"):
@@ -55,10 +74,24 @@ def open_tar_stream(raw: IO[bytes], label: str) -> tuple[tarfile.TarFile, list[I
         stream = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
         extra.append(stream)
     try:
-        tf = tarfile.open(fileobj=stream, mode=mode, encoding="utf-8", errors="surrogateescape")
+        tf = tarfile.open(fileobj=stream, mode=mode, encoding="utf-8", errors="surrogateescape",
+                          tarinfo=_StrictTarInfo)
     except _CORRUPT as exc:
         raise ImportRejected(f"{label}: not a readable tar archive ({exc})") from None
     return tf, extra
+
+
+def drain_compressed(streams: list[IO[bytes]], label: str) -> None:
+    """Read decompressors to their end, where gzip checks its CRC and truncation shows.
+
+    tarfile stops at the end-of-archive blocks, before a compressed stream's trailer.
+    """
+    try:
+        for stream in streams:
+            while stream.read(1 << 20):
+                pass
+    except _CORRUPT as exc:
+        raise ImportRejected(f"{label}: corrupt compressed data after the last member ({exc})") from None
 
 
 def _mtime_ns(member: tarfile.TarInfo) -> int:
@@ -222,6 +255,7 @@ def import_tar(store: Store, source: str, options: ImportOptions,
 
             def prepare(writer: StoreWriter, content: ContentWriter) -> None:
                 importer.run(tf, writer, content)
+                drain_compressed(extra, label)
 
             try:
                 return write_fileset(store, builder, on_progress=on_progress, prepare=prepare)
