@@ -518,6 +518,9 @@ def compress_block(members: list[tuple[bytes, int, bytes]], cctx: zstandard.Zstd
     return CODEC_RAW, raw, len(raw)
 
 
+_BlockFuture = concurrent.futures.Future[tuple[int, bytes, int]]  # (codec, payload, raw length)
+
+
 class StoreWriter:
     """Groups new chunks into blocks in private temporary packs; :meth:`commit` publishes them.
 
@@ -533,7 +536,7 @@ class StoreWriter:
         # digest -> (writer pack#, offset, stored, raw, codec, type, inner, length); None while in an open block
         self._new: dict[bytes, tuple[int, int, int, int, int, int, int, int] | None] = {}
         self._open = _OpenBlock()
-        self._sealed: deque[tuple[list[tuple[bytes, int, bytes]], concurrent.futures.Future[tuple[int, bytes, int]]]] = deque()
+        self._sealed: deque[tuple[list[tuple[bytes, int, bytes]], _BlockFuture]] = deque()
         self._packs: list[tuple[Path, int]] = []  # (tmp path, fd)
         self._current_size = 0
         self._committed = False

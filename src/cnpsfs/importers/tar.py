@@ -74,7 +74,8 @@ def open_tar_stream(raw: IO[bytes], label: str) -> tuple[tarfile.TarFile, list[I
         stream = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
         extra.append(stream)
     try:
-        tf = tarfile.open(fileobj=stream, mode=mode, encoding="utf-8", errors="surrogateescape",
+        # The caller owns and closes the TarFile (it streams members across the import).
+        tf = tarfile.open(fileobj=stream, mode=mode, encoding="utf-8", errors="surrogateescape",  # noqa: SIM115
                           tarinfo=_StrictTarInfo)
     except _CORRUPT as exc:
         raise ImportRejected(f"{label}: not a readable tar archive ({exc})") from None
