@@ -226,7 +226,13 @@ class Operations(pyfuse3.Operations):
                 if child is not None and child.is_dir and child.children is None:
                     child = await self._children_loaded(child)  # its st_nlink counts its subdirectories
         if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # A negative entry the kernel may cache: programs probe many missing paths
+            # (the dynamic loader, Python's import system). A swap that adds the name
+            # invalidates it.
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino = 0
+            missing.entry_timeout = CACHE_TIMEOUT
+            return missing
         self.lookups[child.ino] += 1
         return self.attributes(child)
 

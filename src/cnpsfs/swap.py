@@ -59,6 +59,8 @@ def prepare(old: Generation, new: Generation) -> SwapPlan:
                 elif (new_child.is_dir and new_child is not old_child
                       and (new_child.attr is None or old_child.attr is None or new_child.entry != old_child.entry)):
                     plan.dirs.append(old_child.ino)
+            # New names: the kernel may hold a cached negative lookup for them.
+            plan.entries.extend((old_node.ino, name) for name in new_children if name not in old_children)
         for name, new_child in new_children.items():
             if not new_child.is_dir:
                 continue
