@@ -28,6 +28,7 @@ from . import format as fmt
 from .errors import CnpsfsError
 from .fuse_ops import Operations
 from .manifest import compose, describe_layers, load_image, looks_like_file
+from .notify import Notifier
 from .store import Store
 from .swap import SwapPlan, prepare
 from .view import Generation
@@ -65,6 +66,8 @@ class MountService:
     images: list[tuple[fmt.Image, bytes | None]] = field(default_factory=list)  # for rollback
     ops: Operations | None = None
     started: float = field(default_factory=time.time)
+    notifier: Notifier = field(default_factory=Notifier.from_environment)  # systemd, when it started us
+    ready: bool = False
 
     def fuse_options(self) -> set[str]:
         opts = {"fsname=cnpsfs", "subtype=cnpsfs", "ro", "default_permissions", "noatime"}
@@ -95,6 +98,7 @@ class MountService:
         try:
             trio.run(self._main, on_ready)
         finally:
+            self.notifier.stopping()
             # Always unmount: trio.run also returns normally after SIGTERM/SIGINT
             # (pyfuse3.terminate), and the mount is still there then. When the kernel
             # ended the session itself (umount), libfuse sees POLLERR on the device and
@@ -119,16 +123,52 @@ class MountService:
             await trio.to_thread.run_sync(os.stat, self.mountpoint)
             # On a thread: a writable mount's overlayfs looks up our root while mounting.
             await trio.to_thread.run_sync(on_ready)
+            self.ready = True
+            self.notifier.ready(self.status_line())
+            if self.notifier.watchdog_interval is not None:
+                nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+
+    def status_line(self) -> str:
+        """One line for `systemctl status` (sd_notify STATUS=)."""
+        assert self.ops is not None
+        gen = self.ops.generation
+        return f"serving {gen.image.name}@{gen.image.version} generation {gen.number} ({self.ops.mode})"
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog only while the mount is really served.
+
+        This task runs on the trio loop that runs every FUSE handler, so a loop blocked by
+        a handler misses its pings; the stat (on a thread, abandoned if it hangs) proves the
+        kernel still reaches the mountpoint. A missed ping is left for systemd to act on.
+        """
+        while True:
+            healthy = False
+            with trio.move_on_after(interval):
+                try:
+                    await trio.to_thread.run_sync(os.stat, self.mountpoint, abandon_on_cancel=True)
+                    healthy = True
+                except OSError as exc:
+                    log.error("watchdog: %s does not answer: %s", self.mountpoint, exc)
+            if healthy:
+                self.notifier.watchdog()
+            else:
+                log.error("watchdog: %s did not answer within %.1f s: no ping", self.mountpoint, interval)
+            await trio.sleep(interval)
 
     async def _signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
+                    self.notifier.reloading()
+                    status = None
                     try:
                         result = await self.dispatch({"op": "reload"})
                         log.info("SIGHUP: reloaded %s: generation %d", self.ref, result["generation"])
                     except CnpsfsError as exc:
                         log.error("SIGHUP: reload failed, generation unchanged: %s", exc)
+                        status = f"reload failed: {exc}"
+                    if self.ready:
+                        self.notifier.ready(status or self.status_line())
                     continue
                 log.info("signal %d: unmounting", signum)
                 pyfuse3.terminate()
@@ -237,6 +277,7 @@ class MountService:
         self.history.append(HistoryItem(generation.number, label, fmt.format_digest(digest) if digest else None,
                                         time.time(), reason))
         self._register_roots()
+        self.notifier.status(self.status_line())
         log.info("generation %d: %s (%s) in %.1f ms: %d changed and %d shared directories, %d names invalidated",
                  generation.number, label, reason, seconds * 1000, plan.changed_dirs, plan.shared_dirs,
                  len(plan.entries))
