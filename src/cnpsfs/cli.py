@@ -732,6 +732,9 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     store.close()  # SQLite connections and pack descriptors must not cross fork()
 
     def child(ready_fd: int) -> None:
+        from .notify import Notifier
+
+        service.notifier = Notifier(None)  # a forked daemon is not the process systemd started
         redirect_output(record.log_file)
         install_faulthandler()
 
@@ -854,6 +857,11 @@ def _human(n: float) -> str:
         n /= 1024
     raise AssertionError
 
+
+from .cli_service import bundle_cmd, service_group  # noqa: E402 (they import from this module lazily)
+
+main.add_command(service_group)
+main.add_command(bundle_cmd)
 
 from .cli_build import COMMANDS as _BUILD_COMMANDS  # noqa: E402  (build, import deb, introspection)
 

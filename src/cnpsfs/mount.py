@@ -137,15 +137,16 @@ class MountService:
     async def _watchdog(self, interval: float) -> None:
         """Ping systemd's watchdog only while the mount is really served.
 
-        This task runs on the trio loop that runs every FUSE handler, so a loop blocked by
-        a handler misses its pings; the stat (on a thread, abandoned if it hangs) proves the
-        kernel still reaches the mountpoint. A missed ping is left for systemd to act on.
+        The probe is a statfs of the mountpoint, on a thread and abandoned if it hangs: the
+        kernel never answers statfs from its caches, so a reply proves the whole path
+        (kernel, /dev/fuse, the trio loop that runs every FUSE handler, our statfs handler).
+        A missed ping is left for systemd to act on.
         """
         while True:
             healthy = False
             with trio.move_on_after(interval):
                 try:
-                    await trio.to_thread.run_sync(os.stat, self.mountpoint, abandon_on_cancel=True)
+                    await trio.to_thread.run_sync(os.statvfs, self.mountpoint, abandon_on_cancel=True)
                     healthy = True
                 except OSError as exc:
                     log.error("watchdog: %s does not answer: %s", self.mountpoint, exc)
