@@ -372,6 +372,7 @@ def test_service_run_recovers_from_a_killed_daemon(app: tuple[Cli, Path], tmp_pa
             stderr = proc.stderr.read().decode() if proc.stderr else ""
             assert "cleaning up after a cnpsfs daemon that died" in stderr, stderr
     finally:
+        cli(*service, "stop", "db")  # whatever a failure left: a dead mount, a stale record
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         messages.sock.close()
