@@ -33,7 +33,6 @@ import os
 import re
 import stat
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
@@ -46,9 +45,9 @@ from ..debian.ar import ArError, ArMember, MemberReader, read_member, read_membe
 from ..debian.control import ControlError, ControlValue, parse_control
 from ..debian.version import VersionError, parse_version
 from ..errors import ImportRejected, UsageError
-from ..store import Store, StoreWriter, check_tag_name, check_tag_version
-from .tar import _CORRUPT, SPOOL_MEMORY, WHITEOUT_PREFIX, TarImporter, open_tar_stream
-from .tree import ImportOptions, ImportResult, TreeBuilder, split_path, write_fileset
+from ..store import Store, check_tag_name, check_tag_version
+from .tar import _CORRUPT, WHITEOUT_PREFIX, TarImporter, import_tar_stream, open_tar_stream
+from .tree import ImportOptions, ImportResult, split_path
 
 log = logging.getLogger(__name__)
 
@@ -386,23 +385,9 @@ def import_deb(store: Store, path: str | os.PathLike[str], *, source_date_epoch:
         options = ImportOptions(source_date_epoch=source_date_epoch, name=name, version=version,
                                 metadata=deb.metadata())
         label = f"{deb.path}: {deb.data_member.name}"
-        builder = TreeBuilder(options, source_name=label)
-        store.tmp_dir.mkdir(exist_ok=True)
-        with tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=str(store.tmp_dir), prefix="spool-") as spool, \
-                _member_stream(deb, deb.data_member, DATA_CODECS) as stream:
-            tf, extra = open_tar_stream(stream, label)
-            importer = _DataImporter(builder, label, spool)  # type: ignore[arg-type]
-
-            def prepare(writer: StoreWriter, content: ContentWriter) -> None:
-                importer.run(tf, writer, content)
-                _drain(stream, label)
-
-            try:
-                result = write_fileset(store, builder, pool=pool, on_progress=on_progress, prepare=prepare)
-            finally:
-                tf.close()
-                for f in extra:
-                    f.close()
+        with _member_stream(deb, deb.data_member, DATA_CODECS) as stream:
+            result = import_tar_stream(store, stream, options, label, importer_class=_DataImporter, pool=pool,
+                                       on_progress=on_progress, finish=lambda: _drain(stream, label))
     log.debug("imported %s as %s@%s (%d entries, %d new bytes)", deb.path, name, version, result.entries,
               result.new_bytes)
     return result

@@ -9,6 +9,7 @@ bad member rejects the whole archive and nothing becomes visible in the store.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import gzip
 import lzma
 import os
@@ -247,24 +248,39 @@ def import_tar(store: Store, source: str, options: ImportOptions,
             raw = open(source, "rb")  # noqa: SIM115 - closed below
         except OSError as exc:
             raise ImportRejected(f"cannot open {source}: {exc.strerror}") from None
-    builder = TreeBuilder(options, source_name=label)
-    store.tmp_dir.mkdir(exist_ok=True)
     try:
-        with tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=store.tmp_dir, prefix="spool-") as spool:
-            tf, extra = open_tar_stream(raw, label)
-            importer = TarImporter(builder, label, spool)  # type: ignore[arg-type]
-
-            def prepare(writer: StoreWriter, content: ContentWriter) -> None:
-                importer.run(tf, writer, content)
-                drain_compressed(extra, label)
-
-            try:
-                return write_fileset(store, builder, on_progress=on_progress, prepare=prepare)
-            finally:
-                tf.close()
-                for f in extra:
-                    f.close()
+        return import_tar_stream(store, raw, options, label, on_progress=on_progress)
     finally:
         if source != "-":
             raw.close()
+
+
+def import_tar_stream(store: Store, raw: IO[bytes], options: ImportOptions, label: str, *,
+                      importer_class: type[TarImporter] = TarImporter,
+                      pool: concurrent.futures.Executor | None = None,
+                      on_progress: Callable[[int], None] | None = None,
+                      finish: Callable[[], None] | None = None) -> ImportResult:
+    """Import the tar archive read from *raw* (compressed or not) as one FileSet.
+
+    *finish* runs after the last member, before anything is committed (a .deb importer
+    drains its ar member there, so a corrupt trailer still rejects the whole package).
+    """
+    builder = TreeBuilder(options, source_name=label)
+    store.tmp_dir.mkdir(exist_ok=True)
+    with tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=store.tmp_dir, prefix="spool-") as spool:
+        tf, extra = open_tar_stream(raw, label)
+        importer = importer_class(builder, label, spool)  # type: ignore[arg-type]
+
+        def prepare(writer: StoreWriter, content: ContentWriter) -> None:
+            importer.run(tf, writer, content)
+            drain_compressed(extra, label)
+            if finish is not None:
+                finish()
+
+        try:
+            return write_fileset(store, builder, pool=pool, on_progress=on_progress, prepare=prepare)
+        finally:
+            tf.close()
+            for f in extra:
+                f.close()
 
