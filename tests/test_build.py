@@ -7,7 +7,6 @@ cached in $CNPSFS_BUILD_CACHE (default /var/cache/cnpsfs), so reruns are fast.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,8 @@ import pytest
 from cnpsfs_testlib import IS_ROOT
 from mountutil import FUSE, mount_image
 
-from cnpsfs.build import BuildError, _package_layers, build, parse_recipe
+from cnpsfs.build import BuildError, BuildResult, _package_layers, build, parse_recipe
+from cnpsfs.debian import apt
 from cnpsfs.debian.dpkgdb import InstalledPackage
 from cnpsfs.importers.deb import import_deb
 from cnpsfs.store import Store
@@ -33,14 +33,19 @@ packages = [{packages}]
 cmd = ["/usr/bin/hello"]
 """
 SMALL_PACKAGES = ["hello", "dpkg", "dash", "coreutils", "libc-bin", "sed", "grep", "diffutils"]
+#: The issue's example recipe, with full python3 (ssl, sqlite3) beside python3-minimal.
 REALISTIC = """
 name = "example.org/hello"
-version = "1"
+version = "{version}"
 [debian]
-packages = ["hello", "python3-minimal"]
+packages = ["hello", "python3-minimal", "python3"{extra}]
 [config]
 cmd = ["/usr/bin/hello"]
 """
+
+
+def _realistic(version: str = "1", extra: list[str] | tuple[str, ...] = ()) -> str:
+    return REALISTIC.format(version=version, extra="".join(f', "{p}"' for p in extra))
 
 
 def _small(order: list[str]) -> str:
@@ -57,11 +62,11 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, byt
 
 
 @pytest.fixture(scope="module")
-def realistic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, bytes, Path, float]]:
-    base = tmp_path_factory.mktemp("realistic")
-    store = Store(base / "store", create=True)
-    result = build(store, parse_recipe(REALISTIC))
-    yield store, result.digest, base, result.timings["total"]
+def realistic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, BuildResult]]:
+    """hello + python3 + the Essential set (86 packages in bookworm), into an empty store."""
+    store = Store(tmp_path_factory.mktemp("realistic") / "store", create=True)
+    result = build(store, parse_recipe(_realistic()))
+    yield store, result
     store.close()
 
 
@@ -152,29 +157,89 @@ def test_conflict_names_both_packages(store: Store, tmp_path: Path) -> None:
     assert [layer.override for layer in layers] == [False, True]
 
 
-def test_realistic_image(realistic: tuple[Store, bytes, Path, float], tmp_path: Path) -> None:
-    store, digest, _base, _seconds = realistic
+def test_realistic_image(realistic: tuple[Store, BuildResult], tmp_path: Path) -> None:
+    store, result = realistic
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with mount_image(store.path, "blake3:" + digest.hex(), mnt):
-        py = _chroot(mnt, "python3", "-c", "import os, re, sys; print(sys.version_info[0])")
-        assert py.stdout.strip() == "3", py.stderr
-        rows = _chroot(mnt, "dpkg-query", "-W", "-f", "${db:Status-Abbrev}\n").stdout.split("\n")
-        assert rows and all(r.startswith("ii") for r in rows if r), rows
-        assert _chroot(mnt, "dpkg", "--audit").stdout == ""
+    with mount_image(store.path, "blake3:" + result.digest.hex(), mnt):
         assert os.readlink(mnt / "bin") == "usr/bin"
         assert _chroot(mnt, "dpkg", "-S", "/bin/bash").stdout.strip() == "bash: /bin/bash"
         assert _chroot(mnt, "/usr/bin/hello").stdout == "Hello, world!\n"
 
 
-def test_surgical_rebuild_reuses_packages(realistic: tuple[Store, bytes, Path, float]) -> None:
-    store, _digest, _base, _seconds = realistic
-    recipe = parse_recipe(REALISTIC.replace('"python3-minimal"]', '"python3-minimal", "libbz2-1.0"]')
-                          .replace('version = "1"', 'version = "2"'))
-    result = build(store, recipe)
-    assert result.imported <= 1 and result.reused >= 60
+def test_python3_image(realistic: tuple[Store, BuildResult], tmp_path: Path) -> None:
+    """Issue 4: python3 works, dpkg -l lists every package as installed, dpkg --audit is silent."""
+    store, result = realistic
+    packages = result.image.metadata["debian"]["packages"]
+    assert {"python3", "python3.11", "libpython3.11-stdlib", "libssl3", "libsqlite3-0"} <= {
+        p["package"] for p in packages}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mount_image(store.path, "blake3:" + result.digest.hex(), mnt):
+        py = _chroot(mnt, "python3", "-c", "import ssl, sqlite3, json")
+        assert py.returncode == 0 and py.stdout == "" and py.stderr == "", py.stderr
+        listing = _chroot(mnt, "dpkg", "-l")
+        assert listing.returncode == 0, listing.stderr
+        rows = [line.split()[:3] for line in listing.stdout.splitlines() if line[:1].islower()]
+        listed = {name.split(":")[0]: (status, version) for status, name, version in rows}
+        assert listed == {p["package"]: ("ii", p["version"]) for p in packages}
+        audit = _chroot(mnt, "dpkg", "--audit")
+        assert (audit.returncode, audit.stdout, audit.stderr) == (0, "", "")
+
+
+def test_package_added_reuses_the_rest(realistic: tuple[Store, BuildResult]) -> None:
+    store, first = realistic
+    result = build(store, parse_recipe(_realistic("added", ["bzip2"])))
+    assert (result.imported, result.reused) == (1, len(first.image.metadata["debian"]["packages"]))
     from cnpsfs.introspect import diff
 
-    changes = diff(store, "example.org/hello@1", "example.org/hello@2")
-    assert [p["package"] for p in changes["packages"]["added"]] in (["libbz2-1.0"], [])
-    assert shutil.which("chroot")
+    changes = diff(store, "example.org/hello@1", "example.org/hello@added")
+    assert [p["package"] for p in changes["packages"]["added"]] == ["bzip2"]
+    assert changes["packages"]["removed"] == changes["packages"]["changed"] == []
+
+
+def _older_version(image_packages: list[dict[str, str]]) -> tuple[str, str, str]:
+    """A package of the image with another version the sources still offer (libssl3 when
+    it can be: bookworm and bookworm-security usually differ), and that version."""
+    env = apt.AptEnv(apt.DEFAULT_CACHE, apt.host_arch(), apt.default_sources(None))
+    current = {p["package"]: p["version"] for p in image_packages}
+    offered = env.versions(*sorted(current))
+    for name in ["libssl3", "tzdata", *sorted(current)]:
+        others = [v for v in offered.get(name, []) if v != current[name]]
+        if others:
+            return name, current[name], others[0]
+    pytest.fail("no package of the image has a second version in the apt sources")
+
+
+def test_version_change_is_surgical(realistic: tuple[Store, BuildResult], tmp_path: Path) -> None:
+    """Issue 4: one package version changed reuses every other FileSet; only the dpkg
+    database and configure layers are new."""
+    store, first = realistic
+    package, was, pinned = _older_version(first.image.metadata["debian"]["packages"])
+    result = build(store, parse_recipe(_realistic("pinned", [f"{package}={pinned}"])))
+    count = len(first.image.metadata["debian"]["packages"])
+    assert (result.imported, result.reused) == (1, count - 1)
+    before = {p["package"]: p for p in first.image.metadata["debian"]["packages"]}
+    after = {p["package"]: p for p in result.image.metadata["debian"]["packages"]}
+    assert after.keys() == before.keys()
+    assert after[package]["version"] == pinned and after[package]["fileset"] != before[package]["fileset"]
+    assert {n for n in after if after[n] != before[n]} == {package}
+    old_layers = {layer.label: layer.fileset for layer in first.image.layers}
+    new_layers = {layer.label: layer.fileset for layer in result.image.layers}
+    changed = {label for label in new_layers if old_layers.get(label) != new_layers[label]}
+    assert changed == {f"{package} {pinned}", "dpkg database", "configure"}
+    assert len(result.image.layers) == len(first.image.layers)
+    print(f"\n{package} {was} -> {pinned}: full build {first.timings}, version change {result.timings}")
+
+    from cnpsfs.introspect import diff, query
+
+    changes = diff(store, "example.org/hello@1", "example.org/hello@pinned")["packages"]
+    assert changes["added"] == changes["removed"] == []
+    assert [(c["package"], c["from"], c["to"]) for c in changes["changed"]] == [(package, was, pinned)]
+    assert [h["image"] for h in query(store, f"{package}={pinned}")] == ["example.org/hello@pinned"]
+    if package == "libssl3":  # the library python's ssl module loads is the pinned one
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        with mount_image(store.path, "blake3:" + result.digest.hex(), mnt):
+            py = _chroot(mnt, "python3", "-c", "import ssl; print(ssl.OPENSSL_VERSION)")
+            assert py.stdout.startswith(f"OpenSSL {pinned.split('-')[0]} "), py.stdout + py.stderr

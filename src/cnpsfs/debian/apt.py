@@ -20,6 +20,7 @@ by every suite and never serves a wrong file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from ..errors import CnpsfsError
 from .control import ControlError, parse_control
+from .version import compare_versions
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +253,18 @@ Debug::NoLocking "true";
         if missing:
             raise AptError(f"apt-cache has no record for {', '.join(c.key + '=' + c.version for c in missing)}")
         return sorted({(c.package, c.arch): c for c in result}.values(), key=lambda c: (c.package, c.arch))
+
+    def versions(self, *packages: str) -> dict[str, list[str]]:
+        """Every version of each package the sources offer (``apt-cache madison``), newest
+        first: what a recipe can pin with ``pkg=version``. Unknown packages map to ``[]``."""
+        out: dict[str, list[str]] = {p: [] for p in packages}
+        for line in self._run(["apt-cache", "madison", *packages]).splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) >= 3 and fields[0] in out and fields[1] not in out[fields[0]]:
+                out[fields[0]].append(fields[1])
+        for found in out.values():
+            found.sort(key=functools.cmp_to_key(compare_versions), reverse=True)
+        return out
 
     def deb_path(self, cand: Candidate) -> Path:
         return self.debs / f"{cand.sha256}.deb"
