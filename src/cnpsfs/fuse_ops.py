@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pyfuse3
@@ -39,47 +39,105 @@ HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
 
 
 class ChunkFetcher:
-    """Verified chunks for the read path: cache, one fetch per chunk however many wait.
+    """Verified chunks for the read path: a cache, and one load per block however many wait.
 
-    Misses run ``store.get`` (pread, zstd, BLAKE3) on a worker thread under a shared
-    CapacityLimiter, so concurrent readers proceed in parallel and the loop never blocks.
+    A miss loads the chunk's whole block on a worker thread under a shared
+    CapacityLimiter (pread, zstd and BLAKE3 release the GIL, so concurrent readers
+    proceed in parallel and the loop never blocks) and caches every member, verified:
+    the neighbours of a chunk are what the next reads want (small files are stored
+    together in path order, large files chunk after chunk), and they then cost no
+    index lookup, thread hop or decompression. The chunks of one request are located
+    in one batch, so concurrent misses in one block wait on the loop for one load
+    instead of each taking a worker.
     """
 
     def __init__(self, store: Any, cache: ChunkCache, limiter: trio.CapacityLimiter) -> None:
         self.store = store
         self.cache = cache
         self.limiter = limiter
-        self._inflight: dict[bytes, trio.Event] = {}
+        self._inflight: dict[tuple[int, int], trio.Event] = {}  # block key -> loaded
         self._failed: dict[bytes, BaseException] = {}
+        self._pending: dict[bytes, tuple[int, int]] = {}  # digest -> block key, while that block loads
 
     def cached(self, digest: bytes) -> bool:
-        return self.cache.contains(digest) or digest in self._inflight
+        return self.cache.contains(digest)
+
+    async def fetch(self, digests: Iterable[bytes]) -> None:
+        """Load the blocks holding *digests* into the cache; failures are kept per digest."""
+        missing = []
+        waits = set()
+        for digest in dict.fromkeys(digests):
+            if self.cache.contains(digest):
+                continue
+            key = self._pending.get(digest)
+            if key is not None:
+                waits.add(key)  # its block is being loaded: no need to look it up
+            else:
+                missing.append(digest)
+        for key in waits:
+            event = self._inflight.get(key)
+            if event is not None:
+                await event.wait()
+        if not missing:
+            return
+        locs = await trio.to_thread.run_sync(self.store.locate_many, missing, limiter=self.limiter)
+        blocks: dict[tuple[int, int], tuple[Any, list[bytes]]] = {}
+        for digest in missing:
+            loc = locs.get(digest)
+            if loc is None:
+                self._failed[digest] = MissingObjectError(f"{fmt.format_digest(digest)} is not in the store")
+                continue
+            blocks.setdefault((loc.pack, loc.offset), (loc, []))[1].append(digest)
+        if len(blocks) == 1:
+            ((key, (loc, wanted)),) = blocks.items()
+            await self._load_block(key, loc, wanted)
+        elif blocks:
+            async with trio.open_nursery() as nursery:
+                for key, (loc, wanted) in blocks.items():
+                    nursery.start_soon(self._load_block, key, loc, wanted)
+
+    async def _load_block(self, key: tuple[int, int], loc: Any, wanted: list[bytes]) -> None:
+        event = self._inflight.get(key)
+        if event is not None:
+            await event.wait()
+            return
+        event = self._inflight[key] = trio.Event()
+        for digest in wanted:
+            self._pending[digest] = key
+        try:
+            members = await trio.to_thread.run_sync(self.store.verified_members, loc, limiter=self.limiter)
+            for member, data in members.items():
+                self.cache.put(member, data)
+            for digest in wanted:
+                if digest in members:
+                    self._failed.pop(digest, None)
+                else:
+                    self._failed[digest] = CorruptObjectError(
+                        f"chunk {fmt.format_digest(digest)} is corrupt: its bytes do not match its digest")
+        except (CorruptObjectError, OSError) as exc:
+            for digest in wanted:
+                self._failed[digest] = exc
+        finally:
+            del self._inflight[key]
+            for digest in wanted:
+                self._pending.pop(digest, None)
+            event.set()
 
     async def get(self, digest: bytes) -> bytes:
         data = self.cache.get(digest)
         if data is not None:
             return data
-        event = self._inflight.get(digest)
-        if event is not None:
-            await event.wait()
-            data = self.cache.get(digest)
-            if data is not None:
-                return data
-            failure = self._failed.get(digest)
-            if failure is not None:
-                raise failure
-        event = self._inflight[digest] = trio.Event()
-        try:
-            data = await trio.to_thread.run_sync(self.store.get, digest, limiter=self.limiter)
-            self.cache.put(digest, data)
-            self._failed.pop(digest, None)
+        await self.fetch((digest,))
+        data = self.cache.get(digest)
+        if data is not None:
             return data
-        except (CorruptObjectError, MissingObjectError, OSError) as exc:
-            self._failed[digest] = exc
-            raise
-        finally:
-            del self._inflight[digest]
-            event.set()
+        failure = self._failed.get(digest)
+        if failure is not None:
+            raise failure
+        # Loaded, then dropped from the cache already by other readers: read it alone.
+        data = await trio.to_thread.run_sync(self.store.get, digest, limiter=self.limiter)
+        self.cache.put(digest, data)
+        return data
 
 
 class Operations(pyfuse3.Operations):
@@ -343,12 +401,9 @@ class Operations(pyfuse3.Operations):
             except (CorruptObjectError, MissingObjectError, FormatError) as exc:
                 raise self._io_error(f"file {_show(node.path)}", exc) from None
         pieces = list(emap.pieces(off, size))
-        missing = {e.digest for e, _i, _n in pieces if e.digest is not None and not self.fetcher.cached(e.digest)}
+        missing = [e.digest for e, _i, _n in pieces if e.digest is not None and not self.fetcher.cached(e.digest)]
         if len(missing) > 1:
-            # Fetch a read's chunks in parallel: each may need a block read and decompression.
-            async with trio.open_nursery() as nursery:
-                for digest in missing:
-                    nursery.start_soon(self._prefetch, digest)
+            await self.fetcher.fetch(missing)  # their blocks in parallel, each once
         out = []
         try:
             for ext, inner, n in pieces:
@@ -363,16 +418,16 @@ class Operations(pyfuse3.Operations):
         end = off + size
         sequential = off == 0 or self._read_end.get(ino) == off
         if sequential and end < emap.size and self.readahead_nursery is not None:
-            for digest in emap.chunks_for(end, READAHEAD_BYTES):
-                if not self.fetcher.cached(digest):
-                    self.readahead_nursery.start_soon(self._prefetch, digest)
+            ahead = [d for d in emap.chunks_for(end, READAHEAD_BYTES) if not self.fetcher.cached(d)]
+            if ahead:
+                self.readahead_nursery.start_soon(self._prefetch, ahead)
         self._read_end[ino] = end
         return b"".join(out) if len(out) != 1 else out[0]
 
-    async def _prefetch(self, digest: bytes) -> None:
+    async def _prefetch(self, digests: list[bytes]) -> None:
         """Warm the chunk cache; errors are left for the read that needs the chunk to report."""
         try:
-            await self.fetcher.get(digest)
+            await self.fetcher.fetch(digests)
         except (CorruptObjectError, MissingObjectError, OSError):
             pass
 

@@ -306,6 +306,59 @@ class Store:
             return data
         raise AssertionError("unreachable")
 
+    def block_members(self, loc: Location) -> tuple[bytes, list[tuple[bytes, int, int, int]]]:
+        """The decoded block at *loc* (not cached) and its members: (digest, type, inner, length).
+
+        The members come from the record header in front of the payload (docs/format.md
+        2.1), read by the same pread: one index lookup then names every chunk of a block.
+        The header is found by trying each member count from the payload backwards; a
+        match must agree with the index on codec and both lengths and its member lengths
+        must add up, and every member is verified against its digest before use anyway.
+        """
+        window = min(loc.offset, 8192)
+        while True:
+            data = os.pread(self._pack_fd(loc.pack), loc.stored + window, loc.offset - window)
+            if len(data) != loc.stored + window:
+                raise CorruptObjectError(f"pack {self._pack_name(loc.pack)} is truncated at offset {loc.offset}")
+            members = _parse_members(data, window, loc)
+            if members is not None:
+                break
+            if window == loc.offset:
+                raise CorruptObjectError(f"block at {self._pack_name(loc.pack)}.pack offset {loc.offset}:"
+                                         " no record header in front of it")
+            window = min(loc.offset, window * 8)
+        raw = decompress_block(loc, data[window:], self._decompressor(), self._pack_name(loc.pack))
+        return raw, members
+
+    def verified_members(self, loc: Location) -> dict[bytes, bytes]:
+        """Every member of the block at *loc* that matches its digest.
+
+        For readers that will likely want the neighbours too (a mount): one pread and
+        decompression, and each member hashed once, instead of one index lookup and
+        block-cache visit per chunk. Corrupt members are left out: the caller reports
+        the ones it asked for. Raises CorruptObjectError when the block does not decode.
+        """
+        raw, members = self.block_members(loc)
+        out = {}
+        view = memoryview(raw)
+        for member, _type, inner, length in members:
+            data = bytes(view[inner : inner + length])
+            if fmt.digest_bytes(data) == member:
+                out[member] = data
+        return out
+
+    def locate_many(self, digests: Iterable[bytes]) -> dict[bytes, Location]:
+        """Locations of the stored *digests* (absent ones are left out), in batched queries."""
+        found: dict[bytes, Location] = {}
+        batch = list(digests)
+        for start in range(0, len(batch), 500):
+            part = batch[start : start + 500]
+            marks = ",".join("?" * len(part))
+            for row in self.db.execute("SELECT digest, pack, offset, stored, raw, codec, type, inner, length"
+                                       f" FROM objects WHERE digest IN ({marks})", part):
+                found[row[0]] = Location(*row[1:])
+        return found
+
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         d = getattr(self._local, "dctx", None)
         if d is None:
@@ -466,6 +519,23 @@ def decompress_block(loc: Location, payload: bytes, dctx: zstandard.ZstdDecompre
     if len(raw) != loc.raw:
         raise CorruptObjectError(f"block at {pack_name}.pack offset {loc.offset} has the wrong size")
     return raw
+
+
+def _parse_members(data: bytes, window: int, loc: Location) -> list[tuple[bytes, int, int, int]] | None:
+    """Members of the record whose payload starts at data[window:], or None if not found there."""
+    for count in range((window - RECORD_HEADER.size) // MEMBER_HEADER.size + 1):
+        start = window - RECORD_HEADER.size - count * MEMBER_HEADER.size
+        magic, codec, stored, raw, n = RECORD_HEADER.unpack_from(data, start)
+        if magic != BLOCK_MAGIC or n != count or codec != loc.codec or stored != loc.stored or raw != loc.raw:
+            continue
+        members = []
+        inner = 0
+        for digest, type_code, length in MEMBER_HEADER.iter_unpack(data[start + RECORD_HEADER.size : window]):
+            members.append((digest, type_code, inner, length))
+            inner += length
+        if inner == raw:
+            return members
+    return None
 
 
 class BlockCache:
