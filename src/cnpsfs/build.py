@@ -217,19 +217,19 @@ def _package_layers(store: Store, recipe: Recipe, pkgs: list[InstalledPackage],
 def _merged_usr(store: Store, pkgs: list[InstalledPackage], arch: str,
                 sde: int) -> tuple[dict[bytes, bytes], bytes]:
     """Merged-/usr views of the packages that need one, and the symlink layer's FileSet."""
-    from .debian.usrmerge import clear_pending, merged_view, symlink_tree
+    from .debian.usrmerge import MergedUsr
 
     views: dict[bytes, bytes] = {}
     with store.writer() as writer:
+        merger = MergedUsr(store, writer)
         for pkg in pkgs:
-            view = merged_view(store, writer, pkg.fileset, pkg.digest)
+            view = merger.merged_view(pkg.fileset, pkg.digest)
             if view is not None:
                 views[pkg.digest] = writer.add_object(fmt.encode_fileset(view))
-        root = symlink_tree(writer, arch, sde * 1_000_000_000)
+        root = merger.symlink_tree(arch, sde * 1_000_000_000)
         links = writer.add_object(fmt.encode_fileset(fmt.FileSet("cnpsfs.org/merged-usr", arch, root,
                                                                  {"cnpsfs": {"kind": "merged-usr"}})))
         writer.commit([])
-    clear_pending()
     return views, links
 
 
