@@ -229,10 +229,12 @@ class Operations(pyfuse3.Operations):
         gen = self.generation
         self._loads_in_flight += 1
         try:
+            # Inline when every directory object needed is in memory (the usual case once
+            # a directory block has been read): a thread hop costs more than the work.
             if listing:
-                if not node.listed:  # checked on every READDIR: must not cost O(entries)
+                if not node.listed and not gen.from_cache(gen.listing, node):  # checked on every READDIR: O(1)
                     await self._in_thread(gen.listing, node)
-            elif node.children is None:
+            elif node.children is None and not gen.from_cache(gen.load_children, node):
                 await self._in_thread(gen.load_children, node)
         except (CorruptObjectError, MissingObjectError, FormatError) as exc:
             raise self._io_error(f"directory {_show(node.path)}", exc) from None

@@ -136,6 +136,14 @@ def check_tag_version(version: str) -> None:
         raise UsageError(f"invalid version {version!r}: use letters, digits and . _ + ~ : -")
 
 
+class NotCached(Exception):
+    """Raised in :meth:`Store.cache_only` mode when a read would need the index or the disk."""
+
+
+#: Bound on remembered member locations (about 200 bytes each); cleared when reached.
+LOCATIONS_MAX = 1 << 18
+
+
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where a chunk or object lives: a block (pack, offset, sizes, codec) and its slice."""
@@ -183,6 +191,9 @@ class Store:
         self._pack_names: dict[int, str] = {}
         self._pack_lock = threading.Lock()
         self.blocks = BlockCache(block_cache_bytes)
+        # Where the members of blocks read through block() live, from their record
+        # headers: a directory's neighbours then need no index lookup.
+        self._locations: dict[bytes, Location] = {}
 
     def _initialise(self) -> None:
         try:
@@ -276,9 +287,30 @@ class Store:
         key = (loc.pack, loc.offset)
         raw = self.blocks.get(key)
         if raw is None:
-            raw = decompress_block(loc, self.read_block(loc), self._decompressor(), self._pack_name(loc.pack))
+            if getattr(self._local, "cache_only", False):
+                raise NotCached
+            raw, members = self.block_members(loc)
             self.blocks.put(key, raw)
+            locations = self._locations
+            if len(locations) + len(members) > LOCATIONS_MAX:
+                locations.clear()
+            for digest, type_code, inner, length in members:
+                locations[digest] = Location(loc.pack, loc.offset, loc.stored, loc.raw, loc.codec, type_code,
+                                             inner, length)
         return raw
+
+    @contextlib.contextmanager
+    def cache_only(self) -> Iterator[None]:
+        """On this thread, let :meth:`get` raise NotCached rather than touch the index or disk.
+
+        For the FUSE loop: what is already in memory it may serve inline, without a
+        thread hop; anything else it hands to a worker.
+        """
+        self._local.cache_only = True
+        try:
+            yield
+        finally:
+            self._local.cache_only = False
 
     def get(self, digest: bytes) -> bytes:
         """The verified raw bytes of a chunk or object.
@@ -287,7 +319,14 @@ class Store:
         store must never hand out wrong bytes.
         """
         for attempt in (0, 1):
-            loc = self.locate(digest)
+            if getattr(self._local, "cache_only", False):
+                # The index stays the authority everywhere else (verify, gc); this mode
+                # serves only what a block already read says it holds, verified below.
+                loc = self._locations.get(digest)
+                if loc is None:
+                    raise NotCached
+            else:
+                loc = self.locate(digest)
             if loc is None:
                 raise MissingObjectError(f"{fmt.format_digest(digest)} is not in the store")
             try:
@@ -301,6 +340,7 @@ class Store:
             data = raw[loc.inner : loc.inner + loc.length]
             if len(data) != loc.length or fmt.digest_bytes(data) != digest:
                 self.blocks.drop((loc.pack, loc.offset))
+                self._locations.pop(digest, None)
                 raise CorruptObjectError(f"{TYPE_NAMES.get(loc.type, 'object')} {fmt.format_digest(digest)}"
                                          " is corrupt: its bytes do not match its digest")
             return data

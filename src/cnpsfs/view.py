@@ -28,14 +28,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import format as fmt
 from .errors import ConflictError, NotFoundError
 from .reader import ExtentMap
-from .store import Store
+from .store import NotCached, Store
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +360,25 @@ class Generation:
                 self.load_children(child)
         node.listed = True
         return node.listing
+
+    def from_cache(self, func: Callable[[Node], Any], node: Node) -> bool:
+        """Run *func(node)* (load_children or listing) only if it needs no disk or index read.
+
+        For the FUSE loop, which then answers without a thread hop; False means nothing
+        was published and *func* must run on a worker. Never waits for the lock either.
+        A directory's children are published in one assignment after its objects are
+        read, so stopping at the first uncached object leaves no half-loaded node.
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            with self.store.cache_only():
+                func(node)
+            return True
+        except NotCached:
+            return False
+        finally:
+            self._lock.release()
 
     def resolve(self, path: str | bytes) -> Node:
         """The node at an absolute *path* (no symlink following)."""
