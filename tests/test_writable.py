@@ -42,6 +42,16 @@ def image(tmp_path: Path) -> tuple[Path, str]:
     return store, "example.org/img@1"
 
 
+def _cnpsfs_mounts() -> set[bytes]:
+    """Mount points of the cnpsfs FUSE mounts in this namespace."""
+    found = set()
+    for line in Path("/proc/self/mountinfo").read_bytes().splitlines():
+        fields = line.split(b" - ", 1)
+        if len(fields) == 2 and fields[1].split()[0].startswith(b"fuse") and b"cnpsfs" in fields[1]:
+            found.add(fields[0].split()[4])
+    return found
+
+
 def _change(root: Path) -> None:
     (root / "etc" / "hostname").write_text("changed\n")  # copy-up of a lower file
     (root / "etc" / "new").write_text("new file\n")  # a new file
@@ -72,8 +82,11 @@ def test_writes_persist_in_the_upper_dir_and_not_in_the_image(image: tuple[Path,
     store, ref = image
     upper = tmp_path / "upper"
     mnt = tmp_path / "mnt"
+    before = _cnpsfs_mounts()
     with mount_image(store, ref, mnt, args=["--writable", str(upper)]):
         assert mount_fstype(mnt) == "overlay"
+        ours = _cnpsfs_mounts() - before
+        assert ours, "the FUSE lower of a writable mount is not in mountinfo"
         _change(mnt)
         _expected(mnt)
         state = json.loads((upper / "cnpsfs-upper.json").read_text())
@@ -82,8 +95,8 @@ def test_writes_persist_in_the_upper_dir_and_not_in_the_image(image: tuple[Path,
         assert refused.returncode != 0
         assert "writable" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert not is_mounted(mnt)
-    # The lower FUSE mount went down too: nothing of ours is left mounted.
-    assert not any(b"cnpsfs" in line for line in Path("/proc/self/mountinfo").read_bytes().splitlines())
+    # The lower FUSE mount went down too (other tests' mounts may come and go meanwhile).
+    assert not ours & _cnpsfs_mounts()
     assert (upper / "upper" / "etc" / "new").read_text() == "new file\n"
     listing = cnpsfs("ls", ref, "/etc", store=store)
     assert "new" not in listing.stdout.split() and "keep" in listing.stdout.split()
