@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -26,6 +26,7 @@ import trio
 from . import format as fmt
 from .errors import CnpsfsError, CorruptObjectError, FormatError, MissingObjectError
 from .reader import ChunkCache
+from .store import BlockStream, Location
 from .view import Generation, Node
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,20 @@ HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
 class ChunkFetcher:
     """Verified chunks for the read path: a cache, and one load per block however many wait.
 
-    A miss loads the chunk's whole block on a worker thread under a shared
-    CapacityLimiter (pread, zstd and BLAKE3 release the GIL, so concurrent readers
-    proceed in parallel and the loop never blocks) and caches every member, verified:
-    the neighbours of a chunk are what the next reads want (small files are stored
-    together in path order, large files chunk after chunk), and they then cost no
-    index lookup, thread hop or decompression. The chunks of one request are located
-    in one batch, so concurrent misses in one block wait on the loop for one load
-    instead of each taking a worker.
+    A miss decodes the chunk's block on a worker thread under a shared CapacityLimiter
+    (pread, zstd and BLAKE3 release the GIL, so concurrent readers proceed in parallel
+    and the loop never blocks), front to back as far as the wanted chunks end, and
+    caches every member completed on the way, verified: the neighbours of a chunk are
+    what the next reads want (small files are stored together in path order, large
+    files chunk after chunk). A later miss in the same block continues where the last
+    one stopped (:class:`~cnpsfs.store.BlockStream`), so a random small read does not
+    pay for the whole block and a sequential reader still decodes it once. The chunks
+    of one request are located in one batch, so concurrent misses in one block wait on
+    the loop for one load instead of each taking a worker.
     """
+
+    #: Blocks decoded part-way, kept for their next miss (each holds up to a block).
+    STREAMS_MAX = 16
 
     def __init__(self, store: Any, cache: ChunkCache, limiter: trio.CapacityLimiter) -> None:
         self.store = store
@@ -58,6 +64,7 @@ class ChunkFetcher:
         self._inflight: dict[tuple[int, int], trio.Event] = {}  # block key -> loaded
         self._failed: dict[bytes, BaseException] = {}
         self._pending: dict[bytes, tuple[int, int]] = {}  # digest -> block key, while that block loads
+        self._streams: OrderedDict[tuple[int, int], BlockStream] = OrderedDict()
 
     def cached(self, digest: bytes) -> bool:
         return self.cache.contains(digest)
@@ -81,22 +88,25 @@ class ChunkFetcher:
         if not missing:
             return
         locs = await trio.to_thread.run_sync(self.store.locate_many, missing, limiter=self.limiter)
-        blocks: dict[tuple[int, int], tuple[Any, list[bytes]]] = {}
+        blocks: dict[tuple[int, int], tuple[Location, list[bytes], int]] = {}
         for digest in missing:
             loc = locs.get(digest)
             if loc is None:
                 self._failed[digest] = MissingObjectError(f"{fmt.format_digest(digest)} is not in the store")
                 continue
-            blocks.setdefault((loc.pack, loc.offset), (loc, []))[1].append(digest)
+            key = (loc.pack, loc.offset)
+            first, wanted, upto = blocks.get(key, (loc, [], 0))
+            wanted.append(digest)
+            blocks[key] = (first, wanted, max(upto, loc.inner + loc.length))
         if len(blocks) == 1:
-            ((key, (loc, wanted)),) = blocks.items()
-            await self._load_block(key, loc, wanted)
+            ((key, (loc, wanted, upto)),) = blocks.items()
+            await self._load_block(key, loc, wanted, upto)
         elif blocks:
             async with trio.open_nursery() as nursery:
-                for key, (loc, wanted) in blocks.items():
-                    nursery.start_soon(self._load_block, key, loc, wanted)
+                for key, (loc, wanted, upto) in blocks.items():
+                    nursery.start_soon(self._load_block, key, loc, wanted, upto)
 
-    async def _load_block(self, key: tuple[int, int], loc: Any, wanted: list[bytes]) -> None:
+    async def _load_block(self, key: tuple[int, int], loc: Location, wanted: list[bytes], upto: int) -> None:
         event = self._inflight.get(key)
         if event is not None:
             await event.wait()
@@ -104,16 +114,22 @@ class ChunkFetcher:
         event = self._inflight[key] = trio.Event()
         for digest in wanted:
             self._pending[digest] = key
+        stream = self._streams.pop(key, None)
         try:
-            members = await trio.to_thread.run_sync(self.store.verified_members, loc, limiter=self.limiter)
+            members, stream = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=self.limiter)
             for member, data in members.items():
-                self.cache.put(member, data)
+                if data is not None:
+                    self.cache.put(member, data)
             for digest in wanted:
-                if digest in members:
+                if members.get(digest) is not None:
                     self._failed.pop(digest, None)
-                else:
+                elif digest in members:
                     self._failed[digest] = CorruptObjectError(
                         f"chunk {fmt.format_digest(digest)} is corrupt: its bytes do not match its digest")
+            if not stream.done:
+                self._streams[key] = stream
+                while len(self._streams) > self.STREAMS_MAX:
+                    self._streams.popitem(last=False)
         except (CorruptObjectError, OSError) as exc:
             for digest in wanted:
                 self._failed[digest] = exc
@@ -122,6 +138,13 @@ class ChunkFetcher:
             for digest in wanted:
                 self._pending.pop(digest, None)
             event.set()
+
+    def _advance(self, stream: BlockStream | None, loc: Location, upto: int
+                 ) -> tuple[dict[bytes, bytes | None], BlockStream]:
+        """On a worker: decode the block through *upto* (opening it first if need be)."""
+        if stream is None:
+            stream = self.store.block_stream(loc)
+        return stream.advance(upto), stream
 
     async def get(self, digest: bytes) -> bytes:
         data = self.cache.get(digest)
@@ -398,10 +421,13 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
         emap = node.emap
         if emap is None:
-            try:
-                emap = await self._in_thread(self.generation.extent_map, node)
-            except (CorruptObjectError, MissingObjectError, FormatError) as exc:
-                raise self._io_error(f"file {_show(node.path)}", exc) from None
+            if node.entry.content is None:  # inline extents: no object to read, no thread hop
+                emap = self.generation.extent_map(node)
+            else:
+                try:
+                    emap = await self._in_thread(self.generation.extent_map, node)
+                except (CorruptObjectError, MissingObjectError, FormatError) as exc:
+                    raise self._io_error(f"file {_show(node.path)}", exc) from None
         pieces = list(emap.pieces(off, size))
         missing = [e.digest for e, _i, _n in pieces if e.digest is not None and not self.fetcher.cached(e.digest)]
         if len(missing) > 1:
