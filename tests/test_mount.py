@@ -177,6 +177,28 @@ def test_large_file_random_reads(source: tuple[Path, Path], mnt: Mount) -> None:
             os.close(fd)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a mount's read-ahead needs root (sysfs)")
+def test_sequential_reads_come_in_large_requests(source: tuple[Path, Path], mnt: Mount) -> None:
+    """The daemon raises the mount's read-ahead: a cold sequential read costs a request per
+    MiB or so, not one per 128 KiB (the kernel's default for a FUSE mount)."""
+    tree, _ = source
+    rel = "usr/lib/big-copy.bin"
+    want = (tree / rel).read_bytes()
+    dev = os.stat(mnt.mountpoint).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert int(bdi.read_text()) >= 1024
+    fd = os.open(mnt / rel, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold, whatever other tests read
+        before = mnt.requests()
+        got = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+    finally:
+        os.close(fd)
+    assert got == want
+    reads = _delta(mnt, before)["read"]
+    assert 1 <= reads <= len(want) // (512 << 10) + 2, reads
+
+
 def _pread(path: bytes, n: int, off: int) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
