@@ -600,7 +600,7 @@ class BlockStream:
         Values are the verified bytes, or None for a member that does not match its
         digest. Raises CorruptObjectError when the payload does not decode.
         """
-        want = min(self.loc.raw, max(upto, self.decoded) + self.SLACK)
+        want = min(self.loc.raw, max(upto + self.SLACK, self.decoded))
         while self.decoded < want and self._reader is not None:
             try:
                 piece = self._reader.read(want - self.decoded)
