@@ -236,3 +236,14 @@ def test_verify_gc_df_reports(tmp_path: Path, cli: Cli, two_versions: tuple[str,
     assert cli.ok("cat", d1, "version").stdout == "one\n", "a dry run removes nothing"
     assert json.loads(cli.ok("gc", "--json").stdout)["removed_objects"] == 3
     one_line_error(cli("cat", d1, "version"), 1, "unknown reference")
+
+
+@pytest.mark.parametrize(("argv", "culprit"), [
+    (("mount",), "missing argument 'REF|MANIFEST'"),
+    (("ls", "--bogus", "x"), "no such option '--bogus'"),
+    (("frobnicate",), "no such command 'frobnicate'"),
+    (("--log-level", "loud", "ls", "x"), "invalid value for '--log-level'"),
+])
+def test_click_usage_errors_are_one_line(cli: Cli, argv: tuple[str, ...], culprit: str) -> None:
+    """Mistyped command lines get the same one-line treatment as every other error."""
+    one_line_error(cli(*argv), 2, culprit)

@@ -91,6 +91,28 @@ class App:
 class CnpsfsGroup(click.Group):
     """Translates domain errors into one-line messages and exit codes."""
 
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's standalone mode, except that a usage error is one line, like every other error."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `cnpsfs` or `cnpsfs import`: the help
+                click.echo(exc.format_message())
+                sys.exit(exc.exit_code)
+            command = exc.ctx.command_path if exc.ctx is not None else "cnpsfs"
+            message = exc.format_message().rstrip(".")
+            click.echo(f"cnpsfs: error: {message[:1].lower()}{message[1:]} (see '{command} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("cnpsfs: error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
