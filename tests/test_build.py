@@ -187,6 +187,59 @@ def test_python3_image(realistic: tuple[Store, BuildResult], tmp_path: Path) -> 
         assert (audit.returncode, audit.stdout, audit.stderr) == (0, "", "")
 
 
+def _trigger_deb(tmp: Path) -> Path:
+    """A package that activates libc-bin's explicit trigger (ldconfig) and ships a file
+    under debianutils' file trigger (/usr/share/debianutils/shells.d)."""
+    root = tmp / "tinysh"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr/share/debianutils/shells.d").mkdir(parents=True)
+    (root / "usr/share/debianutils/shells.d/tinysh").write_text("/usr/bin/tinysh\n")
+    (root / "DEBIAN/control").write_text("Package: tinysh\nVersion: 1.0\nArchitecture: all\n"
+                                         "Maintainer: Test <t@example.org>\nDescription: test\n")
+    (root / "DEBIAN/triggers").write_text("activate-noawait ldconfig\n")
+    out = tmp / "tinysh.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root), str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+def test_trigger_interests_registered(realistic: tuple[Store, BuildResult], tmp_path: Path) -> None:
+    """The dpkg database layer registers the packages' trigger interests as dpkg's unpack
+    does, so a later dpkg -i in the image processes libc-bin's and debianutils' triggers."""
+    store, result = realistic
+    triggers_of = {p["package"]: store.get_fileset(store.resolve(p["fileset"])).metadata["debian"]["files"]
+                   .get("triggers", "") for p in result.image.metadata["debian"]["packages"]}
+    # The interests the image's packages declare, read without dpkgdb's parser.
+    interests = sorted((line.split()[1], name) for name, text in triggers_of.items()
+                       for line in text.splitlines() if line.startswith("interest"))
+    assert interests == [("/usr/share/debianutils/shells.d", "debianutils"), ("ldconfig", "libc-bin")]
+    assert "interest-await ldconfig" in triggers_of["libc-bin"].splitlines()
+    assert "interest-noawait /usr/share/debianutils/shells.d" in triggers_of["debianutils"].splitlines()
+    mnt, upper = tmp_path / "mnt", tmp_path / "upper"
+    mnt.mkdir()
+    with mount_image(store.path, "blake3:" + result.digest.hex(), mnt, args=["--writable", str(upper)]):
+        triggers = mnt / "var/lib/dpkg/triggers"
+        # What real dpkg (mmdebstrap, same package set) leaves: checked by hand, docs/debian.md.
+        assert (triggers / "File").read_text() == "/usr/share/debianutils/shells.d debianutils/noawait\n"
+        assert (triggers / "ldconfig").read_text() == "libc-bin\n"
+        assert (triggers / "Unincorp").read_text() == ""
+        assert sorted(os.listdir(triggers)) == ["File", "Lock", "Unincorp", "ldconfig"]
+        from cnpsfs.introspect import why
+
+        for name in ("File", "ldconfig"):
+            assert why(store, "blake3:" + result.digest.hex(), f"/var/lib/dpkg/triggers/{name}")[
+                "label"] == "dpkg database"
+        (mnt / "tmp/tinysh.deb").write_bytes(_trigger_deb(tmp_path).read_bytes())
+        install = _chroot(mnt, "dpkg", "-i", "/tmp/tinysh.deb")
+        assert install.returncode == 0, install.stdout + install.stderr
+        assert "Processing triggers for libc-bin " in install.stdout, install.stdout
+        assert "Processing triggers for debianutils " in install.stdout, install.stdout
+        assert "/usr/bin/tinysh" in (mnt / "etc/shells").read_text().splitlines()  # update-shells ran
+        for check in (("dpkg", "--audit"), ("dpkg", "-C")):
+            out = _chroot(mnt, *check)
+            assert (out.returncode, out.stdout, out.stderr) == (0, "", ""), check
+
+
 def test_package_added_reuses_the_rest(realistic: tuple[Store, BuildResult]) -> None:
     store, first = realistic
     result = build(store, parse_recipe(_realistic("added", ["bzip2"])))

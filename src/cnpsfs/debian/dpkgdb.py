@@ -18,9 +18,19 @@ and ``--verify`` work:
 * ``info/<pkg>.md5sums``, ``.conffiles``, and the control archive's other members
   (maintainer scripts, ``config``, ``templates``, ``triggers``, ``shlibs``, ``symbols``)
   with the modes the package gives them; Multi-Arch: same packages use ``<pkg>:<arch>.``;
+* ``triggers/``: the trigger interests dpkg registers while unpacking each package's
+  ``triggers`` control file (deb-triggers(5)): ``File`` lists file-trigger interests as
+  ``PATH PKG[/noawait]``, ``triggers/NAME`` lists the packages interested in explicit
+  trigger NAME, one ``PKG[/noawait]`` a line (``PKG`` is ``pkg:arch`` for Multi-Arch:
+  same), as if unpacked in (package, arch) order; ``Unincorp`` is empty and ``Lock``
+  exists, as dpkg leaves them. ``activate`` directives record nothing: on a system where
+  nothing is configured yet, dpkg's unpack does not make triggers pending either (they
+  fire when the activating packages are configured). Without this, the first dpkg run
+  would take dpkg's transitional path (no ``Unincorp``: interests rebuilt from
+  ``info/*.triggers``) and the state would land in whatever layer ran it;
 * ``info/format`` (``1``), empty ``available``, ``diversions``, ``statoverride``,
-  ``arch`` (the native architecture) and the ``updates``, ``triggers``, ``alternatives``
-  and ``parts`` directories dpkg expects.
+  ``arch`` (the native architecture) and the ``updates``, ``alternatives`` and
+  ``parts`` directories dpkg expects.
 
 Everything is a pure function of the packages' FileSets, so the layer's digest is too.
 """
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import format as fmt
+from ..errors import CnpsfsError
 from ..export import read_file
 from ..importers.directory import import_directory
 from ..importers.tree import ImportOptions, ImportResult
@@ -110,6 +122,67 @@ def conffiles(pkg: InstalledPackage) -> list[str]:
     return [line.split()[0] for line in text.splitlines() if line.strip().startswith("/")]
 
 
+#: Interest directives of a triggers control file and the suffix dpkg writes for each.
+INTEREST = {"interest": "", "interest-await": "", "interest-noawait": "/noawait"}
+ACTIVATE = ("activate", "activate-await", "activate-noawait")
+_EXPLICIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9+.-]*")
+
+
+def _valid_trigger(name: str) -> bool:
+    """dpkg's classification: a file trigger is an absolute path without empty components
+    or a trailing slash; an explicit trigger is spelled like a package name, without ``_``."""
+    if name.startswith("/"):
+        return all(name.split("/")[1:])
+    return _EXPLICIT_NAME.fullmatch(name) is not None
+
+
+def trigger_interests(pkg: InstalledPackage) -> list[tuple[str, str]]:
+    """(trigger, suffix) for each interest of the package's ``triggers`` control file, in
+    file order, parsed as dpkg parses it: blank lines and lines whose first non-blank
+    character is ``#`` are skipped, a directive is its first word and the trigger name the
+    rest of the line; an unknown directive or an invalid name is an error (dpkg refuses
+    to unpack such a package)."""
+    text = pkg.debian["files"].get("triggers")
+    if text is None:
+        return []
+    out: list[tuple[str, str]] = []
+    for number, line in enumerate(_text(text).splitlines(), 1):
+        words = line.split(None, 1)
+        if not words or words[0].startswith("#"):
+            continue
+        where = f"{pkg.package}: triggers line {number}"
+        if len(words) < 2:
+            raise CnpsfsError(f"{where}: {words[0]!r} names no trigger (dpkg refuses to unpack it)")
+        directive, name = words[0], words[1].strip()
+        if directive not in INTEREST and directive not in ACTIVATE:
+            raise CnpsfsError(f"{where}: unknown directive {directive!r} (dpkg refuses to unpack it)")
+        valid = all(" " < c < "\x7f" for c in name)
+        if not valid or (directive in INTEREST and not _valid_trigger(name)):
+            raise CnpsfsError(f"{where}: invalid trigger name {name!r} (dpkg refuses to unpack it)")
+        if directive in INTEREST:
+            out.append((name, INTEREST[directive]))
+    return out
+
+
+def trigger_files(packages: list[InstalledPackage]) -> dict[str, str]:
+    """The interest files dpkg writes under ``triggers/`` when unpacking *packages* in this
+    order onto an empty system: ``File`` (if any file trigger) and one file per explicit
+    trigger. A package repeating an interest is listed once, where it first appeared,
+    with the options of its last spelling, as dpkg 1.21 does."""
+    file_lines: dict[tuple[str, str], str] = {}
+    explicit: dict[str, dict[str, str]] = {}
+    for pkg in packages:
+        for name, suffix in trigger_interests(pkg):
+            if name.startswith("/"):
+                file_lines[name, pkg.info_name] = f"{name} {pkg.info_name}{suffix}"
+            else:
+                explicit.setdefault(name, {})[pkg.info_name] = f"{pkg.info_name}{suffix}"
+    out = {name: "".join(line + "\n" for line in lines.values()) for name, lines in explicit.items()}
+    if file_lines:
+        out["File"] = "".join(line + "\n" for line in file_lines.values())
+    return out
+
+
 def status_stanza(pkg: InstalledPackage, hashes: dict[str, str]) -> str:
     control = pkg.control
     lines = [f"Package: {pkg.package}", "Status: install ok unpacked"]
@@ -147,6 +220,12 @@ def write_database(store: Store, packages: list[InstalledPackage], root: Path, a
         (admin / name).write_text("")
     (admin / "arch").write_text(f"{arch}\n")
     (admin / "info/format").write_text("1\n")
+    triggers = admin / "triggers"
+    for name, text in trigger_files(ordered).items():
+        (triggers / name).write_text(text)
+    (triggers / "Unincorp").write_text("")
+    (triggers / "Lock").write_text("")
+    os.chmod(triggers / "Lock", 0o600)
     for pkg in ordered:
         info = admin / "info"
         (info / f"{pkg.info_name}.list").write_bytes(
