@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .build_section import build_table, run_build
 from .cnpsfs_cli import CnpsfsCli
 from .common import BenchError, du_bytes, require_root, umount_all_under
 from .corpus import DEFAULT_CACHE, Corpus, ensure_corpus
@@ -27,7 +28,7 @@ from .swap_section import run_swap, swap_table
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("import", "mount", "swap")
+SECTIONS = ("import", "mount", "swap", "build")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -170,6 +171,10 @@ def main(argv: list[str]) -> int:
             sections["swap"] = {"results": swaps, "info": swap_info,
                                 "summary": {f"{r.mode}/{r.change}": r.summary() for r in swaps}}
             out += ["## swap (live upgrade latency)", "", swap_table(swaps, swap_info), ""]
+        if "build" in args.sections:
+            built = run_build(args.work, args.cache, args.reps, cli, systems)
+            sections["build"] = {"results": built, "summary": built.summary()}
+            out += ["## build (images from ~100 Debian packages)", "", build_table(built), ""]
         meta["elapsed_seconds"] = round(time.monotonic() - started, 1)
         meta["loadavg_end"] = _loadavg()
         result_file = args.out / "bench-results.json"

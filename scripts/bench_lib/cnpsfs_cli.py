@@ -7,6 +7,7 @@ cnpsfs rows into "not available" notes instead of failing the run. The calls ass
 * ``cnpsfs --store STORE mount REF MNT`` (returns once MNT is mounted)
 * ``cnpsfs umount MNT``
 * ``cnpsfs status MNT --json`` (optional: FUSE request counters, see :meth:`CnpsfsCli.counters`)
+* ``cnpsfs --store STORE build RECIPE --cache DIR --json`` and ``cnpsfs --store STORE packages REF --json``
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from .common import BenchError, last_line, run
 
@@ -50,6 +52,26 @@ class CnpsfsCli:
 
     def mount_unavailable(self) -> str | None:
         return self._missing("import", "dir") or self._missing("mount") or self._missing("umount")
+
+    def build_unavailable(self) -> str | None:
+        return self._missing("build") or self._missing("packages")
+
+    def build(self, store: Path, recipe: Path, cache: Path) -> dict[str, Any]:
+        """``cnpsfs build --json``: digest, imported, reused and per-step timings."""
+        proc = run([self.exe, "--store", store, "build", recipe, "--cache", cache, "--json"], capture=True,
+                   timeout=3600)
+        return self._json(proc.stdout, "build")
+
+    def packages(self, store: Path, ref: str) -> list[dict[str, str]]:
+        proc = run([self.exe, "--store", store, "packages", ref, "--json"], capture=True, timeout=300)
+        return self._json(proc.stdout, "packages")
+
+    @staticmethod
+    def _json(text: str, what: str) -> Any:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            raise BenchError(f"cnpsfs {what} --json printed no JSON: {last_line(text)}") from None
 
     def import_dir(self, store: Path, src: Path, version: str) -> str:
         proc = run(
