@@ -23,12 +23,13 @@ from .corpus import DEFAULT_CACHE, Corpus, ensure_corpus
 from .import_section import run_import
 from .mount_section import MEASURES, run_mount
 from .report import consistency_notes, import_table, mount_table, requests_table, write_json
+from .scale_section import run_scale, scale_table
 from .swap_section import run_swap, swap_table
 
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("import", "mount", "swap", "build")
+SECTIONS = ("import", "mount", "swap", "build", "scale")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -175,6 +176,13 @@ def main(argv: list[str]) -> int:
             built = run_build(args.work, args.cache, args.reps, cli, systems)
             sections["build"] = {"results": built, "summary": built.summary()}
             out += ["## build (images from ~100 Debian packages)", "", build_table(built), ""]
+        if "scale" in args.sections:
+            scaled, scale_info = run_scale(args.cache, args.work, max(args.reps, 5) if not args.quick else 1, cli,
+                                           systems)
+            sections["scale"] = {"results": scaled, "info": scale_info,
+                                 "summary": {r.name: r.summary() for r in scaled}}
+            out += ["## scale (mount and first lookups: 1,000 against 1,000,000 files)", "",
+                    scale_table(scaled, scale_info), ""]
         meta["elapsed_seconds"] = round(time.monotonic() - started, 1)
         meta["loadavg_end"] = _loadavg()
         result_file = args.out / "bench-results.json"
