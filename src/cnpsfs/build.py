@@ -322,6 +322,9 @@ def _cnpsfs_command() -> list[str]:
 
 
 def _drop_per_instance(upper: Path) -> None:
+    """Remove per-instance and volatile files from the configure layer's upper dir.
+
+    The empty /proc, /dev and /sys mount points stay: the image needs them anyway."""
     import glob
 
     for pattern in [*PER_INSTANCE, "var/log/**/*", "var/cache/debconf/*-old", "var/lib/dpkg/*-old",
@@ -329,10 +332,6 @@ def _drop_per_instance(upper: Path) -> None:
         for path in glob.glob(str(upper / pattern), recursive=True):
             if os.path.isfile(path) or os.path.islink(path):
                 os.unlink(path)
-    for sub in ("proc", "dev", "sys"):
-        target = upper / sub
-        if target.is_dir() and not any(target.iterdir()):
-            pass  # an empty mount point the image needs anyway (created when absent)
 
 
 def _extra_layer(store: Store, recipe: Recipe, number: int, spec: dict[str, str], sde: int) -> fmt.Layer:
