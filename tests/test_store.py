@@ -28,7 +28,7 @@ from cnpsfs.errors import CnpsfsError, CorruptObjectError, NotFoundError
 from cnpsfs.importers.directory import import_directory
 from cnpsfs.importers.tree import ImportOptions
 from cnpsfs.maintenance import gc, verify
-from cnpsfs.store import BLOCK_TARGET, T_CHUNK, Store
+from cnpsfs.store import BLOCK_TARGET, META_BLOCK_TARGET, T_CHUNK, Store
 
 MiB = 1 << 20
 
@@ -115,6 +115,12 @@ def test_layout_matches_the_spec(tmp_path: Path, cli: Cli) -> None:
     assert types == {0, 1, 2, 3}  # the 3 MiB file has more than 16 extents
     # Blocks close once they reach BLOCK_TARGET raw bytes: no block is much larger.
     assert max(r[4] for r in rows.values()) < BLOCK_TARGET + 256 * 1024
+    # Objects sit in blocks of their own (no file data beside a directory), and small ones.
+    blocks: dict[tuple[int, int], set[bool]] = {}
+    for type_code, pack, offset, *_rest in rows.values():
+        blocks.setdefault((pack, offset), set()).add(type_code == T_CHUNK)
+    assert all(len(kinds) == 1 for kinds in blocks.values()), "a block mixes chunks and objects"
+    assert max(r[4] for r in rows.values() if r[0] != T_CHUNK) < META_BLOCK_TARGET + 64 * 1024
     tag = db.execute("SELECT name, version, type, digest FROM tags").fetchall()
     assert len(tag) == 1 and tag[0][:3] == ("example.org/layout", "1", 3)
     assert rows[tag[0][3]][0] == 3

@@ -19,9 +19,11 @@ compressed as one zstd frame. Compressing 64 KiB chunks one by one loses the con
 between neighbouring files; measured on a Debian root filesystem (docs/performance.md)
 1 MiB blocks store 12% less than per-chunk compression at a third of the CPU cost of a
 higher zstd level. A read decompresses one block (about 1 ms), and the block cache
-makes neighbouring chunks free. Deduplication stays per chunk: only new chunks enter
-blocks. Blocks are a property of one store, not of the format: digests never depend
-on them.
+makes neighbouring chunks free. Objects (directories, extent lists, FileSets, images)
+go in separate blocks of about META_BLOCK_TARGET bytes, so a cold directory lookup
+decodes a small block of metadata, not a megabyte of file data that happens to sit
+beside it. Deduplication stays per chunk: only new chunks enter blocks. Blocks are a
+property of one store, not of the format: digests never depend on them.
 
 Write protocol (crash safety): records are appended to ``tmp/<id>.pack``; commit fsyncs
 it, renames it into ``packs/``, fsyncs the directory, and only then inserts the index rows
@@ -63,6 +65,9 @@ RECORD_HEADER = struct.Struct("<4sBII I")  # b"BLK1", codec, stored length, raw 
 MEMBER_HEADER = struct.Struct("<32sBI")  # digest, type code, length (members follow in payload order)
 BLOCK_MAGIC = b"BLK1"
 BLOCK_TARGET = 1 << 20
+#: Directory, extents, FileSet and image objects go in blocks of their own, smaller ones:
+#: a cold lookup then decodes metadata only, and little of it.
+META_BLOCK_TARGET = 128 << 10
 PACK_ROLLOVER = 1 << 30
 
 CODEC_RAW = 0
@@ -710,7 +715,8 @@ class StoreWriter:
         self._local = threading.local()
         # digest -> (writer pack#, offset, stored, raw, codec, type, inner, length); None while in an open block
         self._new: dict[bytes, tuple[int, int, int, int, int, int, int, int] | None] = {}
-        self._open = _OpenBlock()
+        self._open = _OpenBlock()  # file chunks
+        self._open_meta = _OpenBlock()  # objects: kept apart from file data
         self._sealed: deque[tuple[list[tuple[bytes, int, bytes]], _BlockFuture]] = deque()
         self._packs: list[tuple[Path, int]] = []  # (tmp path, fd)
         self._current_size = 0
@@ -742,17 +748,21 @@ class StoreWriter:
         if digest in self._new:
             return
         self._new[digest] = None
-        self._open.members.append((digest, type_code, data))
-        self._open.size += len(data)
-        if self._open.size >= BLOCK_TARGET:
-            self.seal()
+        meta = type_code != T_CHUNK
+        block = self._open_meta if meta else self._open
+        block.members.append((digest, type_code, data))
+        block.size += len(data)
+        if block.size >= (META_BLOCK_TARGET if meta else BLOCK_TARGET):
+            self.seal(meta=meta)
 
-    def seal(self) -> None:
-        """Close the open block: compress it (on the pool) and queue it for writing."""
-        members = self._open.members
+    def seal(self, *, meta: bool = False) -> None:
+        """Close the open data block (or metadata block): compress it on the pool and queue it."""
+        if meta:
+            members, self._open_meta = self._open_meta.members, _OpenBlock()
+        else:
+            members, self._open = self._open.members, _OpenBlock()
         if not members:
             return
-        self._open = _OpenBlock()
         if self.pool is not None:
             future = self.pool.submit(self._compress, members)
         else:
@@ -787,6 +797,7 @@ class StoreWriter:
 
     def flush(self) -> None:
         self.seal()
+        self.seal(meta=True)
         while self._sealed:
             self._write_sealed()
 
