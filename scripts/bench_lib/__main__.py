@@ -18,7 +18,7 @@ from typing import Any
 
 from .build_section import build_table, run_build
 from .cnpsfs_cli import CnpsfsCli
-from .common import BenchError, du_bytes, require_root, umount_all_under
+from .common import BenchError, du_bytes, exclusive_work_dir, require_root, umount_all_under
 from .corpus import DEFAULT_CACHE, Corpus, ensure_corpus
 from .import_section import run_import
 from .mount_section import MEASURES, run_mount
@@ -123,6 +123,64 @@ def corpus_info(corpus: Corpus) -> dict[str, Any]:
     return info
 
 
+def _run_sections(args: argparse.Namespace, started: float) -> tuple[list[str], dict[str, Any]]:
+    """Every requested section, in order: the markdown lines and the run's metadata."""
+    umount_all_under(args.work)  # leftovers of an interrupted run
+    # The swap section builds its own synthetic image: no Debian corpus needed for it alone.
+    corpus = ensure_corpus(args.cache) if {"import", "mount"} & set(args.sections) else None
+    cli = CnpsfsCli(REPO)
+    systems = _split(args.systems)
+    meta: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": _git_rev(),
+        "reps": args.reps,
+        "sections": args.sections,
+        "machine": machine_info(),
+        "corpus": corpus_info(corpus) if corpus is not None else None,
+        "loadavg_start": _loadavg(),
+    }
+    sections: dict[str, Any] = {}
+    out: list[str] = []
+    if "import" in args.sections:
+        assert corpus is not None
+        rows = run_import(corpus, args.work, args.reps, cli, systems)
+        sections["import"] = {
+            "rows": rows,
+            "summary": {r.name: r.summary() for r in rows if not r.skipped},
+        }
+        out += ["## import", "", import_table(rows), ""]
+    if "mount" in args.sections:
+        assert corpus is not None
+        results, notes = run_mount(corpus, args.work, args.reps, cli, systems, _split(args.measures))
+        sections["mount"] = {"peers": results, "notes": notes}
+        for mode in ("cold", "warm"):
+            out += [f"## mount ({mode})", "", mount_table(results, mode), ""]
+        if table := requests_table(results):
+            out += ["## cnpsfs FUSE requests per measure", "", table, ""]
+        out += [f"- differs from native: {n}" for n in consistency_notes(results)]
+    if "swap" in args.sections:
+        swaps, swap_info = run_swap(args.work, max(args.reps, 5) if not args.quick else 1, cli)
+        sections["swap"] = {"results": swaps, "info": swap_info,
+                            "summary": {f"{r.mode}/{r.change}": r.summary() for r in swaps}}
+        out += ["## swap (live upgrade latency)", "", swap_table(swaps, swap_info), ""]
+    if "build" in args.sections:
+        built = run_build(args.work, args.cache, args.reps, cli, systems)
+        sections["build"] = {"results": built, "summary": built.summary()}
+        out += ["## build (images from ~100 Debian packages)", "", build_table(built), ""]
+    if "scale" in args.sections:
+        scaled, scale_info = run_scale(args.cache, args.work, max(args.reps, 5) if not args.quick else 1, cli,
+                                       systems)
+        sections["scale"] = {"results": scaled, "info": scale_info,
+                             "summary": {r.name: r.summary() for r in scaled}}
+        out += ["## scale (mount and first lookups: 1,000 against 1,000,000 files)", "",
+                scale_table(scaled, scale_info), ""]
+    meta["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    meta["loadavg_end"] = _loadavg()
+    result_file = args.out / "bench-results.json"
+    write_json(result_file, meta, sections)
+    return out, meta
+
+
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -134,59 +192,8 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     try:
         require_root()
-        umount_all_under(args.work)  # leftovers of an interrupted run
-        # The swap section builds its own synthetic image: no Debian corpus needed for it alone.
-        corpus = ensure_corpus(args.cache) if {"import", "mount"} & set(args.sections) else None
-        cli = CnpsfsCli(REPO)
-        systems = _split(args.systems)
-        meta: dict[str, Any] = {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "git": _git_rev(),
-            "reps": args.reps,
-            "sections": args.sections,
-            "machine": machine_info(),
-            "corpus": corpus_info(corpus) if corpus is not None else None,
-            "loadavg_start": _loadavg(),
-        }
-        sections: dict[str, Any] = {}
-        out: list[str] = []
-        if "import" in args.sections:
-            assert corpus is not None
-            rows = run_import(corpus, args.work, args.reps, cli, systems)
-            sections["import"] = {
-                "rows": rows,
-                "summary": {r.name: r.summary() for r in rows if not r.skipped},
-            }
-            out += ["## import", "", import_table(rows), ""]
-        if "mount" in args.sections:
-            assert corpus is not None
-            results, notes = run_mount(corpus, args.work, args.reps, cli, systems, _split(args.measures))
-            sections["mount"] = {"peers": results, "notes": notes}
-            for mode in ("cold", "warm"):
-                out += [f"## mount ({mode})", "", mount_table(results, mode), ""]
-            if table := requests_table(results):
-                out += ["## cnpsfs FUSE requests per measure", "", table, ""]
-            out += [f"- differs from native: {n}" for n in consistency_notes(results)]
-        if "swap" in args.sections:
-            swaps, swap_info = run_swap(args.work, max(args.reps, 5) if not args.quick else 1, cli)
-            sections["swap"] = {"results": swaps, "info": swap_info,
-                                "summary": {f"{r.mode}/{r.change}": r.summary() for r in swaps}}
-            out += ["## swap (live upgrade latency)", "", swap_table(swaps, swap_info), ""]
-        if "build" in args.sections:
-            built = run_build(args.work, args.cache, args.reps, cli, systems)
-            sections["build"] = {"results": built, "summary": built.summary()}
-            out += ["## build (images from ~100 Debian packages)", "", build_table(built), ""]
-        if "scale" in args.sections:
-            scaled, scale_info = run_scale(args.cache, args.work, max(args.reps, 5) if not args.quick else 1, cli,
-                                           systems)
-            sections["scale"] = {"results": scaled, "info": scale_info,
-                                 "summary": {r.name: r.summary() for r in scaled}}
-            out += ["## scale (mount and first lookups: 1,000 against 1,000,000 files)", "",
-                    scale_table(scaled, scale_info), ""]
-        meta["elapsed_seconds"] = round(time.monotonic() - started, 1)
-        meta["loadavg_end"] = _loadavg()
-        result_file = args.out / "bench-results.json"
-        write_json(result_file, meta, sections)
+        with exclusive_work_dir(args.work):
+            out, meta = _run_sections(args, started)
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
@@ -197,7 +204,7 @@ def main(argv: list[str]) -> int:
     print(
         f"\n_{args.reps} rep(s), {meta['elapsed_seconds']:.0f} s, git {meta['git']}, "
         f"load average {meta['loadavg_start']:.2f} at start / {meta['loadavg_end']:.2f} at end, "
-        f"raw numbers: {result_file}_"
+        f"raw numbers: {args.out / 'bench-results.json'}_"
     )
     if max(meta["loadavg_start"], meta["loadavg_end"]) > 0.5 * (os.cpu_count() or 1):
         print("_warning: the machine was busy with other work; sub-100 ms timings are noise-dominated_")

@@ -8,6 +8,7 @@ failed run never leaves mounts or loop devices behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shlex
@@ -186,6 +187,22 @@ def umount(path: Path) -> None:
             log.debug("%s failed: %s", shlex.join(attempt), last_line(proc.stderr))
     if is_mounted(Path(target)):
         log.warning("could not unmount %s", target)
+
+
+@contextlib.contextmanager
+def exclusive_work_dir(work: Path) -> Iterator[None]:
+    """Hold ``WORK/.bench-lock`` for the run: a run starts by unmounting everything under its
+    work directory, which must never hit the mounts of another run still going."""
+    work.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work / ".bench-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BenchError(f"another scripts/bench run is using {work}: give this one its own --work") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def umount_all_under(path: Path) -> None:
