@@ -123,6 +123,15 @@ def corpus_info(corpus: Corpus) -> dict[str, Any]:
     return info
 
 
+def _reps_text(args: argparse.Namespace) -> str:
+    """Repetitions as run: swap and scale take at least 5 whatever --reps says (not with --quick)."""
+    text = f"{args.reps} rep(s)"
+    floored = [name for name in ("swap", "scale") if name in args.sections]
+    if floored and args.reps < 5 and not args.quick:
+        text += f" ({' and '.join(floored)}: 5)"
+    return text
+
+
 def _run_sections(args: argparse.Namespace, started: float) -> tuple[list[str], dict[str, Any]]:
     """Every requested section, in order: the markdown lines and the run's metadata."""
     umount_all_under(args.work)  # leftovers of an interrupted run
@@ -202,7 +211,7 @@ def main(argv: list[str]) -> int:
         return 130
     print("\n".join(out).rstrip())
     print(
-        f"\n_{args.reps} rep(s), {meta['elapsed_seconds']:.0f} s, git {meta['git']}, "
+        f"\n_{_reps_text(args)}, {meta['elapsed_seconds']:.0f} s, git {meta['git']}, "
         f"load average {meta['loadavg_start']:.2f} at start / {meta['loadavg_end']:.2f} at end, "
         f"raw numbers: {args.out / 'bench-results.json'}_"
     )
