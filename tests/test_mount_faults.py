@@ -168,6 +168,10 @@ def test_corrupt_chunk_gives_eio_for_that_range_only(fault_store: Path, fuse_mod
         m.assert_alive()
         log = m.log()
         assert fmt.format_digest(target.digest) in log, f"the log must name the chunk:\n{log}"
+        # ... and where it is stored, once however often it was read.
+        errors = [line for line in log.splitlines() if "ERROR:" in line]
+        assert len(errors) == 1, errors
+        assert f"block at {where.pack_file.stem}.pack offset {where.offset}" in errors[0], errors
 
 
 @pytest.mark.parametrize("fuse_mode", FUSE_MODES)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 #: The image never changes under a generation; a swap invalidates explicitly.
 CACHE_TIMEOUT = 365 * 24 * 3600.0
 READAHEAD_BYTES = 4 << 20
+REPORTED_MAX = 4096  # distinct (file, failure) pairs remembered to log each once
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
@@ -125,7 +126,8 @@ class ChunkFetcher:
                     self._failed.pop(digest, None)
                 elif digest in members:
                     self._failed[digest] = CorruptObjectError(
-                        f"chunk {fmt.format_digest(digest)} is corrupt: its bytes do not match its digest")
+                        f"chunk {fmt.format_digest(digest)} is corrupt: its bytes do not match its digest"
+                        f" (block at {self.store.pack_label(loc)})")
             if not stream.done:
                 self._streams[key] = stream
                 while len(self._streams) > self.STREAMS_MAX:
@@ -187,6 +189,7 @@ class Operations(pyfuse3.Operations):
         self.no_opendir = False
         self.readahead_nursery: trio.Nursery | None = None
         self._read_end: dict[int, int] = {}
+        self._reported: OrderedDict[tuple[Any, str], None] = OrderedDict()  # failures logged once
         if self.extensions:
             self.enable_cache_symlinks = True
             self.pass_inode_to_fh_handlers = True
@@ -234,8 +237,20 @@ class Operations(pyfuse3.Operations):
             node.attr = attr
         return attr
 
-    def _io_error(self, what: str, exc: BaseException) -> pyfuse3.FUSEError:
-        log.error("%s: %s", what, exc)
+    def _io_error(self, what: str, exc: BaseException, *, node: Node | None = None) -> pyfuse3.FUSEError:
+        """EIO for the kernel, and the reason in the log: once per file and failure.
+
+        The kernel retries a failed read page by page and programs retry too, so one
+        damaged chunk would otherwise fill the log with the same line at other offsets.
+        """
+        key = (node.ino if node is not None else what, str(exc))
+        if key in self._reported:
+            log.debug("%s: %s (again)", what, exc)
+        else:
+            self._reported[key] = None
+            if len(self._reported) > REPORTED_MAX:
+                self._reported.popitem(last=False)
+            log.error("%s: %s", what, exc)
         return pyfuse3.FUSEError(errno.EIO)
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:
@@ -442,7 +457,7 @@ class Operations(pyfuse3.Operations):
                 start = ext.offset + inner
                 out.append(chunk[start : start + n])
         except (CorruptObjectError, MissingObjectError, OSError) as exc:
-            raise self._io_error(f"reading {_show(node.path)} at offset {off}", exc) from None
+            raise self._io_error(f"reading {_show(node.path)} at offset {off}", exc, node=node) from None
         end = off + size
         sequential = off == 0 or self._read_end.get(ino) == off
         if sequential and end < emap.size and self.readahead_nursery is not None:

@@ -272,6 +272,10 @@ class Store:
                 self._pack_fds[pack] = fd
             return fd
 
+    def pack_label(self, loc: Location) -> str:
+        """Where a block is, for messages: ``<pack name>.pack offset <n>``."""
+        return f"{self._pack_name(loc.pack)}.pack offset {loc.offset}"
+
     def _pack_name(self, pack: int) -> str:
         name = self._pack_names.get(pack)
         if name is None:
@@ -348,7 +352,8 @@ class Store:
                 self.blocks.drop((loc.pack, loc.offset))
                 self._locations.pop(digest, None)
                 raise CorruptObjectError(f"{TYPE_NAMES.get(loc.type, 'object')} {fmt.format_digest(digest)}"
-                                         " is corrupt: its bytes do not match its digest")
+                                         " is corrupt: its bytes do not match its digest"
+                                         f" (block at {self.pack_label(loc)})")
             return data
         raise AssertionError("unreachable")
 
