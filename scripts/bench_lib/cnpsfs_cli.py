@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .common import BenchError, last_line, run
+from .common import BenchError, is_mounted, last_line, run, umount
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,15 @@ class CnpsfsCli:
 
     def umount(self, mnt: Path) -> None:
         run([self.exe, "umount", mnt], timeout=120)
+
+    def detach(self, mnt: Path) -> None:
+        """``cnpsfs umount`` when something is mounted, falling back to a plain umount."""
+        if is_mounted(mnt):
+            try:
+                self.umount(mnt)
+            except BenchError as exc:
+                log.warning("cnpsfs umount failed, falling back: %s", exc)
+        umount(mnt)
 
     def counters(self, mnt: Path) -> dict[str, int] | None:
         """FUSE request counts per operation, or None while ``cnpsfs status`` does not exist.

@@ -205,6 +205,19 @@ def exclusive_work_dir(work: Path) -> Iterator[None]:
         os.close(fd)
 
 
+#: Debian packages the squashfuse peer needs (command -> package), in every section that runs it.
+SQUASHFUSE_PACKAGES = {"mksquashfs": "squashfs-tools", "squashfuse": "squashfuse", "fusermount3": "fuse3"}
+
+
+def fuse_unavailable() -> str | None:
+    """Why FUSE peers cannot run here, or None."""
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"no FUSE (/dev/fuse: {exc.strerror})"
+    return None
+
+
 def umount_all_under(path: Path) -> None:
     """Unmount everything at or below ``path``, deepest first."""
     for mnt in sorted(mounts_under(path), key=len, reverse=True):

@@ -25,9 +25,11 @@ from typing import Any, ClassVar
 from .cnpsfs_cli import CnpsfsCli
 from .common import (
     CHROOT_ENV,
+    SQUASHFUSE_PACKAGES,
     BenchError,
     drop_caches,
     ensure_packages,
+    fuse_unavailable,
     is_mounted,
     rmtree,
     run,
@@ -91,13 +93,6 @@ def _needs_loop() -> str | None:
         return "no loop devices (/dev/loop-control missing)"
     return None
 
-
-def _needs_fuse() -> str | None:
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"no FUSE (/dev/fuse: {exc.strerror})"
-    return None
 
 
 def _needs_fs(fstype: str) -> str | None:
@@ -198,17 +193,13 @@ class Erofs(Peer):
 
 class Squashfuse(Peer):
     name, label = "squashfuse", "squashfuse (zstd)"
-    packages: ClassVar[dict[str, str]] = {
-        "mksquashfs": "squashfs-tools",
-        "squashfuse": "squashfuse",
-        "fusermount3": "fuse3",
-    }
+    packages: ClassVar[dict[str, str]] = SQUASHFUSE_PACKAGES
 
     def __init__(self, images: Images) -> None:
         self.images = images
 
     def unavailable(self) -> str | None:
-        return _needs_fuse()
+        return fuse_unavailable()
 
     def prepare(self, corpus: Corpus, work: Path) -> None:
         self.img = self.images.squashfs()
@@ -222,7 +213,7 @@ class FuseOverlayfs(Peer):
     packages: ClassVar[dict[str, str]] = {"fuse-overlayfs": "fuse-overlayfs", "fusermount3": "fuse3"}
 
     def unavailable(self) -> str | None:
-        return _needs_fuse()
+        return fuse_unavailable()
 
     def prepare(self, corpus: Corpus, work: Path) -> None:
         self.lower = corpus.v2
@@ -243,7 +234,7 @@ class Cnpsfs(Peer):
         self.ref = ""
 
     def unavailable(self) -> str | None:
-        return _needs_fuse() or self.cli.mount_unavailable()
+        return fuse_unavailable() or self.cli.mount_unavailable()
 
     def prepare(self, corpus: Corpus, work: Path) -> None:
         self.store = work / f"{self.name}-store"
@@ -255,12 +246,7 @@ class Cnpsfs(Peer):
         self.cli.mount(self.store, self.ref, mnt, *self.mount_args)
 
     def unmount(self, mnt: Path) -> None:
-        if is_mounted(mnt):
-            try:
-                self.cli.umount(mnt)
-            except BenchError as exc:
-                log.warning("cnpsfs umount failed, falling back: %s", exc)
-        umount(mnt)
+        self.cli.detach(mnt)
 
     def counters(self, mnt: Path) -> dict[str, int] | None:
         return self.cli.counters(mnt)

@@ -48,10 +48,12 @@ from typing import Any, ClassVar
 
 from .cnpsfs_cli import CnpsfsCli
 from .common import (
+    SQUASHFUSE_PACKAGES,
     BenchError,
     drop_caches,
     du_bytes,
     ensure_packages,
+    fuse_unavailable,
     is_mounted,
     median,
     rmtree,
@@ -200,13 +202,6 @@ class System(ABC):
         return None
 
 
-def _fuse_unavailable() -> str | None:
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"no FUSE (/dev/fuse: {exc.strerror})"
-    return None
-
 
 def _timed_cold(fn: Callable[[], object]) -> tuple[float, float]:
     """(wall, CPU) seconds of ``fn`` from dropped caches; CPU is user + system of the child processes it ran."""
@@ -235,7 +230,7 @@ class Cnpsfs(System):
         self.stores: dict[str, tuple[Path, str]] = {}
 
     def unavailable(self) -> str | None:
-        return _fuse_unavailable() or self.cli.mount_unavailable()
+        return fuse_unavailable() or self.cli.mount_unavailable()
 
     def prepare(self, tree: ScaleTree, work: Path) -> dict[str, Any]:
         store = work / f"store-{tree.name}"
@@ -253,12 +248,7 @@ class Cnpsfs(System):
         self.cli.mount(store, ref, mnt)
 
     def unmount(self, mnt: Path) -> None:
-        if is_mounted(mnt):
-            try:
-                self.cli.umount(mnt)
-            except BenchError as exc:
-                log.warning("cnpsfs umount failed, falling back: %s", exc)
-        umount(mnt)
+        self.cli.detach(mnt)
 
     def counters(self, mnt: Path) -> dict[str, int] | None:
         return self.cli.counters(mnt)
@@ -266,18 +256,14 @@ class Cnpsfs(System):
 
 class Squashfuse(System):
     name, label = "squashfuse", "squashfuse (zstd)"
-    packages: ClassVar[dict[str, str]] = {
-        "mksquashfs": "squashfs-tools",
-        "squashfuse": "squashfuse",
-        "fusermount3": "fuse3",
-    }
+    packages: ClassVar[dict[str, str]] = SQUASHFUSE_PACKAGES
 
     def __init__(self, cache: Path) -> None:
         self.cache = cache
         self.images: dict[str, Path] = {}
 
     def unavailable(self) -> str | None:
-        return _fuse_unavailable()
+        return fuse_unavailable()
 
     def prepare(self, tree: ScaleTree, work: Path) -> dict[str, Any]:
         """The cached image of ``tree`` (ensure_tree deletes it when it rebuilds the tree), built if missing."""
