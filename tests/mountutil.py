@@ -40,6 +40,8 @@ from typing import Any
 import pytest
 from cnpsfs_testlib import CNPSFS, HOST_XATTRS
 
+from cnpsfs.daemon import pid_alive
+
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 #: ``auto`` uses the patched pyfuse3's kernel-cache extensions, ``stock`` asks for every request.
@@ -110,20 +112,6 @@ def mount_fstype(path: str | os.PathLike[str]) -> str | None:
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     return mount_fstype(path) is not None
 
-
-def pid_alive(pid: int) -> bool:
-    """True while *pid* runs (a zombie counts as gone: the daemon is not our child to reap)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def processes_mentioning(text: str | os.PathLike[str]) -> list[int]:

@@ -253,7 +253,7 @@ def _unmount_fuse(real: str, record: MountRecord | None, *, lazy: bool) -> None:
     args = ["fusermount3", "-u", *(["-z"] if lazy else []), real]
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
-        alive = record is not None and _alive(record.pid)
+        alive = record is not None and pid_alive(record.pid)
         stderr = result.stderr.strip()
         if "busy" in stderr.lower() and alive:
             raise CnpsfsError(f"{mountpoint} is busy: a process still uses it (use --lazy to detach it anyway)")
@@ -265,7 +265,8 @@ def _unmount_fuse(real: str, record: MountRecord | None, *, lazy: bool) -> None:
                 raise CnpsfsError(f"cannot unmount {mountpoint}: {stderr or umount.stderr.strip()}")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while *pid* runs; a zombie counts as gone (the daemon is not our child to reap)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -273,21 +274,22 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The state follows the command name, which is in parentheses and may hold spaces.
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
         return False
 
 
 def _stop_daemon(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if _alive(pid):
+    if pid_alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         time.sleep(0.5)
-        if _alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -296,4 +298,4 @@ def status_record(mountpoint: str) -> dict[str, Any]:
     record = MountRecord.load(mountpoint)
     if record is None:
         raise UsageError(f"no cnpsfs mount is recorded at {mountpoint}")
-    return {k: getattr(record, k) for k in record.__slots__} | {"alive": _alive(record.pid)}
+    return {k: getattr(record, k) for k in record.__slots__} | {"alive": pid_alive(record.pid)}
