@@ -698,10 +698,11 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     when looked up and chunks when read, each verified against its digest; a corrupt
     chunk gives EIO for that read, never wrong bytes. Unmount with `cnpsfs umount`.
     """
+    from .control import control_path_for
     from .daemon import MountRecord, check_mountpoint, mount_key, mounted_fstype, runtime_dir
     from .maintenance import register_roots, unregister_roots
     from .manifest import compose, load_image
-    from .mount import MountOptions, MountService, control_path_for
+    from .mount import MountOptions, MountService
 
     real = check_mountpoint(mountpoint)
     store = app.store()
@@ -805,8 +806,8 @@ def status_cmd(mountpoint: str, as_json: bool) -> None:
 
 
 def _control(mountpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+    from .control import control_request
     from .daemon import status_record
-    from .mount import control_request
 
     record = status_record(os.path.realpath(mountpoint))
     if record.get("upperdir") and request["op"] != "status":

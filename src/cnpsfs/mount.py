@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import gc
 import json
 import logging
@@ -19,7 +18,6 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -346,35 +344,3 @@ def _raise_readahead(dev: int) -> None:
                 f.write(str(READAHEAD_KIB))
     except (OSError, ValueError) as exc:
         log.debug("read-ahead left as is: %s: %s", path, exc)
-
-
-def control_request(path: str, request: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-    """Send one request to a daemon's control socket (blocking client side)."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise CnpsfsError(f"the mount daemon is not answering on {path} (is it running?)") from None
-            raise
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            part = sock.recv(65536)
-            if not part:
-                break
-            data += part
-    try:
-        response = json.loads(data)
-    except ValueError:
-        raise CnpsfsError("the mount daemon sent an unreadable reply") from None
-    if not response.get("ok"):
-        raise CnpsfsError(response.get("error", "the mount daemon refused the request"))
-    return response
-
-
-def control_path_for(runtime: Path, key: str) -> str:
-    return str(runtime / f"{key}.sock")
