@@ -142,7 +142,7 @@ def verify(store: Store, roots: list[bytes] | None,
         if not members:
             continue
         try:
-            raw = decompress_block(loc, store.read_block(loc), dctx, store._pack_name(loc.pack))
+            raw = decompress_block(loc, store.read_block(loc), dctx, store.pack_label(loc))
         except (CorruptObjectError, OSError) as exc:
             for digest, type_code, _inner, _length in members:
                 report.problems.append(f"{TYPE_NAMES.get(type_code)} {fmt.format_digest(digest)}: {exc}")
@@ -248,7 +248,7 @@ def _repack(store: Store, pack_id: int, name: str) -> None:
     dctx = zstandard.ZstdDecompressor()
     try:
         for loc, members in _blocks(store, pack_id):
-            raw = decompress_block(loc, store.read_block(loc), dctx, name)
+            raw = decompress_block(loc, store.read_block(loc), dctx, store.pack_label(loc))
             for digest, type_code, inner, length in members:
                 writer.add_chunk(digest, raw[inner : inner + length], type_code)
         writer.commit(replace=True, retire_packs=[pack_id])

@@ -360,14 +360,14 @@ class Store:
     def block_members(self, loc: Location) -> tuple[bytes, list[tuple[bytes, int, int, int]]]:
         """The decoded block at *loc* (not cached) and its members: (digest, type, inner, length)."""
         payload, members = self.block_record(loc)
-        return decompress_block(loc, payload, self._decompressor(), self._pack_name(loc.pack)), members
+        return decompress_block(loc, payload, self._decompressor(), self.pack_label(loc)), members
 
     def block_stream(self, loc: Location) -> BlockStream:
         """The block at *loc*, to be decoded front to back as far as readers need (see BlockStream)."""
         payload, members = self.block_record(loc)
         # A stream keeps its decompression context between calls, possibly on other
         # threads: it gets its own, never the per-thread one.
-        return BlockStream(loc, payload, members, zstandard.ZstdDecompressor(), self._pack_name(loc.pack))
+        return BlockStream(loc, payload, members, zstandard.ZstdDecompressor(), self.pack_label(loc))
 
     def block_record(self, loc: Location) -> tuple[bytes, list[tuple[bytes, int, int, int]]]:
         """The stored payload of the block at *loc* and its members: (digest, type, inner, length).
@@ -387,7 +387,7 @@ class Store:
             if members is not None:
                 break
             if window == loc.offset:
-                raise CorruptObjectError(f"block at {self._pack_name(loc.pack)}.pack offset {loc.offset}:"
+                raise CorruptObjectError(f"block at {self.pack_label(loc)}:"
                                          " no record header in front of it")
             window = min(loc.offset, window * 8)
         return data[window:], members
@@ -551,18 +551,19 @@ class Store:
         return total
 
 
-def decompress_block(loc: Location, payload: bytes, dctx: zstandard.ZstdDecompressor, pack_name: str) -> bytes:
+def decompress_block(loc: Location, payload: bytes, dctx: zstandard.ZstdDecompressor, where: str) -> bytes:
+    """The decoded block; *where* names it in errors (:meth:`Store.pack_label`)."""
     if loc.codec == CODEC_ZSTD:
         try:
             raw = dctx.decompress(payload, max_output_size=loc.raw)
         except zstandard.ZstdError:
-            raise CorruptObjectError(f"block at {pack_name}.pack offset {loc.offset} does not decompress") from None
+            raise CorruptObjectError(f"block at {where} does not decompress") from None
     elif loc.codec == CODEC_RAW:
         raw = payload
     else:
-        raise CorruptObjectError(f"block at {pack_name}.pack offset {loc.offset}: unknown codec {loc.codec}")
+        raise CorruptObjectError(f"block at {where}: unknown codec {loc.codec}")
     if len(raw) != loc.raw:
-        raise CorruptObjectError(f"block at {pack_name}.pack offset {loc.offset} has the wrong size")
+        raise CorruptObjectError(f"block at {where} has the wrong size")
     return raw
 
 
@@ -581,10 +582,10 @@ class BlockStream:
     SLACK = 128 << 10
 
     def __init__(self, loc: Location, payload: bytes, members: list[tuple[bytes, int, int, int]],
-                 dctx: zstandard.ZstdDecompressor, pack_name: str) -> None:
+                 dctx: zstandard.ZstdDecompressor, where: str) -> None:
         self.loc = loc
         self.members = members  # in block order: inner offsets ascend
-        self._pack_name = pack_name
+        self._where = where
         self._next = 0  # first member not handed out yet
         if loc.codec == CODEC_ZSTD:
             self._reader: Any = dctx.stream_reader(payload)
@@ -593,7 +594,7 @@ class BlockStream:
             self._reader = None
             self.data = bytearray(payload)
         else:
-            raise CorruptObjectError(f"block at {pack_name}.pack offset {loc.offset}: unknown codec {loc.codec}")
+            raise CorruptObjectError(f"block at {where}: unknown codec {loc.codec}")
 
     @property
     def done(self) -> bool:
@@ -617,8 +618,7 @@ class BlockStream:
             except zstandard.ZstdError:
                 piece = b""
             if not piece:
-                raise CorruptObjectError(f"block at {self._pack_name}.pack offset {self.loc.offset}"
-                                         " does not decompress")
+                raise CorruptObjectError(f"block at {self._where} does not decompress")
             self.data += piece
         out: dict[bytes, bytes | None] = {}
         view = memoryview(self.data)
