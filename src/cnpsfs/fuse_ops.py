@@ -26,7 +26,7 @@ import trio
 from . import format as fmt
 from .errors import CnpsfsError, CorruptObjectError, FormatError, MissingObjectError
 from .reader import ChunkCache
-from .store import BlockStream, Location
+from .store import BlockStream, Location, NotCached
 from .view import Generation, Node
 
 log = logging.getLogger(__name__)
@@ -436,13 +436,15 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
         emap = node.emap
         if emap is None:
-            if node.entry.content is None:  # inline extents: no object to read, no thread hop
-                emap = self.generation.extent_map(node)
-            else:
+            try:
                 try:
+                    # Inline extents, or an extents object in memory: a thread hop costs more.
+                    with self.store.cache_only():
+                        emap = self.generation.extent_map(node)
+                except NotCached:
                     emap = await self._in_thread(self.generation.extent_map, node)
-                except (CorruptObjectError, MissingObjectError, FormatError) as exc:
-                    raise self._io_error(f"file {_show(node.path)}", exc) from None
+            except (CorruptObjectError, MissingObjectError, FormatError) as exc:
+                raise self._io_error(f"file {_show(node.path)}", exc) from None
         pieces = list(emap.pieces(off, size))
         missing = [e.digest for e, _i, _n in pieces if e.digest is not None and not self.fetcher.cached(e.digest)]
         if len(missing) > 1:
