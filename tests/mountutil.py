@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 from cnpsfs_testlib import CNPSFS, HOST_XATTRS
 
-from cnpsfs.daemon import pid_alive
+from cnpsfs.fs.daemon import pid_alive
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
@@ -140,7 +140,7 @@ def cnpsfs(*args: str | os.PathLike[str], store: Path | None = None, timeout: fl
 
 def runtime_log_file(mountpoint: Path) -> Path:
     """Where the daemon of *mountpoint* will log (the same key ``cnpsfs mount`` uses)."""
-    from cnpsfs.daemon import MountRecord
+    from cnpsfs.fs.daemon import MountRecord
 
     return MountRecord.path_for(str(mountpoint)).with_suffix(".log")
 

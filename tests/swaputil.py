@@ -62,8 +62,8 @@ class Mounted:
 
     def request(self, request: dict[str, Any]) -> dict[str, Any]:
         """One control-socket request without starting a CLI process (raises CnpsfsError)."""
-        from cnpsfs.control import control_request
-        from cnpsfs.daemon import status_record
+        from cnpsfs.fs.control import control_request
+        from cnpsfs.fs.daemon import status_record
 
         record = status_record(os.path.realpath(self.path))
         return control_request(record["control"], request)

@@ -15,10 +15,10 @@ import pytest
 from cnpsfs_testlib import IS_ROOT
 from mountutil import FUSE, mount_image
 
-from cnpsfs.build import BuildError, BuildResult, _package_layers, build, parse_recipe
 from cnpsfs.debian import apt
+from cnpsfs.debian.build import BuildError, BuildResult, _package_layers, build, parse_recipe
+from cnpsfs.debian.deb import import_deb
 from cnpsfs.debian.dpkgdb import InstalledPackage
-from cnpsfs.importers.deb import import_deb
 from cnpsfs.store import Store
 
 pytestmark = [*FUSE, pytest.mark.skipif(not IS_ROOT, reason="building needs root (chroot, bind mounts)")]
@@ -224,7 +224,7 @@ def test_trigger_interests_registered(realistic: tuple[Store, BuildResult], tmp_
         assert (triggers / "ldconfig").read_text() == "libc-bin\n"
         assert (triggers / "Unincorp").read_text() == ""
         assert sorted(os.listdir(triggers)) == ["File", "Lock", "Unincorp", "ldconfig"]
-        from cnpsfs.introspect import why
+        from cnpsfs.debian.introspect import why
 
         for name in ("File", "ldconfig"):
             assert why(store, "blake3:" + result.digest.hex(), f"/var/lib/dpkg/triggers/{name}")[
@@ -244,7 +244,7 @@ def test_package_added_reuses_the_rest(realistic: tuple[Store, BuildResult]) -> 
     store, first = realistic
     result = build(store, parse_recipe(_realistic("added", ["bzip2"])))
     assert (result.imported, result.reused) == (1, len(first.image.metadata["debian"]["packages"]))
-    from cnpsfs.introspect import diff
+    from cnpsfs.debian.introspect import diff
 
     changes = diff(store, "example.org/hello@1", "example.org/hello@added")
     assert [p["package"] for p in changes["packages"]["added"]] == ["bzip2"]
@@ -284,7 +284,7 @@ def test_version_change_is_surgical(realistic: tuple[Store, BuildResult], tmp_pa
     assert len(result.image.layers) == len(first.image.layers)
     print(f"\n{package} {was} -> {pinned}: full build {first.timings}, version change {result.timings}")
 
-    from cnpsfs.introspect import diff, query
+    from cnpsfs.debian.introspect import diff, query
 
     changes = diff(store, "example.org/hello@1", "example.org/hello@pinned")["packages"]
     assert changes["added"] == changes["removed"] == []

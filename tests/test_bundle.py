@@ -16,7 +16,9 @@ from cnpsfs_testlib import IS_ROOT, Cli
 from mountutil import FUSE, IN_CI, is_mounted, require_fuse
 
 from cnpsfs import format as fmt
-from cnpsfs.bundle import (
+from cnpsfs.ingest.directory import import_directory
+from cnpsfs.ingest.tree import ImportOptions
+from cnpsfs.oci.bundle import (
     ANNOTATION_IMAGE,
     DEFAULT_PATH,
     BundleError,
@@ -26,8 +28,6 @@ from cnpsfs.bundle import (
     resolve_user,
     runtime_config,
 )
-from cnpsfs.importers.directory import import_directory
-from cnpsfs.importers.tree import ImportOptions
 from cnpsfs.store import Store
 
 PASSWD = """root:x:0:0:root:/root:/bin/bash

@@ -19,10 +19,10 @@ from mountutil import manifest_text
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import ConflictError, NotFoundError, UsageError
-from cnpsfs.importers.tree import ImportOptions, TreeBuilder, write_fileset
-from cnpsfs.manifest import compose, image_from_manifest, parse_manifest
+from cnpsfs.image.manifest import compose, image_from_manifest, parse_manifest
+from cnpsfs.image.view import Generation, Node
+from cnpsfs.ingest.tree import ImportOptions, TreeBuilder, write_fileset
 from cnpsfs.store import Store
-from cnpsfs.view import Generation, Node
 
 T = 1_700_000_000_000_000_000
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from cnpsfs_testlib import IS_ROOT
 
+from cnpsfs.debian.deb import import_deb
 from cnpsfs.debian.dpkgdb import InstalledPackage, trigger_files, trigger_interests, write_database
 from cnpsfs.errors import CnpsfsError
-from cnpsfs.importers.deb import import_deb
 from cnpsfs.store import Store
 
 pytestmark = pytest.mark.skipif(not IS_ROOT or shutil.which("dpkg-deb") is None,

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import FormatError
-from cnpsfs.importers.directory import import_directory
-from cnpsfs.importers.tree import ImportOptions
-from cnpsfs.reader import ExtentMap, read_range
+from cnpsfs.image.reader import ExtentMap, read_range
+from cnpsfs.image.walk import walk
+from cnpsfs.ingest.directory import import_directory
+from cnpsfs.ingest.tree import ImportOptions
 from cnpsfs.store import Store
-from cnpsfs.walk import walk
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -232,7 +232,7 @@ def spec_extents(stream: bytes, start: int, size: int, gear: list[int],
 
 @pytest.mark.parametrize("shape", ["random", "zero-runs", "text", "short", "odd-tail"])
 def test_spec_chunker_matches_pyfastcdc(shape: str) -> None:
-    from cnpsfs.chunking import new_chunker
+    from cnpsfs.format.chunker import new_chunker
 
     rnd = blake3.blake3(shape.encode()).digest(length=700_000)
     data = {

@@ -37,6 +37,7 @@ from cnpsfs import format as fmt
 from cnpsfs.debian import naming
 from cnpsfs.debian.ar import ArError, read_members
 from cnpsfs.debian.control import ControlError, get_field, parse_control, stored_fields
+from cnpsfs.debian.deb import import_deb, import_debs, open_deb
 from cnpsfs.debian.version import (
     Constraint,
     VersionError,
@@ -46,11 +47,10 @@ from cnpsfs.debian.version import (
     satisfies,
 )
 from cnpsfs.errors import ImportRejected
-from cnpsfs.importers.deb import import_deb, import_debs, open_deb
-from cnpsfs.importers.tree import ImportResult
-from cnpsfs.reader import ExtentMap, read_range
+from cnpsfs.image.reader import ExtentMap, read_range
+from cnpsfs.image.walk import walk
+from cnpsfs.ingest.tree import ImportResult
 from cnpsfs.store import Store
-from cnpsfs.walk import walk
 
 CACHE = Path(os.environ.get("CNPSFS_TEST_DEBS", "/var/cache/cnpsfs-tests/debs"))
 #: hello: small; bash: conffiles, many docs; libc6: large, triggers, shlibs, symbols;

@@ -32,10 +32,10 @@ from cnpsfs_testlib import (
 )
 
 from cnpsfs import format as fmt
-from cnpsfs.importers.directory import import_directory
-from cnpsfs.importers.tree import ImportOptions
+from cnpsfs.image.walk import lookup, walk
+from cnpsfs.ingest.directory import import_directory
+from cnpsfs.ingest.tree import ImportOptions
 from cnpsfs.store import Store
-from cnpsfs.walk import lookup, walk
 
 pytestmark = pytest.mark.skipif(not IS_ROOT, reason="round trips need root (owners, devices, capabilities)")
 GiB = 1 << 30
@@ -144,8 +144,8 @@ def test_sparse_file_over_4_gib(tmp_path: Path, cli: Cli) -> None:
 
 def test_a_large_file_that_changed_size_is_rejected(tmp_path: Path, store: Store) -> None:
     from cnpsfs.errors import ImportRejected
-    from cnpsfs.importers.directory import scan_directory
-    from cnpsfs.importers.tree import TreeBuilder, write_fileset
+    from cnpsfs.ingest.directory import scan_directory
+    from cnpsfs.ingest.tree import TreeBuilder, write_fileset
 
     tree = build_tree(tmp_path / "t", [Node(b"grows", "file", data=b"a" * 300_000)])
     builder = TreeBuilder(ImportOptions(name="example.org/x", version="1"), source_name=str(tree))

@@ -37,13 +37,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cnpsfs import format as fmt
-from cnpsfs.chunking import CDC_MAX, CDC_MIN, LARGE_FILE
 from cnpsfs.export import read_file
-from cnpsfs.importers.directory import import_directory
-from cnpsfs.importers.tar import import_tar
-from cnpsfs.importers.tree import ImportOptions
+from cnpsfs.format.chunker import CDC_MAX, CDC_MIN, LARGE_FILE
+from cnpsfs.image.walk import walk
+from cnpsfs.ingest.directory import import_directory
+from cnpsfs.ingest.tar import import_tar
+from cnpsfs.ingest.tree import ImportOptions
 from cnpsfs.store import Store
-from cnpsfs.walk import walk
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (owners, devices)")
 

@@ -10,8 +10,8 @@ import pytest
 from cnpsfs_testlib import IS_ROOT
 from mountutil import FUSE
 
-from cnpsfs.build import build, parse_recipe
-from cnpsfs.introspect import diff, image_packages, query, why
+from cnpsfs.debian.build import build, parse_recipe
+from cnpsfs.debian.introspect import diff, image_packages, query, why
 from cnpsfs.store import Store
 
 pytestmark = [*FUSE, pytest.mark.skipif(not IS_ROOT, reason="building needs root")]

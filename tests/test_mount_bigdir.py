@@ -19,7 +19,7 @@ from cnpsfs_testlib import Cli
 from mountutil import FUSE, FUSE_MODES, Mount, getdents, mount_image
 
 from cnpsfs import format as fmt
-from cnpsfs.importers.tree import ImportOptions, TreeBuilder, write_fileset
+from cnpsfs.ingest.tree import ImportOptions, TreeBuilder, write_fileset
 from cnpsfs.store import Store
 
 pytestmark = FUSE

@@ -33,7 +33,7 @@ from mountutil import (
 )
 
 from cnpsfs import format as fmt
-from cnpsfs.manifest import compose, load_image
+from cnpsfs.image.manifest import compose, load_image
 from cnpsfs.store import Store
 
 pytestmark = FUSE

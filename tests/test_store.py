@@ -25,10 +25,10 @@ from cnpsfs_testlib import Cli, Node, assert_same_tree, build_tree, digest_of, i
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, CorruptObjectError, NotFoundError
-from cnpsfs.importers.directory import import_directory
-from cnpsfs.importers.tree import ImportOptions
-from cnpsfs.maintenance import gc, verify
+from cnpsfs.ingest.directory import import_directory
+from cnpsfs.ingest.tree import ImportOptions
 from cnpsfs.store import BLOCK_TARGET, META_BLOCK_TARGET, T_CHUNK, Store
+from cnpsfs.store.maintenance import gc, verify
 
 MiB = 1 << 20
 
@@ -330,7 +330,7 @@ def test_gc_collects_unreachable_and_repacks(tmp_path: Path, cli: Cli) -> None:
 
 
 def test_gc_keeps_what_live_mounts_registered(tmp_path: Path, store: Store) -> None:
-    from cnpsfs.maintenance import register_roots, unregister_roots
+    from cnpsfs.store.maintenance import register_roots, unregister_roots
 
     tree = write_files(tmp_path / "t", {"f": rand("live", 400_000)})
     result = import_directory(store, str(tree), ImportOptions(name="example.org/live", version="1"))
@@ -498,7 +498,7 @@ def test_hard_links_to_special_files_dedup_in_store(tmp_path: Path, store: Store
     tree = build_tree(tmp_path / "t", nodes, root_mtime_ns=0)
     result = import_directory(store, str(tree), ImportOptions(name="example.org/h", version="1"))
     root = store.get_fileset(result.digest).root
-    from cnpsfs.walk import lookup
+    from cnpsfs.image.walk import lookup
 
     assert lookup(store, root, "a/x").link == (b"a/x", 2)
     assert lookup(store, root, "b/y").link == (b"a/x", 2)

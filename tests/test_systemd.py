@@ -25,8 +25,8 @@ from cnpsfs_testlib import CNPSFS, Cli
 from mountutil import FUSE, IN_CI, is_mounted, require_fuse
 
 from cnpsfs.errors import NotFoundError, UsageError
-from cnpsfs.notify import Notifier
-from cnpsfs.service import load_config, parse_config
+from cnpsfs.fs.notify import Notifier
+from cnpsfs.fs.unit import load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT_DIR = REPO / "systemd"

@@ -389,7 +389,7 @@ def _measure(system: System, trees: list[ScaleTree], mnt: Path, reps: int, resul
                      (result.med(tree.name, mode, "ls") or 0) * 1000)
 
 
-MOUNT_IMPORTS = "import cnpsfs.cli, cnpsfs.daemon, cnpsfs.maintenance, cnpsfs.manifest, cnpsfs.mount"
+MOUNT_IMPORTS = "import cnpsfs.cli, cnpsfs.fs.daemon, cnpsfs.store.maintenance, cnpsfs.image.manifest, cnpsfs.fs.mount"
 
 
 def _import_floor(cli: CnpsfsCli, reps: int) -> dict[str, float] | None:

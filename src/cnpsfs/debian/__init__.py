@@ -1,4 +1,4 @@
 """Debian package formats: the .deb ar container, control files, versions, tag names.
 
-Pure helpers with no store access; :mod:`cnpsfs.importers.deb` puts them together.
+Pure helpers with no store access; :mod:`cnpsfs.debian.deb` puts them together.
 """

@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CnpsfsError
-from .control import ControlError, parse_control
-from .version import compare_versions
+from cnpsfs.debian.control import ControlError, parse_control
+from cnpsfs.debian.version import compare_versions
+from cnpsfs.errors import CnpsfsError
 
 log = logging.getLogger(__name__)
 

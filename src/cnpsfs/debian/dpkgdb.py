@@ -46,12 +46,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import format as fmt
-from ..errors import CnpsfsError
-from ..export import read_file
-from ..importers.directory import import_directory
-from ..importers.tree import ImportOptions, ImportResult
-from ..store import Store
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError
+from cnpsfs.export import read_file
+from cnpsfs.ingest.directory import import_directory
+from cnpsfs.ingest.tree import ImportOptions, ImportResult
+from cnpsfs.store import Store
 
 #: Control-archive members dpkg keeps in its info directory (others are not copied).
 INFO_FILES = ("preinst", "postinst", "prerm", "postrm", "config", "templates", "triggers", "shlibs",

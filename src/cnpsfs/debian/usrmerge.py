@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from .. import format as fmt
-from ..errors import CnpsfsError
-from ..store import Store, StoreWriter
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError
+from cnpsfs.store import Store, StoreWriter
 
 MERGED = (b"bin", b"sbin", b"lib", b"lib32", b"lib64", b"libx32", b"libo32")
 

@@ -1,0 +1,5 @@
+"""The ``cnpsfs`` command line: the top layer, one module per command group."""
+
+from cnpsfs.cli.app import main
+
+__all__ = ["main"]

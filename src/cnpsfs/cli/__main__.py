@@ -1,0 +1,5 @@
+"""``python -m cnpsfs.cli``: the same as the ``cnpsfs`` command."""
+
+from cnpsfs.cli import main
+
+main()

@@ -1,0 +1,167 @@
+"""CLI commands for package-built images: ``import deb``, ``build``, ``packages``,
+``query``, ``diff`` and ``why``. Registered on the main group from cli.py."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from cnpsfs import format as fmt
+from cnpsfs.cli.app import App, _report_import, emit_json, import_group, pass_app
+
+
+@click.command("deb")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--source-date-epoch", type=int, default=None, envvar="SOURCE_DATE_EPOCH",
+              help="Clamp every mtime to this Unix time (default: $SOURCE_DATE_EPOCH).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@pass_app
+def import_deb_cmd(app: App, files: tuple[str, ...], source_date_epoch: int | None, as_json: bool) -> None:
+    """Import Debian packages, one FileSet each, tagged debian.org/PACKAGE@VERSION_ARCH.
+
+    The tree is what `dpkg-deb -x` extracts; the control archive (control fields,
+    md5sums, conffiles, maintainer scripts) is kept in the FileSet metadata
+    (docs/debian.md). Prints each FileSet digest on stdout, in argument order.
+    """
+    from cnpsfs.debian.deb import import_debs
+
+    store = app.store(create=True)
+    start = time.monotonic()
+    results = import_debs(store, files, source_date_epoch=source_date_epoch)
+    seconds = time.monotonic() - start
+    if as_json:
+        emit_json([{"digest": fmt.format_digest(r.digest), "name": r.fileset.name, "version": r.fileset.version,
+                    "entries": r.entries, "logical_bytes": r.logical_bytes, "new_bytes": r.new_bytes}
+                   for r in results])
+        return
+    for result in results:
+        _report_import(result, False, seconds / max(len(results), 1))
+
+
+@click.command("build")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="apt state and .deb cache (default: $CNPSFS_BUILD_CACHE or /var/cache/cnpsfs).")
+@click.option("--refresh", is_flag=True, help="Download the package lists even if the cached ones are fresh.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@pass_app
+def build_cmd(app: App, recipe: str, cache_dir: Path | None, refresh: bool, as_json: bool) -> None:
+    """Build an image from a Debian package list (RECIPE, TOML; see docs/recipe.md).
+
+    apt (in private state) resolves the list plus the Essential set; each package is a
+    FileSet composed in union mode; the dpkg database and the output of `dpkg --configure`
+    are override layers on top. The same recipe gives the same image digest, whatever
+    the order of its package list. Prints the image digest last on stdout.
+    """
+    from cnpsfs.debian.apt import DEFAULT_CACHE
+    from cnpsfs.debian.build import build, load_recipe
+
+    spec = load_recipe(recipe)
+    store = app.store(create=True)
+    result = build(store, spec, cache=cache_dir or DEFAULT_CACHE, refresh=refresh,
+                   on_step=lambda message: click.echo(f"build: {message}", err=True))
+    ref = fmt.format_digest(result.digest)
+    if as_json:
+        emit_json({"digest": ref, "name": spec.name, "version": spec.version, "imported": result.imported,
+                   "reused": result.reused, "configured": result.configured,
+                   "timings": {k: round(v, 3) for k, v in result.timings.items()}})
+        return
+    click.echo(f"built {spec.name}@{spec.version}: {len(result.image.layers)} layers, {result.imported} "
+               f"packages imported, {result.reused} reused, {result.timings['total']:.1f}s", err=True)
+    click.echo(ref)
+
+
+import_group.add_command(import_deb_cmd)
+COMMANDS = [build_cmd]
+
+
+@click.command("packages")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def packages_cmd(app: App, ref: str, as_json: bool) -> None:
+    """List the Debian packages of image REF: version, architecture, source package and
+    the FileSet digest of each."""
+    from cnpsfs.debian.introspect import image_packages
+    from cnpsfs.store import T_IMAGE
+
+    store = app.store()
+    image = store.get_image(store.resolve(ref, want=T_IMAGE))
+    pkgs = image_packages(store, image)
+    if as_json:
+        emit_json([p.as_dict() for p in pkgs])
+        return
+    for p in pkgs:
+        click.echo(f"{p.package:<32} {p.version:<28} {p.arch:<6} {p.source:<24} {p.fileset[:23]}")
+
+
+@click.command("query")
+@click.argument("spec", metavar="PACKAGE[OP VERSION]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def query_cmd(app: App, spec: str, as_json: bool) -> None:
+    """List every stored image holding a package matching PACKAGE[OP VERSION].
+
+    OP is one of = < <= > >= (Debian version order; < and > are strict). Exits 1 when
+    no image matches.
+    """
+    from cnpsfs.debian.introspect import query
+
+    hits = query(app.store(), spec)
+    if as_json:
+        emit_json(hits)
+    else:
+        for hit in hits:
+            click.echo(f"{hit['image']}  {hit['package']} {hit['version']} {hit['arch']}  {hit['digest'][:23]}")
+    if not hits:
+        raise SystemExit(1)
+
+
+@click.command("diff")
+@click.argument("ref_a")
+@click.argument("ref_b")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def diff_cmd(app: App, ref_a: str, ref_b: str, as_json: bool) -> None:
+    """Packages added, removed and changed from image A to image B, then file-level
+    changes (subtrees composed from the same layers and trees are skipped unread)."""
+    from cnpsfs.debian.introspect import diff
+
+    result = diff(app.store(), ref_a, ref_b)
+    if as_json:
+        emit_json(result)
+        return
+    pk = result["packages"]
+    for p in pk["added"]:
+        click.echo(f"+ {p['package']} {p['version']}")
+    for p in pk["removed"]:
+        click.echo(f"- {p['package']} {p['version']}")
+    for p in pk["changed"]:
+        click.echo(f"~ {p['package']} {p['from']} -> {p['to']} ({p['change']})")
+    for f in result["files"]:
+        click.echo(f"{f['change']:<9} {f['path']}")
+
+
+@click.command("why")
+@click.argument("ref")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_app
+def why_cmd(app: App, ref: str, path: str, as_json: bool) -> None:
+    """Name the layer (FileSet and, for a package, the package) that provides PATH in REF."""
+    from cnpsfs.debian.introspect import why
+
+    result = why(app.store(), ref, path)
+    if as_json:
+        emit_json(result)
+        return
+    if result["fileset"] is None:
+        click.echo(f"{path}: synthesised directory (no layer provides it)")
+        return
+    who = f"package {result['package']}, " if result["package"] else ""
+    click.echo(f"{path}: {who}layer {result['layer']} {result['name']} ({result['fileset'][:23]})")
+
+
+COMMANDS += [packages_cmd, query_cmd, diff_cmd, why_cmd]

@@ -1,0 +1,210 @@
+"""Export a stored tree to a directory or a tar stream, exactly as it was imported.
+
+Directory export writes whiteouts the way overlayfs does (a 0:0 character device, and
+``trusted.overlay.opaque=y`` on opaque directories) so an exported layer can serve as an
+overlay lower directory; tar export writes OCI names (``.wh.NAME``, ``.wh..wh..opq``).
+Directory modes and times are applied after their contents, so read-only directories
+can still be filled.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import sys
+import tarfile
+from collections.abc import Callable
+from typing import IO, Any
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError
+from cnpsfs.image.reader import ChunkCache, ExtentMap, StoreFile, cached_getter, read_range
+from cnpsfs.image.walk import walk
+from cnpsfs.store import Store
+
+log = logging.getLogger(__name__)
+_WRITE = 4 << 20
+
+
+class Exporter:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.get_chunk = cached_getter(store.get, ChunkCache(128 << 20))
+
+    def extent_map(self, entry: fmt.Entry) -> ExtentMap:
+        return ExtentMap(self.store.file_extents(entry))
+
+
+def _path(root: bytes, parts: tuple[bytes, ...]) -> bytes:
+    return os.path.join(root, *parts) if parts else root
+
+
+def export_dir(store: Store, root: fmt.Entry, dest: str,
+               on_progress: Callable[[int], None] | None = None) -> None:
+    out = os.fsencode(dest)
+    if os.path.lexists(out):
+        if not os.path.isdir(out) or os.listdir(out):
+            raise CnpsfsError(f"{dest} exists and is not an empty directory")
+    else:
+        os.mkdir(out, 0o700)
+    exp = Exporter(store)
+    is_root = os.geteuid() == 0
+    links: dict[bytes, bytes] = {}
+    dirs: list[tuple[bytes, fmt.Entry]] = []
+    for parts, entry, opaque in walk(store, root):
+        path = _path(out, parts)
+        kind = entry.kind
+        try:
+            if kind is fmt.Kind.DIR:
+                if parts:
+                    os.mkdir(path, 0o700)
+                if opaque:
+                    os.setxattr(path, b"trusted.overlay.opaque", b"y", follow_symlinks=False)
+                dirs.append((path, entry))
+                continue
+            if entry.link is not None:
+                first = links.get(entry.link[0])
+                if first is not None:
+                    os.link(first, path)
+                    continue
+                links[entry.link[0]] = path
+            if kind is fmt.Kind.FILE:
+                _write_file(exp, entry, path, on_progress)
+            elif kind is fmt.Kind.SYMLINK:
+                os.symlink(entry.target, path)
+            elif kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV, fmt.Kind.WHITEOUT):
+                ifmt = stat.S_IFBLK if kind is fmt.Kind.BLOCKDEV else stat.S_IFCHR
+                os.mknod(path, ifmt | 0o600, os.makedev(*entry.rdev))
+            elif kind is fmt.Kind.FIFO:
+                os.mkfifo(path, 0o600)
+            elif kind is fmt.Kind.SOCKET:
+                log.warning("skipping socket %s (sockets cannot be created by export)", os.fsdecode(path))
+                continue
+            _apply_metadata(path, entry, is_root)
+        except OSError as exc:
+            raise CnpsfsError(f"cannot create {os.fsdecode(path)}: {exc.strerror}") from None
+    for path, entry in reversed(dirs):
+        _apply_metadata(path, entry, is_root)
+
+
+def _write_file(exp: Exporter, entry: fmt.Entry, path: bytes,
+                on_progress: Callable[[int], None] | None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        emap = exp.extent_map(entry)
+        for ext, inner, n in emap.pieces(0, emap.size):
+            if ext.digest is None:
+                os.lseek(fd, n, os.SEEK_CUR)  # leave a hole
+            else:
+                chunk = exp.get_chunk(ext.digest)
+                os.write(fd, memoryview(chunk)[ext.offset + inner : ext.offset + inner + n])
+            if on_progress is not None:
+                on_progress(n)
+        os.ftruncate(fd, emap.size)
+    finally:
+        os.close(fd)
+
+
+def _apply_metadata(path: bytes, entry: fmt.Entry, is_root: bool) -> None:
+    symlink = entry.kind is fmt.Kind.SYMLINK
+    # chown first: the kernel drops security.capability (and setuid/setgid) on chown.
+    if is_root:
+        os.chown(path, entry.uid, entry.gid, follow_symlinks=False)
+    for name, value in entry.xattrs.items():
+        try:
+            os.setxattr(path, name, value, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP) or is_root:
+                raise
+    if not symlink:
+        # chmod after chown: chown clears setuid/setgid bits.
+        os.chmod(path, entry.mode)
+    os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+
+
+def _tarinfo(name: str, entry: fmt.Entry) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mode = entry.mode
+    info.uid = entry.uid
+    info.gid = entry.gid
+    info.uname = info.gname = ""
+    seconds, nanos = divmod(entry.mtime_ns, 1_000_000_000)
+    info.mtime = seconds
+    pax: dict[str, str] = {}
+    if nanos:
+        # PAX times are signed decimals: -1.5 s is "-1.5", not floor and fraction ("-2.5").
+        whole, frac = divmod(abs(entry.mtime_ns), 1_000_000_000)
+        sign = "-" if entry.mtime_ns < 0 else ""
+        pax["mtime"] = f"{sign}{whole}.{frac:09d}".rstrip("0")
+    for key, value in entry.xattrs.items():
+        pax["SCHILY.xattr." + key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+    info.pax_headers = pax
+    return info
+
+
+def export_tar(store: Store, root: fmt.Entry, dest: str,
+               on_progress: Callable[[int], None] | None = None) -> None:
+    exp = Exporter(store)
+    stream: IO[bytes]
+    if dest == "-":
+        stream = sys.stdout.buffer
+    else:
+        try:
+            stream = open(dest, "wb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise CnpsfsError(f"cannot write {dest}: {exc.strerror}") from None
+    try:
+        with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                          errors="surrogateescape") as tf:
+            for parts, entry, opaque in walk(store, root):
+                _add_tar_member(tf, exp, parts, entry, opaque, on_progress)
+    finally:
+        if dest != "-":
+            stream.close()
+        else:
+            stream.flush()
+
+
+def _add_tar_member(tf: tarfile.TarFile, exp: Exporter, parts: tuple[bytes, ...], entry: fmt.Entry,
+                    opaque: bool, on_progress: Callable[[int], None] | None) -> None:
+    name = "/".join(p.decode("utf-8", "surrogateescape") for p in parts)
+    kind = entry.kind
+    if kind is fmt.Kind.WHITEOUT:
+        parent, _, base = name.rpartition("/")
+        info = tarfile.TarInfo((parent + "/" if parent else "") + ".wh." + base)
+        tf.addfile(info)
+        return
+    info = _tarinfo(name or ".", entry)
+    fileobj: Any = None
+    if kind is fmt.Kind.DIR:
+        info.type = tarfile.DIRTYPE
+    elif entry.link is not None and entry.link[0] != b"/".join(parts):
+        info.type = tarfile.LNKTYPE
+        info.linkname = entry.link[0].decode("utf-8", "surrogateescape")
+    elif kind is fmt.Kind.FILE:
+        info.size = entry.size
+        emap = exp.extent_map(entry)
+        fileobj = StoreFile(emap, exp.get_chunk)
+    elif kind is fmt.Kind.SYMLINK:
+        info.type = tarfile.SYMTYPE
+        info.linkname = entry.target.decode("utf-8", "surrogateescape")
+    elif kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV):
+        info.type = tarfile.CHRTYPE if kind is fmt.Kind.CHARDEV else tarfile.BLKTYPE
+        info.devmajor, info.devminor = entry.rdev
+    elif kind is fmt.Kind.FIFO:
+        info.type = tarfile.FIFOTYPE
+    else:
+        log.warning("skipping socket %s (tar cannot hold sockets)", name)
+        return
+    tf.addfile(info, fileobj)
+    if on_progress is not None and fileobj is not None:
+        on_progress(entry.size)
+    if opaque:
+        tf.addfile(tarfile.TarInfo((name + "/" if name else "") + ".wh..wh..opq"))
+
+
+def read_file(store: Store, entry: fmt.Entry) -> bytes:
+    emap = ExtentMap(store.file_extents(entry))
+    return read_range(emap, 0, emap.size, store.get)

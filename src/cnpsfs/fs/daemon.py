@@ -1,0 +1,301 @@
+"""Running a mount: the daemon process, its runtime records, and unmounting.
+
+``cnpsfs mount`` checks what it can in the calling process (the mountpoint, the
+reference, the composition), then forks. The child becomes the daemon: it mounts, starts
+serving, proves the mount answers (a stat of the mountpoint goes through our own
+getattr), and only then reports "ready" over a pipe, so the parent returns once the
+mount is usable. Any failure before that is sent over the same pipe and printed by the
+parent as one line; no daemon is left behind.
+
+Each mount leaves a record in the runtime directory (``/run/cnpsfs`` for root,
+``$XDG_RUNTIME_DIR/cnpsfs`` otherwise) keyed by the mountpoint, naming the daemon's pid,
+its log file and its control socket, so ``umount`` and ``status`` need no store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import faulthandler
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnpsfs.errors import CnpsfsError, UsageError
+
+log = logging.getLogger(__name__)
+
+READY = b"ready\n"
+
+
+def runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        base = Path("/run/cnpsfs")
+    else:
+        base = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cnpsfs-{os.getuid()}") / "cnpsfs"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return base
+
+
+def mount_key(mountpoint: str) -> str:
+    return hashlib.blake2b(os.path.realpath(mountpoint).encode(), digest_size=8).hexdigest()
+
+
+@dataclass(slots=True)
+class MountRecord:
+    mountpoint: str
+    pid: int
+    store: str
+    ref: str
+    log_file: str
+    control: str
+    lower: str = ""  # writable mounts: where the read-only FUSE composition is mounted
+    upperdir: str = ""  # writable mounts: the overlayfs upper/work directory
+
+    @classmethod
+    def path_for(cls, mountpoint: str) -> Path:
+        return runtime_dir() / f"{mount_key(mountpoint)}.json"
+
+    def save(self) -> None:
+        path = self.path_for(self.mountpoint)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: getattr(self, k) for k in self.__slots__}))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, mountpoint: str) -> MountRecord | None:
+        try:
+            data = json.loads(cls.path_for(mountpoint).read_text())
+        except (OSError, ValueError):
+            return None
+        return cls(**data)
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path_for(self.mountpoint).unlink()
+
+
+def mounted_fstype(path: str) -> str | None:
+    """The filesystem type mounted exactly at *path*, or None (from /proc/self/mountinfo)."""
+    real = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            mount_point = os.fsdecode(_unescape_mountinfo(fields[4]))
+            if mount_point == real:
+                sep = fields.index(b"-")
+                found = fields[sep + 1].decode()
+    return found
+
+
+def _unescape_mountinfo(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040); bytes stay bytes."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    real = os.path.realpath(mountpoint)
+    try:
+        # statfs always reaches a FUSE daemon, where a stat may be answered from the
+        # kernel's attribute cache (ours never expires): only this shows a dead mount.
+        os.statvfs(real)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise CnpsfsError(f"{mountpoint} is a dead FUSE mount: run `cnpsfs umount {mountpoint}` first") from None
+    if not os.path.exists(real):
+        raise UsageError(f"mountpoint {mountpoint} does not exist")
+    if not os.path.isdir(real):
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    fstype = mounted_fstype(real)
+    if fstype is not None and real != "/":
+        record = MountRecord.load(real)
+        holder = f" (cnpsfs daemon pid {record.pid})" if record else ""
+        raise CnpsfsError(f"mountpoint {mountpoint} is busy: {fstype} is already mounted there{holder}")
+    return real
+
+
+# --------------------------------------------------------------------------- forking
+
+
+def spawn_daemon(serve: Callable[[int], None], *, timeout: float = 120.0) -> int:
+    """Fork; the child runs *serve(ready_fd)* as a daemon. Returns the child's pid once ready.
+
+    The child writes READY, or ``error: message`` and exits non-zero.
+    """
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        code = 0
+        try:
+            os.setsid()
+            _detach_stdio()
+            serve(write_fd)
+        except CnpsfsError as exc:
+            _report(write_fd, f"error: {exc}")
+            code = exc.exit_code
+        except BaseException as exc:  # must never return into the parent's code
+            log.exception("daemon failed")
+            _report(write_fd, f"error: internal error: {type(exc).__name__}: {exc}")
+            code = 70
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(write_fd)
+    message = _read_all(read_fd, timeout)
+    os.close(read_fd)
+    if message == READY:
+        return pid
+    _reap(pid)
+    text = message.decode(errors="replace").strip()
+    if text.startswith("error: "):
+        raise CnpsfsError(text[len("error: "):])
+    raise CnpsfsError("the mount daemon exited before the mount was ready"
+                      + (f": {text}" if text else " (see its log)"))
+
+
+def _report(fd: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode() + b"\n")
+
+
+def _read_all(fd: int, timeout: float) -> bytes:
+    import select
+
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return b"".join(chunks) or b"error: timed out waiting for the mount to become ready"
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            continue
+        data = os.read(fd, 4096)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+        if b"\n" in data:
+            return b"".join(chunks)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
+def redirect_output(log_file: str) -> None:
+    """Send the daemon's stdout/stderr (and so its log handler) to *log_file*."""
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def install_faulthandler() -> None:
+    """SIGUSR1 dumps every thread's stack to the log: how to ask a hung mount what it does."""
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+
+
+# --------------------------------------------------------------------------- unmounting
+
+
+def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> None:
+    """Unmount and wait for the daemon to exit; works when the daemon was killed too.
+
+    A writable mount is taken down in order: the overlay first, then the FUSE lower.
+    """
+    real = os.path.realpath(mountpoint)
+    record = MountRecord.load(real)
+    if record is not None and record.lower:
+        from cnpsfs.fs.overlay import unmount_overlay
+
+        if mounted_fstype(real) == "overlay":
+            unmount_overlay(real, lazy=lazy)
+        if mounted_fstype(record.lower) is not None:
+            _unmount_fuse(record.lower, record, lazy=True)
+        _stop_daemon(record.pid, timeout)
+        record.remove()
+        with contextlib.suppress(OSError):
+            os.rmdir(record.lower)
+        return
+    if mounted_fstype(real) is None:
+        if record is not None:
+            _stop_daemon(record.pid, timeout)
+            record.remove()
+            return
+        raise UsageError(f"{mountpoint} is not mounted")
+    _unmount_fuse(real, record, lazy=lazy)
+    if record is not None:
+        _stop_daemon(record.pid, timeout)
+        record.remove()
+
+
+def _unmount_fuse(real: str, record: MountRecord | None, *, lazy: bool) -> None:
+    mountpoint = real
+    args = ["fusermount3", "-u", *(["-z"] if lazy else []), real]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        alive = record is not None and pid_alive(record.pid)
+        stderr = result.stderr.strip()
+        if "busy" in stderr.lower() and alive:
+            raise CnpsfsError(f"{mountpoint} is busy: a process still uses it (use --lazy to detach it anyway)")
+        # A killed daemon leaves a dead connection: detach it lazily.
+        lazy_result = subprocess.run(["fusermount3", "-u", "-z", real], capture_output=True, text=True)
+        if lazy_result.returncode != 0 and mounted_fstype(real) is not None:
+            umount = subprocess.run(["umount", "-l", real], capture_output=True, text=True)
+            if umount.returncode != 0:
+                raise CnpsfsError(f"cannot unmount {mountpoint}: {stderr or umount.stderr.strip()}")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while *pid* runs; a zombie counts as gone (the daemon is not our child to reap)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # The state follows the command name, which is in parentheses and may hold spaces.
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_daemon(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def status_record(mountpoint: str) -> dict[str, Any]:
+    record = MountRecord.load(mountpoint)
+    if record is None:
+        raise UsageError(f"no cnpsfs mount is recorded at {mountpoint}")
+    return {k: getattr(record, k) for k in record.__slots__} | {"alive": pid_alive(record.pid)}

@@ -1,0 +1,346 @@
+"""The mount service: one FUSE session, its generations, and its control socket.
+
+The control socket (``<runtime dir>/<key>.sock``, mode 0600, owned by the daemon's
+user) speaks one JSON object per line each way. ``cnpsfs status`` uses it today; live
+upgrades use it too. Requests are served on the trio loop, between FUSE requests, so a
+generation swap is a single assignment that no FUSE handler can observe half-done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyfuse3
+import trio
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError
+from cnpsfs.fs.notify import Notifier
+from cnpsfs.fs.operations import Operations
+from cnpsfs.image.manifest import compose, describe_layers, load_image, looks_like_file
+from cnpsfs.image.swap import SwapPlan, prepare
+from cnpsfs.image.view import Generation
+from cnpsfs.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class MountOptions:
+    allow_other: bool = False
+    use_extensions: bool = True
+    threads: int = 4
+    cache_bytes: int = 128 << 20
+
+
+@dataclass(slots=True)
+class HistoryItem:
+    generation: int
+    image: str
+    digest: str | None
+    time: float
+    reason: str
+
+
+@dataclass
+class MountService:
+    store: Store
+    image: fmt.Image
+    image_digest: bytes | None
+    mountpoint: str
+    options: MountOptions
+    control_path: str
+    ref: str = ""
+    history: list[HistoryItem] = field(default_factory=list)
+    images: list[tuple[fmt.Image, bytes | None]] = field(default_factory=list)  # for rollback
+    ops: Operations | None = None
+    started: float = field(default_factory=time.time)
+    notifier: Notifier = field(default_factory=Notifier.from_environment)  # systemd, when it started us
+    ready: bool = False
+
+    def fuse_options(self) -> set[str]:
+        opts = {"fsname=cnpsfs", "subtype=cnpsfs", "ro", "default_permissions", "noatime"}
+        if os.geteuid() == 0:
+            # A root filesystem needs its setuid programs and device nodes to work;
+            # libfuse would otherwise add nosuid,nodev.
+            opts |= {"suid", "dev"}
+        if self.options.allow_other:
+            opts.add("allow_other")
+        return opts
+
+    def build(self) -> Generation:
+        label = f"{self.image.name}@{self.image.version}"
+        generation = compose(self.store, self.image, number=1, label=label)
+        self.images.append((self.image, self.image_digest))
+        self.history.append(HistoryItem(1, label, fmt.format_digest(self.image_digest) if self.image_digest else None,
+                                        time.time(), "mount"))
+        return generation
+
+    def run(self, generation: Generation, on_ready: Callable[[], None]) -> None:
+        """Mount, serve until unmounted or signalled, then unmount (blocking)."""
+        _tune_gc()
+        ops = self.ops = Operations(generation, use_extensions=self.options.use_extensions,
+                                    cache_bytes=self.options.cache_bytes, threads=self.options.threads)
+        try:
+            pyfuse3.init(ops, self.mountpoint, self.fuse_options())
+        except RuntimeError as exc:
+            raise CnpsfsError(f"cannot mount at {self.mountpoint}: {exc}") from None
+        try:
+            trio.run(self._main, on_ready)
+        finally:
+            self.notifier.stopping()
+            # Always unmount: trio.run also returns normally after SIGTERM/SIGINT
+            # (pyfuse3.terminate), and the mount is still there then. When the kernel
+            # ended the session itself (umount), libfuse sees POLLERR on the device and
+            # does nothing.
+            pyfuse3.close(unmount=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.control_path)
+
+    async def _main(self, on_ready: Callable[[], None]) -> None:
+        assert self.ops is not None
+        async with trio.open_nursery() as nursery:
+            self.ops.readahead_nursery = nursery
+            nursery.start_soon(self._signals, nursery)
+            await nursery.start(self._control_server)
+
+            async def serve() -> None:
+                await pyfuse3.main(min_tasks=4, max_tasks=64)
+                nursery.cancel_scope.cancel()  # the kernel ended the session (unmounted)
+
+            nursery.start_soon(serve)
+            # Prove the mount answers before telling anyone it is ready.
+            st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+            await trio.to_thread.run_sync(_raise_readahead, st.st_dev)
+            # On a thread: a writable mount's overlayfs looks up our root while mounting.
+            await trio.to_thread.run_sync(on_ready)
+            self.ready = True
+            self.notifier.ready(self.status_line())
+            if self.notifier.watchdog_interval is not None:
+                nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+
+    def status_line(self) -> str:
+        """One line for `systemctl status` (sd_notify STATUS=)."""
+        assert self.ops is not None
+        gen = self.ops.generation
+        return f"serving {gen.image.name}@{gen.image.version} generation {gen.number} ({self.ops.mode})"
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog only while the mount is really served.
+
+        The probe is a statfs of the mountpoint, on a thread and abandoned if it hangs: the
+        kernel never answers statfs from its caches, so a reply proves the whole path
+        (kernel, /dev/fuse, the trio loop that runs every FUSE handler, our statfs handler).
+        A missed ping is left for systemd to act on.
+        """
+        while True:
+            healthy = False
+            with trio.move_on_after(interval):
+                try:
+                    await trio.to_thread.run_sync(os.statvfs, self.mountpoint, abandon_on_cancel=True)
+                    healthy = True
+                except OSError as exc:
+                    log.error("watchdog: %s does not answer: %s", self.mountpoint, exc)
+            if healthy:
+                self.notifier.watchdog()
+            else:
+                log.error("watchdog: %s did not answer within %.1f s: no ping", self.mountpoint, interval)
+            await trio.sleep(interval)
+
+    async def _signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.notifier.reloading()
+                    status = None
+                    try:
+                        result = await self.dispatch({"op": "reload"})
+                        log.info("SIGHUP: reloaded %s: generation %d", self.ref, result["generation"])
+                    except CnpsfsError as exc:
+                        log.error("SIGHUP: reload failed, generation unchanged: %s", exc)
+                        status = f"reload failed: {exc}"
+                    if self.ready:
+                        self.notifier.ready(status or self.status_line())
+                    continue
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+                return
+
+    # ------------------------------------------------------------------ control socket
+
+    async def _control_server(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(self.control_path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.control_path, 0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self._handle_control, [listener])
+
+    async def _handle_control(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            buffer = b""
+            while b"\n" not in buffer:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buffer += data
+                if len(buffer) > 1 << 20:
+                    return
+            try:
+                request = json.loads(buffer.split(b"\n", 1)[0])
+                response = await self.dispatch(request)
+            except CnpsfsError as exc:
+                response = {"ok": False, "error": str(exc)}
+            except (ValueError, KeyError, TypeError) as exc:
+                response = {"ok": False, "error": f"bad request: {exc}"}
+            await stream.send_all(json.dumps(response).encode() + b"\n")
+
+    async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            return {"ok": True, **self.status()}
+        if op == "upgrade":
+            image, digest = await trio.to_thread.run_sync(load_image, self.store, str(request["ref"]))
+            return {"ok": True, **await self.swap_to(image, digest, f"upgrade to {request['ref']}")}
+        if op == "reload":
+            if not looks_like_file(self.ref):
+                raise CnpsfsError("this mount was not started from a manifest file: nothing to re-read")
+            image, digest = await trio.to_thread.run_sync(load_image, self.store, self.ref)
+            return {"ok": True, **await self.swap_to(image, digest, f"reload of {self.ref}")}
+        if op in ("link", "unlink"):
+            image = self._with_layer_flag(str(request["layer"]), unlinked=op == "unlink")
+            return {"ok": True, **await self.swap_to(image, None, f"{op} {request['layer']}")}
+        if op == "rollback":
+            if len(self.images) < 2:
+                raise CnpsfsError("no previous generation to roll back to")
+            image, digest = self.images[-2]
+            result = await self.swap_to(image, digest, "rollback")
+            del self.images[-3:-1]  # the rolled-back-to image is now the last entry once
+            return {"ok": True, **result}
+        raise CnpsfsError(f"unknown control request {op!r}")
+
+    def _with_layer_flag(self, which: str, *, unlinked: bool) -> fmt.Image:
+        image = self.image
+        index = self._layer_index(image, which)
+        layers = list(image.layers)
+        layers[index] = dataclasses.replace(layers[index], unlinked=unlinked)
+        return dataclasses.replace(image, layers=layers)
+
+    def _layer_index(self, image: fmt.Image, which: str) -> int:
+        if which.isdigit():
+            index = int(which) - 1
+            if not 0 <= index < len(image.layers):
+                raise CnpsfsError(f"unknown layer {which}: the image has {len(image.layers)} layers")
+            return index
+        try:
+            digest = self.store.resolve(which)
+        except CnpsfsError:
+            digest = None
+        matches = [i for i, layer in enumerate(image.layers) if layer.fileset == digest or layer.label == which]
+        if not matches:
+            raise CnpsfsError(f"unknown layer {which!r}: no layer of the mounted image is that FileSet or label")
+        if len(matches) > 1:
+            raise CnpsfsError(f"layer {which!r} is ambiguous: it is layers {', '.join(str(i + 1) for i in matches)}")
+        return matches[0]
+
+    async def swap_to(self, image: fmt.Image, digest: bytes | None, reason: str) -> dict[str, Any]:
+        """Compose *image* beside the current generation and switch to it atomically."""
+        assert self.ops is not None
+        started = time.monotonic()
+        label = f"{image.name}@{image.version}"
+
+        def build(old: Generation) -> tuple[Generation, SwapPlan]:
+            new = compose(self.store, image, old.inodes, number=old.number + 1, label=label, previous=old)
+            return new, prepare(old, new)
+
+        generation, plan = await self.ops.swap(build)
+        seconds = time.monotonic() - started
+        if generation.previous is not None:
+            generation.previous.previous = None  # keep one generation back, not the whole chain
+        self.image, self.image_digest = image, digest
+        self.images.append((image, digest))
+        self.history.append(HistoryItem(generation.number, label, fmt.format_digest(digest) if digest else None,
+                                        time.time(), reason))
+        self._register_roots()
+        self.notifier.status(self.status_line())
+        log.info("generation %d: %s (%s) in %.1f ms: %d changed and %d shared directories, %d names invalidated",
+                 generation.number, label, reason, seconds * 1000, plan.changed_dirs, plan.shared_dirs,
+                 len(plan.entries))
+        return {"generation": generation.number, "seconds": round(seconds, 6), "changed_dirs": plan.changed_dirs,
+                "shared_dirs": plan.shared_dirs, "invalidated_entries": len(plan.entries),
+                "invalidated_dirs": len(plan.dirs)}
+
+    def _register_roots(self) -> None:
+        from cnpsfs.store.maintenance import register_roots
+
+        roots = {layer.fileset for image, _d in self.images for layer in image.layers}
+        roots |= {d for _i, d in self.images if d is not None}
+        register_roots(self.store, sorted(roots))
+
+    def status(self) -> dict[str, Any]:
+        assert self.ops is not None
+        gen = self.ops.generation
+        return {
+            "mountpoint": self.mountpoint,
+            "pid": os.getpid(),
+            "store": str(self.store.path),
+            "fuse_mode": self.ops.mode,
+            "generation": gen.number,
+            "image": {"name": gen.image.name, "version": gen.image.version, "mode": gen.image.mode,
+                      "digest": fmt.format_digest(self.image_digest) if self.image_digest else None},
+            "layers": describe_layers(self.store, gen.image.layers),
+            "history": [vars(h) if not hasattr(h, "__slots__") else {k: getattr(h, k) for k in h.__slots__}
+                        for h in self.history],
+            "requests": dict(self.ops.requests),
+            "inodes": len(gen.nodes),
+            "uptime": round(time.time() - self.started, 3),
+        }
+
+
+#: Young-generation threshold of the cyclic GC in the daemon (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def _tune_gc() -> None:
+    """Make the cyclic GC rare: loading a directory allocates an object or more per entry
+    (entries, nodes, extents) and almost none of them form cycles, so with the default
+    threshold a cold walk spent about 15 % of its time in collections that free nothing.
+    What exists before serving (imports, the first generation) is frozen out of them."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
+
+
+#: Kernel read-ahead for the mount: libfuse lets a READ carry up to 1 MiB (max_pages
+#: 256), but the kernel gives a FUSE mount the default 128 KiB read-ahead, so large files
+#: were read in 128 KiB requests, each a round trip through the daemon.
+READAHEAD_KIB = 1024
+
+
+def _raise_readahead(dev: int) -> None:
+    """Raise the mount's read-ahead (only root may write the sysfs knob; best effort)."""
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "r+") as f:
+            if int(f.read() or 0) < READAHEAD_KIB:
+                f.seek(0)
+                f.write(str(READAHEAD_KIB))
+    except (OSError, ValueError) as exc:
+        log.debug("read-ahead left as is: %s: %s", path, exc)

@@ -1,0 +1,526 @@
+"""The pyfuse3 protocol adapter: inode numbers and attributes in, FUSEErrors out.
+
+Everything about what the tree contains lives in :mod:`cnpsfs.view`; this module maps
+requests onto the current generation, runs blocking work (reading and decompressing
+blocks, hashing chunks) on worker threads, and keeps the kernel's caches full: the
+image is immutable, so entries and attributes never time out, file pages are kept, and
+with the kernel-cache extensions of our pyfuse3 patch (docs/pyfuse3-upstream.md) opens,
+directory listings and symlink targets are served by the kernel without asking us.
+
+State kept per inode only, never per open file: in no-open mode the kernel sends
+handle 0 and the inode, so the read path must not depend on what open returned.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pyfuse3
+import trio
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError, CorruptObjectError, FormatError, MissingObjectError
+from cnpsfs.image.reader import ChunkCache
+from cnpsfs.image.view import Generation, Node
+from cnpsfs.store import BlockStream, Location, NotCached
+
+log = logging.getLogger(__name__)
+
+#: The image never changes under a generation; a swap invalidates explicitly.
+CACHE_TIMEOUT = 365 * 24 * 3600.0
+READAHEAD_BYTES = 4 << 20
+REPORTED_MAX = 4096  # distinct (file, failure) pairs remembered to log each once
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
+
+
+class ChunkFetcher:
+    """Verified chunks for the read path: a cache, and one load per block however many wait.
+
+    A miss decodes the chunk's block on a worker thread under a shared CapacityLimiter
+    (pread, zstd and BLAKE3 release the GIL, so concurrent readers proceed in parallel
+    and the loop never blocks), front to back as far as the wanted chunks end, and
+    caches every member completed on the way, verified: the neighbours of a chunk are
+    what the next reads want (small files are stored together in path order, large
+    files chunk after chunk). A later miss in the same block continues where the last
+    one stopped (:class:`~cnpsfs.store.BlockStream`), so a random small read does not
+    pay for the whole block and a sequential reader still decodes it once. The chunks
+    of one request are located in one batch, so concurrent misses in one block wait on
+    the loop for one load instead of each taking a worker.
+    """
+
+    #: Blocks decoded part-way, kept for their next miss (each holds up to a block).
+    STREAMS_MAX = 16
+
+    def __init__(self, store: Any, cache: ChunkCache, limiter: trio.CapacityLimiter) -> None:
+        self.store = store
+        self.cache = cache
+        self.limiter = limiter
+        self._inflight: dict[tuple[int, int], trio.Event] = {}  # block key -> loaded
+        self._failed: dict[bytes, BaseException] = {}
+        self._pending: dict[bytes, tuple[int, int]] = {}  # digest -> block key, while that block loads
+        self._streams: OrderedDict[tuple[int, int], BlockStream] = OrderedDict()
+
+    def cached(self, digest: bytes) -> bool:
+        return self.cache.contains(digest)
+
+    async def fetch(self, digests: Iterable[bytes]) -> None:
+        """Load the blocks holding *digests* into the cache; failures are kept per digest."""
+        missing = []
+        waits = set()
+        for digest in dict.fromkeys(digests):
+            if self.cache.contains(digest):
+                continue
+            key = self._pending.get(digest)
+            if key is not None:
+                waits.add(key)  # its block is being loaded: no need to look it up
+            else:
+                missing.append(digest)
+        for key in waits:
+            event = self._inflight.get(key)
+            if event is not None:
+                await event.wait()
+        if not missing:
+            return
+        locs = await trio.to_thread.run_sync(self.store.locate_many, missing, limiter=self.limiter)
+        blocks: dict[tuple[int, int], tuple[Location, list[bytes], int]] = {}
+        for digest in missing:
+            loc = locs.get(digest)
+            if loc is None:
+                self._failed[digest] = MissingObjectError(f"{fmt.format_digest(digest)} is not in the store")
+                continue
+            key = (loc.pack, loc.offset)
+            first, wanted, upto = blocks.get(key, (loc, [], 0))
+            wanted.append(digest)
+            blocks[key] = (first, wanted, max(upto, loc.inner + loc.length))
+        if len(blocks) == 1:
+            ((key, (loc, wanted, upto)),) = blocks.items()
+            await self._load_block(key, loc, wanted, upto)
+        elif blocks:
+            async with trio.open_nursery() as nursery:
+                for key, (loc, wanted, upto) in blocks.items():
+                    nursery.start_soon(self._load_block, key, loc, wanted, upto)
+
+    async def _load_block(self, key: tuple[int, int], loc: Location, wanted: list[bytes], upto: int) -> None:
+        event = self._inflight.get(key)
+        if event is not None:
+            await event.wait()
+            return
+        event = self._inflight[key] = trio.Event()
+        for digest in wanted:
+            self._pending[digest] = key
+        stream = self._streams.pop(key, None)
+        try:
+            members, stream = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=self.limiter)
+            for member, data in members.items():
+                if data is not None:
+                    self.cache.put(member, data)
+            for digest in wanted:
+                if members.get(digest) is not None:
+                    self._failed.pop(digest, None)
+                elif digest in members:
+                    self._failed[digest] = CorruptObjectError(
+                        f"chunk {fmt.format_digest(digest)} is corrupt: its bytes do not match its digest"
+                        f" (block at {self.store.pack_label(loc)})")
+            if not stream.done:
+                self._streams[key] = stream
+                while len(self._streams) > self.STREAMS_MAX:
+                    self._streams.popitem(last=False)
+        except (CorruptObjectError, OSError) as exc:
+            for digest in wanted:
+                self._failed[digest] = exc
+        finally:
+            del self._inflight[key]
+            for digest in wanted:
+                self._pending.pop(digest, None)
+            event.set()
+
+    def _advance(self, stream: BlockStream | None, loc: Location, upto: int
+                 ) -> tuple[dict[bytes, bytes | None], BlockStream]:
+        """On a worker: decode the block through *upto* (opening it first if need be)."""
+        if stream is None:
+            stream = self.store.block_stream(loc)
+        return stream.advance(upto), stream
+
+    async def get(self, digest: bytes) -> bytes:
+        data = self.cache.get(digest)
+        if data is not None:
+            return data
+        await self.fetch((digest,))
+        data = self.cache.get(digest)
+        if data is not None:
+            return data
+        failure = self._failed.get(digest)
+        if failure is not None:
+            raise failure
+        # Loaded, then dropped from the cache already by other readers: read it alone.
+        data = await trio.to_thread.run_sync(self.store.get, digest, limiter=self.limiter)
+        self.cache.put(digest, data)
+        return data
+
+
+class Operations(pyfuse3.Operations):
+    """Read-only FUSE operations over the current :class:`Generation`."""
+
+    supports_dot_lookup = True
+
+    def __init__(self, generation: Generation, *, use_extensions: bool = True,
+                 cache_bytes: int = 128 << 20, threads: int = 4) -> None:
+        super().__init__()
+        self.generation = generation
+        self.store = generation.store
+        # A swap waits for directory loads in flight and holds new ones back, so it sees
+        # a stable old generation; reads and cached lookups go on meanwhile.
+        self._loads_in_flight = 0
+        self._loads_done = trio.Event()
+        self._swap_done: trio.Event | None = None
+        self.lookups: Counter[int] = Counter()
+        self.requests: Counter[str] = Counter()
+        self.limiter = trio.CapacityLimiter(threads)
+        self.fetcher = ChunkFetcher(self.store, ChunkCache(cache_bytes), self.limiter)
+        self.extensions = use_extensions and HAVE_EXTENSIONS
+        self.no_open = False
+        self.no_opendir = False
+        self.readahead_nursery: trio.Nursery | None = None
+        self._read_end: dict[int, int] = {}
+        self._reported: OrderedDict[tuple[Any, str], None] = OrderedDict()  # failures logged once
+        if self.extensions:
+            self.enable_cache_symlinks = True
+            self.pass_inode_to_fh_handlers = True
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def mode(self) -> str:
+        """How the kernel caches: reported by status and logged at start."""
+        if not self.extensions:
+            return "stock"
+        parts = ["kernel-cache"]
+        if self.no_open:
+            parts.append("no-open")
+        if self.no_opendir:
+            parts.append("no-opendir")
+        return "+".join(parts)
+
+    def node(self, ino: int) -> Node:
+        # A generation's table also holds the previous generations' nodes that it did not
+        # replace, so inodes the kernel got before a swap stay answerable.
+        node = self.generation.nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = node.attr
+        if attr is None:
+            entry = node.entry
+            attr = pyfuse3.EntryAttributes()
+            attr.st_ino = node.ino
+            attr.generation = 0
+            attr.entry_timeout = CACHE_TIMEOUT
+            attr.attr_timeout = CACHE_TIMEOUT
+            attr.st_mode = entry.st_mode
+            attr.st_nlink = node.nlink
+            attr.st_uid = entry.uid
+            attr.st_gid = entry.gid
+            attr.st_rdev = os.makedev(*entry.rdev) if entry.kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV) else 0
+            attr.st_size = node.size
+            attr.st_blksize = 4096
+            attr.st_blocks = node.blocks
+            attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
+            node.attr = attr
+        return attr
+
+    def _io_error(self, what: str, exc: BaseException, *, node: Node | None = None) -> pyfuse3.FUSEError:
+        """EIO for the kernel, and the reason in the log: once per file and failure.
+
+        The kernel retries a failed read page by page and programs retry too, so one
+        damaged chunk would otherwise fill the log with the same line at other offsets.
+        """
+        key = (node.ino if node is not None else what, str(exc))
+        if key in self._reported:
+            log.debug("%s: %s (again)", what, exc)
+        else:
+            self._reported[key] = None
+            if len(self._reported) > REPORTED_MAX:
+                self._reported.popitem(last=False)
+            log.error("%s: %s", what, exc)
+        return pyfuse3.FUSEError(errno.EIO)
+
+    async def _in_thread(self, func: Any, *args: Any) -> Any:
+        return await trio.to_thread.run_sync(func, *args, limiter=self.limiter)
+
+    async def _children_loaded(self, node: Node, *, listing: bool = False) -> Node:
+        """Load directory objects off the loop (they may need a block read and decode).
+
+        Returns the node to use: after waiting out a swap, the new generation's.
+        """
+        while self._swap_done is not None:
+            await self._swap_done.wait()
+            node = self.node(node.ino)
+        gen = self.generation
+        self._loads_in_flight += 1
+        try:
+            # Inline when every directory object needed is in memory (the usual case once
+            # a directory block has been read): a thread hop costs more than the work.
+            if listing:
+                if not node.listed and not gen.from_cache(gen.listing, node):  # checked on every READDIR: O(1)
+                    await self._in_thread(gen.listing, node)
+            elif node.children is None and not gen.from_cache(gen.load_children, node):
+                await self._in_thread(gen.load_children, node)
+        except (CorruptObjectError, MissingObjectError, FormatError) as exc:
+            raise self._io_error(f"directory {_show(node.path)}", exc) from None
+        except CnpsfsError as exc:  # a union conflict found lazily
+            raise self._io_error(f"directory {_show(node.path)}", exc) from None
+        finally:
+            self._loads_in_flight -= 1
+            if not self._loads_in_flight:
+                self._loads_done.set()
+        return node
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def init(self) -> None:
+        if self.extensions:
+            caps = pyfuse3.kernel_capabilities()
+            self.no_open = bool(caps & pyfuse3.FUSE_CAP_NO_OPEN_SUPPORT)
+            self.no_opendir = bool(caps & pyfuse3.FUSE_CAP_NO_OPENDIR_SUPPORT)
+        log.info("serving %s in %s mode", self.generation.label or "image", self.mode)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            left = self.lookups[ino] - count
+            if left > 0:
+                self.lookups[ino] = left
+                continue
+            self.lookups.pop(ino, None)
+            self._read_end.pop(ino, None)
+
+    # ------------------------------------------------------------------ metadata
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.requests["lookup"] += 1
+        parent = self.node(parent_inode)
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if len(name) > fmt.NAME_MAX:
+            # The kernel passes names up to 1024 bytes to FUSE; statfs promises f_namemax 255.
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        if name == b".":
+            child: Node | None = parent
+        elif name == b"..":
+            child = self.node(parent.parent)
+        else:
+            child = parent.children.get(name) if parent.children is not None else None
+            if child is None or (child.is_dir and child.children is None):
+                parent = await self._children_loaded(parent)
+                child = parent.children.get(name) if parent.children is not None else None
+                if child is not None and child.is_dir and child.children is None:
+                    child = await self._children_loaded(child)  # its st_nlink counts its subdirectories
+        if child is None:
+            # A negative entry the kernel may cache: programs probe many missing paths
+            # (the dynamic loader, Python's import system). A swap that adds the name
+            # invalidates it.
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino = 0
+            missing.entry_timeout = CACHE_TIMEOUT
+            return missing
+        self.lookups[child.ino] += 1
+        return self.attributes(child)
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        self.requests["getattr"] += 1
+        node = self.node(inode)
+        if node.is_dir and node.children is None:
+            # Only the root gets here unloaded (lookup loads every directory it returns);
+            # its st_nlink counts its subdirectories, and the attributes are cached for good.
+            node = await self._children_loaded(node)
+        return self.attributes(node)
+
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        self.requests["readlink"] += 1
+        node = self.node(inode)
+        if node.entry.kind is not fmt.Kind.SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.entry.target
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        self.requests["getxattr"] += 1
+        value = self.node(inode).entry.xattrs.get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        self.requests["listxattr"] += 1
+        return sorted(self.node(inode).entry.xattrs)
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        # default_permissions makes the kernel check modes; only writes remain to refuse.
+        self.requests["access"] += 1
+        self.node(inode)
+        return not mode & os.W_OK
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        self.requests["statfs"] += 1
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = st.f_frsize = 4096
+        st.f_blocks = max(1, len(self.generation.nodes))
+        st.f_bfree = st.f_bavail = 0
+        st.f_files = len(self.generation.nodes)
+        st.f_ffree = st.f_favail = 0
+        st.f_namemax = fmt.NAME_MAX
+        return st
+
+    # ------------------------------------------------------------------ directories
+
+    async def opendir(self, inode: int, ctx: Any) -> Any:
+        self.requests["opendir"] += 1
+        if self.no_opendir:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens directories itself from now on
+        node = self.node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if self.extensions:
+            return pyfuse3.FileInfo(fh=inode, cache_readdir=True, keep_cache=True)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any, inode: int = 0) -> None:
+        self.requests["readdir"] += 1
+        node = await self._children_loaded(self.node(fh or inode), listing=True)
+        assert node.listing is not None
+        listing = node.listing
+        # Offsets: 0 and 1 are "." and "..", then listing[i] is offset i + 2; stable
+        # because a generation's listing never changes.
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", self.attributes(node), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            if not pyfuse3.readdir_reply(token, b"..", self.attributes(self.node(node.parent)), 2):
+                return
+            start_id = 2
+        for index in range(start_id - 2, len(listing)):
+            name, child = listing[index]
+            if not pyfuse3.readdir_reply(token, name, self.attributes(child), index + 3):
+                return
+            self.lookups[child.ino] += 1
+
+    async def releasedir(self, fh: int, inode: int = 0) -> None:
+        self.requests["releasedir"] += 1
+
+    # ------------------------------------------------------------------ files
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        self.requests["open"] += 1
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens files itself from now on
+        node = self.node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int, inode: int = 0) -> bytes:
+        self.requests["read"] += 1
+        ino = fh or inode
+        node = self.node(ino)
+        if node.entry.kind is not fmt.Kind.FILE:
+            raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
+        emap = node.emap
+        if emap is None:
+            try:
+                try:
+                    # Inline extents, or an extents object in memory: a thread hop costs more.
+                    with self.store.cache_only():
+                        emap = self.generation.extent_map(node)
+                except NotCached:
+                    emap = await self._in_thread(self.generation.extent_map, node)
+            except (CorruptObjectError, MissingObjectError, FormatError) as exc:
+                raise self._io_error(f"file {_show(node.path)}", exc) from None
+        pieces = list(emap.pieces(off, size))
+        missing = [e.digest for e, _i, _n in pieces if e.digest is not None and not self.fetcher.cached(e.digest)]
+        if len(missing) > 1:
+            await self.fetcher.fetch(missing)  # their blocks in parallel, each once
+        out = []
+        try:
+            for ext, inner, n in pieces:
+                if ext.digest is None:
+                    out.append(bytes(n))
+                    continue
+                chunk = await self.fetcher.get(ext.digest)
+                start = ext.offset + inner
+                out.append(chunk[start : start + n])
+        except (CorruptObjectError, MissingObjectError, OSError) as exc:
+            raise self._io_error(f"reading {_show(node.path)} at offset {off}", exc, node=node) from None
+        end = off + size
+        sequential = off == 0 or self._read_end.get(ino) == off
+        if sequential and end < emap.size and self.readahead_nursery is not None:
+            ahead = [d for d in emap.chunks_for(end, READAHEAD_BYTES) if not self.fetcher.cached(d)]
+            if ahead:
+                self.readahead_nursery.start_soon(self._prefetch, ahead)
+        self._read_end[ino] = end
+        return b"".join(out) if len(out) != 1 else out[0]
+
+    async def _prefetch(self, digests: list[bytes]) -> None:
+        """Warm the chunk cache; errors are left for the read that needs the chunk to report."""
+        try:
+            await self.fetcher.fetch(digests)
+        except (CorruptObjectError, MissingObjectError, OSError):
+            pass
+
+    async def release(self, fh: int, inode: int = 0) -> None:
+        self.requests["release"] += 1
+
+    async def flush(self, fh: int, inode: int = 0) -> None:
+        # ENOSYS tells the kernel never to send FLUSH again: nothing to flush here.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    # ------------------------------------------------------------------ generations
+
+    async def swap(self, build: Any) -> tuple[Generation, Any]:
+        """Build a new generation with *build(old)* and make it current atomically.
+
+        *build* runs on a worker thread and returns ``(generation, plan)``; directory
+        loads are held back meanwhile so the old generation it diffs against is stable.
+        If it raises, the current generation stays untouched. The switch itself is one
+        assignment on the loop; the kernel is then told to forget what changed.
+        """
+        if self._swap_done is not None:
+            raise CnpsfsError("another swap is in progress")
+        self._swap_done = trio.Event()
+        try:
+            while self._loads_in_flight:
+                self._loads_done = trio.Event()
+                await self._loads_done.wait()
+            old = self.generation
+            generation, plan = await trio.to_thread.run_sync(build, old)
+            self.generation = generation  # the swap: one assignment, no await before it
+        finally:
+            done, self._swap_done = self._swap_done, None
+            done.set()
+        await trio.to_thread.run_sync(self._invalidate, plan)
+        return generation, plan
+
+    def _invalidate(self, plan: Any) -> None:
+        for parent, name in plan.entries:
+            try:
+                pyfuse3.invalidate_entry(parent, name)
+            except OSError as exc:  # ENOENT: the kernel had already dropped it
+                log.debug("invalidate_entry(%d, %r): %s", parent, name, exc)
+        for ino in plan.dirs:
+            try:
+                pyfuse3.invalidate_inode(ino)
+            except OSError as exc:
+                log.debug("invalidate_inode(%d): %s", ino, exc)
+
+
+def _show(path: tuple[bytes, ...]) -> str:
+    return "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in path)

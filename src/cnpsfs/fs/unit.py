@@ -1,0 +1,118 @@
+"""Mounts run by systemd: one ``cnpsfs@NAME.service`` per ``/etc/cnpsfs/mounts/NAME.toml``.
+
+The file says what ``cnpsfs mount`` would be told on its command line (docs/systemd.md)::
+
+    image = "example.org/web"            # a reference, or a manifest file (relative: to this file)
+    mountpoint = "/var/lib/machines/%i"  # default; %i is the instance NAME
+    writable = "/var/lib/cnpsfs/upper/%i"  # optional: overlayfs upper directory
+    allow_other = true                   # optional, default false
+    store = "/var/lib/cnpsfs"            # optional, default: the usual store
+    fuse_mode = "auto"                   # or "stock"
+    threads = 4
+    cache_mib = 128
+
+Unknown keys are errors, so a typo never silently means a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cnpsfs.errors import NotFoundError, UsageError
+from cnpsfs.image.manifest import looks_like_file
+
+DEFAULT_CONFIG_DIR = Path("/etc/cnpsfs/mounts")
+DEFAULT_MOUNTPOINT = "/var/lib/machines/%i"
+KEYS = {"image", "mountpoint", "writable", "allow_other", "store", "fuse_mode", "threads", "cache_mib"}
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    source: Path
+    image: str
+    mountpoint: str
+    writable: str | None = None
+    allow_other: bool = False
+    store: str | None = None
+    fuse_mode: str = "auto"
+    threads: int = 4
+    cache_mib: int = 128
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def config_dir() -> Path:
+    return Path(os.environ.get("CNPSFS_SERVICE_DIR") or DEFAULT_CONFIG_DIR)
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise UsageError(f"bad mount name {name!r}: letters, digits and . _ : - only (it names a file)")
+    return name
+
+
+def load_config(name: str, directory: Path | None = None) -> ServiceConfig:
+    check_name(name)
+    path = (directory or config_dir()) / f"{name}.toml"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise NotFoundError(f"no configuration for mount {name!r}: {path} does not exist") from None
+    return parse_config(text, name, path)
+
+
+def parse_config(text: str, name: str, source: Path) -> ServiceConfig:
+    def fail(message: str) -> UsageError:
+        return UsageError(f"{source}: {message}")
+
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise fail(f"not valid TOML: {exc}") from None
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise fail(f"unknown key {unknown[0]!r} (allowed: {', '.join(sorted(KEYS))})")
+
+    def string(key: str, default: str | None = None) -> str | None:
+        value = raw.get(key, default)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise fail(f"{key} must be a non-empty string")
+        return value.replace("%i", name)
+
+    def absolute(key: str, default: str | None = None) -> str | None:
+        value = string(key, default)
+        if value is not None and not value.startswith("/"):
+            raise fail(f"{key} must be an absolute path, not {value!r}")
+        return value
+
+    image = string("image")
+    if image is None:
+        raise fail("image is required (a reference such as example.org/app@1, or a manifest file)")
+    if looks_like_file(image) or image.endswith(".toml"):
+        image = str((source.parent / image).resolve()) if not image.startswith("/") else image
+    mountpoint = absolute("mountpoint", DEFAULT_MOUNTPOINT)
+    assert mountpoint is not None
+    allow_other = raw.get("allow_other", False)
+    if not isinstance(allow_other, bool):
+        raise fail("allow_other must be true or false")
+    fuse_mode = raw.get("fuse_mode", "auto")
+    if fuse_mode not in ("auto", "stock"):
+        raise fail(f"fuse_mode must be 'auto' or 'stock', not {fuse_mode!r}")
+    numbers = {}
+    for key, low, high, default in (("threads", 1, 64, 4), ("cache_mib", 8, 1 << 20, 128)):
+        value = raw.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise fail(f"{key} must be an integer from {low} to {high}")
+        numbers[key] = value
+    return ServiceConfig(name, source, image, os.path.normpath(mountpoint), absolute("writable"), allow_other,
+                         absolute("store"), fuse_mode, numbers["threads"], numbers["cache_mib"])

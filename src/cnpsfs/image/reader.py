@@ -1,0 +1,120 @@
+"""Reading file bytes from extents, touching only the chunks that hold the range.
+
+A file's extents are mapped to a prefix sum of their lengths once; ``bisect`` then finds
+the first extent of any offset (restic's file reader does the same). Decompressed chunks
+are kept in a bounded LRU: neighbouring reads, and small files that share a chunk, are
+served without decompressing again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from itertools import accumulate
+
+from cnpsfs import format as fmt
+
+
+class ChunkCache:
+    """A thread-safe LRU of verified, decompressed chunks, bounded in bytes."""
+
+    def __init__(self, capacity_bytes: int = 64 << 20) -> None:
+        self.capacity = capacity_bytes
+        self._data: OrderedDict[bytes, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, digest: bytes) -> bytes | None:
+        with self._lock:
+            data = self._data.get(digest)
+            if data is not None:
+                self._data.move_to_end(digest)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return data
+
+    def contains(self, digest: bytes) -> bool:
+        return digest in self._data
+
+    def put(self, digest: bytes, data: bytes) -> None:
+        with self._lock:
+            if digest in self._data:
+                return
+            self._data[digest] = data
+            self._size += len(data)
+            while self._size > self.capacity and self._data:
+                _d, old = self._data.popitem(last=False)
+                self._size -= len(old)
+
+
+class ExtentMap:
+    """Offsets of a file's extents, for O(log n) range lookup."""
+
+    __slots__ = ("extents", "size", "starts")
+
+    def __init__(self, extents: Sequence[fmt.Extent]) -> None:
+        self.extents = tuple(extents)
+        self.starts = [0, *accumulate(e.length for e in self.extents)]
+        self.size = self.starts[-1]
+
+    def pieces(self, offset: int, size: int) -> Iterator[tuple[fmt.Extent, int, int]]:
+        """(extent, offset inside the extent, length) covering ``[offset, offset+size)``."""
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return
+        index = bisect.bisect_right(self.starts, offset) - 1
+        while offset < end:
+            ext = self.extents[index]
+            inner = offset - self.starts[index]
+            n = min(ext.length - inner, end - offset)
+            yield ext, inner, n
+            offset += n
+            index += 1
+
+    def chunks_for(self, offset: int, size: int) -> list[bytes]:
+        return [e.digest for e, _i, _n in self.pieces(offset, size) if e.digest is not None]
+
+
+def read_range(emap: ExtentMap, offset: int, size: int, get_chunk: Callable[[bytes], bytes]) -> bytes:
+    """Assemble ``[offset, offset+size)`` from chunks fetched by *get_chunk* (blocking)."""
+    out: list[bytes] = []
+    for ext, inner, n in emap.pieces(offset, size):
+        if ext.digest is None:
+            out.append(bytes(n))
+        else:
+            chunk = get_chunk(ext.digest)
+            start = ext.offset + inner
+            out.append(chunk[start : start + n])
+    return b"".join(out) if len(out) != 1 else out[0]
+
+
+class StoreFile:
+    """A file-like reader over a stored file (for export and ``cat``)."""
+
+    def __init__(self, emap: ExtentMap, get_chunk: Callable[[bytes], bytes]) -> None:
+        self.emap = emap
+        self.get_chunk = get_chunk
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            n = self.emap.size - self.pos
+        data = read_range(self.emap, self.pos, n, self.get_chunk)
+        self.pos += len(data)
+        return data
+
+
+def cached_getter(store_get: Callable[[bytes], bytes], cache: ChunkCache) -> Callable[[bytes], bytes]:
+    def get_chunk(digest: bytes) -> bytes:
+        data = cache.get(digest)
+        if data is None:
+            data = store_get(digest)
+            cache.put(digest, data)
+        return data
+
+    return get_chunk

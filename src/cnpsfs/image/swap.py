@@ -1,0 +1,106 @@
+"""Live generation swaps: prepare a new composition beside the current one, then diff.
+
+Preparing walks both generations together from the root, skipping every directory
+whose composition signature is unchanged (same layers, same tree digests): such a
+subtree is shared, not read. So the cost of a swap grows with the size of the change,
+not of the image. The walk
+
+* composes every changed directory of the new generation and checks it (a union
+  conflict, a missing directory object or a missing chunk of a changed file fails the
+  swap before anything is installed), and
+* lists what the kernel must forget: the directories whose listing or attributes
+  changed, and the names whose inode changed, but only where the old generation was
+  loaded, because the kernel cannot cache what it never looked up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError, MissingObjectError
+from cnpsfs.image.view import Generation, Node, signature
+
+
+@dataclass(slots=True)
+class SwapPlan:
+    """What installing the new generation requires the kernel to forget."""
+
+    dirs: list[int] = field(default_factory=list)  # invalidate_inode: listing and attributes
+    entries: list[tuple[int, bytes]] = field(default_factory=list)  # invalidate_entry(parent, name)
+    changed_dirs: int = 0
+    shared_dirs: int = 0
+
+
+def prepare(old: Generation, new: Generation) -> SwapPlan:
+    """Check the new generation where it differs and compute the invalidations."""
+    plan = SwapPlan()
+    stack: list[tuple[Node | None, Node]] = [(old.root, new.root)]
+    while stack:
+        old_node, new_node = stack.pop()
+        if old_node is new_node:
+            plan.shared_dirs += 1
+            continue
+        if old_node is not None and signature(old_node, old.mode) == signature(new_node, new.mode):
+            plan.shared_dirs += 1
+            if old_node.children is not None:
+                new.load_children(new_node)  # shares the old children, reads nothing
+            continue
+        plan.changed_dirs += 1
+        new_children = new.load_children(new_node)
+        _check_files(new, new_children.values(), old_node)
+        old_children = old_node.children if old_node is not None else None
+        if old_children is not None:
+            plan.dirs.append(old_node.ino)
+            for name, old_child in old_children.items():
+                new_child = new_children.get(name)
+                if new_child is None or new_child.ino != old_child.ino:
+                    plan.entries.append((old_node.ino, name))
+                elif (new_child.is_dir and new_child is not old_child
+                      and (new_child.attr is None or old_child.attr is None or new_child.entry != old_child.entry)):
+                    plan.dirs.append(old_child.ino)
+            # New names: the kernel may hold a cached negative lookup for them.
+            plan.entries.extend((old_node.ino, name) for name in new_children if name not in old_children)
+        for name, new_child in new_children.items():
+            if not new_child.is_dir:
+                continue
+            old_child = old_children.get(name) if old_children is not None else None
+            if old_child is not None and not old_child.is_dir:
+                old_child = None
+            if old_child is None and old_node is not None and old_children is None:
+                old_child = _unloaded_dir(old, old_node, name)
+            stack.append((old_child, new_child))
+    return plan
+
+
+def _unloaded_dir(old: Generation, parent: Node, name: bytes) -> Node | None:
+    """The old generation's directory at the same path, composed without loading its contents."""
+    old.load_children(parent)
+    child = parent.children.get(name) if parent.children is not None else None
+    return child if child is not None and child.is_dir else None
+
+
+def _check_files(new: Generation, children: object, old_parent: Node | None) -> None:
+    """Every chunk of a new or changed file must be in the store before we switch to it."""
+    store = new.store
+    old_children = old_parent.children if old_parent is not None else None
+    for child in children:  # type: ignore[attr-defined]
+        if child.entry.kind is not fmt.Kind.FILE or not child.entry.size:
+            continue
+        if old_children is not None:
+            previous = old_children.get(child.entry.name)
+            if previous is not None and previous.ino == child.ino:
+                continue  # same object as before: already known to be readable
+        try:
+            extents = store.file_extents(child.entry)
+        except MissingObjectError as exc:
+            raise CnpsfsError(f"{_show(child.path)}: {exc}") from None
+        digests = {e.digest for e in extents if e.digest is not None}
+        missing = digests - store.existing(digests)
+        if missing:
+            raise CnpsfsError(f"{_show(child.path)}: {len(missing)} chunk(s) missing from the store, "
+                              f"e.g. {fmt.format_digest(next(iter(missing)))}")
+
+
+def _show(path: tuple[bytes, ...]) -> str:
+    return "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in path)

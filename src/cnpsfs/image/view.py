@@ -1,0 +1,441 @@
+"""The composed view: an image's layers presented as one tree (pure Python, no FUSE).
+
+A :class:`Generation` is one immutable composition of layers. Directories are merged
+lazily: a directory's children are computed the first time it is looked up or listed,
+from the directory objects of the layers that contribute to it, so a mount reads only
+the directories it is asked about.
+
+Composition rules (docs/manifest.md):
+
+* layers mode (OCI): layers stack in list order; directories merge; a whiteout hides
+  the name below; an opaque directory hides everything below it; a non-directory
+  replaces a directory and the reverse.
+* union mode (packages): the non-override layers are merged so that their order
+  cannot matter: a path provided twice must be the same object (same content, mode,
+  owner, xattrs) or the composition fails naming both FileSets; directories merge,
+  and their metadata comes from the source that sorts highest by (mtime, mode, uid,
+  gid). Layers marked ``override`` are then stacked on top, in list order, with layers
+  semantics (that is where a build puts its dpkg database and configure output).
+* an unlinked layer is ignored as if absent.
+
+Inode numbers come from an :class:`InodeTable` shared by every generation of a mount:
+the same path with the same object keeps its number across a generation swap, so the
+kernel's caches for unchanged entries stay valid. Changed entries get fresh numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import ConflictError, NotFoundError
+from cnpsfs.image.reader import ExtentMap
+from cnpsfs.store import NotCached, Store
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+DIR_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """One active layer of a generation, with what is needed to present and name it."""
+
+    index: int  # position in the image's layer list
+    fileset: bytes
+    name: str  # NAME@VERSION for messages
+    root: fmt.Entry
+    at: tuple[bytes, ...]
+    override: bool
+
+
+@dataclass(slots=True)
+class Source:
+    """A directory of one layer that contributes to a composed directory."""
+
+    layer: LayerInfo
+    entry: fmt.Entry  # the directory entry (metadata, tree digest), or a synthetic one
+    synthetic: dict[bytes, fmt.Entry] | None = None  # children of a synthetic parent of an `at` path
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.synthetic is not None
+
+
+@dataclass(slots=True)
+class Node:
+    """One inode of the composed tree."""
+
+    ino: int
+    entry: fmt.Entry  # presented metadata (for directories: the winning source's)
+    parent: int
+    path: tuple[bytes, ...]
+    layer: LayerInfo | None  # layer that provides a non-directory
+    sources: list[Source] = field(default_factory=list)  # directories: contributing layer dirs
+    children: dict[bytes, Node] | None = None  # directories, once loaded
+    listing: list[tuple[bytes, Node]] | None = None  # sorted children for readdir
+    subdirs: int = -1
+    listed: bool = False  # listing() done: every subdirectory's children are loaded too
+    emap: ExtentMap | None = None  # regular files, once opened
+    attr: Any = None  # cached attributes object built by the FUSE layer
+
+    @property
+    def is_dir(self) -> bool:
+        return self.entry.kind is fmt.Kind.DIR
+
+    @property
+    def nlink(self) -> int:
+        if self.is_dir:
+            return 2 + max(self.subdirs, 0)
+        return self.entry.link[1] if self.entry.link else 1
+
+    @property
+    def blocks(self) -> int:
+        """512-byte blocks: data extents for files (holes cost nothing)."""
+        if self.is_dir:
+            return DIR_SIZE // 512
+        entry = self.entry
+        if entry.kind is not fmt.Kind.FILE:
+            return 0
+        data = sum(e.length for e in entry.extents if e.digest is not None) if entry.extents is not None else entry.size
+        return (data + 511) // 512
+
+    @property
+    def size(self) -> int:
+        kind = self.entry.kind
+        if kind is fmt.Kind.FILE:
+            return self.entry.size
+        if kind is fmt.Kind.SYMLINK:
+            return len(self.entry.target)
+        if kind is fmt.Kind.DIR:
+            return DIR_SIZE
+        return 0
+
+
+class InodeTable:
+    """Stable inode numbers: one per (path, object identity), shared across generations."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[Any, ...], int] = {}
+        self._next = ROOT_INODE + 1
+        self._lock = threading.Lock()
+
+    def number(self, key: tuple[Any, ...]) -> int:
+        ino = self._by_key.get(key)
+        if ino is None:
+            with self._lock:
+                ino = self._by_key.get(key)
+                if ino is None:
+                    ino = self._by_key[key] = self._next
+                    self._next += 1
+        return ino
+
+    def forget_key(self, key: tuple[Any, ...]) -> None:
+        self._by_key.pop(key, None)
+
+
+def identity(entry: fmt.Entry) -> tuple[Any, ...]:
+    """What must be equal for two entries to be the same inode (name and path aside)."""
+    return (entry.kind, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size, entry.hash,
+            entry.target, entry.rdev, tuple(sorted(entry.xattrs.items())))
+
+
+def _synthetic_dir(name: bytes) -> fmt.Entry:
+    return fmt.Entry(name, fmt.Kind.DIR, 0o755)
+
+
+def split_at(at: str) -> tuple[bytes, ...]:
+    return tuple(p for p in at.encode("utf-8", "surrogateescape").split(b"/") if p)
+
+
+class Generation:
+    """One immutable composition of an image's layers.
+
+    Nodes are created lazily and are never mutated after they are published to the
+    FUSE layer, except for loading a directory's children, which happens under a lock
+    and publishes complete dicts in one assignment.
+    """
+
+    def __init__(self, store: Store, image: fmt.Image, layers: Sequence[LayerInfo], inodes: InodeTable,
+                 *, number: int = 1, label: str = "", previous: Generation | None = None) -> None:
+        self.store = store
+        self.image = image
+        self.mode = image.mode
+        self.layers = list(layers)
+        self.inodes = inodes
+        self.number = number
+        self.label = label
+        self.previous = previous
+        self._lock = threading.RLock()
+        # Nodes of the previous generation stay answerable by inode (the kernel may hold
+        # them, open files read them); nodes of this generation replace them as they load.
+        self.nodes: dict[int, Node] = dict(previous.nodes) if previous is not None else {}
+        root_sources = [self._layer_root_source(layer, ()) for layer in self.layers]
+        root_entry = self._dir_metadata([s for s in root_sources if s is not None], b"")
+        self.root = Node(ROOT_INODE, root_entry, ROOT_INODE, (), None,
+                         [s for s in root_sources if s is not None])
+        self.nodes[ROOT_INODE] = self.root
+
+    # ------------------------------------------------------------------ sources
+
+    def _layer_root_source(self, layer: LayerInfo, path: tuple[bytes, ...]) -> Source | None:
+        """The source a layer contributes at *path* when the layer sits at or below it."""
+        if layer.at[: len(path)] != path:
+            return None
+        if len(path) == len(layer.at):
+            return Source(layer, layer.root)
+        # A synthetic parent of the layer's `at` path.
+        child = layer.at[len(path)]
+        inner = _synthetic_dir(child) if len(path) + 1 < len(layer.at) else dataclasses.replace(layer.root, name=child)
+        return Source(layer, _synthetic_dir(path[-1] if path else b""), {child: inner})
+
+    def _source_children(self, source: Source) -> tuple[list[fmt.Entry], bool]:
+        if source.synthetic is not None:
+            return list(source.synthetic.values()), False
+        assert source.entry.tree is not None
+        directory = self.store.get_directory(source.entry.tree)
+        return directory.entries, directory.opaque
+
+    def _child_source(self, parent: Source, entry: fmt.Entry, path: tuple[bytes, ...]) -> Source:
+        if parent.synthetic is not None:
+            # Above or at the layer's `at` directory: the layer decides what is there.
+            source = self._layer_root_source(parent.layer, path)
+            assert source is not None
+            return source
+        return Source(parent.layer, entry)
+
+    # ------------------------------------------------------------------ composition
+
+    def _merge(self, node: Node) -> dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]]:
+        """Children of a composed directory: name -> (entry, providing layer, dir sources)."""
+        union = [s for s in node.sources if self.mode == "union" and not s.layer.override]
+        stacked = [s for s in node.sources if not (self.mode == "union" and not s.layer.override)]
+        result: dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]] = {}
+        if union:
+            result = self._merge_union(node, union)
+        for source in stacked:
+            entries, opaque = self._source_children(source)
+            if opaque:
+                result = {}
+            for entry in entries:
+                name = entry.name
+                if entry.kind is fmt.Kind.WHITEOUT:
+                    result.pop(name, None)
+                    continue
+                child_path = (*node.path, name)
+                if entry.kind is fmt.Kind.DIR:
+                    current = result.get(name)
+                    sources = current[2] if current is not None and current[0].kind is fmt.Kind.DIR else []
+                    sources = [*sources, self._child_source(source, entry, child_path)]
+                    result[name] = (entry, source.layer, sources)
+                else:
+                    result[name] = (entry, source.layer, [])
+        return result
+
+    def _merge_union(self, node: Node, sources: list[Source]) -> dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]]:
+        by_name: dict[bytes, list[tuple[fmt.Entry, Source]]] = {}
+        for source in sources:
+            entries, _opaque = self._source_children(source)
+            for entry in entries:
+                if entry.kind is fmt.Kind.WHITEOUT:
+                    continue  # whiteouts only have meaning between stacked layers
+                by_name.setdefault(entry.name, []).append((entry, source))
+        result: dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]] = {}
+        for name, provided in by_name.items():
+            child_path = (*node.path, name)
+            dirs = [(e, s) for e, s in provided if e.kind is fmt.Kind.DIR]
+            others = [(e, s) for e, s in provided if e.kind is not fmt.Kind.DIR]
+            if dirs and others:
+                raise self._conflict(child_path, dirs[0][1].layer, others[0][1].layer, "a directory and a file")
+            if dirs:
+                child_sources = sorted((self._child_source(s, e, child_path) for e, s in dirs),
+                                       key=lambda src: src.layer.fileset)
+                winner = max(dirs, key=lambda es: _dir_rank(es[0]))
+                result[name] = (winner[0], winner[1].layer, child_sources)
+                continue
+            first, first_source = others[0]
+            for entry, source in others[1:]:
+                if not entry.same_content(first):
+                    raise self._conflict(child_path, first_source.layer, source.layer, "different content")
+            winner_entry, winner_source = max(others, key=lambda es: (es[0].mtime_ns, es[1].layer.fileset))
+            result[name] = (winner_entry, winner_source.layer, [])
+        return result
+
+    @staticmethod
+    def _conflict(path: tuple[bytes, ...], a: LayerInfo, b: LayerInfo, what: str) -> ConflictError:
+        shown = "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in path)
+        first, second = sorted((a.name, b.name))
+        return ConflictError(f"union conflict at {shown}: {first} and {second} provide {what} "
+                             "(mark one layer override = true to choose)")
+
+    def _dir_metadata(self, sources: list[Source], name: bytes) -> fmt.Entry:
+        real = [s for s in sources if not s.is_synthetic]
+        if not real:
+            return _synthetic_dir(name)
+        if self.mode == "union":
+            stacked = [s for s in real if s.layer.override]
+            pick = stacked[-1] if stacked else max(real, key=lambda s: _dir_rank(s.entry))
+        else:
+            pick = real[-1]
+        entry = pick.entry
+        return fmt.Entry(name, fmt.Kind.DIR, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
+                         tree=entry.tree)
+
+    # ------------------------------------------------------------------ nodes
+
+    def load_children(self, node: Node) -> dict[bytes, Node]:
+        """Compute a directory's children once (reads its layers' directory objects)."""
+        children = node.children
+        if children is not None:
+            return children
+        with self._lock:
+            if node.children is not None:
+                return node.children
+            if self._reuse_previous(node):
+                assert node.children is not None
+                return node.children
+            merged = self._merge(node)
+            children = {}
+            subdirs = 0
+            for name, (entry, layer, sources) in merged.items():
+                path = (*node.path, name)
+                if entry.kind is fmt.Kind.DIR:
+                    subdirs += 1
+                    meta = self._dir_metadata(sources, name)
+                    ino = self.inodes.number(("d", path))
+                    child = Node(ino, meta, node.ino, path, None, sources)
+                    shared = self._previous_dir(child)
+                    if shared is not None:
+                        child = shared  # an unchanged subtree: share it, loaded parts included
+                else:
+                    if entry.link is not None:
+                        key: tuple[Any, ...] = ("l", layer.fileset, layer.at, entry.link[0], identity(entry))
+                    else:
+                        key = ("f", path, identity(entry))
+                    ino = self.inodes.number(key)
+                    existing = self.nodes.get(ino)
+                    child = existing if existing is not None else Node(ino, entry, node.ino, path, layer)
+                self.nodes[child.ino] = child
+                children[name] = child
+            node.subdirs = subdirs
+            node.listing = sorted(children.items())
+            node.children = children  # published last: readers see all or nothing
+            return children
+
+    def _previous_dir(self, node: Node) -> Node | None:
+        """The previous generation's node for the same directory, if it composes identically."""
+        if self.previous is None:
+            return None
+        old = self.previous.nodes.get(node.ino)
+        if old is None or not old.is_dir or signature(old, self.previous.mode) != signature(node, self.mode):
+            return None
+        return old
+
+    def _reuse_previous(self, node: Node) -> bool:
+        old = self._previous_dir(node)
+        if old is None or old is node or old.children is None:
+            return False
+        node.subdirs = old.subdirs
+        node.listing = old.listing
+        node.children = old.children
+        return True
+
+    def lookup(self, parent: Node, name: bytes) -> Node | None:
+        child = self.load_children(parent).get(name)
+        if child is not None and child.is_dir and child.children is None:
+            self.load_children(child)  # its st_nlink needs its subdirectory count
+        return child
+
+    def listing(self, node: Node) -> list[tuple[bytes, Node]]:
+        self.load_children(node)
+        assert node.listing is not None
+        for _name, child in node.listing:
+            if child.is_dir and child.children is None:
+                self.load_children(child)
+        node.listed = True
+        return node.listing
+
+    def from_cache(self, func: Callable[[Node], Any], node: Node) -> bool:
+        """Run *func(node)* (load_children or listing) only if it needs no disk or index read.
+
+        For the FUSE loop, which then answers without a thread hop; False means nothing
+        was published and *func* must run on a worker. Never waits for the lock either.
+        A directory's children are published in one assignment after its objects are
+        read, so stopping at the first uncached object leaves no half-loaded node.
+        """
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            with self.store.cache_only():
+                func(node)
+            return True
+        except NotCached:
+            return False
+        finally:
+            self._lock.release()
+
+    def resolve(self, path: str | bytes) -> Node:
+        """The node at an absolute *path* (no symlink following)."""
+        raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
+        node = self.root
+        for part in (p for p in raw.split(b"/") if p and p != b"."):
+            if not node.is_dir:
+                raise NotFoundError(f"{raw.decode('utf-8', 'backslashreplace')}: not a directory on the way")
+            child = self.lookup(node, part)
+            if child is None:
+                raise NotFoundError(f"no such path in the image: {raw.decode('utf-8', 'backslashreplace')}")
+            node = child
+        if node.is_dir:
+            self.load_children(node)
+        return node
+
+    def extent_map(self, node: Node) -> ExtentMap:
+        emap = node.emap
+        if emap is None:
+            emap = node.emap = ExtentMap(self.store.file_extents(node.entry))
+        return emap
+
+    def walk(self, node: Node | None = None) -> Iterable[tuple[tuple[bytes, ...], Node]]:
+        """Every node below *node* in canonical order (loads the whole tree)."""
+        stack = [node or self.root]
+        while stack:
+            current = stack.pop()
+            yield current.path, current
+            if current.is_dir:
+                children = self.load_children(current)
+                stack.extend(children[name] for name in sorted(children, reverse=True))
+
+    def check(self) -> None:
+        """Compose every directory now, so conflicts surface before anything is served."""
+        for _path, _node in self.walk():
+            pass
+
+    def layer_for(self, path: str) -> tuple[Node, LayerInfo | None]:
+        node = self.resolve(path)
+        if node.is_dir:
+            real = [s for s in node.sources if not s.is_synthetic]
+            return node, real[-1].layer if real else None
+        return node, node.layer
+
+
+def signature(node: Node, mode: str) -> tuple[Any, ...]:
+    """Everything a directory's composition depends on: equal signatures, equal subtrees.
+
+    Directory objects are named by content, so equal tree digests in the same layers
+    under the same rules compose to the same subtree: a swap skips it without reading.
+    """
+    return (mode, tuple((s.layer.fileset, s.layer.at, s.layer.override, s.entry.tree,
+                         tuple(sorted(s.synthetic)) if s.synthetic is not None else None,
+                         s.entry.mode, s.entry.uid, s.entry.gid, s.entry.mtime_ns)
+                        for s in node.sources))
+
+
+def _dir_rank(entry: fmt.Entry) -> tuple[Any, ...]:
+    return (entry.mtime_ns, entry.mode, entry.uid, entry.gid, tuple(sorted(entry.xattrs.items())))
+

@@ -1,0 +1,269 @@
+"""Content-defined chunking of a FileSet's file data (docs/format.md, "Chunking").
+
+Two kinds of file are cut differently, by a rule that depends only on content and
+canonical paths, so the same tree always gives the same chunks:
+
+* A *large* file (``size >= LARGE_FILE``) is cut on its own, starting at its first byte.
+  Identical large files anywhere (another package, another image) give identical chunks.
+* *Small* files are concatenated in canonical path order into one stream per FileSet,
+  and the stream is cut. Half the files of a root filesystem are under 4 KiB: cut one
+  per chunk they compress badly and cost an index row each; concatenated, neighbouring
+  files (same package, same directory) compress together, and because the cut points
+  are content-defined an insertion elsewhere only disturbs the chunks around it.
+
+A chunk made only of zero bytes is never stored: extents over it are holes, which is
+how sparse files stay cheap whatever source they come from.
+
+Hashing and compression run on a thread pool (both release the GIL); the calling thread
+cuts and appends records, so the pack layout is produced by one thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import blake3
+
+from cnpsfs import format as fmt
+from cnpsfs.format.chunker import new_chunker
+from cnpsfs.store import Store, StoreWriter
+
+_FLUSH = 8 << 20  # cut the buffered stream in pieces of this size
+_READ = 4 << 20
+_ZERO = bytes(_READ)
+_PENDING_MAX = 64
+
+
+def _is_zero(data: bytes) -> bool:
+    return data.count(0) == len(data)
+
+
+@dataclass(slots=True)
+class _Span:
+    """A file's byte range in a stream; resolved to extents once its chunks are cut."""
+
+    start: int
+    length: int
+    sink: Callable[[tuple[fmt.Extent, ...]], None]
+
+
+class _Stream:
+    """A byte stream cut by FastCDC; chunks are hashed and stored as they complete."""
+
+    def __init__(self, writer: ContentWriter) -> None:
+        self.owner = writer
+        self.buf = bytearray()
+        self.base = 0  # stream offset of buf[0]
+        self.length = 0
+        self.cuts: list[tuple[int, int, concurrent.futures.Future[bytes | None]]] = []  # (start, len, digest)
+        self.spans: deque[_Span] = deque()
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.buf += data
+        self.length += len(data)
+        if len(self.buf) >= _FLUSH:
+            self._cut(final=False)
+
+    def add_span(self, start: int, length: int, sink: Callable[[tuple[fmt.Extent, ...]], None]) -> None:
+        self.spans.append(_Span(start, length, sink))
+
+    def _cut(self, *, final: bool) -> None:
+        # Cut a snapshot: pyfastcdc's chunks are views into the buffer they were cut from.
+        data = bytes(self.buf)
+        consumed = 0
+        pending: tuple[int, int] | None = None
+        for ch in self.owner.cdc.cut_buf(data):
+            if pending is not None:
+                self._emit(data, *pending)
+                consumed = pending[0] + pending[1]
+            pending = (ch.offset, ch.length)
+        if final and pending is not None:
+            self._emit(data, *pending)
+            consumed = len(data)
+        # The last chunk may have been cut short by the buffer's end: keep it for the next round.
+        self.buf = bytearray(data[consumed:])
+        self.base += consumed
+        self._resolve_spans()
+
+    def _emit(self, data: bytes, offset: int, length: int) -> None:
+        self.cuts.append((self.base + offset, length, self.owner.submit(data[offset : offset + length])))
+
+    def finish(self) -> None:
+        if self.buf:
+            self._cut(final=True)
+        self._resolve_spans()
+        assert not self.spans, "every span ends inside the stream"
+
+    def _resolve_spans(self) -> None:
+        # Spans are in stream order; each is resolved as soon as the chunks covering it exist.
+        cut_end = self.base
+        while self.spans and self.spans[0].start + self.spans[0].length <= cut_end:
+            span = self.spans.popleft()
+            span.sink(self._extents(span.start, span.length))
+        # Drop cuts no pending span can still need.
+        first_needed = self.spans[0].start if self.spans else cut_end
+        drop = 0
+        while drop < len(self.cuts) and self.cuts[drop][0] + self.cuts[drop][1] <= first_needed:
+            drop += 1
+        if drop:
+            del self.cuts[:drop]
+
+    def _extents(self, start: int, length: int) -> tuple[fmt.Extent, ...]:
+        out: list[fmt.Extent] = []
+        end = start + length
+        for cstart, clen, future in self.cuts:
+            if cstart + clen <= start:
+                continue
+            if cstart >= end:
+                break
+            lo = max(start, cstart)
+            hi = min(end, cstart + clen)
+            digest = future.result()
+            prev = out[-1] if out else None
+            if digest is None and prev is not None and prev.digest is None:
+                out[-1] = fmt.Extent(None, 0, prev.length + hi - lo)  # merge adjacent holes
+            else:
+                out.append(fmt.Extent(digest, lo - cstart if digest else 0, hi - lo))
+        return tuple(out)
+
+
+class ContentWriter:
+    """Turns file data into stored chunks and per-file extent lists for one FileSet."""
+
+    def __init__(self, store: Store, writer: StoreWriter, pool: concurrent.futures.Executor) -> None:
+        self.store = store
+        self.writer = writer
+        self.pool = pool
+        self.cdc = new_chunker()
+        self.small = _Stream(self)
+        self.pending: deque[tuple[bytes, concurrent.futures.Future[tuple[bytes, bool]]]] = deque()
+        self.logical_bytes = 0
+        self.on_progress: Callable[[int], None] | None = None
+
+    def submit(self, data: bytes) -> concurrent.futures.Future[bytes | None]:
+        """Queue a chunk; the future yields its digest, or None for an all-zero chunk."""
+        result: concurrent.futures.Future[bytes | None] = concurrent.futures.Future()
+        if _is_zero(data):
+            result.set_result(None)
+            return result
+        job = self.pool.submit(self._hash, data)
+        self.pending.append((data, job))
+
+        def done(f: concurrent.futures.Future[tuple[bytes, bool]]) -> None:
+            if f.cancelled():
+                result.cancel()
+                return
+            exc = f.exception()
+            if exc is not None:
+                result.set_exception(exc)
+            else:
+                result.set_result(f.result()[0])
+
+        job.add_done_callback(done)
+        while len(self.pending) > _PENDING_MAX:
+            self._drain_one()
+        return result
+
+    def _hash(self, data: bytes) -> tuple[bytes, bool]:
+        """Digest, and whether the store already has the chunk (runs on the pool)."""
+        digest = fmt.digest_bytes(data)
+        return digest, self.store.contains(digest)
+
+    def _drain_one(self) -> None:
+        data, job = self.pending.popleft()
+        digest, stored = job.result()
+        if not stored:
+            self.writer.add_chunk(digest, data)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._drain_one()
+
+    # ------------------------------------------------------------------ files
+
+    def add_small(self, data: bytes, sink: Callable[[tuple[fmt.Extent, ...]], None]) -> bytes:
+        """Append a small file to the FileSet's shared stream (call in canonical order).
+
+        Returns the file's content hash; *sink* receives its extents once they are cut.
+        """
+        start = self.small.length
+        self.small.add_span(start, len(data), sink)
+        self.small.write(data)
+        self._progress(len(data))
+        return fmt.digest_bytes(data)
+
+    def add_large(self, pieces: Iterable[bytes | memoryview | int],
+                  size: int) -> tuple[tuple[fmt.Extent, ...], bytes]:
+        """Cut one large file on its own; returns its extents and content hash.
+
+        *pieces* yields data, or an int for that many zeros (a hole in the source).
+        """
+        stream = _Stream(self)
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        result: list[tuple[fmt.Extent, ...]] = []
+        stream.add_span(0, size, result.append)
+        for piece in pieces:
+            if isinstance(piece, int):
+                remaining = piece
+                while remaining:
+                    n = min(remaining, _READ)
+                    zeros = memoryview(_ZERO)[:n]
+                    stream.write(zeros)
+                    hasher.update(zeros)
+                    remaining -= n
+                self._progress(piece)
+            else:
+                stream.write(piece)
+                hasher.update(piece)
+                self._progress(len(piece))
+        if stream.length != size:
+            raise ValueError(f"file data is {stream.length} bytes, expected {size}")
+        stream.finish()
+        return result[0], hasher.digest()
+
+    def finish(self) -> None:
+        self.small.finish()
+        self.drain()
+
+    def _progress(self, n: int) -> None:
+        self.logical_bytes += n
+        if self.on_progress is not None:
+            self.on_progress(n)
+
+
+def read_file_pieces(path: str | bytes, size: int) -> Iterable[bytes | int]:
+    """Yield a regular file's data, holes as zero counts (SEEK_DATA/SEEK_HOLE), exactly *size* bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                data_start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                data_start = size  # ENXIO: only a hole remains
+            data_start = min(data_start, size)
+            if data_start > pos:
+                yield data_start - pos
+                pos = data_start
+                continue
+            try:
+                hole = min(os.lseek(fd, pos, os.SEEK_HOLE), size)
+            except OSError:
+                hole = size
+            while pos < hole:
+                data = os.pread(fd, min(_READ, hole - pos), pos)
+                if not data:
+                    raise OSError(f"file shrank while reading at offset {pos}")
+                yield data
+                pos += len(data)
+        # SEEK_DATA past the end looks like a trailing hole: without this check a file that
+        # shrank after it was listed would be imported padded with zeros.
+        now = os.fstat(fd).st_size
+        if now != size:
+            raise OSError(f"file changed size while importing ({now} bytes, expected {size})")
+    finally:
+        os.close(fd)

@@ -1,0 +1,335 @@
+"""Building a FileSet from entries an importer discovers, in any order.
+
+An importer (directory walk, tar stream, .deb) feeds :class:`TreeBuilder` with paths and
+metadata as it meets them; the builder checks each path is safe, then :func:`write_fileset`
+stores file data, extent lists and directory objects bottom-up and commits the FileSet
+with its tag in one step. Because everything is ordered canonically here, the digest does
+not depend on the order the source listed its members in.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fnmatch
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import FormatError, ImportRejected
+from cnpsfs.format.chunker import LARGE_FILE
+from cnpsfs.ingest.content import ContentWriter
+from cnpsfs.store import T_FILESET, Store, StoreWriter
+
+PATH_MAX = 4095
+
+#: Paths that differ on every build of the same tree (docs/format.md, "Volatile paths").
+VOLATILE_PATTERNS = (
+    "etc/machine-id",
+    "var/lib/dbus/machine-id",
+    "var/lib/systemd/random-seed",
+    "var/lib/urandom/random-seed",
+    "var/cache/ldconfig/aux-cache",
+    "var/cache/debconf/*-old",
+    "var/lib/dpkg/*-old",
+    "var/cache/apt/*.bin",
+    "var/log/*.log",
+    "var/log/apt/eipp.log.xz",
+    "var/log/*/*.log",
+    "etc/ssh/ssh_host_*_key",
+    "etc/ssh/ssh_host_*_key.pub",
+    "root/.bash_history",
+    "root/.python_history",
+    "**/__pycache__/*.pyc",
+)
+
+
+def is_volatile(path: bytes) -> bool:
+    text = path.decode("utf-8", "surrogateescape")
+    for pattern in VOLATILE_PATTERNS:
+        if pattern.startswith("**/"):
+            if fnmatch.fnmatchcase(text, pattern[3:]) or fnmatch.fnmatchcase(text, "*/" + pattern[3:]):
+                return True
+        elif fnmatch.fnmatchcase(text, pattern) and text.count("/") == pattern.count("/"):
+            return True
+    return False
+
+
+class DataSource(Protocol):
+    """Where a regular file's bytes come from."""
+
+    def read_all(self) -> bytes: ...
+
+    def pieces(self) -> Iterable[bytes | int]: ...
+
+
+@dataclass(slots=True)
+class SpoolSource:
+    """Bytes of a small file buffered in a spool (tar members arrive out of order)."""
+
+    spool: IO[bytes]
+    offset: int
+    size: int
+
+    def read_all(self) -> bytes:
+        self.spool.seek(self.offset)
+        data = self.spool.read(self.size)
+        if len(data) != self.size:
+            raise ImportRejected("internal error: spool truncated")
+        return data
+
+    def pieces(self) -> Iterable[bytes | int]:
+        yield self.read_all()
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    entry: fmt.Entry
+    children: dict[bytes, Node] | None = None  # directories only
+    source: DataSource | None = None
+    link_group: object | None = None  # identity shared by hard links
+    implicit: bool = False  # a parent directory the source never described
+    opaque: bool = False
+    extents: tuple[fmt.Extent, ...] | None = None
+
+
+@dataclass(slots=True)
+class ImportOptions:
+    source_date_epoch: int | None = None
+    strip_volatile: bool = False
+    name: str = ""
+    version: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def clamp(self, mtime_ns: int) -> int:
+        if self.source_date_epoch is None:
+            return mtime_ns
+        return min(mtime_ns, self.source_date_epoch * 1_000_000_000)
+
+
+def split_path(path: bytes, *, what: str) -> tuple[bytes, ...]:
+    """Normalise a member path into safe components, or reject it.
+
+    Leading ``./`` and empty or ``.`` components are dropped (tar writes ``./usr/``);
+    absolute paths and ``..`` are refused outright rather than rewritten, because an
+    archive that contains them was made by something we should not trust.
+    """
+    if b"\0" in path:
+        raise ImportRejected(f"{what}: name contains a NUL byte")
+    if path.startswith(b"/"):
+        raise ImportRejected(f"{what}: absolute path")
+    if len(path) > PATH_MAX:
+        raise ImportRejected(f"{what}: path longer than {PATH_MAX} bytes")
+    parts = tuple(p for p in path.split(b"/") if p not in (b"", b"."))
+    for part in parts:
+        if part == b"..":
+            raise ImportRejected(f"{what}: path contains '..'")
+        if len(part) > fmt.NAME_MAX:
+            raise ImportRejected(f"{what}: a name is longer than {fmt.NAME_MAX} bytes")
+    return parts
+
+
+def show(parts: tuple[bytes, ...]) -> str:
+    return "/".join(p.decode("utf-8", "backslashreplace") for p in parts) or "."
+
+
+class TreeBuilder:
+    """Accumulates a tree's entries, rejecting anything unsafe or ambiguous."""
+
+    def __init__(self, options: ImportOptions, *, source_name: str) -> None:
+        self.options = options
+        self.source_name = source_name
+        default_mtime = options.clamp(0)
+        self.root = Node(fmt.Entry(b"", fmt.Kind.DIR, 0o755, mtime_ns=default_mtime), {}, implicit=True)
+
+    def _parent(self, parts: tuple[bytes, ...], what: str) -> Node:
+        node = self.root
+        for depth, part in enumerate(parts[:-1]):
+            assert node.children is not None
+            child = node.children.get(part)
+            if child is None:
+                child = Node(fmt.Entry(part, fmt.Kind.DIR, 0o755, mtime_ns=self.options.clamp(0)), {},
+                             implicit=True)
+                node.children[part] = child
+            elif child.entry.kind is fmt.Kind.SYMLINK:
+                raise ImportRejected(f"{what}: path goes through symlink {show(parts[: depth + 1])}")
+            elif child.entry.kind is not fmt.Kind.DIR:
+                raise ImportRejected(f"{what}: path goes through non-directory {show(parts[: depth + 1])}")
+            node = child
+        return node
+
+    def set_root(self, entry: fmt.Entry) -> None:
+        entry.name = b""
+        entry.mtime_ns = self.options.clamp(entry.mtime_ns)
+        if not self.root.implicit:
+            raise ImportRejected(f"{self.source_name}: duplicate member for the root directory")
+        self.root.entry = entry
+        self.root.implicit = False
+
+    def add(self, parts: tuple[bytes, ...], entry: fmt.Entry, *, source: DataSource | None = None,
+            link_group: object | None = None, what: str) -> Node | None:
+        """Add one entry; returns its node, or None when it was dropped as volatile."""
+        if not parts:
+            if entry.kind is not fmt.Kind.DIR:
+                raise ImportRejected(f"{what}: the root must be a directory")
+            self.set_root(entry)
+            return self.root
+        if self.options.strip_volatile and entry.kind is not fmt.Kind.DIR and is_volatile(b"/".join(parts)):
+            return None
+        try:
+            fmt.check_name(parts[-1])
+        except FormatError as exc:
+            raise ImportRejected(f"{what}: {exc}") from None
+        parent = self._parent(parts, what)
+        assert parent.children is not None
+        entry.name = parts[-1]
+        entry.mtime_ns = self.options.clamp(entry.mtime_ns)
+        existing = parent.children.get(parts[-1])
+        if existing is not None:
+            if existing.implicit and entry.kind is fmt.Kind.DIR:
+                existing.entry = entry
+                existing.implicit = False
+                return existing
+            raise ImportRejected(f"{what}: duplicate member")
+        node = Node(entry, {} if entry.kind is fmt.Kind.DIR else None, source, link_group)
+        parent.children[parts[-1]] = node
+        return node
+
+    def lookup(self, parts: tuple[bytes, ...]) -> Node | None:
+        node = self.root
+        for part in parts:
+            if node.children is None:
+                return None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def mark_opaque(self, parts: tuple[bytes, ...], what: str) -> None:
+        node = self.lookup(parts)
+        if node is None:
+            node = self._parent((*parts, b"x"), what)
+        if node.entry.kind is not fmt.Kind.DIR:
+            raise ImportRejected(f"{what}: opaque marker inside a non-directory")
+        node.opaque = True
+
+    def walk(self) -> Iterator[tuple[tuple[bytes, ...], Node]]:
+        """Canonical order: depth-first pre-order, siblings by name bytes."""
+        stack: list[tuple[tuple[bytes, ...], Node]] = [((), self.root)]
+        while stack:
+            parts, node = stack.pop()
+            yield parts, node
+            if node.children:
+                for name in sorted(node.children, reverse=True):
+                    stack.append(((*parts, name), node.children[name]))
+
+
+@dataclass(slots=True)
+class ImportResult:
+    digest: bytes
+    fileset: fmt.FileSet
+    entries: int
+    logical_bytes: int
+    new_bytes: int
+
+
+def write_fileset(store: Store, builder: TreeBuilder, *, pool: concurrent.futures.Executor | None = None,
+                  on_progress: Callable[[int], None] | None = None,
+                  prepare: Callable[[StoreWriter, ContentWriter], None] | None = None) -> ImportResult:
+    """Store every file, directory and the FileSet itself; commit with the tag last.
+
+    *prepare* runs inside the open writer before small files are streamed, which is
+    where a streaming importer (tar) stores its large members as it reads them.
+    """
+    opts = builder.options
+    own_pool = pool is None
+    executor = pool or concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                                             thread_name_prefix="cnpsfs-import")
+    try:
+        with store.writer(pool=executor) as writer:
+            content = ContentWriter(store, writer, executor)
+            content.on_progress = on_progress
+            if prepare is not None:
+                prepare(writer, content)
+            _store_file_data(builder, content)
+            content.finish()
+            root = _store_directories(builder, writer)
+            fileset = fmt.FileSet(opts.name, opts.version, root, opts.metadata)
+            digest = writer.add_object(fmt.encode_fileset(fileset))
+            tags = [(opts.name, opts.version, T_FILESET, digest)] if opts.name and opts.version else []
+            writer.commit(tags)
+            entries = sum(1 for _ in builder.walk())
+            return ImportResult(digest, fileset, entries, content.logical_bytes, writer.bytes_written)
+    finally:
+        if own_pool:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _store_file_data(builder: TreeBuilder, content: ContentWriter) -> None:
+    """Cut every regular file's data, in canonical order; hard links share one copy."""
+    groups: dict[object, list[tuple[tuple[bytes, ...], Node]]] = {}
+    for parts, node in builder.walk():
+        if node.link_group is not None:
+            groups.setdefault(node.link_group, []).append((parts, node))
+    for members in groups.values():
+        first = members[0][0]
+        for _parts, node in members:
+            node.entry.link = (b"/".join(first), len(members)) if len(members) > 1 else None
+    done: set[object] = set()
+    for _parts, node in builder.walk():
+        entry = node.entry
+        if entry.kind is not fmt.Kind.FILE or node.extents is not None:
+            continue
+        if node.link_group is not None:
+            if node.link_group in done:
+                continue
+            done.add(node.link_group)
+        assert node.source is not None
+        if entry.size >= LARGE_FILE:
+            node.extents, entry.hash = content.add_large(node.source.pieces(), entry.size)
+        elif entry.size:
+            data = node.source.read_all()
+            if len(data) != entry.size:
+                raise ImportRejected(f"{builder.source_name}: {entry.name!r} changed size while importing")
+            entry.hash = content.add_small(data, _setter(node))
+        else:
+            node.extents = ()
+
+
+def _setter(node: Node) -> Callable[[tuple[fmt.Extent, ...]], None]:
+    def set_extents(extents: tuple[fmt.Extent, ...]) -> None:
+        node.extents = extents
+    return set_extents
+
+
+def _store_directories(builder: TreeBuilder, writer: StoreWriter) -> fmt.Entry:
+    """Write directory objects bottom-up and return the root entry."""
+    extents_by_group: dict[object, tuple[tuple[fmt.Extent, ...], bytes | None]] = {}
+    for _parts, node in builder.walk():
+        if node.link_group is not None and node.extents is not None:
+            extents_by_group.setdefault(node.link_group, (node.extents, node.entry.hash))
+
+    def finish_file(node: Node) -> None:
+        entry = node.entry
+        extents = node.extents
+        if extents is None and node.link_group is not None and node.link_group in extents_by_group:
+            extents, entry.hash = extents_by_group[node.link_group]
+        if extents is None:
+            raise ImportRejected(f"{builder.source_name}: no data recorded for {entry.name!r}")
+        if len(extents) > fmt.INLINE_EXTENTS_MAX:
+            entry.content = writer.add_object(fmt.encode_extents_object(extents))
+            entry.extents = None
+        else:
+            entry.extents = extents
+            entry.content = None
+
+    # Reversed pre-order visits every child before its parent, without recursion.
+    for _parts, node in reversed(list(builder.walk())):
+        if node.entry.kind is fmt.Kind.FILE:
+            finish_file(node)
+        elif node.children is not None:
+            directory = fmt.Directory([c.entry for c in node.children.values()], node.opaque)
+            node.entry.tree = writer.add_object(fmt.encode_directory(directory))
+    return builder.root.entry

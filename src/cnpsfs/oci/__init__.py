@@ -1,0 +1,2 @@
+"""OCI: runtime bundles today; image import and export.
+"""
