@@ -74,20 +74,23 @@ def fuse_unavailable() -> str | None:
 
 FUSE_PROBLEM = fuse_unavailable()
 
-#: ``pytestmark = FUSE`` in every module that mounts: marks it ``fuse`` and skips it, saying
-#: why, when FUSE is unusable, except under CI=true where :func:`require_fuse` fails instead.
-FUSE = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(FUSE_PROBLEM is not None and not IN_CI, reason=f"no FUSE: {FUSE_PROBLEM}"),
-]
+#: ``pytestmark = FUSE`` (or ``@pytest.mark.fuse``) on every test that mounts. The marker is
+#: all there is: ``conftest.py`` checks :data:`FUSE_PROBLEM` before each marked test and
+#: skips it, saying why, or under CI=true fails it, so no mount test can pass by skipping
+#: in CI whatever helper it uses.
+FUSE = [pytest.mark.fuse]
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, device nodes, setuid, owners)")
 
 
 def require_fuse() -> None:
-    if FUSE_PROBLEM is not None:
+    """Skip (fail under CI=true) unless FUSE works: for code that mounts outside a marked test."""
+    if FUSE_PROBLEM is None:
+        return
+    if IN_CI:
         pytest.fail(f"real FUSE tests must not be skipped in CI (CI=true), but FUSE is unusable: {FUSE_PROBLEM}",
                     pytrace=False)
+    pytest.skip(f"no FUSE: {FUSE_PROBLEM}")
 
 
 # --------------------------------------------------------------------------- processes and mounts
@@ -189,6 +192,26 @@ class Mount:
 
     def requests(self) -> collections.Counter[str]:
         return collections.Counter(self.status()["requests"])
+
+    def cnpsfs(self, *args: str | os.PathLike[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """A ``cnpsfs`` command against this mount's store."""
+        return cnpsfs(*args, store=self.store, timeout=timeout)
+
+    def upgrade(self, ref: str | os.PathLike[str]) -> dict[str, Any]:
+        """``cnpsfs upgrade MNT REF --json``, as a user runs it; fails the test if refused."""
+        result = self.cnpsfs("upgrade", self.mountpoint, ref, "--json")
+        assert result.returncode == 0, (f"cnpsfs upgrade {ref} failed: {result.stderr}\n"
+                                        f"daemon log:\n{self.log()[-4000:]}")
+        return json.loads(result.stdout)
+
+    def request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One control-socket request without starting a CLI process (raises CnpsfsError):
+        the JSON request the CLI sends, for tests that need many swaps quickly."""
+        from cnpsfs.fs.control import control_request
+        from cnpsfs.fs.daemon import status_record
+
+        record = status_record(os.path.realpath(self.mountpoint))
+        return control_request(record["control"], request)
 
     def assert_alive(self) -> None:
         assert pid_alive(self.pid), f"the daemon (pid {self.pid}) exited; its log:\n{self.log()}"
@@ -485,6 +508,43 @@ def compare_mount(source: str | os.PathLike[str], mounted: str | os.PathLike[str
         if diffs:
             problems.append(f"{rel!r}: " + "; ".join(diffs))
     return problems
+
+
+@dataclass(frozen=True)
+class PathMeta:
+    """What a live-upgrade test compares per path: type, permission bits, size, content."""
+
+    kind: str  # f l d o
+    mode: int
+    size: int
+    content: str  # a file's digest, a symlink's target, "" otherwise
+
+
+def tree_meta(root: str | os.PathLike[str]) -> dict[str, PathMeta]:
+    """Every path below *root* (relative) with its :class:`PathMeta`."""
+    out: dict[str, PathMeta] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                out[rel] = PathMeta("f", stat.S_IMODE(st.st_mode), st.st_size, file_digest(path))
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = PathMeta("l", 0, 0, os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = PathMeta("d", stat.S_IMODE(st.st_mode), 0, "")
+            else:
+                out[rel] = PathMeta("o", stat.S_IMODE(st.st_mode), st.st_size, "")
+    return out
+
+
+def overlay_meta(*roots: Path) -> dict[str, PathMeta]:
+    """What stacking plain directories (no whiteouts) in order looks like."""
+    out: dict[str, PathMeta] = {}
+    for root in roots:
+        out.update(tree_meta(root))
+    return out
 
 
 # --------------------------------------------------------------------------- raw directory reads

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from cnpsfs_testlib import IS_ROOT, Cli
-from mountutil import FUSE, IN_CI, is_mounted, require_fuse
+from mountutil import IN_CI, is_mounted, require_fuse
 
 from cnpsfs import format as fmt
 from cnpsfs.ingest.directory import import_directory
@@ -225,8 +225,7 @@ def run_container(runtime: str, bundle: Path, *global_args: str) -> subprocess.C
         subprocess.run([runtime, *global_args, "delete", "--force", name], capture_output=True)
 
 
-@FUSE[0]
-@FUSE[1]
+@pytest.mark.fuse
 def test_runc_runs_a_read_only_bundle(bundles: Any, debian_rootfs: Path) -> None:
     bundle = bundles("hello")
     config = json.loads((bundle / "config.json").read_text())
@@ -237,8 +236,7 @@ def test_runc_runs_a_read_only_bundle(bundles: Any, debian_rootfs: Path) -> None
     assert result.stdout == f"hello from {version} as 0:0 in /\n"
 
 
-@FUSE[0]
-@FUSE[1]
+@pytest.mark.fuse
 def test_runc_as_a_named_user_needs_allow_other(bundles: Any, debian: tuple[Cli, Path], tmp_path: Path) -> None:
     cli, _base = debian
     refused = cli("bundle", "test.example/nobody", tmp_path / "refused")
@@ -250,8 +248,7 @@ def test_runc_as_a_named_user_needs_allow_other(bundles: Any, debian: tuple[Cli,
     assert result.stdout == "I am nobody home /nonexistent\n"
 
 
-@FUSE[0]
-@FUSE[1]
+@pytest.mark.fuse
 def test_runc_writable_bundle_keeps_changes_in_the_upper_dir(bundles: Any, debian: tuple[Cli, Path],
                                                              tmp_path: Path) -> None:
     cli, _base = debian
@@ -268,8 +265,7 @@ def test_runc_writable_bundle_keeps_changes_in_the_upper_dir(bundles: Any, debia
     assert (upper / "upper" / "written.txt").exists()  # the changes outlive the bundle
 
 
-@FUSE[0]
-@FUSE[1]
+@pytest.mark.fuse
 def test_crun_runs_a_bundle(bundles: Any, debian_rootfs: Path) -> None:
     bundle = bundles("hello")
     result = run_container("crun", bundle)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from cnpsfs_testlib import CNPSFS, Cli
-from mountutil import FUSE, IN_CI, is_mounted, require_fuse
+from mountutil import IN_CI, is_mounted
 
 from cnpsfs.errors import NotFoundError, UsageError
 from cnpsfs.fs.notify import Notifier
@@ -247,10 +247,8 @@ def _status(lines: list[str]) -> str:
 
 
 @pytest.mark.parametrize("fuse_mode", ["auto", "stock"])
-@FUSE[0]
-@FUSE[1]
+@pytest.mark.fuse
 def test_foreground_mount_speaks_sd_notify(app: tuple[Cli, Path], tmp_path: Path, fuse_mode: str) -> None:
-    require_fuse()
     cli, manifest = app
     image = tmp_path / "image.toml"
     shutil.copy(manifest, image)
@@ -289,11 +287,9 @@ def test_foreground_mount_speaks_sd_notify(app: tuple[Cli, Path], tmp_path: Path
     messages.sock.close()
 
 
-@FUSE[0]
-@FUSE[1]
+@pytest.mark.fuse
 def test_service_run_reload_stop(app: tuple[Cli, Path], tmp_path: Path) -> None:
     """What cnpsfs@web.service does: ExecStart, then ExecReload twice, then ExecStop and ExecStopPost."""
-    require_fuse()
     cli, _manifest = app
     confdir = tmp_path / "mounts"
     confdir.mkdir()
@@ -335,11 +331,9 @@ def test_service_run_reload_stop(app: tuple[Cli, Path], tmp_path: Path) -> None:
     messages.sock.close()
 
 
-@FUSE[0]
-@FUSE[1]
+@pytest.mark.fuse
 def test_service_run_recovers_from_a_killed_daemon(app: tuple[Cli, Path], tmp_path: Path) -> None:
     """A watchdog SIGABRT (here SIGKILL) leaves a dead mount; ExecStopPost and the restart clean it up."""
-    require_fuse()
     cli, _manifest = app
     confdir = tmp_path / "mounts"
     confdir.mkdir()

@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cnpsfs_testlib import Cli
+from cnpsfs_testlib import Cli, digest_of
 from conftest import build_debian_rootfs
-from swaputil import (
+from mountutil import (
+    FUSE,
     FUSE_MODES,
-    Meta,
-    create_image,
-    file_hash,
-    import_dir,
-    mounted,
-    needs_fuse,
+    Mount,
+    PathMeta,
+    file_digest,
+    mount_image,
+    needs_root,
     overlay_meta,
     tree_meta,
     write_manifest,
@@ -40,7 +40,7 @@ from swaputil import (
 from cnpsfs.errors import CnpsfsError
 from cnpsfs.store import T_CHUNK
 
-pytestmark = needs_fuse
+pytestmark = FUSE
 
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBACL = "libacl.so.1.1.2301"  # cp needs it; few other programs of a minbase do
@@ -51,6 +51,18 @@ MTIME = 1_700_000_000
 
 
 # --------------------------------------------------------------------------- the small data images
+
+
+def import_dir(cli: Cli, src: Path, name: str, version: str) -> str:
+    """Import *src* as NAME@VERSION; returns the reference ``NAME@VERSION``."""
+    digest_of(cli.ok("import", "dir", src, "--name", name, "--version", version))
+    return f"{name}@{version}"
+
+
+def create_image(cli: Cli, manifest: Path, ref: str) -> str:
+    """``cnpsfs image create`` of *manifest*, which tags *ref*; returns *ref*."""
+    cli.ok("image", "create", manifest)
+    return ref
 
 
 @dataclass
@@ -115,7 +127,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
     def image(version: str, middle: str) -> str:
         layers = [{"fileset": refs["common"]}, {"fileset": refs[middle]},
                   {"fileset": refs["extra"], "label": "extra"}]
-        return create_image(cli, write_manifest(top / f"{version}.toml", "test.example/data", version, layers))
+        manifest = write_manifest(top / f"{version}.toml", "test.example/data", layers, version=version)
+        return create_image(cli, manifest, f"test.example/data@{version}")
 
     image_a, image_b = image("A", "va"), image("B", "vb")
     with sqlite3.connect(top / "store" / "index.sqlite") as db:
@@ -131,15 +144,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Data:
         db.commit()
     finally:
         db.close()
-    conflict = write_manifest(top / "conflict.toml", "test.example/conflict", "1",
+    conflict = write_manifest(top / "conflict.toml", "test.example/conflict",
                               [{"fileset": refs["va"]}, {"fileset": refs["vb"]}], mode="union")
     return Data(cli, common, va, vb, extra, image_a, image_b, image_c, conflict)
 
 
-_EXPECTED: dict[tuple[int, str, bool], dict[str, Meta]] = {}
+_EXPECTED: dict[tuple[int, str, bool], dict[str, PathMeta]] = {}
 
 
-def expected(data: Data, version: str, *, extra: bool = True) -> dict[str, Meta]:
+def expected(data: Data, version: str, *, extra: bool = True) -> dict[str, PathMeta]:
     """The tree image A or B must show (hashed once per module)."""
     key = (id(data), version, extra)
     if key not in _EXPECTED:
@@ -154,8 +167,8 @@ def fuse_mode(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def data_mount(data: Data, tmp_path: Path, fuse_mode: str) -> Iterator:
-    with mounted(data.cli, data.image_a, tmp_path / "mnt", fuse_mode=fuse_mode) as m:
+def data_mount(data: Data, tmp_path: Path, fuse_mode: str) -> Iterator[Mount]:
+    with mount_image(data.cli.store_path, data.image_a, tmp_path / "mnt", mode=fuse_mode) as m:
         yield m
 
 
@@ -192,16 +205,18 @@ def exec_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Cli, str, str
         (root / "opt/gen/marker").write_text(version)
         import_dir(cli, root, f"test.example/libacl-{version}", "1")
     import_dir(cli, base, "test.example/base", "1")
-    images = [create_image(cli, write_manifest(top / f"{v}.toml", "test.example/exec", v.upper(),
+    images = [create_image(cli, write_manifest(top / f"{v}.toml", "test.example/exec",
                                                [{"fileset": "test.example/base@1"},
-                                                {"fileset": f"test.example/libacl-{v}@1"}]))
+                                                {"fileset": f"test.example/libacl-{v}@1"}], version=v.upper()),
+                           f"test.example/exec@{v.upper()}")
               for v in "ab"]
     return cli, images[0], images[1]
 
 
+@needs_root  # chroot
 def test_exec_loop_during_swaps(exec_images: tuple[Cli, str, str], tmp_path: Path, fuse_mode: str) -> None:
     cli, image_a, image_b = exec_images
-    with mounted(cli, image_a, tmp_path / "mnt", fuse_mode=fuse_mode) as m:
+    with mount_image(cli.store_path, image_a, tmp_path / "mnt", mode=fuse_mode) as m:
         # The image has no /dev/null: cp's version text goes to the pipe, the loader's errors to stderr.
         loop = "i=0; while [ $i -lt 500 ]; do cp --version || echo FAIL; i=$((i+1)); done"
         swaps: list[int] = []
@@ -222,8 +237,8 @@ def test_exec_loop_during_swaps(exec_images: tuple[Cli, str, str], tmp_path: Pat
         chroot = shutil.which("chroot") or "/usr/sbin/chroot"
         try:
             while (runs < EXEC_LOOP or len(swaps) < EXEC_SWAPS) and not failure:
-                proc = subprocess.run([chroot, str(m.path), "/bin/sh", "-c", loop], capture_output=True, text=True,
-                                      timeout=300, env={"PATH": "/usr/bin:/bin", "LANG": "C"})
+                proc = subprocess.run([chroot, str(m.mountpoint), "/bin/sh", "-c", loop], capture_output=True,
+                                      text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "LANG": "C"})
                 assert proc.returncode == 0, proc.stderr
                 runs += 500
                 output += [ln for ln in proc.stdout.splitlines() if ln == "FAIL"]
@@ -242,7 +257,7 @@ def test_exec_loop_during_swaps(exec_images: tuple[Cli, str, str], tmp_path: Pat
 # --------------------------------------------------------------------------- 2. open files
 
 
-def test_open_file_keeps_old_content(data: Data, data_mount) -> None:
+def test_open_file_keeps_old_content(data: Data, data_mount: Mount) -> None:
     m = data_mount
     changed = [r for r, meta in expected(data, "A").items()
                if meta.kind == "f" and expected(data, "B").get(r, meta) != meta]
@@ -250,13 +265,13 @@ def test_open_file_keeps_old_content(data: Data, data_mount) -> None:
     old = (data.va / rel).read_bytes()
     new = (data.vb / rel).read_bytes()
     assert old != new and len(old) > 300_000
-    fd = os.open(m.path / rel, os.O_RDONLY)
+    fd = os.open(m.mountpoint / rel, os.O_RDONLY)
     try:
         assert os.pread(fd, len(old) + 1, 0) == old
         for target, now in [(data.image_b, new), (data.image_a, old), (data.image_b, new)]:
             m.upgrade(target)
             assert _read_fd(fd) == old  # the same fd: the content it was opened with
-            assert (m.path / rel).read_bytes() == now  # a new open: the current generation
+            assert (m.mountpoint / rel).read_bytes() == now  # a new open: the current generation
     finally:
         os.close(fd)
 
@@ -272,47 +287,48 @@ def _read_fd(fd: int) -> bytes:
 # --------------------------------------------------------------------------- 3. link, unlink, symlinks, rollback
 
 
-def test_unlink_and_link_hide_and_show_a_layer(data: Data, data_mount) -> None:
+def test_unlink_and_link_hide_and_show_a_layer(data: Data, data_mount: Mount) -> None:
     m = data_mount
-    share = m.path / "usr/share/common"
+    share = m.mountpoint / "usr/share/common"
     assert "extra-doc" in os.listdir(share)  # listed (and cached, in auto mode) before the swap
-    assert (m.path / "opt/extra/tool").read_bytes() == b"#!/bin/sh\n"
-    assert "extra" in os.listdir(m.path / "opt")
+    assert (m.mountpoint / "opt/extra/tool").read_bytes() == b"#!/bin/sh\n"
+    assert "extra" in os.listdir(m.mountpoint / "opt")
 
-    m.cnpsfs("unlink", m.path, "extra")
+    assert m.cnpsfs("unlink", m.mountpoint, "extra").returncode == 0
     assert "extra-doc" not in os.listdir(share)
-    assert not (m.path / "opt/extra/tool").exists()
+    assert not (m.mountpoint / "opt/extra/tool").exists()
     assert not (share / "extra-doc").exists()
-    assert "extra" not in os.listdir(m.path / "opt")
+    assert "extra" not in os.listdir(m.mountpoint / "opt")
     assert [layer["unlinked"] for layer in m.status()["layers"]] == [False, False, True]
-    assert tree_meta(m.path) == expected(data, "A", extra=False)
+    assert tree_meta(m.mountpoint) == expected(data, "A", extra=False)
 
-    m.cnpsfs("link", m.path, "3")
+    assert m.cnpsfs("link", m.mountpoint, "3").returncode == 0
     assert "extra-doc" in os.listdir(share)
-    assert (m.path / "opt/extra/tool").read_bytes() == b"#!/bin/sh\n"
+    assert (m.mountpoint / "opt/extra/tool").read_bytes() == b"#!/bin/sh\n"
     assert [layer["unlinked"] for layer in m.status()["layers"]] == [False, False, False]
-    assert tree_meta(m.path) == expected(data, "A")
+    assert tree_meta(m.mountpoint) == expected(data, "A")
 
 
-def test_symlink_target_changes_with_upgrade(data: Data, data_mount) -> None:
+def test_symlink_target_changes_with_upgrade(data: Data, data_mount: Mount) -> None:
     m = data_mount
-    assert os.readlink(m.path / "usr/bin/tool") == "tool-a"
-    assert (m.path / "opt/app/current").read_bytes() == b"only in A\n"
+    assert os.readlink(m.mountpoint / "usr/bin/tool") == "tool-a"
+    assert (m.mountpoint / "opt/app/current").read_bytes() == b"only in A\n"
     m.upgrade(data.image_b)
-    assert os.readlink(m.path / "usr/bin/tool") == "tool-b"
-    assert (m.path / "opt/app/current").read_bytes() == b"only in B\n"
-    assert sorted(os.listdir(m.path / "opt")) == ["app", "extra", "only-b"]
+    assert os.readlink(m.mountpoint / "usr/bin/tool") == "tool-b"
+    assert (m.mountpoint / "opt/app/current").read_bytes() == b"only in B\n"
+    assert sorted(os.listdir(m.mountpoint / "opt")) == ["app", "extra", "only-b"]
 
 
-def test_rollback_restores_the_previous_tree(data: Data, data_mount) -> None:
+def test_rollback_restores_the_previous_tree(data: Data, data_mount: Mount) -> None:
     m = data_mount
-    before = tree_meta(m.path)  # loads (and in auto mode caches) the whole A tree
+    before = tree_meta(m.mountpoint)  # loads (and in auto mode caches) the whole A tree
     assert before == expected(data, "A")
     m.upgrade(data.image_b)
-    assert tree_meta(m.path) == expected(data, "B")
-    result = m.cnpsfs("rollback", m.path)
+    assert tree_meta(m.mountpoint) == expected(data, "B")
+    result = m.cnpsfs("rollback", m.mountpoint)
+    assert result.returncode == 0, result.stderr
     assert "generation 3" in result.stdout
-    assert tree_meta(m.path) == before
+    assert tree_meta(m.mountpoint) == before
     status = m.status()
     assert status["image"]["version"] == "A"
     assert [h["reason"] for h in status["history"]][-1] == "rollback"
@@ -321,7 +337,7 @@ def test_rollback_restores_the_previous_tree(data: Data, data_mount) -> None:
 # --------------------------------------------------------------------------- 4. walkers during swaps
 
 
-def test_walkers_see_whole_files_during_swaps(data: Data, data_mount) -> None:
+def test_walkers_see_whole_files_during_swaps(data: Data, data_mount: Mount) -> None:
     m = data_mount
     versions: dict[str, set[str]] = {}
     for version in "AB":
@@ -336,14 +352,14 @@ def test_walkers_see_whole_files_during_swaps(data: Data, data_mount) -> None:
 
     def walker() -> None:
         while not stop.is_set():
-            for dirpath, _dirs, files in os.walk(m.path):
+            for dirpath, _dirs, files in os.walk(m.mountpoint):
                 for name in files:
                     path = os.path.join(dirpath, name)
-                    rel = os.path.relpath(path, m.path)
+                    rel = os.path.relpath(path, m.mountpoint)
                     if rel in links:
                         continue
                     try:
-                        digest = file_hash(path)
+                        digest = file_digest(path)
                     except OSError as exc:
                         # A name only one version has may vanish between listing and opening.
                         if exc.errno != errno.ENOENT or rel in in_both:
@@ -373,25 +389,25 @@ def test_walkers_see_whole_files_during_swaps(data: Data, data_mount) -> None:
 
 
 @pytest.mark.parametrize("fuse_mode", ["auto"])
-def test_bad_requests_change_nothing(data: Data, data_mount) -> None:
+def test_bad_requests_change_nothing(data: Data, data_mount: Mount) -> None:
     m = data_mount
-    before = tree_meta(m.path)
+    before = tree_meta(m.mountpoint)
     cases = [
-        (("unlink", m.path, "9"), "unknown layer 9"),
-        (("link", m.path, "nosuch"), "unknown layer 'nosuch'"),
-        (("upgrade", m.path, "test.example/nosuch@1"), "unknown reference"),
-        (("upgrade", m.path, data.union_conflict), "union conflict at /"),
-        (("upgrade", m.path, data.image_c), "missing from the store"),
+        (("unlink", m.mountpoint, "9"), "unknown layer 9"),
+        (("link", m.mountpoint, "nosuch"), "unknown layer 'nosuch'"),
+        (("upgrade", m.mountpoint, "test.example/nosuch@1"), "unknown reference"),
+        (("upgrade", m.mountpoint, data.union_conflict), "union conflict at /"),
+        (("upgrade", m.mountpoint, data.image_c), "missing from the store"),
     ]
     for args, why in cases:
-        result = m.cnpsfs(*args, check=False)
-        assert result.rc != 0, result
+        result = m.cnpsfs(*args)
+        assert result.returncode != 0, result
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and why in lines[0], result
         status = m.status()
         assert status["generation"] == 1, (args, status["history"])
         assert status["image"]["version"] == "A"
-    assert tree_meta(m.path) == before
+    assert tree_meta(m.mountpoint) == before
     with pytest.raises(CnpsfsError, match="no previous generation"):
         m.request({"op": "rollback"})
 
@@ -399,14 +415,14 @@ def test_bad_requests_change_nothing(data: Data, data_mount) -> None:
 # --------------------------------------------------------------------------- 6. inode numbers
 
 
-def test_unchanged_entries_keep_their_inode_numbers(data: Data, data_mount) -> None:
+def test_unchanged_entries_keep_their_inode_numbers(data: Data, data_mount: Mount) -> None:
     m = data_mount
     same = [rel for rel, meta in expected(data, "A").items() if expected(data, "B").get(rel) == meta]
     changed = [rel for rel, meta in expected(data, "A").items()
                if meta.kind == "f" and rel in expected(data, "B") and expected(data, "B")[rel] != meta]
     assert len(same) > 40 and changed
-    before = {rel: os.lstat(m.path / rel).st_ino for rel in same + changed}
+    before = {rel: os.lstat(m.mountpoint / rel).st_ino for rel in same + changed}
     m.upgrade(data.image_b)
-    after = {rel: os.lstat(m.path / rel).st_ino for rel in same + changed}
+    after = {rel: os.lstat(m.mountpoint / rel).st_ino for rel in same + changed}
     assert {rel: after[rel] for rel in same} == {rel: before[rel] for rel in same}
     assert all(after[rel] != before[rel] for rel in changed)
