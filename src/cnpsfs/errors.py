@@ -48,3 +48,40 @@ class ImportRejected(CnpsfsError):
 
 class ConflictError(CnpsfsError):
     """Two layers of a union composition provide different content at one path."""
+
+
+class TransportError(CnpsfsError):
+    """A network transfer failed: connection, TLS, timeout, or an HTTP status we cannot use.
+
+    The message is one line naming the host and the resource (URL path or blob digest).
+    ``host`` and ``resource`` are kept as attributes so callers (mirror lists, the remote
+    store) can decide what to try next without parsing the message.
+    """
+
+    def __init__(self, message: str, *, host: str = "", resource: str = "", status: int | None = None,
+                 exit_code: int | None = None) -> None:
+        super().__init__(message, exit_code=exit_code)
+        self.host = host
+        self.resource = resource
+        self.status = status
+
+
+class TransportTimeout(TransportError):
+    """A call did not complete within its deadline (a stalled server, a dead network)."""
+
+
+class RemoteDataError(TransportError):
+    """A server sent bytes that are not what was asked for: short, too long, a wrong range or
+    a digest mismatch. Never retried silently into the caller's data: the caller refetches."""
+
+
+class RegistryError(TransportError):
+    """An OCI registry (or a web server) answered a request with an error status."""
+
+
+class RemoteNotFoundError(RegistryError, NotFoundError):
+    """The server says the manifest, blob, tag or repository does not exist (404)."""
+
+
+class AuthError(RegistryError):
+    """Credentials are missing or wrong, or the token server refused them (401/403)."""
