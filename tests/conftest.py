@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from cnpsfs_testlib import IS_ROOT, Cli, CliResult, Meta, Node, build_tree, digest_of, snapshot, synthetic_nodes
+from servers import fault_proxy, nginx, registry, tls_registry, token_registry  # noqa: F401 (fixtures for every module)
 
 from cnpsfs.store import Store
 

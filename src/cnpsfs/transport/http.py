@@ -206,7 +206,7 @@ def status_error(resp: Response, resource: str | None = None, *, attempts: int =
     """The error for an unusable status: AuthError (401/403), RemoteNotFoundError (404), else RegistryError."""
     detail = summarize_body(resp.content) if resp.body_read else ""
     problem = f"HTTP {resp.status} {resp.reason}".rstrip()
-    if detail:
+    if detail and detail not in problem and f"{resp.status} {resp.reason}" not in detail:
         problem += f" ({detail})"
     if attempts > 1:
         problem += f" after {attempts} attempts"
@@ -298,6 +298,7 @@ class Response:
         self._read_timeout = read_timeout
         self._resource = resource
         self._content: bytes | None = None
+        self._eof = False
 
     @property
     def body_read(self) -> bool:
@@ -341,6 +342,7 @@ class Response:
                                  TransportTimeout) from None
                 raise _error(self.url, self._resource, _describe(exc), retryable=_is_retryable_exc(exc)) from None
             if not data:
+                self._eof = True
                 return
             yield data
 
@@ -360,7 +362,7 @@ class Response:
     def close(self) -> None:
         """Drop the connection unless the body was read to the end (then it is reused)."""
         try:
-            if self._content is None:
+            if self._content is None and not self._eof:
                 self._raw.close()
             self._raw.release_conn()
         except Exception:  # closing never raises

@@ -203,6 +203,9 @@ class RegistryClient:
         self._own_session = session is None
         self.credentials = credentials
         self.max_parallel = max(1, max_parallel)
+        #: Uploads above this size go in PATCH chunks of ``chunk_size``.
+        self.monolithic_max = MONOLITHIC_MAX
+        self.chunk_size = CHUNK_SIZE
         host = urlsplit(f"//{self.endpoint}").hostname or self.endpoint
         self._plain_allowed = is_loopback(host) or not self.session.config.tls_verify
         if scheme not in (None, "http", "https"):
@@ -225,8 +228,10 @@ class RegistryClient:
 
     def for_repository(self, repository: str) -> RegistryClient:
         """A client for another repository of the same registry, sharing the session and credentials."""
-        return RegistryClient(self.registry, repository, session=self.session, credentials=self.credentials,
-                              scheme=self._scheme, max_parallel=self.max_parallel)
+        other = RegistryClient(self.registry, repository, session=self.session, credentials=self.credentials,
+                               scheme=self._scheme, max_parallel=self.max_parallel)
+        other.monolithic_max, other.chunk_size = self.monolithic_max, self.chunk_size
+        return other
 
     def close(self) -> None:
         if self._own_session:
@@ -772,7 +777,7 @@ class RegistryClient:
         if resp.status != 202:
             raise status_error(resp, what)
         location = self._location(resp, what)
-        if size > MONOLITHIC_MAX:
+        if size > self.monolithic_max:
             location = self._patch_chunks(location, source, size, what, progress)
             body: bytes | Callable[[], IO[bytes]] = b""
             length = 0
@@ -799,7 +804,7 @@ class RegistryClient:
                       progress: Callable[[int], object] | None) -> str:
         offset = 0
         while offset < size:
-            n = min(CHUNK_SIZE, size - offset)
+            n = min(self.chunk_size, size - offset)
             start = offset
             body = source[start:start + n] if isinstance(source, bytes) else _slice_factory(Path(source), start, n)
             resp = self._request("PATCH", location, resource=what, push=True, body=body,
