@@ -89,9 +89,12 @@ def free_port() -> int:
 
 
 def wait_http(url: str, *, proc: subprocess.Popen[bytes] | None = None, log_file: Path | None = None,
-              ca_file: str | None = None, timeout: float = START_TIMEOUT) -> None:
+              ca_file: str | None = None, client_cert: tuple[Path, Path] | None = None,
+              timeout: float = START_TIMEOUT) -> None:
     """Until *url* answers any HTTP status; fail at once (with the log) if *proc* exited."""
     ctx = ssl.create_default_context(cafile=ca_file) if url.startswith("https:") else None
+    if ctx and client_cert:
+        ctx.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
     parts = urllib.parse.urlsplit(url)
     t_end = time.monotonic() + timeout
     last = ""
@@ -221,8 +224,14 @@ class RegistryServer:
 
 
 def start_registry(workdir: Path, *, auth: dict[str, Any] | None = None, tls: tuple[Path, Path] | None = None,
-                   ca_file: Path | None = None, **extra: Any) -> RegistryServer:
-    """Start docker-registry with a temp config (JSON, which its YAML parser reads) and storage dir."""
+                   ca_file: Path | None = None, client_ca: Path | None = None,
+                   client_cert: tuple[Path, Path] | None = None, **extra: Any) -> RegistryServer:
+    """Start docker-registry with a temp config (JSON, which its YAML parser reads) and storage dir.
+
+    *tls* is (certificate, key); *ca_file* the CA that signed it (for the readiness probe);
+    *client_ca* makes the registry demand client certificates signed by it, and
+    *client_cert* (certificate, key) is what the probe then presents.
+    """
     program = require_program("docker-registry", "docker-registry")
     workdir.mkdir(parents=True, exist_ok=True)
     storage = workdir / "storage"
@@ -240,6 +249,8 @@ def start_registry(workdir: Path, *, auth: dict[str, Any] | None = None, tls: tu
         }
         if tls:
             config["http"]["tls"] = {"certificate": str(tls[0]), "key": str(tls[1])}
+            if client_ca:
+                config["http"]["tls"]["clientcas"] = [str(client_ca)]
         if auth:
             config["auth"] = auth
         config.update(extra)
@@ -252,7 +263,8 @@ def start_registry(workdir: Path, *, auth: dict[str, Any] | None = None, tls: tu
         scheme = "https" if tls else "http"
         url = f"{scheme}://127.0.0.1:{port}"
         try:
-            wait_http(f"{url}/v2/", proc=proc, log_file=log_file, ca_file=str(ca_file) if ca_file else None)
+            wait_http(f"{url}/v2/", proc=proc, log_file=log_file, ca_file=str(ca_file) if ca_file else None,
+                      client_cert=client_cert)
         except RuntimeError as exc:
             stop_process(proc)
             last_error = str(exc)
@@ -335,7 +347,8 @@ class TokenServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}/token"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="token-server", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="token-server",
+                                        daemon=True)
         self._thread.start()
 
     def reset(self) -> None:

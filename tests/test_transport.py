@@ -416,6 +416,28 @@ def test_tls_refused_without_the_ca(tls_registry: RegistryServer) -> None:
     assert insecure.head_manifest("v1").digest == digest  # type: ignore[union-attr]
 
 
+def test_client_certificate(tmp_path: Path) -> None:
+    from servers import TestCA, start_registry
+
+    ca = TestCA(tmp_path / "ca")
+    cert, key, _, _ = ca.issue("registry")
+    client_cert, client_key, _, _ = ca.issue("client", server=False)
+    server = start_registry(tmp_path / "reg", tls=(cert, key), ca_file=ca.cert_file, client_ca=ca.cert_file,
+                            client_cert=(client_cert, client_key))
+    try:
+        base = {**FAST.__dict__, "ca_file": str(ca.cert_file)}
+        without = client(server, config=HttpConfig(**base))
+        with pytest.raises(TransportError) as info:
+            without.list_tags()
+        one_line(info.value, server.host, "TLS")
+        with_cert = client(server, config=HttpConfig(**{**base, "client_cert": str(client_cert),
+                                                        "client_key": str(client_key)}))
+        digest, _ = push_image(with_cert, "v1", layers=1)
+        assert with_cert.get_manifest("v1").digest == digest
+    finally:
+        server.stop()
+
+
 def test_bad_ca_file_is_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as info:
         Session(HttpConfig(ca_file=str(tmp_path / "nope.pem")))

@@ -30,6 +30,7 @@ What a call guarantees:
 from __future__ import annotations
 
 import email.utils
+import importlib.metadata
 import ipaddress
 import json
 import logging
@@ -50,7 +51,6 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 import urllib3.exceptions as u3e
 
-from cnpsfs import __version__
 from cnpsfs.errors import (
     AuthError,
     RegistryError,
@@ -65,11 +65,19 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+try:
+    _VERSION = importlib.metadata.version("cnpsfs")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    _VERSION = "dev"
+
 #: Statuses worth another attempt: the server (or a proxy) says "not now", not "no".
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: Statuses a non-idempotent request may be retried on: the server did not act on it.
 NOT_PROCESSED_STATUSES = frozenset({429, 503})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+#: OpenSSL's reasons for "the peer does not speak TLS" (a plain HTTP server answered).
+NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                             "HTTP_REQUEST", "UNKNOWN_PROTOCOL"})
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 MAX_REDIRECTS = 10
 #: Redirect targets remembered per session (blob → presigned URL); old ones fall out.
@@ -113,7 +121,7 @@ class HttpConfig:
     client_key: str | None = None
     #: Connections kept per host (more may be opened under load, then closed).
     max_connections: int = 16
-    user_agent: str = f"cnpsfs/{__version__}"
+    user_agent: str = f"cnpsfs/{_VERSION}"
 
 
 # --------------------------------------------------------------------------- errors
@@ -627,7 +635,11 @@ class Session:
                     raise _error(current, resource, "deadline exceeded (" + _describe(exc) + ")",
                                  TransportTimeout) from None
                 err = _error(current, resource, _describe(exc), retryable=_is_retryable_exc(exc))
-                err.cert_error = isinstance(_root_cause(exc), ssl.SSLCertVerificationError)  # type: ignore[attr-defined]
+                root = _root_cause(exc)
+                # The one case where plain HTTP may be tried next (loopback, or tls_verify=False):
+                # the server answered the TLS hello with something that is not TLS.
+                err.tls_not_spoken = isinstance(root, ssl.SSLError) and \
+                    str(root.reason).upper() in NOT_TLS_REASONS  # type: ignore[attr-defined]
                 raise err from None
             finally:
                 if hasattr(payload, "close"):

@@ -280,7 +280,7 @@ class RegistryClient:
                     resp = self.session.request("GET", url, max_body=1024 * 1024, resource="/v2/")
                 except TransportError as exc:
                     last = exc
-                    if getattr(exc, "cert_error", False) or scheme == schemes[-1]:
+                    if not getattr(exc, "tls_not_spoken", False) or scheme == schemes[-1]:
                         raise
                     log.debug("%s: %s; trying plain http", self.registry, exc)
                     continue
