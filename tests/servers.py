@@ -484,7 +484,8 @@ class FaultProxy:
     ``request_delay`` / ``connection_delay`` (seconds) simulate RTT (this kernel has no
     netem); ``bandwidth`` (bytes/s, shared by all connections) caps throughput. Faults are
     added with :meth:`add`. ``requests[(METHOD, PATH)]`` and ``bytes_sent[PATH]`` count what
-    was served; ``log`` lists (method, path, status, range) per request. :meth:`presign`
+    was served; ``log`` lists (method, path, status, range) per request; ``connections`` counts
+    TCP connections and ``max_in_flight`` the most requests served at once. :meth:`presign`
     turns blob GETs into 307 redirects to fake presigned storage URLs on ``localhost``.
     """
 
@@ -501,6 +502,8 @@ class FaultProxy:
         self.bytes_sent: Counter[str] = Counter()
         self.log: list[tuple[str, str, int, str | None]] = []
         self.connections = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.auth_leaks = 0
         self._presign: str | None = None
         self._presign_generation = 0
@@ -523,7 +526,14 @@ class FaultProxy:
                     time.sleep(proxy.connection_delay)
 
             def do_GET(self) -> None:
-                proxy._handle(self)
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                try:
+                    proxy._handle(self)
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
 
             do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
@@ -549,6 +559,7 @@ class FaultProxy:
             self.requests.clear()
             self.bytes_sent.clear()
             self.log.clear()
+            self.max_in_flight = self.in_flight
 
     def presign(self, path: str = r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$") -> None:
         """Answer GETs of matching paths with a 307 to ``http://localhost:PORT/_storage/GEN/PATH``."""

@@ -662,12 +662,39 @@ def test_redirects_to_presigned_storage(proxied: Any) -> None:
 def test_has_blobs_is_parallel_and_bounded(proxied: Any) -> None:
     proxy, c, _ = proxied
     c.max_parallel = 4
-    digests = [sha256_digest(str(i).encode()) for i in range(8)]
+    digests = [sha256_digest(str(i).encode()) for i in range(12)]
     proxy.request_delay = 0.2
     t0 = time.monotonic()
     assert c.has_blobs(digests) == dict.fromkeys(digests)
     elapsed = time.monotonic() - t0
-    assert 0.4 <= elapsed < 1.2, elapsed  # two rounds of four, not eight in a row nor all at once
+    assert proxy.max_in_flight == 4
+    assert elapsed < 2.0, elapsed  # 12 in a row would take 2.4 s
+
+
+def test_fault_proxy_shapes_traffic(proxied: Any) -> None:
+    """The latency and bandwidth knobs other tests rely on for "20 ms RTT" really delay."""
+    proxy, c, blobs = proxied
+    d, data = layer(blobs)
+    c.get_blob(d)  # a warm connection
+    proxy.request_delay = 0.05
+    t0 = time.monotonic()
+    for _ in range(4):
+        c.stat_blob(d)
+    assert time.monotonic() - t0 >= 0.2
+    proxy.request_delay = 0
+    proxy.bandwidth = 200_000
+    t0 = time.monotonic()
+    assert c.get_blob(d) == data
+    assert time.monotonic() - t0 >= 0.2  # 50 kB at 200 kB/s
+    proxy.bandwidth = None
+    proxy.connection_delay = 0.3
+    fresh = RegistryClient(proxy.host, c.repository, session=Session(FAST), scheme="http")
+    before = proxy.connections
+    t0 = time.monotonic()
+    fresh.stat_blob(d)
+    fresh.stat_blob(d)
+    assert proxy.connections == before + 1  # one new connection, reused
+    assert 0.3 <= time.monotonic() - t0 < 1.0
 
 
 def test_forward_proxy_from_config_and_environment(proxied: Any) -> None:
