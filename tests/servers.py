@@ -505,6 +505,7 @@ class FaultProxy:
         self.in_flight = 0
         self.max_in_flight = 0
         self.auth_leaks = 0
+        self.proxy_authorizations: list[str] = []
         self._presign: str | None = None
         self._presign_generation = 0
         self._lock = threading.Lock()
@@ -637,6 +638,8 @@ class FaultProxy:
         body = self._read_body(req)
         with self._lock:
             self.requests[(method, path)] += 1
+            if "Proxy-Authorization" in req.headers:
+                self.proxy_authorizations.append(req.headers["Proxy-Authorization"])
             fault = next((f for f in self.faults if f.matches(method, path)), None)
             if fault:
                 fault.hits += 1

@@ -551,6 +551,23 @@ def test_retries_are_bounded(proxied: Any) -> None:
     assert time.monotonic() - t0 < 3
 
 
+def test_uploads_restart_after_server_errors(proxied: Any) -> None:
+    proxy, c, _ = proxied
+    c.monolithic_max, c.chunk_size = 10_000, 8_000
+    data = secrets.token_bytes(20_000)
+    d = sha256_digest(data)
+    proxy.add("status", status=500, method="PATCH", path="/blobs/uploads/")
+    proxy.add("status", status=502, method="PUT", path="/blobs/uploads/")
+    assert c.push_blob(d, data) == "uploaded"
+    assert proxy.count("POST", "/blobs/uploads/$") == 2  # the PATCH failure restarted the upload
+    assert proxy.count("PUT", "/blobs/uploads/") == 2  # the PUT is idempotent: retried in place
+    assert c.get_blob(d) == data
+    proxy.add("status", status=400, method="POST", path="/blobs/uploads/")
+    with pytest.raises(RegistryError) as info:
+        c.push_blob(sha256_digest(b"y"), b"y")
+    one_line(info.value, proxy.host, "HTTP 400")
+
+
 def test_429_honours_retry_after(proxied: Any) -> None:
     proxy, c, blobs = proxied
     d, data = layer(blobs)
@@ -707,6 +724,11 @@ def test_forward_proxy_from_config_and_environment(proxied: Any) -> None:
     env = RegistryClient("127.0.0.2:9", c.repository, scheme="http",
                          session=Session(FAST, environ={"http_proxy": proxy.url}))
     assert env.get_blob(d) == data
+    authed = Session(HttpConfig(**{**FAST.__dict__, "proxy": f"http://pu:p%40ss@{proxy.host}"}))
+    via_auth = RegistryClient("127.0.0.2:9", c.repository, scheme="http", session=authed)
+    assert via_auth.get_blob(d) == data and via_auth.stat_blob(d) == len(data)
+    assert set(proxy.proxy_authorizations) == {"Basic " + base64.b64encode(b"pu:p@ss").decode()}
+    assert len(authed._pools) == 1  # one pool per proxy, whatever the number of calls
     direct = RegistryClient("127.0.0.2:9", c.repository, scheme="http",
                             session=Session(FAST, environ={"http_proxy": proxy.url, "no_proxy": "127.0.0.0/8"}))
     with pytest.raises(TransportError) as info:

@@ -46,7 +46,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 import urllib3.exceptions as u3e
@@ -225,7 +225,8 @@ def status_error(resp: Response, resource: str | None = None, *, attempts: int =
         cls = RemoteNotFoundError
     else:
         cls = RegistryError
-    return _error(resp.url, resource, problem, cls, status=resp.status)
+    # A busy or failing server may do better on a later try (an upload restarts on it).
+    return _error(resp.url, resource, problem, cls, status=resp.status, retryable=resp.status in RETRY_STATUSES)
 
 
 # --------------------------------------------------------------------------- proxies (curl's rules)
@@ -474,12 +475,12 @@ class Session:
                 else:
                     parts = urlsplit(proxy)
                     headers = None
+                    target = proxy
                     if parts.username:
-                        from urllib.parse import unquote
                         userpass = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
                         headers = urllib3.make_headers(proxy_basic_auth=userpass)
-                        proxy = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-                    pool = urllib3.ProxyManager(proxy, num_pools=32, proxy_headers=headers, **self._pool_kw)
+                        target = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+                    pool = urllib3.ProxyManager(target, num_pools=32, proxy_headers=headers, **self._pool_kw)
                 self._pools[proxy] = pool
             return pool
 
