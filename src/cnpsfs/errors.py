@@ -58,6 +58,10 @@ class TransportError(CnpsfsError):
     store) can decide what to try next without parsing the message.
     """
 
+    #: Whether the same request may succeed later (a connection lost, a 503): retry loops
+    #: and mirror lists read it.
+    retryable = False
+
     def __init__(self, message: str, *, host: str = "", resource: str = "", status: int | None = None,
                  exit_code: int | None = None) -> None:
         super().__init__(message, exit_code=exit_code)

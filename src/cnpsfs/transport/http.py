@@ -184,7 +184,7 @@ def _error(url: str, resource: str | None, problem: str, cls: type[TransportErro
     host = _host_of(url)
     what = resource or _path_of(url)
     err = cls(f"{host}: {what}: {problem}", host=host, resource=what, status=status)
-    err.retryable = retryable  # type: ignore[attr-defined]
+    err.retryable = retryable
     return err
 
 
@@ -384,6 +384,10 @@ class Response:
         self.close()
 
 
+class TLSNotSpokenError(TransportError):
+    """The server answered a TLS hello with plain HTTP (the registry client may then try http)."""
+
+
 class _Redirected(Exception):
     """Internal: restart an attempt from the original URL (a presigned URL expired)."""
 
@@ -523,7 +527,7 @@ class Session:
                     except TransportError:
                         pass
                 err = status_error(resp, resource, attempts=attempt)
-                err.retryable = True  # type: ignore[attr-defined]
+                err.retryable = True
                 if retry_after is not None and (retry_after > cfg.retry_after_max or
                                                 time.monotonic() + retry_after > t_end):
                     raise _error(resp.url, resource, f"HTTP {resp.status} {resp.reason}, Retry-After {retry_after:g} s "
@@ -554,7 +558,7 @@ class Session:
     def _retry_delay(self, exc: TransportError, attempt: int, idempotent: bool, t_end: float,
                      retry_after: float | None) -> float | None:
         """Seconds to wait before the next attempt, or None to give up now."""
-        if not getattr(exc, "retryable", False) or isinstance(exc, TransportTimeout):
+        if not exc.retryable or isinstance(exc, TransportTimeout):
             return None
         if not idempotent and exc.status not in NOT_PROCESSED_STATUSES:
             return None
@@ -635,13 +639,12 @@ class Session:
                 if time.monotonic() >= t_end:
                     raise _error(current, resource, "deadline exceeded (" + _describe(exc) + ")",
                                  TransportTimeout) from None
-                err = _error(current, resource, _describe(exc), retryable=_is_retryable_exc(exc))
                 root = _root_cause(exc)
                 # The one case where plain HTTP may be tried next (loopback, or tls_verify=False):
                 # the server answered the TLS hello with something that is not TLS.
-                err.tls_not_spoken = isinstance(root, ssl.SSLError) and \
-                    str(root.reason).upper() in NOT_TLS_REASONS  # type: ignore[attr-defined]
-                raise err from None
+                not_tls = isinstance(root, ssl.SSLError) and str(root.reason).upper() in NOT_TLS_REASONS
+                raise _error(current, resource, _describe(exc), TLSNotSpokenError if not_tls else TransportError,
+                             retryable=_is_retryable_exc(exc)) from None
             finally:
                 if hasattr(payload, "close"):
                     payload.close()  # type: ignore[union-attr]

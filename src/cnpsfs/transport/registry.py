@@ -56,7 +56,7 @@ from cnpsfs.errors import (
     UsageError,
 )
 from cnpsfs.transport.auth import Credentials
-from cnpsfs.transport.http import Response, Session, status_error, summarize_body
+from cnpsfs.transport.http import Response, Session, TLSNotSpokenError, status_error, summarize_body
 from cnpsfs.transport.reference import ImageReference, check_digest, is_digest
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class RegistryClient:
                     resp = self.session.request("GET", url, max_body=1024 * 1024, resource="/v2/")
                 except TransportError as exc:
                     last = exc
-                    if not getattr(exc, "tls_not_spoken", False) or scheme == schemes[-1]:
+                    if not isinstance(exc, TLSNotSpokenError) or scheme == schemes[-1]:
                         raise
                     log.debug("%s: %s; trying plain http", self.registry, exc)
                     continue
@@ -666,7 +666,7 @@ class RegistryClient:
                         progress(len(data))
                 break
             except TransportError as exc:
-                if isinstance(exc, RemoteDataError) or not getattr(exc, "retryable", False) or \
+                if isinstance(exc, RemoteDataError) or not exc.retryable or \
                         resumes >= self.session.config.retries:
                     raise
                 resumes += 1
@@ -757,7 +757,7 @@ class RegistryClient:
             try:
                 return self._push_blob_once(digest, source, size, mount_from, what, progress)
             except TransportError as exc:
-                if not getattr(exc, "retryable", False) or attempts > self.session.config.retries:
+                if not exc.retryable or attempts > self.session.config.retries:
                     raise
                 log.info("%s (restarting the upload)", exc)
                 time.sleep(min(self.session.config.backoff_max, self.session.config.backoff * 2 ** attempts))
