@@ -699,77 +699,18 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     when looked up and chunks when read, each verified against its digest; a corrupt
     chunk gives EIO for that read, never wrong bytes. Unmount with `cnpsfs umount`.
     """
-    from cnpsfs.fs.control import control_path_for
-    from cnpsfs.fs.daemon import MountRecord, check_mountpoint, mount_key, mounted_fstype, runtime_dir
-    from cnpsfs.fs.mount import MountOptions, MountService
-    from cnpsfs.image.manifest import compose, load_image
-    from cnpsfs.store.maintenance import register_roots, unregister_roots
+    from cnpsfs.fs.mounting import mount_image, serve_image
+    from cnpsfs.fs.options import MountOptions
 
-    real = check_mountpoint(mountpoint)
-    store = app.store()
-    image, digest = load_image(store, ref)
-    if digest is None and image.mode == "union":
-        compose(store, image).check()  # stored images were checked when created
-    key = mount_key(real)
-    rt = runtime_dir()
-    control = control_path_for(rt, key)
-    label = f"{image.name}@{image.version}"
-    fuse_at = real
-    if upperdir is not None:
-        from cnpsfs.fs.overlay import mount_overlay, prepare_upperdir, unmount_overlay
-
-        upperdir = os.path.abspath(upperdir)
-        prepare_upperdir(upperdir, label, fmt.format_digest(digest) if digest else None)
-        fuse_at = str(rt / f"{key}.lower")
-        os.makedirs(fuse_at, exist_ok=True)
-        check_mountpoint(fuse_at)
-    service = MountService(store, image, digest, fuse_at,
-                           MountOptions(allow_other, fuse_mode == "auto", threads, cache_mib << 20), control, ref)
-    generation = service.build()
-    roots = [layer.fileset for layer in image.layers] + ([digest] if digest else [])
-    record = MountRecord(real, os.getpid(), str(store.path), ref, str(rt / f"{key}.log"), control,
-                         fuse_at if upperdir else "", upperdir or "")
-
-    def serve(ready: Callable[[], None]) -> None:
-        record.pid = os.getpid()
-        record.save()
-        register_roots(store, roots)
-
-        def on_ready() -> None:
-            if upperdir is not None:
-                mount_overlay(fuse_at, upperdir, real)
-            ready()
-
-        try:
-            service.run(generation, on_ready)
-        finally:
-            if upperdir is not None and mounted_fstype(real) == "overlay":
-                unmount_overlay(real, lazy=True)
-            record.remove()
-            unregister_roots(store)
-
+    options = MountOptions(allow_other=allow_other, use_extensions=fuse_mode == "auto", threads=threads,
+                           cache_mib=cache_mib, writable=upperdir)
     if foreground:
-        serve(lambda: log.info("mounted %s at %s", label, real))
+        serve_image(app.store(), ref, mountpoint, options)
         return
-    from cnpsfs.fs.daemon import READY, install_faulthandler, redirect_output, spawn_daemon
-
-    store.close()  # SQLite connections and pack descriptors must not cross fork()
-
-    def child(ready_fd: int) -> None:
-        from cnpsfs.fs.notify import Notifier
-
-        service.notifier = Notifier(None)  # a forked daemon is not the process systemd started
-        redirect_output(record.log_file)
-        install_faulthandler()
-
-        def ready() -> None:
-            os.write(ready_fd, READY)
-            os.close(ready_fd)
-
-        serve(ready)
-
-    pid = spawn_daemon(child)
-    click.echo(f"mounted {label} at {real} (daemon pid {pid}, log {record.log_file})", err=True)
+    mounted = mount_image(app.store(), ref, mountpoint, options)
+    record = mounted.record
+    click.echo(f"mounted {mounted.label} at {record.mountpoint} (daemon pid {record.pid}, log {record.log_file})",
+               err=True)
 
 
 @main.command("umount")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from cnpsfs.errors import CnpsfsError, UsageError
+from cnpsfs.fs.options import READY_TIMEOUT, UNMOUNT_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def check_mountpoint(mountpoint: str) -> str:
 # --------------------------------------------------------------------------- forking
 
 
-def spawn_daemon(serve: Callable[[int], None], *, timeout: float = 120.0) -> int:
+def spawn_daemon(serve: Callable[[int], None], *, timeout: float = READY_TIMEOUT) -> int:
     """Fork; the child runs *serve(ready_fd)* as a daemon. Returns the child's pid once ready.
 
     The child writes READY, or ``error: message`` and exits non-zero.
@@ -217,7 +218,7 @@ def install_faulthandler() -> None:
 # --------------------------------------------------------------------------- unmounting
 
 
-def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 30.0) -> None:
+def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = UNMOUNT_TIMEOUT) -> None:
     """Unmount and wait for the daemon to exit; works when the daemon was killed too.
 
     A writable mount is taken down in order: the overlay first, then the FUSE lower.

@@ -27,20 +27,13 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError
 from cnpsfs.fs.notify import Notifier
 from cnpsfs.fs.operations import Operations
+from cnpsfs.fs.options import MountOptions
 from cnpsfs.image.manifest import compose, describe_layers, load_image, looks_like_file
 from cnpsfs.image.swap import SwapPlan, prepare
 from cnpsfs.image.view import Generation
 from cnpsfs.store import Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class MountOptions:
-    allow_other: bool = False
-    use_extensions: bool = True
-    threads: int = 4
-    cache_bytes: int = 128 << 20
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ import trio
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, CorruptObjectError, FormatError, MissingObjectError
+from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
 from cnpsfs.image.reader import ChunkCache
 from cnpsfs.image.view import Generation, Node
 from cnpsfs.store import BlockStream, Location, NotCached
@@ -171,7 +172,7 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, generation: Generation, *, use_extensions: bool = True,
-                 cache_bytes: int = 128 << 20, threads: int = 4) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_MIB << 20, threads: int = DEFAULT_THREADS) -> None:
         super().__init__()
         self.generation = generation
         self.store = generation.store

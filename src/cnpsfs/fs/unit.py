@@ -24,6 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from cnpsfs.errors import NotFoundError, UsageError
+from cnpsfs.fs.options import (
+    CACHE_MIB_RANGE,
+    DEFAULT_CACHE_MIB,
+    DEFAULT_THREADS,
+    FUSE_MODES,
+    THREADS_RANGE,
+    MountOptions,
+)
 from cnpsfs.image.manifest import looks_like_file
 
 DEFAULT_CONFIG_DIR = Path("/etc/cnpsfs/mounts")
@@ -42,8 +50,12 @@ class ServiceConfig:
     allow_other: bool = False
     store: str | None = None
     fuse_mode: str = "auto"
-    threads: int = 4
-    cache_mib: int = 128
+    threads: int = DEFAULT_THREADS
+    cache_mib: int = DEFAULT_CACHE_MIB
+
+    def mount_options(self) -> MountOptions:
+        return MountOptions(allow_other=self.allow_other, use_extensions=self.fuse_mode == "auto",
+                            threads=self.threads, cache_mib=self.cache_mib, writable=self.writable)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -106,10 +118,11 @@ def parse_config(text: str, name: str, source: Path) -> ServiceConfig:
     if not isinstance(allow_other, bool):
         raise fail("allow_other must be true or false")
     fuse_mode = raw.get("fuse_mode", "auto")
-    if fuse_mode not in ("auto", "stock"):
+    if fuse_mode not in FUSE_MODES:
         raise fail(f"fuse_mode must be 'auto' or 'stock', not {fuse_mode!r}")
     numbers = {}
-    for key, low, high, default in (("threads", 1, 64, 4), ("cache_mib", 8, 1 << 20, 128)):
+    for key, (low, high), default in (("threads", THREADS_RANGE, DEFAULT_THREADS),
+                                      ("cache_mib", CACHE_MIB_RANGE, DEFAULT_CACHE_MIB)):
         value = raw.get(key, default)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise fail(f"{key} must be an integer from {low} to {high}")

@@ -1,0 +1,138 @@
+"""Mounting an image: what ``cnpsfs mount``, ``cnpsfs service run`` and ``cnpsfs bundle`` call.
+
+Everything that can be checked is checked in the calling process, before anything is
+mounted or forked: the mountpoint, the reference (or manifest file), a manifest's union
+composition, a writable mount's upper directory, and the image's root directories (the
+first generation is composed here). Then either the daemon is forked and this returns
+once the mount answers (:func:`mount_image`), or this process serves the mount until it
+is unmounted (:func:`serve_image`, for systemd and ``--foreground``).
+
+Every mount leaves a :class:`~cnpsfs.fs.daemon.MountRecord` while it is served and
+registers its image's FileSets as gc roots of the store, so a running mount never loses
+its objects to ``cnpsfs gc``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cnpsfs import format as fmt
+from cnpsfs.fs.daemon import MountRecord
+from cnpsfs.fs.options import MountOptions
+from cnpsfs.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Mounted:
+    """A mount that answers: its image's NAME@VERSION and the daemon's record."""
+
+    label: str
+    record: MountRecord
+
+
+def mount_image(store: Store, ref: str, mountpoint: str, options: MountOptions | None = None) -> Mounted:
+    """Mount image *ref* (a reference or a manifest file) at *mountpoint* in a daemon.
+
+    Returns once the mount answers; any failure before that (here or in the daemon) is a
+    :class:`~cnpsfs.errors.CnpsfsError` and leaves nothing mounted. *store* is closed
+    before the fork (SQLite connections and pack descriptors must not cross it).
+    """
+    from cnpsfs.fs.daemon import READY, install_faulthandler, redirect_output, spawn_daemon
+
+    mount = _Mount(store, ref, mountpoint, options or MountOptions())
+    store.close()
+
+    def child(ready_fd: int) -> None:
+        from cnpsfs.fs.notify import Notifier
+
+        mount.service.notifier = Notifier(None)  # a forked daemon is not the process systemd started
+        redirect_output(mount.record.log_file)
+        install_faulthandler()
+
+        def ready() -> None:
+            os.write(ready_fd, READY)
+            os.close(ready_fd)
+
+        mount.serve(ready)
+
+    pid = spawn_daemon(child, timeout=mount.options.ready_timeout)
+    mount.record.pid = pid
+    return Mounted(mount.label, mount.record)
+
+
+def serve_image(store: Store, ref: str, mountpoint: str, options: MountOptions | None = None,
+                on_ready: Callable[[], None] | None = None) -> None:
+    """Mount image *ref* at *mountpoint* and serve it in this process until it is unmounted.
+
+    *on_ready* runs once the mount answers (default: an INFO log line); when systemd
+    started this process, the mount service also tells it READY=1.
+    """
+    mount = _Mount(store, ref, mountpoint, options or MountOptions())
+    mount.serve(on_ready or (lambda: log.info("mounted %s at %s", mount.label, mount.real)))
+
+
+class _Mount:
+    """One mount, checked and composed, not yet served."""
+
+    def __init__(self, store: Store, ref: str, mountpoint: str, options: MountOptions) -> None:
+        from cnpsfs.fs.control import control_path_for
+        from cnpsfs.fs.daemon import check_mountpoint, mount_key, runtime_dir
+        from cnpsfs.fs.mount import MountService
+        from cnpsfs.image.manifest import compose, load_image
+
+        self.options = options
+        self.store = store
+        self.real = real = check_mountpoint(mountpoint)
+        image, digest = load_image(store, ref)
+        if digest is None and image.mode == "union":
+            compose(store, image).check()  # stored images were checked when created
+        key = mount_key(real)
+        rt = runtime_dir()
+        control = control_path_for(rt, key)
+        self.label = f"{image.name}@{image.version}"
+        self.fuse_at = real
+        self.upperdir = os.path.abspath(options.writable) if options.writable is not None else None
+        if self.upperdir is not None:
+            from cnpsfs.fs.overlay import prepare_upperdir
+
+            prepare_upperdir(self.upperdir, self.label, fmt.format_digest(digest) if digest else None)
+            self.fuse_at = str(rt / f"{key}.lower")
+            os.makedirs(self.fuse_at, exist_ok=True)
+            check_mountpoint(self.fuse_at)
+        self.service = MountService(store, image, digest, self.fuse_at, options, control, ref)
+        self.generation = self.service.build()
+        self.roots = [layer.fileset for layer in image.layers] + ([digest] if digest else [])
+        self.record = MountRecord(real, os.getpid(), str(store.path), ref, str(rt / f"{key}.log"), control,
+                                  self.fuse_at if self.upperdir else "", self.upperdir or "")
+
+    def serve(self, ready: Callable[[], None]) -> None:
+        """Mount, call *ready* once the mount answers, serve until unmounted, then clean up."""
+        from cnpsfs.fs.daemon import mounted_fstype
+        from cnpsfs.store.maintenance import register_roots, unregister_roots
+
+        upperdir = self.upperdir
+        self.record.pid = os.getpid()
+        self.record.save()
+        register_roots(self.store, self.roots)
+
+        def on_ready() -> None:
+            if upperdir is not None:
+                from cnpsfs.fs.overlay import mount_overlay
+
+                mount_overlay(self.fuse_at, upperdir, self.real)
+            ready()
+
+        try:
+            self.service.run(self.generation, on_ready)
+        finally:
+            if upperdir is not None and mounted_fstype(self.real) == "overlay":
+                from cnpsfs.fs.overlay import unmount_overlay
+
+                unmount_overlay(self.real, lazy=True)
+            self.record.remove()
+            unregister_roots(self.store)

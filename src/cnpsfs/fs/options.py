@@ -1,0 +1,44 @@
+"""What a mount can be told, with its defaults in one place.
+
+``cnpsfs mount`` fills :class:`MountOptions` from its flags, ``cnpsfs service run`` from
+a mount's TOML file and ``cnpsfs bundle`` from its own few flags; the flags' defaults,
+the service file's defaults and the accepted ranges are the constants here, so the three
+cannot drift apart. Imports nothing heavy: the CLI reads it to build its options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Worker threads for reading, decompressing and hashing chunks (one CapacityLimiter).
+DEFAULT_THREADS = 4
+THREADS_RANGE = (1, 64)
+#: The verified-chunk cache of a mount, in MiB.
+DEFAULT_CACHE_MIB = 128
+CACHE_MIB_RANGE = (8, 1 << 20)
+#: "auto" uses the kernel-cache extensions when the installed pyfuse3 has them.
+FUSE_MODES = ("auto", "stock")
+#: How long ``mount`` waits for the daemon to report that the mount answers.
+READY_TIMEOUT = 120.0
+#: How long ``umount`` waits for a daemon to exit before it is terminated.
+UNMOUNT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class MountOptions:
+    """How to serve one mount; every field has the default ``cnpsfs mount`` documents."""
+
+    allow_other: bool = False
+    use_extensions: bool = True  # fuse mode "auto"; False is "stock"
+    threads: int = DEFAULT_THREADS
+    cache_mib: int = DEFAULT_CACHE_MIB
+    writable: str | None = None  # UPPERDIR of a kernel overlayfs on top, or None for read-only
+    ready_timeout: float = READY_TIMEOUT
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache_mib << 20
+
+    @property
+    def fuse_mode(self) -> str:
+        return "auto" if self.use_extensions else "stock"
