@@ -1,43 +1,14 @@
-"""CLI commands for package-built images: ``import deb``, ``build``, ``packages``,
-``query``, ``diff`` and ``why``. Registered on the main group from cli.py."""
+"""Package-built images: ``cnpsfs build``, and ``packages``, ``query``, ``diff`` and ``why``
+to look into them (``import deb`` is with the other importers)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
 
 from cnpsfs import format as fmt
-from cnpsfs.cli.app import App, _report_import, emit_json, import_group, pass_app
-
-
-@click.command("deb")
-@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--source-date-epoch", type=int, default=None, envvar="SOURCE_DATE_EPOCH",
-              help="Clamp every mtime to this Unix time (default: $SOURCE_DATE_EPOCH).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
-@pass_app
-def import_deb_cmd(app: App, files: tuple[str, ...], source_date_epoch: int | None, as_json: bool) -> None:
-    """Import Debian packages, one FileSet each, tagged debian.org/PACKAGE@VERSION_ARCH.
-
-    The tree is what `dpkg-deb -x` extracts; the control archive (control fields,
-    md5sums, conffiles, maintainer scripts) is kept in the FileSet metadata
-    (docs/debian.md). Prints each FileSet digest on stdout, in argument order.
-    """
-    from cnpsfs.debian.deb import import_debs
-
-    store = app.store(create=True)
-    start = time.monotonic()
-    results = import_debs(store, files, source_date_epoch=source_date_epoch)
-    seconds = time.monotonic() - start
-    if as_json:
-        emit_json([{"digest": fmt.format_digest(r.digest), "name": r.fileset.name, "version": r.fileset.version,
-                    "entries": r.entries, "logical_bytes": r.logical_bytes, "new_bytes": r.new_bytes}
-                   for r in results])
-        return
-    for result in results:
-        _report_import(result, False, seconds / max(len(results), 1))
+from cnpsfs.cli.context import App, emit_json, json_option, pass_app
 
 
 @click.command("build")
@@ -73,13 +44,9 @@ def build_cmd(app: App, recipe: str, cache_dir: Path | None, refresh: bool, as_j
     click.echo(ref)
 
 
-import_group.add_command(import_deb_cmd)
-COMMANDS = [build_cmd]
-
-
 @click.command("packages")
 @click.argument("ref")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @pass_app
 def packages_cmd(app: App, ref: str, as_json: bool) -> None:
     """List the Debian packages of image REF: version, architecture, source package and
@@ -99,7 +66,7 @@ def packages_cmd(app: App, ref: str, as_json: bool) -> None:
 
 @click.command("query")
 @click.argument("spec", metavar="PACKAGE[OP VERSION]")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @pass_app
 def query_cmd(app: App, spec: str, as_json: bool) -> None:
     """List every stored image holding a package matching PACKAGE[OP VERSION].
@@ -122,7 +89,7 @@ def query_cmd(app: App, spec: str, as_json: bool) -> None:
 @click.command("diff")
 @click.argument("ref_a")
 @click.argument("ref_b")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @pass_app
 def diff_cmd(app: App, ref_a: str, ref_b: str, as_json: bool) -> None:
     """Packages added, removed and changed from image A to image B, then file-level
@@ -147,7 +114,7 @@ def diff_cmd(app: App, ref_a: str, ref_b: str, as_json: bool) -> None:
 @click.command("why")
 @click.argument("ref")
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @pass_app
 def why_cmd(app: App, ref: str, path: str, as_json: bool) -> None:
     """Name the layer (FileSet and, for a package, the package) that provides PATH in REF."""
@@ -164,4 +131,4 @@ def why_cmd(app: App, ref: str, path: str, as_json: bool) -> None:
     click.echo(f"{path}: {who}layer {result['layer']} {result['name']} ({result['fileset'][:23]})")
 
 
-COMMANDS += [packages_cmd, query_cmd, diff_cmd, why_cmd]
+COMMANDS = [build_cmd, packages_cmd, query_cmd, diff_cmd, why_cmd]

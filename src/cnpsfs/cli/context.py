@@ -1,0 +1,210 @@
+"""What every command module of the ``cnpsfs`` command line shares.
+
+Every command resolves its store the same way and reports errors the same way: one
+line on stderr naming the culprit, a non-zero exit, and a traceback only with --debug.
+Machine-readable output (``--json``) goes to stdout; references a script wants (the
+digest an import produced) are the last line of stdout.
+
+The command modules (one per command group) import from here and from the layers below,
+never from each other; :mod:`cnpsfs.cli.root` registers them all (an import-linter
+contract in pyproject.toml keeps it so).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError, UsageError
+from cnpsfs.store import T_FILESET, TYPE_NAMES, Store, check_tag_name, check_tag_version
+
+if TYPE_CHECKING:  # importing these layers costs start-up time
+    from cnpsfs.fs.mounting import Mounted
+    from cnpsfs.ingest.tree import ImportOptions
+
+
+@dataclass
+class App:
+    """The root group's options; the store opens on first use."""
+
+    store_path: Path
+    debug: bool
+    _store: Store | None = None
+
+    def store(self, *, create: bool = False) -> Store:
+        if self._store is None:
+            self._store = Store(self.store_path, create=create)
+        return self._store
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+class CnpsfsGroup(click.Group):
+    """Translates domain errors into one-line messages and exit codes."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """Click's standalone mode, except that a usage error is one line, like every other error."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `cnpsfs` or `cnpsfs import`: the help
+                click.echo(exc.format_message())
+                sys.exit(exc.exit_code)
+            command = exc.ctx.command_path if exc.ctx is not None else "cnpsfs"
+            message = exc.format_message().rstrip(".")
+            click.echo(f"cnpsfs: error: {message[:1].lower()}{message[1:]} (see '{command} --help')", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("cnpsfs: error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CnpsfsError as exc:
+            fail(ctx, str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail(ctx, "interrupted", 130)
+        except BrokenPipeError:
+            sys.stderr.close()
+            sys.exit(1)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            fail(ctx, f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)", 70)
+
+
+def fail(ctx: click.Context, message: str, code: int) -> NoReturn:
+    """Print *message* as the command's one error line (with the traceback under --debug) and exit."""
+    app = ctx.obj
+    if isinstance(app, App) and app.debug:
+        traceback.print_exc()
+    click.echo(f"cnpsfs: error: {message}", err=True)
+    sys.exit(code)
+
+
+def configure_logging(level: str) -> None:
+    """Log lines on stderr: journald-style (level and logger) under systemd, else prefixed ``cnpsfs:``."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("cnpsfs: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+
+
+# --------------------------------------------------------------------------- output
+
+
+#: The ``--json`` flag of a command whose output scripts read.
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def human_size(n: float) -> str:
+    """Bytes as ``512 B``, ``1.5 KiB`` … ``2.0 TiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def jsonable(value: Any) -> Any:
+    """FileSet and image metadata for JSON: bytes become (escaped) text, keys strings."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [jsonable(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- references and imports
+
+
+def fileset_root(store: Store, ref: str) -> fmt.Entry:
+    """The root directory entry of the FileSet *ref*; any other object is a usage error."""
+    digest = store.resolve(ref)
+    type_code = store.object_type(digest)
+    if type_code == T_FILESET:
+        return store.get_fileset(digest).root
+    raise UsageError(f"{ref} is a {TYPE_NAMES.get(type_code or -1, 'object')}; expected a FileSet")
+
+
+def default_name(path: str) -> str:
+    """``localhost/<base name of path>``: the FileSet name when an import is given none."""
+    base = os.path.basename(os.path.normpath(os.path.abspath(path))) or "root"
+    clean = "".join(c if c.isalnum() or c in "._+-" else "-" for c in base) or "root"
+    return f"localhost/{clean}"
+
+
+def import_settings(name: str | None, version: str | None, sde: int | None, strip: bool,
+                    default: str) -> ImportOptions:
+    """The ImportOptions of ``--name``/``--version`` (checked as a tag) and the import flags."""
+    from cnpsfs.ingest.tree import ImportOptions
+
+    if version and not name:
+        raise UsageError("--version needs --name")
+    name = name or default
+    version = version or "latest"
+    check_tag_name(name)
+    check_tag_version(version)
+    return ImportOptions(source_date_epoch=sde, strip_volatile=strip, name=name, version=version)
+
+
+# --------------------------------------------------------------------------- live mounts
+
+
+def control(mountpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Send *request* to the daemon serving *mountpoint*; its answer without the ``ok`` flag."""
+    from cnpsfs.fs.control import control_request
+    from cnpsfs.fs.daemon import status_record
+
+    record = status_record(os.path.realpath(mountpoint))
+    if record.get("upperdir") and request["op"] != "status":
+        raise CnpsfsError(f"{mountpoint} is writable: overlayfs does not allow its lower layers to change "
+                          "under it; commit the upper directory and remount instead")
+    if not record["alive"]:
+        raise CnpsfsError(f"the daemon of {mountpoint} (pid {record['pid']}) is gone: run `cnpsfs umount`")
+    response = control_request(record["control"], request)
+    response.pop("ok", None)
+    return response
+
+
+def report_swap(mountpoint: str, result: dict[str, Any], as_json: bool) -> None:
+    """What a live swap (upgrade, link, unlink, rollback, reload) did."""
+    if as_json:
+        emit_json(result)
+        return
+    click.echo(f"{mountpoint}: generation {result['generation']} in {result['seconds'] * 1000:.1f} ms "
+               f"({result['changed_dirs']} changed, {result['shared_dirs']} shared directories; "
+               f"{result['invalidated_entries']} names invalidated)")
+
+
+def report_mounted(mounted: Mounted) -> None:
+    record = mounted.record
+    click.echo(f"mounted {mounted.label} at {record.mountpoint} (daemon pid {record.pid}, log {record.log_file})",
+               err=True)

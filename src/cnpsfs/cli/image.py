@@ -1,0 +1,90 @@
+"""``cnpsfs image create`` and ``cnpsfs inspect``: images from manifests, and what an image or FileSet holds."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from cnpsfs import format as fmt
+from cnpsfs.cli.context import App, emit_json, json_option, jsonable, pass_app
+from cnpsfs.store import T_FILESET
+
+
+@click.group("image")
+def image_group() -> None:
+    """Create images (an ordered list of FileSets plus run config) from manifests."""
+
+
+@image_group.command("create")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@json_option
+@pass_app
+def image_create(app: App, manifest: str, as_json: bool) -> None:
+    """Store MANIFEST (TOML, see docs/manifest.md) as an image object tagged
+    NAME@VERSION. Every reference is resolved to a digest and the whole composition is
+    checked (union conflicts fail here, naming both FileSets and the path). Prints the
+    image digest last on stdout."""
+    from cnpsfs.image.manifest import compose, load_manifest_file, store_image
+
+    store = app.store()
+    image = load_manifest_file(store, manifest)
+    compose(store, image).check()
+    digest = store_image(store, image)
+    if as_json:
+        emit_json({"digest": fmt.format_digest(digest), "name": image.name, "version": image.version})
+        return
+    click.echo(f"created image {image.name}@{image.version} ({len(image.layers)} layers)", err=True)
+    click.echo(fmt.format_digest(digest))
+
+
+@click.command("inspect")
+@click.argument("ref")
+@json_option
+@pass_app
+def inspect_cmd(app: App, ref: str, as_json: bool) -> None:
+    """Show an image's layers and run config, or a FileSet's name, version and metadata.
+    REF may also be a manifest file."""
+    from cnpsfs.image.manifest import describe_layers, load_image
+
+    store = app.store()
+    if ref.endswith(".toml") or os.path.isfile(ref):
+        image, digest = load_image(store, ref)
+    else:
+        digest = store.resolve(ref)
+        if store.object_type(digest) == T_FILESET:
+            fs = store.get_fileset(digest)
+            data = {"type": "fileset", "digest": fmt.format_digest(digest), "name": fs.name,
+                    "version": fs.version, "root": fmt.format_digest(fs.root.tree or b""),
+                    "metadata": jsonable(fs.metadata)}
+            if as_json:
+                emit_json(data)
+            else:
+                click.echo(f"fileset  {fs.name}@{fs.version}\ndigest   {data['digest']}\nroot     {data['root']}")
+                for key, value in sorted(fs.metadata.items()):
+                    click.echo(f"{key}: {json.dumps(jsonable(value))[:200]}")
+            return
+        image = store.get_image(digest)
+    data = {"type": "image", "digest": fmt.format_digest(digest) if digest else None, "name": image.name,
+            "version": image.version, "mode": image.mode, "layers": describe_layers(store, image.layers),
+            "config": image.config, "metadata": jsonable(image.metadata)}
+    if as_json:
+        emit_json(data)
+        return
+    click.echo(f"image    {image.name}@{image.version}  ({image.mode} mode)")
+    if digest:
+        click.echo(f"digest   {data['digest']}")
+    click.echo("layers")
+    for number, layer in enumerate(data["layers"], 1):
+        flags = [f for f in ("unlinked", "override") if layer[f]]
+        place = f" at {layer['at']}" if layer["at"] != "/" else ""
+        click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}  {layer['fileset'][:23]}{place}"
+                   + (f"  [{', '.join(flags)}]" if flags else ""))
+    if image.config:
+        click.echo("config")
+        for key, value in sorted(image.config.items()):
+            click.echo(f"  {key}: {json.dumps(value)}")
+
+
+COMMANDS = [image_group, inspect_cmd]

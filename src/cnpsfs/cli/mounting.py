@@ -1,0 +1,136 @@
+"""``cnpsfs mount``, ``umount`` and ``status``, and the live swaps ``upgrade``, ``link``,
+``unlink`` and ``rollback`` (requests to a running daemon over its control socket)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+
+from cnpsfs.cli.context import App, control, emit_json, json_option, pass_app, report_mounted, report_swap
+from cnpsfs.fs.options import (
+    CACHE_MIB_RANGE,
+    DEFAULT_CACHE_MIB,
+    DEFAULT_THREADS,
+    FUSE_MODES,
+    THREADS_RANGE,
+    MountOptions,
+)
+
+
+@click.command("mount")
+@click.argument("ref", metavar="REF|MANIFEST")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); log to stderr.")
+@click.option("--allow-other", is_flag=True, help="Let other users (container processes) use the mount.")
+@click.option("--fuse-mode", type=click.Choice(FUSE_MODES), default="auto", show_default=True,
+              help="'auto' uses the kernel-cache extensions when the installed pyfuse3 has them.")
+@click.option("--threads", type=click.IntRange(*THREADS_RANGE), default=DEFAULT_THREADS, show_default=True,
+              help="Worker threads for reading and decompressing chunks.")
+@click.option("--cache-mib", type=click.IntRange(*CACHE_MIB_RANGE), default=DEFAULT_CACHE_MIB, show_default=True,
+              help="Decompressed chunk cache size in MiB.")
+@click.option("--writable", "upperdir", type=click.Path(file_okay=False), default=None, metavar="UPPERDIR",
+              help="Put a kernel overlayfs on top, with its upper and work directories in UPPERDIR "
+                   "(kept across remounts; `cnpsfs commit UPPERDIR` makes a FileSet of it).")
+@pass_app
+def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other: bool, fuse_mode: str,
+              threads: int, cache_mib: int, upperdir: str | None) -> None:
+    """Mount the image REF (or a manifest file) read-only at MOUNTPOINT.
+
+    Returns once the mount answers, with the daemon in the background (its log and
+    control socket are under /run/cnpsfs). Nothing is extracted: directories are read
+    when looked up and chunks when read, each verified against its digest; a corrupt
+    chunk gives EIO for that read, never wrong bytes. Unmount with `cnpsfs umount`.
+    """
+    from cnpsfs.fs.mounting import mount_image, serve_image
+
+    options = MountOptions(allow_other=allow_other, use_extensions=fuse_mode == "auto", threads=threads,
+                           cache_mib=cache_mib, writable=upperdir)
+    if foreground:
+        serve_image(app.store(), ref, mountpoint, options)
+        return
+    mounted = mount_image(app.store(), ref, mountpoint, options)
+    report_mounted(mounted)
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path())
+@click.option("--lazy", is_flag=True, help="Detach even if processes still use the mount.")
+def umount_cmd(mountpoint: str, lazy: bool) -> None:
+    """Unmount MOUNTPOINT and wait for its daemon to exit. Also cleans up after a
+    daemon that was killed (the dead mount is detached)."""
+    from cnpsfs.fs.daemon import unmount
+
+    unmount(mountpoint, lazy=lazy)
+
+
+@click.command("status")
+@click.argument("mountpoint", type=click.Path())
+@json_option
+def status_cmd(mountpoint: str, as_json: bool) -> None:
+    """Show a mount's image, generation, layers, FUSE mode and request counters."""
+    status = control(mountpoint, {"op": "status"})
+    if as_json:
+        emit_json(status)
+        return
+    image = status["image"]
+    click.echo(f"mountpoint  {status['mountpoint']}  (pid {status['pid']}, {status['fuse_mode']} mode)")
+    click.echo(f"image       {image['name']}@{image['version']}  {image['digest'] or '(from manifest)'}")
+    click.echo(f"generation  {status['generation']}")
+    for number, layer in enumerate(status["layers"], 1):
+        mark = " [unlinked]" if layer["unlinked"] else ""
+        click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}{mark}")
+    click.echo("history")
+    for item in status["history"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["time"]))
+        click.echo(f"  {item['generation']:>3}. {when}  {item['image']}  ({item['reason']})")
+    click.echo("requests    " + ", ".join(f"{k}={v}" for k, v in sorted(status["requests"].items())))
+
+
+@click.command("upgrade")
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("ref", metavar="REF|MANIFEST")
+@json_option
+def upgrade_cmd(mountpoint: str, ref: str, as_json: bool) -> None:
+    """Swap the live mount at MOUNTPOINT to another image, atomically.
+
+    The new composition is built beside the current one, checked (union conflicts,
+    missing objects or chunks leave the mount untouched), and made current in one step:
+    every lookup, listing and read sees the old tree or the new one, never a mix. Files
+    open before the swap keep reading their old content; unchanged entries keep their
+    inode numbers and kernel caches. The cost grows with the change, not the image.
+    """
+    if os.path.isfile(ref):
+        ref = os.path.abspath(ref)
+    report_swap(mountpoint, control(mountpoint, {"op": "upgrade", "ref": ref}), as_json)
+
+
+@click.command("unlink")
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("layer")
+@json_option
+def unlink_cmd(mountpoint: str, layer: str, as_json: bool) -> None:
+    """Hide LAYER of the live mount (1-based position, FileSet reference or label), atomically."""
+    report_swap(mountpoint, control(mountpoint, {"op": "unlink", "layer": layer}), as_json)
+
+
+@click.command("link")
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.argument("layer")
+@json_option
+def link_cmd(mountpoint: str, layer: str, as_json: bool) -> None:
+    """Show an unlinked LAYER of the live mount again, atomically."""
+    report_swap(mountpoint, control(mountpoint, {"op": "link", "layer": layer}), as_json)
+
+
+@click.command("rollback")
+@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@json_option
+def rollback_cmd(mountpoint: str, as_json: bool) -> None:
+    """Return the live mount to the image it served before the last swap."""
+    report_swap(mountpoint, control(mountpoint, {"op": "rollback"}), as_json)
+
+
+COMMANDS = [mount_cmd, umount_cmd, status_cmd, upgrade_cmd, unlink_cmd, link_cmd, rollback_cmd]
+

@@ -1,0 +1,130 @@
+"""Store maintenance: ``cnpsfs verify``, ``df``, ``gc`` and ``tag list|set|rm``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cnpsfs import format as fmt
+from cnpsfs.cli.context import App, emit_json, human_size, json_option, pass_app
+from cnpsfs.errors import NotFoundError, UsageError
+from cnpsfs.store import T_FILESET, T_IMAGE, TYPE_NAMES, check_tag_name, check_tag_version
+
+
+@click.command("verify")
+@click.argument("refs", nargs=-1)
+@json_option
+@pass_app
+def verify_cmd(app: App, refs: tuple[str, ...], as_json: bool) -> None:
+    """Rehash every stored chunk and object (or those REFS reach) and check that
+    every referenced object exists. Names each corrupt or missing one; exits 1 if any."""
+    from cnpsfs.progress import byte_progress
+    from cnpsfs.store.maintenance import verify
+
+    store = app.store()
+    roots = [store.resolve(r) for r in refs] if refs else None
+    with byte_progress("verifying", None) as advance:
+        report = verify(store, roots, on_progress=advance)
+    if as_json:
+        emit_json({"checked": report.checked, "problems": report.problems})
+    else:
+        for problem in report.problems:
+            click.echo(problem)
+        click.echo(f"checked {report.checked} records: "
+                   f"{len(report.problems) or 'no'} problem{'s' if len(report.problems) != 1 else ''}", err=True)
+    if report.problems:
+        sys.exit(1)
+
+
+@click.command("df")
+@json_option
+@pass_app
+def df_cmd(app: App, as_json: bool) -> None:
+    """Show logical bytes (file data of all tagged FileSets and images), bytes stored on
+    disk, and the resulting deduplication ratio."""
+    from cnpsfs.image.usage import usage
+
+    u = usage(app.store())
+    data = {"filesets": u.filesets, "images": u.images, "logical_bytes": u.logical_bytes,
+            "stored_bytes": u.stored_bytes, "dedup_ratio": round(u.dedup_ratio, 3), "chunks": u.chunks,
+            "objects": u.objects, "packs": u.packs}
+    if as_json:
+        emit_json(data)
+        return
+    click.echo(f"store        {app.store_path}")
+    click.echo(f"filesets     {u.filesets}   images {u.images}")
+    click.echo(f"logical      {human_size(u.logical_bytes)}")
+    click.echo(f"stored       {human_size(u.stored_bytes)}   ({u.chunks} chunks, {u.objects} objects, {u.packs} packs)")
+    click.echo(f"dedup ratio  {u.dedup_ratio:.2f}x")
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only report what would be removed.")
+@json_option
+@pass_app
+def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
+    """Remove every object no tag, image or running mount reaches, leftovers of
+    killed imports, and repack packs that are mostly garbage. Waits for running imports."""
+    from cnpsfs.store.maintenance import gc
+
+    r = gc(app.store(), dry_run=dry_run)
+    data = {"removed_objects": r.removed_objects, "removed_packs": r.removed_packs, "repacked": r.repacked,
+            "removed_tmp": r.removed_tmp, "bytes_before": r.bytes_before, "bytes_after": r.bytes_after}
+    if as_json:
+        emit_json(data)
+    else:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(f"{verb} {r.removed_objects} objects, {r.removed_packs} packs, {r.removed_tmp} temporary files;"
+                   f" repacked {r.repacked}; {human_size(r.bytes_before)} -> {human_size(r.bytes_after)}")
+
+
+@click.group("tag")
+def tag_group() -> None:
+    """List, set and remove tags (NAME@VERSION -> digest)."""
+
+
+@tag_group.command("list")
+@json_option
+@pass_app
+def tag_list(app: App, as_json: bool) -> None:
+    """List every tag with its type and digest."""
+    tags = app.store().tags()
+    if as_json:
+        emit_json([{"name": t.name, "version": t.version, "type": TYPE_NAMES[t.type],
+                    "digest": fmt.format_digest(t.digest), "created_ns": t.created_ns} for t in tags])
+        return
+    for t in tags:
+        click.echo(f"{t.ref:<50} {TYPE_NAMES[t.type]:<8} {fmt.format_digest(t.digest)}")
+
+
+@tag_group.command("set")
+@click.argument("tag")
+@click.argument("ref")
+@pass_app
+def tag_set(app: App, tag: str, ref: str) -> None:
+    """Point TAG (NAME@VERSION) at the FileSet or image REF."""
+    name, _, version = tag.partition("@")
+    if not version:
+        raise UsageError(f"tag {tag!r} must be NAME@VERSION")
+    check_tag_name(name)
+    check_tag_version(version)
+    store = app.store()
+    digest = store.resolve(ref)
+    type_code = store.object_type(digest)
+    if type_code not in (T_FILESET, T_IMAGE):
+        raise UsageError(f"{ref} is not a FileSet or an image")
+    store.set_tag(name, version, type_code, digest)
+
+
+@tag_group.command("rm")
+@click.argument("tag")
+@pass_app
+def tag_rm(app: App, tag: str) -> None:
+    """Remove TAG (NAME@VERSION); its objects go at the next gc unless reachable otherwise."""
+    name, _, version = tag.partition("@")
+    if not app.store().remove_tag(name, version):
+        raise NotFoundError(f"no such tag {tag!r}")
+
+
+COMMANDS = [verify_cmd, df_cmd, gc_cmd, tag_group]
