@@ -9,6 +9,7 @@ kernel caches listings, opens and symlink targets, so a swap must invalidate the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -38,7 +39,8 @@ from mountutil import (
 )
 
 from cnpsfs.errors import CnpsfsError
-from cnpsfs.store import T_CHUNK
+from cnpsfs.image.manifest import compose, load_image
+from cnpsfs.store import T_CHUNK, Store
 
 pytestmark = FUSE
 
@@ -426,3 +428,87 @@ def test_unchanged_entries_keep_their_inode_numbers(data: Data, data_mount: Moun
     after = {rel: os.lstat(m.mountpoint / rel).st_ino for rel in same + changed}
     assert {rel: after[rel] for rel in same} == {rel: before[rel] for rel in same}
     assert all(after[rel] != before[rel] for rel in changed)
+
+
+# --------------------------------------------------------------------------- 7. what a long-lived mount keeps
+
+MEMORY_SWAPS = 200
+MEMORY_BASELINE = 10
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def test_daemon_memory_does_not_grow_with_swaps(data: Data, data_mount: Mount) -> None:
+    """200 upgrades A→B→A… with a full walk between swaps: the daemon keeps the tree it
+    serves and what the kernel holds, not every generation it ever served."""
+    m = data_mount
+    paths = {version: len(expected(data, version)) + 1 for version in "AB"}  # + the root
+    seen: dict[int, dict[str, int]] = {}
+    for i in range(1, MEMORY_SWAPS + 1):
+        version = "B" if i % 2 else "A"
+        m.request({"op": "upgrade", "ref": data.image_b if version == "B" else data.image_a})
+        walk = subprocess.run(["find", str(m.mountpoint)], capture_output=True, text=True, timeout=60)
+        assert walk.returncode == 0, walk.stderr
+        assert len(walk.stdout.splitlines()) == paths[version]
+        if i in (MEMORY_BASELINE, MEMORY_BASELINE + 1, MEMORY_SWAPS - 1, MEMORY_SWAPS):
+            status = m.request({"op": "status"})
+            assert status["generation"] == i + 1
+            # Only this generation's nodes: a copy of every earlier one's would be A ∪ B.
+            assert status["inodes"] <= paths[version], status
+            seen[i] = {"rss": _rss_kib(m.pid), "keys": status["inode_keys"], "held": status["kernel_inodes"],
+                       "history": len(status["history"])}
+    base, last = seen[MEMORY_BASELINE], seen[MEMORY_SWAPS]
+    assert last["rss"] <= base["rss"] * 1.10, seen
+    # The structures that used to grow, counted: the inode table, the kernel-held nodes
+    # (bounded by both trees: the kernel forgets what a swap invalidated), the history.
+    both = len(set(expected(data, "A").items()) | set(expected(data, "B").items())) + 1  # (path, object) pairs
+    assert last["keys"] <= both and last["held"] <= both, seen
+    assert last["history"] == seen[MEMORY_SWAPS - 1]["history"] < MEMORY_SWAPS, seen
+    roots = (m.store / "run" / f"{m.pid}.roots").read_text().split()
+    status = m.status()
+    pinned = {layer["fileset"] for layer in status["layers"]}  # A's layers, B's are the rollback target
+    assert pinned <= set(roots) and len(roots) == len(pinned) + 1 + 2, roots  # + vb, + both image digests
+
+
+def _unique_chunks(store: Store, ref: str, path: str) -> set[bytes]:
+    """The chunks of *path* in the image *ref*."""
+    image, _digest = load_image(store, ref)
+    node = compose(store, image).resolve(path)
+    return {e.digest for e in store.file_extents(node.entry) if e.digest is not None}
+
+
+def test_gc_reclaims_an_image_the_mount_no_longer_serves(cli: Cli, tmp_path: Path) -> None:
+    """Served v1, then v2, then v3: the mount pins v3 and its rollback target v2, not v1."""
+    for n in (1, 2, 3):
+        _tree(tmp_path / f"v{n}", {"etc/version": f"{n}\n".encode(), "srv/blob": random.Random(n).randbytes(600_000),
+                                   "srv/common": b"common\n" * 1000})
+        import_dir(cli, tmp_path / f"v{n}", f"test.example/gc-v{n}", "1")
+        manifest = write_manifest(tmp_path / f"v{n}.toml", "test.example/gc", [f"test.example/gc-v{n}@1"],
+                                  version=f"v{n}")
+        create_image(cli, manifest, f"test.example/gc@v{n}")
+    with contextlib.closing(Store(cli.store_path)) as store:
+        blobs = {n: _unique_chunks(store, f"test.example/gc@v{n}", "/srv/blob") for n in (1, 2, 3)}
+    assert all(blobs[n] and not blobs[n] & blobs[n + 1] for n in (1, 2))
+    with mount_image(cli.store_path, "test.example/gc@v1", tmp_path / "mnt") as m:
+        for n in (2, 3):
+            m.upgrade(f"test.example/gc@v{n}")
+            assert (m.mountpoint / "etc/version").read_text() == f"{n}\n"
+        for n in (1, 2):  # no tag reaches v1 or v2 any more; only the mount's rollback target pins v2
+            cli.ok("tag", "rm", f"test.example/gc@v{n}")
+            cli.ok("tag", "rm", f"test.example/gc-v{n}@1")
+        cli.ok("gc")
+        with contextlib.closing(Store(cli.store_path)) as store:
+            assert not store.existing(blobs[1]), "gc kept the chunks of an image the mount no longer serves"
+            assert store.existing(blobs[2]) == blobs[2], "gc removed the rollback target's chunks"
+            assert store.existing(blobs[3]) == blobs[3]
+        assert (m.mountpoint / "srv/blob").read_bytes() == random.Random(3).randbytes(600_000)
+        result = m.cnpsfs("rollback", m.mountpoint)
+        assert result.returncode == 0, result.stderr
+        assert (m.mountpoint / "etc/version").read_text() == "2\n"
+        assert (m.mountpoint / "srv/blob").read_bytes() == random.Random(2).randbytes(600_000)

@@ -8,6 +8,7 @@ generation swap is a single assignment that no FUSE handler can observe half-don
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -35,6 +36,9 @@ from cnpsfs.store import Store
 
 log = logging.getLogger(__name__)
 
+#: Swaps remembered for `cnpsfs status`.
+HISTORY_MAX = 64
+
 
 @dataclass(slots=True)
 class HistoryItem:
@@ -54,8 +58,11 @@ class MountService:
     options: MountOptions
     control_path: str
     ref: str = ""
-    history: list[HistoryItem] = field(default_factory=list)
-    images: list[tuple[fmt.Image, bytes | None]] = field(default_factory=list)  # for rollback
+    # The last HISTORY_MAX swaps (the generation number counts them all).
+    history: collections.deque[HistoryItem] = field(default_factory=lambda: collections.deque(maxlen=HISTORY_MAX))
+    # What `rollback` returns to: the image served before the last swap. With the current
+    # image it is all a mount pins (gc roots); earlier images are let go of.
+    rollback_image: tuple[fmt.Image, bytes | None] | None = None
     ops: Operations | None = None
     started: float = field(default_factory=time.time)
     notifier: Notifier = field(default_factory=Notifier.from_environment)  # systemd, when it started us
@@ -74,7 +81,6 @@ class MountService:
     def build(self) -> Generation:
         label = f"{self.image.name}@{self.image.version}"
         generation = compose(self.store, self.image, number=1, label=label)
-        self.images.append((self.image, self.image_digest))
         self.history.append(HistoryItem(1, label, fmt.format_digest(self.image_digest) if self.image_digest else None,
                                         time.time(), "mount"))
         return generation
@@ -221,12 +227,11 @@ class MountService:
             image = self._with_layer_flag(str(request["layer"]), unlinked=op == "unlink")
             return {"ok": True, **await self.swap_to(image, None, f"{op} {request['layer']}")}
         if op == "rollback":
-            if len(self.images) < 2:
+            if self.rollback_image is None:
                 raise CnpsfsError("no previous generation to roll back to")
-            image, digest = self.images[-2]
-            result = await self.swap_to(image, digest, "rollback")
-            del self.images[-3:-1]  # the rolled-back-to image is now the last entry once
-            return {"ok": True, **result}
+            image, digest = self.rollback_image
+            # The image left becomes the rollback target: a second rollback undoes the first.
+            return {"ok": True, **await self.swap_to(image, digest, "rollback")}
         raise CnpsfsError(f"unknown control request {op!r}")
 
     def _with_layer_flag(self, which: str, *, unlinked: bool) -> fmt.Image:
@@ -259,16 +264,16 @@ class MountService:
         started = time.monotonic()
         label = f"{image.name}@{image.version}"
 
+        held = frozenset(self.ops.lookups)  # taken on the loop: the worker must not iterate it
+
         def build(old: Generation) -> tuple[Generation, SwapPlan]:
             new = compose(self.store, image, old.inodes, number=old.number + 1, label=label, previous=old)
-            return new, prepare(old, new)
+            return new, prepare(old, new, held=held)
 
         generation, plan = await self.ops.swap(build)
         seconds = time.monotonic() - started
-        if generation.previous is not None:
-            generation.previous.previous = None  # keep one generation back, not the whole chain
+        self.rollback_image = (self.image, self.image_digest)
         self.image, self.image_digest = image, digest
-        self.images.append((image, digest))
         self.history.append(HistoryItem(generation.number, label, fmt.format_digest(digest) if digest else None,
                                         time.time(), reason))
         self._register_roots()
@@ -283,8 +288,11 @@ class MountService:
     def _register_roots(self) -> None:
         from cnpsfs.store.maintenance import register_roots
 
-        roots = {layer.fileset for image, _d in self.images for layer in image.layers}
-        roots |= {d for _i, d in self.images if d is not None}
+        pinned = [(self.image, self.image_digest)]
+        if self.rollback_image is not None:
+            pinned.append(self.rollback_image)
+        roots = {layer.fileset for image, _d in pinned for layer in image.layers}
+        roots |= {d for _i, d in pinned if d is not None}
         register_roots(self.store, sorted(roots))
 
     def status(self) -> dict[str, Any]:
@@ -303,6 +311,8 @@ class MountService:
                         for h in self.history],
             "requests": dict(self.ops.requests),
             "inodes": len(gen.nodes),
+            "kernel_inodes": len(self.ops.held),
+            "inode_keys": len(gen.inodes),
             "uptime": round(time.time() - self.started, 3),
         }
 

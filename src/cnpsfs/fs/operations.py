@@ -181,7 +181,11 @@ class Operations(pyfuse3.Operations):
         self._loads_in_flight = 0
         self._loads_done = trio.Event()
         self._swap_done: trio.Event | None = None
+        # Lookup counts (pyfuse3's rules: counted in lookup and readdirplus, released in
+        # forget) and the node of every inode the kernel holds, so an inode it got from an
+        # earlier generation stays answerable until FORGET, and is let go of then.
         self.lookups: Counter[int] = Counter()
+        self.held: dict[int, Node] = {}
         self.requests: Counter[str] = Counter()
         self.limiter = trio.CapacityLimiter(threads)
         self.fetcher = ChunkFetcher(self.store, ChunkCache(cache_bytes), self.limiter)
@@ -210,12 +214,21 @@ class Operations(pyfuse3.Operations):
         return "+".join(parts)
 
     def node(self, ino: int) -> Node:
-        # A generation's table also holds the previous generations' nodes that it did not
-        # replace, so inodes the kernel got before a swap stay answerable.
+        # The current generation first: a directory keeps its number across a swap, and
+        # the kernel must see its new listing. Otherwise a node the kernel got earlier (a
+        # file still open, a working directory that vanished, an unchanged subtree the
+        # new generation shares without having registered it).
         node = self.generation.nodes.get(ino)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            node = self.held.get(ino)
+            if node is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
         return node
+
+    def _count(self, node: Node) -> None:
+        """The kernel took one more reference to *node* (a lookup or readdirplus entry)."""
+        self.lookups[node.ino] += 1
+        self.held[node.ino] = node
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = node.attr
@@ -301,6 +314,7 @@ class Operations(pyfuse3.Operations):
                 self.lookups[ino] = left
                 continue
             self.lookups.pop(ino, None)
+            self.held.pop(ino, None)
             self._read_end.pop(ino, None)
 
     # ------------------------------------------------------------------ metadata
@@ -332,7 +346,7 @@ class Operations(pyfuse3.Operations):
             missing.st_ino = 0
             missing.entry_timeout = CACHE_TIMEOUT
             return missing
-        self.lookups[child.ino] += 1
+        self._count(child)
         return self.attributes(child)
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -411,7 +425,7 @@ class Operations(pyfuse3.Operations):
             name, child = listing[index]
             if not pyfuse3.readdir_reply(token, name, self.attributes(child), index + 3):
                 return
-            self.lookups[child.ino] += 1
+            self._count(child)
 
     async def releasedir(self, fh: int, inode: int = 0) -> None:
         self.requests["releasedir"] += 1
@@ -504,6 +518,13 @@ class Operations(pyfuse3.Operations):
             old = self.generation
             generation, plan = await trio.to_thread.run_sync(build, old)
             self.generation = generation  # the swap: one assignment, no await before it
+            # Directories that changed keep their numbers: hold the new nodes, not the old
+            # ones with their old subtrees (plan.dirs lists every changed one the kernel saw).
+            for ino in plan.dirs:
+                if ino in self.held:
+                    node = generation.nodes.get(ino)
+                    if node is not None:
+                        self.held[ino] = node
         finally:
             done, self._swap_done = self._swap_done, None
             done.set()

@@ -11,10 +11,16 @@ not of the image. The walk
 * lists what the kernel must forget: the directories whose listing or attributes
   changed, and the names whose inode changed, but only where the old generation was
   loaded, because the kernel cannot cache what it never looked up.
+
+Once the walk is done the new generation needs nothing more from the old one (every
+directory the old one had loaded is now shared or composed anew), so it lets go of it,
+and the inode table drops the keys of nodes neither the new tree nor the kernel holds:
+what a mount keeps does not grow with the number of swaps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cnpsfs import format as fmt
@@ -30,10 +36,15 @@ class SwapPlan:
     entries: list[tuple[int, bytes]] = field(default_factory=list)  # invalidate_entry(parent, name)
     changed_dirs: int = 0
     shared_dirs: int = 0
+    dropped_keys: int = 0  # inode table keys of nodes nothing holds any more
 
 
-def prepare(old: Generation, new: Generation) -> SwapPlan:
-    """Check the new generation where it differs and compute the invalidations."""
+def prepare(old: Generation, new: Generation, *, held: Iterable[int] = ()) -> SwapPlan:
+    """Check the new generation where it differs and compute the invalidations.
+
+    *held* are the inode numbers the kernel still holds (lookups not yet forgotten):
+    their inode table keys are kept, so a name that comes back gets its old number.
+    """
     plan = SwapPlan()
     stack: list[tuple[Node | None, Node]] = [(old.root, new.root)]
     while stack:
@@ -70,6 +81,9 @@ def prepare(old: Generation, new: Generation) -> SwapPlan:
             if old_child is None and old_node is not None and old_children is None:
                 old_child = _unloaded_dir(old, old_node, name)
             stack.append((old_child, new_child))
+    new.previous = None
+    if new.inodes.sweep_due():
+        plan.dropped_keys = new.inodes.retain(new.loaded_inodes() | set(held))
     return plan
 
 

@@ -119,12 +119,26 @@ class Node:
 
 
 class InodeTable:
-    """Stable inode numbers: one per (path, object identity), shared across generations."""
+    """Stable inode numbers: one per (path, object identity), shared across generations.
+
+    Keys of nodes that no live generation shows and the kernel no longer holds are
+    dropped by :meth:`retain` (a swap calls it when the table has grown enough since the
+    last time), so a mount that swaps for months keeps a table the size of its trees.
+    Numbers are never reused: a key that comes back after it was dropped gets a new one.
+    """
+
+    #: :meth:`sweep_due` once the table grew this much beyond what the last sweep kept.
+    GROWTH = 0.5
+    SLACK = 4096
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[Any, ...], int] = {}
         self._next = ROOT_INODE + 1
         self._lock = threading.Lock()
+        self._kept = 0  # keys left by the last retain()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
 
     def number(self, key: tuple[Any, ...]) -> int:
         ino = self._by_key.get(key)
@@ -138,6 +152,21 @@ class InodeTable:
 
     def forget_key(self, key: tuple[Any, ...]) -> None:
         self._by_key.pop(key, None)
+
+    def sweep_due(self) -> bool:
+        """Whether enough keys may have died since the last :meth:`retain` to pay for one."""
+        return len(self._by_key) > self._kept * (1 + self.GROWTH) + self.SLACK
+
+    def retain(self, live: set[int]) -> int:
+        """Keep only the keys whose number is in *live*; returns how many were dropped.
+
+        Costs a pass over the table, so callers do it when :meth:`sweep_due` says so.
+        """
+        with self._lock:
+            before = len(self._by_key)
+            self._by_key = {key: ino for key, ino in self._by_key.items() if ino in live}
+            self._kept = len(self._by_key)
+            return before - self._kept
 
 
 def identity(entry: fmt.Entry) -> tuple[Any, ...]:
@@ -171,11 +200,15 @@ class Generation:
         self.inodes = inodes
         self.number = number
         self.label = label
+        # The generation this one replaces, while a swap prepares it: directories that
+        # compose identically are shared from it. swap.prepare clears it when done, so a
+        # mount never keeps more than the generation it serves.
         self.previous = previous
         self._lock = threading.RLock()
-        # Nodes of the previous generation stay answerable by inode (the kernel may hold
-        # them, open files read them); nodes of this generation replace them as they load.
-        self.nodes: dict[int, Node] = dict(previous.nodes) if previous is not None else {}
+        # The nodes this generation created or took over from the previous one, by inode.
+        # Only this generation's: nodes of earlier ones that the kernel still holds are
+        # kept by the FUSE layer until the kernel forgets them, not copied forward here.
+        self.nodes: dict[int, Node] = {}
         root_sources = [self._layer_root_source(layer, ()) for layer in self.layers]
         root_entry = self._dir_metadata([s for s in root_sources if s is not None], b"")
         self.root = Node(ROOT_INODE, root_entry, ROOT_INODE, (), None,
@@ -297,29 +330,41 @@ class Generation:
         with self._lock:
             if node.children is not None:
                 return node.children
-            if self._reuse_previous(node):
-                assert node.children is not None
+            old = self._counterpart(node.path)
+            old_mode = self.previous.mode if self.previous is not None else self.mode
+            if old is not None and old is not node and old.children is not None \
+                    and signature(old, old_mode) == signature(node, self.mode):
+                # Composes as in the previous generation: take its children, loaded parts included.
+                node.subdirs = old.subdirs
+                node.listing = old.listing
+                for child in old.children.values():
+                    self.nodes[child.ino] = child
+                node.children = old.children
                 return node.children
+            old_children = old.children if old is not None and old.is_dir else None
             merged = self._merge(node)
             children = {}
             subdirs = 0
             for name, (entry, layer, sources) in merged.items():
                 path = (*node.path, name)
+                previous = old_children.get(name) if old_children is not None else None
                 if entry.kind is fmt.Kind.DIR:
                     subdirs += 1
                     meta = self._dir_metadata(sources, name)
                     ino = self.inodes.number(("d", path))
                     child = Node(ino, meta, node.ino, path, None, sources)
-                    shared = self._previous_dir(child)
-                    if shared is not None:
-                        child = shared  # an unchanged subtree: share it, loaded parts included
+                    if previous is not None and previous.is_dir and previous.ino == ino \
+                            and signature(previous, old_mode) == signature(child, self.mode):
+                        child = previous  # an unchanged subtree: share it, loaded parts included
                 else:
                     if entry.link is not None:
                         key: tuple[Any, ...] = ("l", layer.fileset, layer.at, entry.link[0], identity(entry))
                     else:
                         key = ("f", path, identity(entry))
                     ino = self.inodes.number(key)
-                    existing = self.nodes.get(ino)
+                    existing = self.nodes.get(ino)  # a hard link met before in this generation
+                    if existing is None and previous is not None and previous.ino == ino:
+                        existing = previous  # the same file as before: keep its cached attributes
                     child = existing if existing is not None else Node(ino, entry, node.ino, path, layer)
                 self.nodes[child.ino] = child
                 children[name] = child
@@ -328,23 +373,35 @@ class Generation:
             node.children = children  # published last: readers see all or nothing
             return children
 
-    def _previous_dir(self, node: Node) -> Node | None:
-        """The previous generation's node for the same directory, if it composes identically."""
+    def _counterpart(self, path: tuple[bytes, ...]) -> Node | None:
+        """The previous generation's directory at *path*, through what it has loaded (reads nothing)."""
         if self.previous is None:
             return None
-        old = self.previous.nodes.get(node.ino)
-        if old is None or not old.is_dir or signature(old, self.previous.mode) != signature(node, self.mode):
-            return None
-        return old
+        node = self.previous.root
+        for part in path:
+            children = node.children
+            if children is None:
+                return None
+            child = children.get(part)
+            if child is None or not child.is_dir:
+                return None
+            node = child
+        return node
 
-    def _reuse_previous(self, node: Node) -> bool:
-        old = self._previous_dir(node)
-        if old is None or old is node or old.children is None:
-            return False
-        node.subdirs = old.subdirs
-        node.listing = old.listing
-        node.children = old.children
-        return True
+    def loaded_inodes(self) -> set[int]:
+        """Every inode number in this generation's tree as far as it is loaded."""
+        seen = {ROOT_INODE}
+        stack = [self.root]
+        while stack:
+            children = stack.pop().children
+            if children is None:
+                continue
+            for child in children.values():
+                if child.ino not in seen:
+                    seen.add(child.ino)
+                    if child.children is not None:
+                        stack.append(child)
+        return seen
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         child = self.load_children(parent).get(name)
