@@ -457,7 +457,8 @@ class Fault:
     Authorization: the upstream's own 401), ``ignore_range`` (forward without Range: a 200),
     ``truncate`` (forward, send *at* body bytes, close), ``short`` (forward with the body cut
     to *at* bytes and Content-Length to match), ``flip`` (forward, one byte at *at* inverted),
-    ``stall_body`` (send headers and *at* bytes, then stall).
+    ``stall_body`` (send headers and *at* bytes, then stall), ``trickle`` (send the body one
+    byte every *seconds*).
     """
 
     action: str
@@ -713,6 +714,16 @@ class FaultProxy:
             req.send_header(k, v)
         req.send_header("Content-Length", str(len(data)))
         req.end_headers()
+        if action == "trickle":
+            for i in range(len(data)):
+                if self._stopping.wait(fault.seconds if fault else 0.1):
+                    break
+                try:
+                    self._send(req, path, data[i:i + 1])
+                except OSError:
+                    break
+            req.close_connection = True
+            return None
         if action in ("truncate", "stall_body"):
             self._send(req, path, data[:at])
             if action == "stall_body":

@@ -604,6 +604,14 @@ def test_hang_fails_within_the_deadline(proxied: Any, registry: RegistryServer) 
         patient.fetch_blob(d, lambda _b: None, size=len(data), deadline=2.5)
     assert isinstance(info.value, TransportTimeout) or "timed out" in str(info.value) or "deadline" in str(info.value)
     assert time.monotonic() - t0 < 4
+    # A byte every 0.2 s never trips the read timeout; the deadline still ends the call.
+    proxy.clear()
+    proxy.add("trickle", path=d, times=None, seconds=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(TransportTimeout) as info:
+        patient.fetch_blob(d, lambda _b: None, size=len(data), deadline=2.5)
+    one_line(info.value, proxy.host, d, "deadline")
+    assert time.monotonic() - t0 < 4
 
 
 def test_reset_and_truncation_are_resumed(proxied: Any) -> None:

@@ -344,7 +344,9 @@ class Response:
         while True:
             self._arm()
             try:
-                data = self._raw.read(chunk_size, decode_content=False)
+                # read1: one socket read per call, so each wait is bounded by the time left
+                # (read() would loop over recvs and let a trickling server pass the deadline).
+                data = self._raw.read1(chunk_size, decode_content=False)
             except (u3e.HTTPError, OSError) as exc:
                 if time.monotonic() >= self._t_end:
                     raise _error(self.url, self._resource, "deadline exceeded while reading the body",
