@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh store, the CLI in a subprocess, tree builders, and a cached
-Debian root filesystem. The plain helpers behind them live in cnpsfs_testlib.py.
+Debian root filesystem. The plain helpers behind them live in cnpsfs_testlib.py; the
+real-server fixtures (registries, token server, fault proxy, nginx) in servers.py.
 
 Everything here is generic: no fixture is autouse, and each builds what it needs in the
 test's own tmp_path, so test modules elsewhere (mounts, composition) can use them too.
