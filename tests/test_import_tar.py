@@ -302,8 +302,11 @@ BAD_ARCHIVES: dict[str, tuple[bytes, list[str]]] = {
     "hardlink-missing": (tar_bytes([(member("h", tarfile.LNKTYPE, linkname="nothere"), None)]), ["'h'", "nothere"]),
     "hardlink-later": (tar_bytes([(member("h", tarfile.LNKTYPE, linkname="target"), None),
                                   (member("target"), b"data")]), ["'h'", "later member"]),
+    # Issue 15 bug 11: a hostile hard link names both the member and its target.
     "hardlink-outside": (tar_bytes([(member("h", tarfile.LNKTYPE, linkname="../etc/passwd"), None)]),
-                         ["'h'", "'..'"]),
+                         ["'h'", "'../etc/passwd'", "'..'"]),
+    "hardlink-absolute": (tar_bytes([(member("h", tarfile.LNKTYPE, linkname="/etc/shadow"), None)]),
+                          ["'h'", "'/etc/shadow'", "absolute"]),
     "hardlink-to-dir": (tar_bytes([(member("d", tarfile.DIRTYPE), None),
                                    (member("h", tarfile.LNKTYPE, linkname="d"), None)]), ["'h'", "directory"]),
     "duplicate": (tar_bytes([(member("usr/a"), b"1"), (member("usr/a"), b"2")]), ["usr/a", "duplicate"]),

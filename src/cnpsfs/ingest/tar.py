@@ -212,7 +212,7 @@ class TarImporter:
         self.builder.add(parts, entry, what=what)
 
     def _hardlink(self, parts: tuple[bytes, ...], member: tarfile.TarInfo, entry: fmt.Entry, what: str) -> None:
-        target_parts = split_path(_name_bytes(member.linkname), what=f"{what}: link target")
+        target_parts = split_path(_name_bytes(member.linkname), what=f"{what}: hard link target {member.linkname!r}")
         target = self.builder.lookup(target_parts)
         if target is None or target.implicit:
             raise ImportRejected(f"{what}: hard link to missing or later member {member.linkname!r}")
