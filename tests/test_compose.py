@@ -486,13 +486,22 @@ BASE_MANIFEST = 'name = "example.org/m"\nversion = "1"\n'
     (BASE_MANIFEST + '[[layers]]\nat = "/opt"\n', r"layers\[1\]\.fileset is required"),
     (BASE_MANIFEST + '[[layers]]\nfileset = "x"\nat = "opt"\n', r"layers\[1\]\.at must be an absolute path"),
     (BASE_MANIFEST + '[[layers]]\nfileset = "x"\nat = "/opt/../etc"\n', r"layers\[1\]\.at must be an absolute"),
+    # Issue 15 bug 6: the format's name rules apply to every component of `at`.
+    (BASE_MANIFEST + '[[layers]]\nfileset = "x"\nat = "/a\\u0000b"\n', r"layers\[1\]\.at: .*NUL"),
+    (BASE_MANIFEST + '[[layers]]\nfileset = "x"\nat = "/opt/' + "n" * 300 + '"\n',
+     r"layers\[1\]\.at: .*longer than 255 bytes"),
+    (BASE_MANIFEST + '[[layers]]\nfileset = "x"\nat = "/opt/' + "é" * 128 + '"\n',
+     r"layers\[1\]\.at: .*longer than 255 bytes"),
+    (BASE_MANIFEST + '[[layers]]\nfileset = "x"\nat = "' + "/abcdefgh" * 500 + '"\n',
+     r"layers\[1\]\.at: .*longer than 4095 bytes"),
     (BASE_MANIFEST + '[[layers]]\nfileset = "x"\noverride = "yes"\n', r"layers\[1\]\.override must be true or false"),
     ('version = "1"\n[[layers]]\nfileset = "x"\n', r"missing string key 'name'"),
     ('name = "example.org/m"\n[[layers]]\nfileset = "x"\n', r"missing string key 'version'"),
     ('name = "Not A Name"\nversion = "1"\n[[layers]]\nfileset = "x"\n', r"invalid name"),
     (BASE_MANIFEST + "[[layers]\n", r"not valid TOML"),
 ], ids=["top-key", "layer-key", "config-key", "mode", "no-layers", "empty-layers", "no-fileset", "relative-at",
-        "dotdot-at", "override-type", "no-name", "no-version", "bad-name", "toml"])
+        "dotdot-at", "nul-at", "long-name-at", "long-utf8-name-at", "long-path-at",
+        "override-type", "no-name", "no-version", "bad-name", "toml"])
 def test_manifest_errors_name_the_problem(text: str, pattern: str) -> None:
     with pytest.raises(UsageError) as info:
         parse_manifest(text, "m.toml")

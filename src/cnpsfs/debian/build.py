@@ -37,7 +37,7 @@ from typing import Any
 from cnpsfs import format as fmt
 from cnpsfs.debian import apt
 from cnpsfs.debian.dpkgdb import InstalledPackage, import_database
-from cnpsfs.errors import CnpsfsError, ConflictError, NotFoundError, UsageError
+from cnpsfs.errors import CnpsfsError, ConflictError, FormatError, NotFoundError, UsageError
 from cnpsfs.image.manifest import compose, parse_config, store_image
 from cnpsfs.ingest.tree import ImportOptions
 from cnpsfs.store import T_FILESET, Store, check_tag_name, check_tag_version
@@ -122,10 +122,14 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         at = layer.get("at", "/")
         if not isinstance(at, str) or not at.startswith("/") or any(p in (".", "..") for p in at.split("/")):
             raise UsageError(f"{source}: layers[{number}].at must be an absolute path, not {at!r}")
+        try:
+            at = fmt.normalize_at(at)
+        except FormatError as exc:
+            raise UsageError(f"{source}: layers[{number}].at: {exc}") from None
         path = layer["path"]
         if not os.path.isabs(path):
             path = os.path.join(os.path.dirname(os.path.abspath(source)), path)
-        layers.append({"path": path, "at": "/" + "/".join(p for p in at.split("/") if p),
+        layers.append({"path": path, "at": at,
                        "label": str(layer.get("label", os.path.basename(path)))})
     sde = raw.get("source_date_epoch")
     if sde is not None and (not isinstance(sde, int) or sde <= 0):

@@ -29,6 +29,9 @@ FORMAT_VERSION = 1
 DIGEST_SIZE = 32
 DIGEST_PREFIX = "blake3:"
 NAME_MAX = 255
+#: Longest path in bytes (Linux PATH_MAX less the terminating NUL): layer placements,
+#: hard-link paths and symlink targets.
+PATH_MAX = 4095
 #: A regular file whose extent list is longer than this keeps it in its own object,
 #: so a directory object stays small however large its files are.
 INLINE_EXTENTS_MAX = 16
@@ -223,6 +226,33 @@ def check_name(name: bytes) -> None:
         raise FormatError(f"entry name longer than {NAME_MAX} bytes: {name[:40]!r}...")
     if b"/" in name or b"\0" in name:
         raise FormatError(f"entry name contains '/' or NUL: {name!r}")
+
+
+def normalize_at(at: str) -> str:
+    """The canonical form of a layer's placement (``/opt//app/`` is ``/opt/app``), or FormatError.
+
+    Every component obeys the entry name rules (§1.4: no NUL, 1-255 bytes, not ``.`` or
+    ``..``) because the mount shows each one as a directory name, and the whole path
+    fits PATH_MAX: a placement no kernel could look up is refused when it is written,
+    not found out when a mount cannot show it.
+    """
+    if not isinstance(at, str) or not at.startswith("/"):
+        raise FormatError(f"layer placement {at!r} is not an absolute path")
+    try:
+        raw = at.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FormatError(f"layer placement {at[:80]!r} is not valid UTF-8") from None
+    if len(raw) > PATH_MAX:
+        raise FormatError(f"layer placement {at[:40]!r}... is longer than {PATH_MAX} bytes")
+    parts = [p for p in raw.split(b"/") if p]
+    for part in parts:
+        if part in (b".", b".."):
+            raise FormatError(f"layer placement {at[:80]!r} contains a {part.decode()!r} component")
+        if b"\0" in part:
+            raise FormatError(f"layer placement {at[:80]!r} contains a NUL byte")
+        if len(part) > NAME_MAX:
+            raise FormatError(f"layer placement {at[:40]!r}...: a component is longer than {NAME_MAX} bytes")
+    return "/" + "/".join(p.decode("utf-8") for p in parts)
 
 
 def _encode_extents(extents: Iterable[Extent]) -> list[list[Any]]:

@@ -96,13 +96,16 @@ def parse_manifest(text: str, source: str = "manifest") -> dict[str, Any]:
         at = layer.get("at", "/")
         if not isinstance(at, str) or not at.startswith("/") or any(p in ("..", ".") for p in at.split("/")):
             raise _fail(source, f"{where}at must be an absolute path without '.' or '..', not {at!r}")
+        try:
+            normalized = fmt.normalize_at(at)
+        except fmt.FormatError as exc:
+            raise _fail(source, f"{where}at: {exc}") from None
         for flag in ("unlinked", "override"):
             if not isinstance(layer.get(flag, False), bool):
                 raise _fail(source, f"{where}{flag} must be true or false")
         label = layer.get("label", "")
         if not isinstance(label, str):
             raise _fail(source, f"{where}label must be a string")
-        normalized = "/" + "/".join(p for p in at.split("/") if p)
         parsed_layers.append({"fileset": layer["fileset"], "at": normalized, "unlinked": layer.get("unlinked", False),
                               "override": layer.get("override", False), "label": label})
     metadata = raw.get("metadata", {})
