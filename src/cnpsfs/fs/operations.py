@@ -26,7 +26,7 @@ import trio
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, CorruptObjectError, FormatError, MissingObjectError
 from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
-from cnpsfs.image.reader import ChunkCache
+from cnpsfs.image.reader import ChunkCache, past_the_end
 from cnpsfs.image.view import Generation, Node
 from cnpsfs.store import BlockStream, Location, NotCached
 
@@ -472,7 +472,10 @@ class Operations(pyfuse3.Operations):
                     continue
                 chunk = await self.fetcher.get(ext.digest)
                 start = ext.offset + inner
-                out.append(chunk[start : start + n])
+                piece = chunk[start : start + n]
+                if len(piece) != n:
+                    raise past_the_end(ext, len(chunk))
+                out.append(piece)
         except (CorruptObjectError, MissingObjectError, OSError) as exc:
             raise self._io_error(f"reading {_show(node.path)} at offset {off}", exc, node=node) from None
         end = off + size

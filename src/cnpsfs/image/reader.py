@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 
 from cnpsfs import format as fmt
+from cnpsfs.errors import CorruptObjectError
 
 
 class ChunkCache:
@@ -89,8 +90,18 @@ def read_range(emap: ExtentMap, offset: int, size: int, get_chunk: Callable[[byt
         else:
             chunk = get_chunk(ext.digest)
             start = ext.offset + inner
-            out.append(chunk[start : start + n])
+            piece = chunk[start : start + n]
+            if len(piece) != n:
+                raise past_the_end(ext, len(chunk))
+            out.append(piece)
     return b"".join(out) if len(out) != 1 else out[0]
+
+
+def past_the_end(ext: fmt.Extent, chunk_size: int) -> CorruptObjectError:
+    """An extent that reaches past its chunk: the object naming it is wrong, never pad or cut the data."""
+    assert ext.digest is not None
+    return CorruptObjectError(f"extent [{ext.offset}, +{ext.length}) runs past the end of chunk "
+                              f"{fmt.format_digest(ext.digest)} ({chunk_size} bytes)")
 
 
 class StoreFile:
