@@ -42,6 +42,24 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         require_fuse()
 
 
+# --------------------------------------------------------------------------- long runs
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", default=False,
+                     help="also run the long fuzz runs (tests marked 'long'; scripts/test --long)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``long`` run only with --long (the default suite keeps their short smoke)."""
+    if config.getoption("--long"):
+        return
+    skipped = [item for item in items if item.get_closest_marker("long")]
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = [item for item in items if not item.get_closest_marker("long")]
+
+
 # --------------------------------------------------------------------------- store and CLI
 
 

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cnpsfs import format as fmt
+from cnpsfs.chunking import CDC_MAX
 from cnpsfs.errors import FormatError
 from cnpsfs.image.reader import ExtentMap, read_range
 from cnpsfs.image.walk import walk
@@ -470,10 +471,14 @@ names = st.binary(min_size=1, max_size=255).filter(lambda n: b"/" not in n and b
 modes = st.integers(0, 0o7777)
 ids = st.integers(0, 2**32 - 1)
 mtimes = st.integers(-(2**63), 2**63 - 1)
-xattr_maps = st.dictionaries(st.binary(min_size=1, max_size=40), st.binary(max_size=64), max_size=4)
-extents = st.lists(st.builds(fmt.Extent, st.one_of(st.none(), digests), st.integers(0, 2**20),
-                             st.integers(1, 2**20)), min_size=1, max_size=fmt.INLINE_EXTENTS_MAX)
-links = st.one_of(st.none(), st.tuples(st.binary(min_size=1, max_size=60), st.integers(2, 2**16)))
+no_nul = st.binary(min_size=1, max_size=60).filter(lambda b: b"\0" not in b)
+xattr_maps = st.dictionaries(no_nul, st.binary(max_size=64), max_size=4)
+# A hole has offset 0; a data extent lies inside one chunk, and no chunk exceeds CDC_MAX (§1.5).
+data_extents = st.integers(0, CDC_MAX - 1).flatmap(
+    lambda offset: st.builds(fmt.Extent, digests, st.just(offset), st.integers(1, CDC_MAX - offset)))
+extents = st.lists(st.one_of(st.builds(fmt.Extent, st.none(), st.just(0), st.integers(1, 2**40)), data_extents),
+                   min_size=1, max_size=fmt.INLINE_EXTENTS_MAX)
+links = st.one_of(st.none(), st.tuples(no_nul, st.integers(2, 2**16)))
 metadata = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64 - 1), st.text(max_size=20),
               st.binary(max_size=20)),
@@ -500,7 +505,7 @@ def entries(draw: st.DrawFn, name: bytes | None = None) -> fmt.Entry:
             else:
                 e.extents = exts
     elif kind is fmt.Kind.SYMLINK:
-        e.target = draw(st.binary(min_size=1, max_size=100))
+        e.target = draw(st.binary(min_size=1, max_size=100).filter(lambda b: b"\0" not in b))
     elif kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV):
         e.rdev = (draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1)))
     elif kind is fmt.Kind.DIR:
@@ -514,6 +519,11 @@ def entries(draw: st.DrawFn, name: bytes | None = None) -> fmt.Entry:
 def directories(draw: st.DrawFn) -> fmt.Directory:
     unique = draw(st.lists(names, max_size=12, unique=True))
     return fmt.Directory([draw(entries(n)) for n in unique], draw(st.booleans()))
+
+
+def test_decoders_know_the_largest_chunk() -> None:
+    """Decoders refuse extents past CHUNK_MAX; it must be the chunker's own maximum."""
+    assert fmt.CHUNK_MAX == CDC_MAX
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])

@@ -15,8 +15,9 @@ does no I/O.
 from __future__ import annotations
 
 import enum
+import io
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -32,6 +33,23 @@ NAME_MAX = 255
 #: Longest path in bytes (Linux PATH_MAX less the terminating NUL): layer placements,
 #: hard-link paths and symlink targets.
 PATH_MAX = 4095
+#: Linux's limits on one extended attribute (XATTR_NAME_MAX, XATTR_SIZE_MAX).
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+#: Limits (docs/format.md §1.11): an encoder never writes an object past one of them and
+#: a reader refuses one, naming the limit. Decoding costs up to ~70 bytes of memory per
+#: byte of a hostile object (empty containers), so the object size bounds a reader's memory.
+MAX_OBJECT_SIZE = 32 << 20
+MAX_DIR_ENTRIES = 1 << 18
+MAX_EXTENTS = 1 << 19
+MAX_LAYERS = 4096
+#: How deep maps and arrays may nest in an object (metadata and config included).
+MAX_DEPTH = 64
+#: No chunk is longer than the chunker's maximum (§1.9, CDC_MAX), so no data extent
+#: reaches past it: a reader refuses one that does before it reads anything.
+CHUNK_MAX = 262144
+_U32 = 1 << 32  # uid, gid, device numbers, nlink
+_I64 = 1 << 63  # sizes, lengths, mtimes (off_t, time in ns)
 #: A regular file whose extent list is longer than this keeps it in its own object,
 #: so a directory object stays small however large its files are.
 INLINE_EXTENTS_MAX = 16
@@ -179,12 +197,15 @@ class Image:
 def encode_canonical(value: Any) -> bytes:
     """Deterministic CBOR, after checking the value stays inside the format's subset."""
     _check_value(value)
-    return cbor2.dumps(value, canonical=True)
+    data = cbor2.dumps(value, canonical=True)
+    if len(data) > MAX_OBJECT_SIZE:
+        raise FormatError(f"object of {len(data)} bytes exceeds the limit of {MAX_OBJECT_SIZE} bytes per object")
+    return data
 
 
 def _check_value(value: Any, depth: int = 0) -> None:
-    if depth > 64:
-        raise FormatError("value nests too deeply")
+    if depth > MAX_DEPTH:
+        raise FormatError(f"value nests deeper than the limit of {MAX_DEPTH} levels")
     if value is None or isinstance(value, (bool, bytes)):
         return
     if isinstance(value, str):
@@ -256,7 +277,17 @@ def normalize_at(at: str) -> str:
 
 
 def _encode_extents(extents: Iterable[Extent]) -> list[list[Any]]:
-    return [[e.digest, e.offset, e.length] for e in extents]
+    out = []
+    for e in extents:
+        if e.length <= 0 or e.length >= _I64:
+            raise FormatError(f"extent length {e.length} out of range")
+        if e.digest is None:
+            if e.offset != 0:
+                raise FormatError("a hole extent has offset 0")
+        elif len(e.digest) != DIGEST_SIZE or not 0 <= e.offset < CHUNK_MAX or e.offset + e.length > CHUNK_MAX:
+            raise FormatError(f"extent [{e.offset}, +{e.length}) does not lie inside one chunk")
+        out.append([e.digest, e.offset, e.length])
+    return out
 
 
 def entry_to_cbor(entry: Entry) -> dict[int, Any]:
@@ -292,6 +323,9 @@ def entry_to_cbor(entry: Entry) -> dict[int, Any]:
 
 
 def encode_directory(directory: Directory) -> bytes:
+    if len(directory.entries) > MAX_DIR_ENTRIES:
+        raise FormatError(f"directory of {len(directory.entries)} entries exceeds the limit of {MAX_DIR_ENTRIES} "
+                          "entries per directory object")
     entries = sorted(directory.entries, key=lambda e: e.name)
     previous = None
     for entry in entries:
@@ -307,6 +341,9 @@ def encode_directory(directory: Directory) -> bytes:
 
 
 def encode_extents_object(extents: Sequence[Extent]) -> bytes:
+    if len(extents) > MAX_EXTENTS:
+        raise FormatError(f"{len(extents)} extents exceed the limit of {MAX_EXTENTS} (a file of about "
+                          f"{MAX_EXTENTS * 65536 >> 30} GiB at the average chunk size)")
     return encode_canonical({0: TYPE_EXTENTS, 1: FORMAT_VERSION, 2: _encode_extents(extents)})
 
 
@@ -337,6 +374,13 @@ def layer_to_cbor(layer: Layer) -> dict[int, Any]:
 def encode_image(image: Image) -> bytes:
     if image.mode not in ("layers", "union"):
         raise FormatError(f"unknown composition mode {image.mode!r}")
+    if len(image.layers) > MAX_LAYERS:
+        raise FormatError(f"image of {len(image.layers)} layers exceeds the limit of {MAX_LAYERS} layers per image")
+    for layer in image.layers:
+        if normalize_at(layer.at) != layer.at:
+            raise FormatError(f"layer placement {layer.at[:80]!r} is not normalised")
+        if len(layer.fileset) != DIGEST_SIZE:
+            raise FormatError("a layer's FileSet is not a digest")
     obj: dict[int, Any] = {
         0: TYPE_IMAGE,
         1: FORMAT_VERSION,
@@ -353,9 +397,24 @@ def encode_image(image: Image) -> bytes:
 
 
 def check_entry(entry: Entry) -> None:
-    if entry.mode & ~0o7777:
+    """What a decoder checks too (§1.4), so an encoder never writes what a reader refuses."""
+    if entry.mode & ~0o7777 or entry.mode < 0:
         raise FormatError(f"{entry.name!r}: mode has bits outside 0o7777")
+    if not (0 <= entry.uid < _U32 and 0 <= entry.gid < _U32):
+        raise FormatError(f"{entry.name!r}: uid and gid must be unsigned 32-bit integers")
+    if not -_I64 <= entry.mtime_ns < _I64:
+        raise FormatError(f"{entry.name!r}: mtime_ns does not fit 64 bits")
+    if entry.xattrs and entry.kind is not Kind.WHITEOUT:
+        _check_xattrs(entry.xattrs)
+    if entry.link is not None and not (0 < len(entry.link[0]) <= PATH_MAX and 2 <= entry.link[1] < _U32):
+        raise FormatError(f"{entry.name!r}: a hard link needs a path and at least 2 names")
+    if entry.kind is Kind.SYMLINK and not (0 < len(entry.target) <= PATH_MAX and b"\0" not in entry.target):
+        raise FormatError(f"{entry.name!r}: symlink target is not 1 to {PATH_MAX} bytes without NUL")
+    if entry.kind in (Kind.CHARDEV, Kind.BLOCKDEV) and not all(0 <= n < _U32 for n in entry.rdev):
+        raise FormatError(f"{entry.name!r}: device numbers must be unsigned 32-bit integers")
     if entry.kind is Kind.FILE:
+        if not 0 <= entry.size < _I64:
+            raise FormatError(f"{entry.name!r}: size does not fit 63 bits")
         if entry.size and (entry.hash is None or len(entry.hash) != DIGEST_SIZE):
             raise FormatError(f"{entry.name!r}: a non-empty file needs its content hash")
         if entry.content is None:
@@ -369,16 +428,56 @@ def check_entry(entry: Entry) -> None:
 
 
 # --------------------------------------------------------------------------- decoding
+#
+# Objects may come from a remote store, so decoding trusts nothing but the digest: the
+# CBOR must stay inside the subset (no tags, no indefinite lengths, no duplicate keys,
+# nothing after the item), every field must have its type and range, and the limits
+# hold. Anything else is a FormatError naming what is wrong, never another exception or
+# a value that breaks a caller later. The checks are type() tests and comparisons: a cold
+# lookup decodes a directory per name, and this is on that path.
+
+#: Tags cbor2 decodes itself (dates, bignums, shared and string references, ...): each is
+#: refused, so a shared reference cannot build a cyclic or exponentially large value.
+_CBOR2_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 43000, 55799)
+
+
+class _TagRefused(Exception):
+    pass
+
+
+def _refuse_tag(*_args: Any) -> Any:
+    raise _TagRefused
+
+
+_NO_TAGS = {tag: _refuse_tag for tag in _CBOR2_TAGS}
+#: Nesting a decoder accepts (cbor2 counts the top level as 1; the encoder allows 0..MAX_DEPTH).
+_DECODE_DEPTH = MAX_DEPTH + 1
+_KIND_BY_VALUE = {kind.value: kind for kind in Kind}
 
 
 def decode_object(data: bytes) -> dict[int, Any]:
+    """The top-level map of an encoded object, with its type name and version checked."""
+    if len(data) > MAX_OBJECT_SIZE:
+        raise FormatError(f"object of {len(data)} bytes exceeds the limit of {MAX_OBJECT_SIZE} bytes per object")
+    stream = io.BytesIO(data)
     try:
-        obj = cbor2.loads(data)
+        obj = cbor2.CBORDecoder(stream, semantic_decoders=_NO_TAGS, tag_hook=_refuse_tag, allow_indefinite=False,
+                                allow_duplicate_keys=False, max_depth=_DECODE_DEPTH).decode()
     except Exception as exc:  # cbor2 raises several types for malformed input
+        if isinstance(exc.__cause__, _TagRefused) or isinstance(exc, _TagRefused):
+            raise FormatError("object is not valid: CBOR tags are not allowed") from None
+        if "nesting depth" in str(exc):
+            raise FormatError(f"object nests deeper than the limit of {MAX_DEPTH} levels") from None
         raise FormatError(f"object is not valid CBOR: {exc}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get(0), str) or obj.get(1) != FORMAT_VERSION:
+    if stream.tell() != len(data):
+        raise FormatError(f"object is not valid: {len(data) - stream.tell()} bytes after its CBOR item")
+    if (type(obj) is not dict or type(obj.get(0)) is not str or obj[0] not in _TYPE_NAMES
+            or type(obj.get(1)) is not int or obj[1] != FORMAT_VERSION):
         raise FormatError("object lacks a known type and format version")
     return obj
+
+
+_TYPE_NAMES = frozenset((TYPE_DIR, TYPE_EXTENTS, TYPE_FILESET, TYPE_IMAGE))
 
 
 def object_type(data: bytes) -> str:
@@ -391,87 +490,243 @@ def _expect(obj: dict[int, Any], type_name: str) -> dict[int, Any]:
     return obj
 
 
-_make_extent = Extent._make
-_KIND_BY_VALUE = {kind.value: kind for kind in Kind}
+def _field(obj: dict[int, Any], key: int, kind: type, what: str) -> Any:
+    value = obj.get(key)
+    if type(value) is not kind:
+        raise FormatError(f"{what} (key {key}) is missing or not a {kind.__name__}")
+    return value
 
 
-def _decode_extents(raw: Any) -> tuple[Extent, ...]:
-    try:
-        extents = tuple(map(_make_extent, raw))  # _make refuses items that are not 3 long
-    except TypeError:
-        raise FormatError("malformed extent list") from None
-    return extents
+def _digest(value: Any, what: str) -> bytes:
+    if type(value) is not bytes or len(value) != DIGEST_SIZE:
+        raise FormatError(f"{what} is not a {DIGEST_SIZE}-byte digest")
+    return value
 
 
-def entry_from_cbor(raw: Mapping[int, Any]) -> Entry:
-    """An entry from its decoded CBOR map (hot on cold mounts: positional, no enum call)."""
+def _decode_extents(raw: Any, limit: int) -> tuple[Extent, ...]:
+    if type(raw) is not list:
+        raise FormatError("extent list is not an array")
+    if len(raw) > limit:
+        raise FormatError(f"{len(raw)} extents exceed the limit of {limit}")
+    out = []
+    for item in raw:
+        if type(item) is not list or len(item) != 3:
+            raise FormatError("malformed extent list: an extent is not [digest, offset, length]")
+        digest, offset, length = item
+        if type(offset) is not int or type(length) is not int or length <= 0 or length >= _I64:
+            raise FormatError("malformed extent list: offset or length out of range")
+        if digest is None:
+            if offset != 0:
+                raise FormatError("malformed extent list: a hole with an offset")
+        elif type(digest) is not bytes or len(digest) != DIGEST_SIZE or not 0 <= offset < CHUNK_MAX:
+            raise FormatError("malformed extent list: bad chunk digest or offset")
+        elif offset + length > CHUNK_MAX:
+            raise FormatError("malformed extent list: an extent runs past the largest possible chunk")
+        out.append(Extent(digest, offset, length))
+    return tuple(out)
+
+
+def entry_from_cbor(raw: Any, *, root: bool = False) -> Entry:
+    """An entry from its decoded CBOR map, every field checked.
+
+    Hot on cold mounts: the common shapes (a directory; a file without xattrs or hard
+    links whose data is one extent) are checked and built in one go, and anything else
+    goes through :func:`_entry_fields`, which checks field by field and names what is
+    wrong. Both accept exactly the same entries.
+    """
+    if type(raw) is not dict:
+        raise FormatError("malformed directory entry: not a map")
     get = raw.get
+    name, kind_value = get(0), get(1)
+    if type(name) is not bytes:
+        raise FormatError("malformed directory entry: its name is not a byte string")
+    kind = _KIND_BY_VALUE.get(kind_value) if type(kind_value) is int else None
+    if kind is None:
+        raise FormatError(f"malformed directory entry {name[:64]!r}: unknown or missing kind")
+    if not root and (not 0 < len(name) <= NAME_MAX or b"/" in name or b"\0" in name or name == b"." or name == b".."):
+        check_name(name)
+    mode, uid, gid, mtime = get(2, 0), get(3, 0), get(4, 0), get(5, 0)
+    if (type(mode) is int and type(uid) is int and type(gid) is int and type(mtime) is int and 0 <= mode <= 0o7777
+            and 0 <= uid < _U32 and 0 <= gid < _U32 and -_I64 <= mtime < _I64 and get(6) is None):
+        if kind is Kind.DIR:
+            tree = get(12)
+            if type(tree) is bytes and len(tree) == DIGEST_SIZE:
+                return Entry(name, kind, mode, uid, gid, mtime, {}, 0, None, None, b"", (0, 0), tree)
+        elif kind is Kind.FILE and get(9) is None and get(13) is None:
+            size, extents, content_hash = get(7, 0), get(8), get(14)
+            if (type(extents) is list and len(extents) == 1 and type(size) is int and 0 < size < _I64
+                    and type(content_hash) is bytes and len(content_hash) == DIGEST_SIZE):
+                first = extents[0]
+                if type(first) is list and len(first) == 3:
+                    digest, offset, length = first
+                    if (type(digest) is bytes and len(digest) == DIGEST_SIZE and type(offset) is int
+                            and type(length) is int and length == size and offset >= 0
+                            and offset + length <= CHUNK_MAX):
+                        return Entry(name, kind, mode, uid, gid, mtime, {}, size, (Extent(digest, offset, length),),
+                                     None, b"", (0, 0), None, None, content_hash)
     try:
-        kind = _KIND_BY_VALUE[raw[1]]
-        extents = get(8)
+        return _entry_fields(raw, name, kind)
+    except FormatError as exc:
+        raise FormatError(f"malformed directory entry {name[:64]!r}: {exc}") from None
+
+
+def _entry_fields(raw: dict[int, Any], name: bytes, kind: Kind) -> Entry:
+    get = raw.get
+    if kind is Kind.WHITEOUT:
+        return Entry(name, kind, 0)
+    mode, uid, gid, mtime = get(2, 0), get(3, 0), get(4, 0), get(5, 0)
+    if type(mode) is not int or not 0 <= mode <= 0o7777:
+        raise FormatError("mode is not a permission value (0 to 0o7777)")
+    if type(uid) is not int or type(gid) is not int or not 0 <= uid < _U32 or not 0 <= gid < _U32:
+        raise FormatError("uid or gid is not an unsigned 32-bit integer")
+    if type(mtime) is not int or not -_I64 <= mtime < _I64:
+        raise FormatError("mtime_ns is not a signed 64-bit integer")
+    xattrs = get(6)
+    if xattrs is None:
+        xattrs = {}
+    else:
+        _check_xattrs(xattrs)
+    entry = Entry(name, kind, mode, uid, gid, mtime, xattrs)
+    if kind is Kind.FILE:
+        size = get(7, 0)
+        if type(size) is not int or not 0 <= size < _I64:
+            raise FormatError("size is not a signed 64-bit length")
+        entry.size = size
+        extents, content = get(8), get(9)
+        if content is not None:
+            if extents is not None:
+                raise FormatError("both inline extents and an extents object")
+            entry.content = _digest(content, "extents object")
+        elif extents is not None:
+            entry.extents = _decode_extents(extents, INLINE_EXTENTS_MAX)
+            if sum(e.length for e in entry.extents) != size:
+                raise FormatError(f"extents do not cover its {size} bytes")
+        elif size:
+            raise FormatError(f"{size} bytes but no extents")
+        if size:
+            entry.hash = _digest(get(14), "content hash")
+    elif kind is Kind.DIR:
+        entry.tree = _digest(get(12), "tree")
+        return entry
+    elif kind is Kind.SYMLINK:
+        target = get(10)
+        if type(target) is not bytes or not 0 < len(target) <= PATH_MAX or b"\0" in target:
+            raise FormatError(f"symlink target is not 1 to {PATH_MAX} bytes without NUL")
+        entry.target = target
+    elif kind is Kind.CHARDEV or kind is Kind.BLOCKDEV:
         rdev = get(11)
-        link = get(13)
-        return Entry(
-            raw[0], kind, get(2, 0), get(3, 0), get(4, 0), get(5, 0), get(6) or {}, get(7, 0),
-            _decode_extents(extents) if extents is not None else None,
-            get(9), get(10, b""),
-            (rdev[0], rdev[1]) if rdev else (0, 0),
-            get(12),
-            (link[0], link[1]) if link else None,
-            get(14),
-        )
-    except (KeyError, ValueError, TypeError, IndexError, FormatError):
-        raise FormatError(f"malformed directory entry {get(0)!r}") from None
+        if (type(rdev) is not list or len(rdev) != 2 or type(rdev[0]) is not int or type(rdev[1]) is not int
+                or not 0 <= rdev[0] < _U32 or not 0 <= rdev[1] < _U32):
+            raise FormatError("rdev is not [major, minor] of unsigned 32-bit integers")
+        entry.rdev = (rdev[0], rdev[1])
+    link = get(13)
+    if link is not None:
+        if (type(link) is not list or len(link) != 2 or type(link[0]) is not bytes or type(link[1]) is not int
+                or not 0 < len(link[0]) <= PATH_MAX or b"\0" in link[0] or not 2 <= link[1] < _U32):
+            raise FormatError("link is not [path, nlink >= 2]")
+        entry.link = (link[0], link[1])
+    return entry
+
+
+def _check_xattrs(xattrs: Any) -> None:
+    if type(xattrs) is not dict:
+        raise FormatError("xattrs is not a map")
+    for key, value in xattrs.items():
+        if (type(key) is not bytes or type(value) is not bytes or not 0 < len(key) <= XATTR_NAME_MAX
+                or b"\0" in key or len(value) > XATTR_SIZE_MAX):
+            raise FormatError(f"xattr {str(key)[:64]} is not a name of 1 to {XATTR_NAME_MAX} bytes with a value "
+                              f"of at most {XATTR_SIZE_MAX} bytes")
+
+
+def _metadata(obj: dict[int, Any], key: int, what: str) -> dict[str, Any]:
+    """A text-keyed map inside the CBOR subset (no floats, undefined or simple values)."""
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if type(value) is not dict or not all(type(k) is str for k in value):
+        raise FormatError(f"{what} (key {key}) is not a map with text keys")
+    _check_value(value, 1)
+    return value
 
 
 def decode_directory(data: bytes) -> Directory:
     obj = _expect(decode_object(data), TYPE_DIR)
-    return Directory([entry_from_cbor(e) for e in obj[2]], bool(obj.get(3, False)))
+    entries = _field(obj, 2, list, "directory entries")
+    if len(entries) > MAX_DIR_ENTRIES:
+        raise FormatError(f"directory of {len(entries)} entries exceeds the limit of {MAX_DIR_ENTRIES} "
+                          "entries per directory object")
+    opaque = obj.get(3, False)
+    if type(opaque) is not bool:
+        raise FormatError("directory opaque flag (key 3) is not a boolean")
+    decoded = [entry_from_cbor(e) for e in entries]
+    names = [e.name for e in decoded]
+    if names != sorted(set(names)):
+        raise FormatError("directory entries are not sorted by name, or a name appears twice")
+    return Directory(decoded, opaque)
 
 
 def decode_extents_object(data: bytes) -> tuple[Extent, ...]:
-    return _decode_extents(_expect(decode_object(data), TYPE_EXTENTS)[2])
+    return _decode_extents(_expect(decode_object(data), TYPE_EXTENTS).get(2), MAX_EXTENTS)
 
 
 def decode_fileset(data: bytes) -> FileSet:
     obj = _expect(decode_object(data), TYPE_FILESET)
-    return FileSet(obj[2], obj[3], entry_from_cbor(obj[4]), obj.get(5) or {})
+    name = _field(obj, 2, str, "FileSet name")
+    version = _field(obj, 3, str, "FileSet version")
+    root = entry_from_cbor(obj.get(4), root=True)
+    if root.kind is not Kind.DIR or root.name != b"":
+        raise FormatError("a FileSet's root (key 4) must be a directory entry named ''")
+    return FileSet(name, version, root, _metadata(obj, 5, "FileSet metadata"))
 
 
 def decode_image(data: bytes) -> Image:
     obj = _expect(decode_object(data), TYPE_IMAGE)
-    layers = [
-        Layer(raw[0], raw.get(1, "/"), bool(raw.get(2, False)), bool(raw.get(3, False)), raw.get(4, ""))
-        for raw in obj[5]
-    ]
-    return Image(obj[2], obj[3], obj[4], layers, obj.get(6) or {}, obj.get(7) or {})
+    name = _field(obj, 2, str, "image name")
+    version = _field(obj, 3, str, "image version")
+    mode = obj.get(4)
+    if mode not in ("layers", "union") or type(mode) is not str:
+        raise FormatError(f"unknown composition mode {str(mode)[:40]}")
+    raw_layers = _field(obj, 5, list, "image layers")
+    if len(raw_layers) > MAX_LAYERS:
+        raise FormatError(f"image of {len(raw_layers)} layers exceeds the limit of {MAX_LAYERS} layers per image")
+    layers = []
+    for number, raw in enumerate(raw_layers, 1):
+        if type(raw) is not dict:
+            raise FormatError(f"image layer {number} is not a map")
+        at, unlinked, override, label = raw.get(1, "/"), raw.get(2, False), raw.get(3, False), raw.get(4, "")
+        if type(at) is not str or normalize_at(at) != at:
+            raise FormatError(f"image layer {number}: placement is not a normalised absolute path")
+        if type(unlinked) is not bool or type(override) is not bool or type(label) is not str:
+            raise FormatError(f"image layer {number}: unlinked, override or label has the wrong type")
+        layers.append(Layer(_digest(raw.get(0), f"image layer {number}: FileSet"), at, unlinked, override, label))
+    return Image(name, version, mode, layers, _metadata(obj, 6, "image config"), _metadata(obj, 7, "image metadata"))
 
 
 def referenced_digests(data: bytes) -> list[tuple[bytes, bool]]:
     """The digests an encoded object names, each with ``True`` when it is a chunk.
 
-    Used by gc and verify to walk the DAG without knowing each object's meaning.
+    Used by gc and verify to walk the DAG without knowing each object's meaning; the
+    object is fully decoded, so a malformed one is a FormatError here too.
     """
-    obj = decode_object(data)
+    kind = decode_object(data)[0]
     out: list[tuple[bytes, bool]] = []
-    kind = obj[0]
     if kind == TYPE_DIR:
-        for raw in obj[2]:
-            _entry_refs(raw, out)
+        for entry in decode_directory(data).entries:
+            _entry_refs(entry, out)
     elif kind == TYPE_EXTENTS:
-        out.extend((d, True) for d, _o, _n in obj[2] if d is not None)
+        out.extend((e.digest, True) for e in decode_extents_object(data) if e.digest is not None)
     elif kind == TYPE_FILESET:
-        _entry_refs(obj[4], out)
+        _entry_refs(decode_fileset(data).root, out)
     elif kind == TYPE_IMAGE:
-        out.extend((raw[0], False) for raw in obj[5])
+        out.extend((layer.fileset, False) for layer in decode_image(data).layers)
     return out
 
 
-def _entry_refs(raw: Mapping[int, Any], out: list[tuple[bytes, bool]]) -> None:
-    if 12 in raw:
-        out.append((raw[12], False))
-    if 9 in raw:
-        out.append((raw[9], False))
-    for d, _o, _n in raw.get(8, ()):
-        if d is not None:
-            out.append((d, True))
+def _entry_refs(entry: Entry, out: list[tuple[bytes, bool]]) -> None:
+    if entry.tree is not None:
+        out.append((entry.tree, False))
+    if entry.content is not None:
+        out.append((entry.content, False))
+    for extent in entry.extents or ():
+        if extent.digest is not None:
+            out.append((extent.digest, True))

@@ -85,6 +85,9 @@ def parse_manifest(text: str, source: str = "manifest") -> dict[str, Any]:
     layers = raw.get("layers")
     if not isinstance(layers, list) or not layers:
         raise _fail(source, "needs at least one [[layers]] entry")
+    if len(layers) > fmt.MAX_LAYERS:
+        raise _fail(source, f"{len(layers)} layers exceed the limit of {fmt.MAX_LAYERS} layers per image "
+                            "(docs/format.md, limits)")
     parsed_layers = []
     for number, layer in enumerate(layers, 1):
         where = f"layers[{number}]."
@@ -131,11 +134,22 @@ def image_from_manifest(store: Store, spec: Mapping[str, Any], source: str = "ma
                      dict(spec["metadata"]))
 
 
+#: A manifest is a few KiB; one with the most layers allowed is well under 1 MiB.
+MANIFEST_MAX = 16 << 20
+
+
 def load_manifest_file(store: Store, path: str | Path) -> fmt.Image:
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            data = f.read(MANIFEST_MAX + 1)
     except OSError as exc:
         raise UsageError(f"cannot read manifest {path}: {exc.strerror}") from None
+    if len(data) > MANIFEST_MAX:
+        raise UsageError(f"{path}: manifest exceeds the limit of {MANIFEST_MAX >> 20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
     return image_from_manifest(store, parse_manifest(text, str(path)), str(path))
 
 

@@ -319,17 +319,23 @@ def _store_directories(builder: TreeBuilder, writer: StoreWriter) -> fmt.Entry:
         if extents is None:
             raise ImportRejected(f"{builder.source_name}: no data recorded for {entry.name!r}")
         if len(extents) > fmt.INLINE_EXTENTS_MAX:
-            entry.content = writer.add_object(fmt.encode_extents_object(extents))
+            try:
+                entry.content = writer.add_object(fmt.encode_extents_object(extents))
+            except FormatError as exc:
+                raise ImportRejected(f"{builder.source_name}: {entry.name!r}: {exc}") from None
             entry.extents = None
         else:
             entry.extents = extents
             entry.content = None
 
     # Reversed pre-order visits every child before its parent, without recursion.
-    for _parts, node in reversed(list(builder.walk())):
+    for parts, node in reversed(list(builder.walk())):
         if node.entry.kind is fmt.Kind.FILE:
             finish_file(node)
         elif node.children is not None:
             directory = fmt.Directory([c.entry for c in node.children.values()], node.opaque)
-            node.entry.tree = writer.add_object(fmt.encode_directory(directory))
+            try:
+                node.entry.tree = writer.add_object(fmt.encode_directory(directory))
+            except FormatError as exc:  # a limit, or an entry the format cannot hold (uid ≥ 2³²)
+                raise ImportRejected(f"{builder.source_name}: directory {show(parts)}: {exc}") from None
     return builder.root.entry
