@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cnpsfs import format as fmt
-from cnpsfs.chunking import CDC_MAX
 from cnpsfs.errors import FormatError
+from cnpsfs.format import CDC_MAX
 from cnpsfs.image.reader import ExtentMap, read_range
 from cnpsfs.image.walk import walk
 from cnpsfs.ingest.directory import import_directory

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from cnpsfs_testlib import Cli
-from mountutil import FUSE, FUSE_MODES, mount_image
+from mountutil import FUSE_MODES, mount_image
 
 from cnpsfs import format as fmt
-from cnpsfs.importers.directory import import_directory
-from cnpsfs.importers.tree import ImportOptions
+from cnpsfs.format import objects
+from cnpsfs.ingest.directory import import_directory
+from cnpsfs.ingest.tree import ImportOptions
 from cnpsfs.store import T_CHUNK, T_FILESET, Store
 
 CHUNK = b"0123456789"
@@ -59,8 +60,7 @@ def test_extent_past_the_end_of_its_chunk_is_an_error_not_short_data(store: Stor
 
 
 @pytest.mark.parametrize("fuse_mode", FUSE_MODES)
-@FUSE[0]
-@FUSE[1]
+@pytest.mark.fuse
 def test_mount_gives_eio_for_an_extent_past_the_end(store: Store, tmp_path: Path, fuse_mode: str) -> None:
     ref = store_tree(store, past_the_end())
     store.close()
@@ -84,7 +84,7 @@ def test_file_past_the_extents_limit_is_refused_naming_it(store: Store, tmp_path
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "big.bin").write_bytes(os.urandom(3 << 20))  # about 48 chunks
-    monkeypatch.setattr(fmt, "MAX_EXTENTS", 20)
+    monkeypatch.setattr(objects, "MAX_EXTENTS", 20)
     from cnpsfs.errors import ImportRejected
 
     with pytest.raises(ImportRejected, match=r"'big\.bin': \d+ extents exceed the limit of 20"):

@@ -16,8 +16,8 @@ from cnpsfs_testlib import Cli
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import FormatError, ImportRejected, UsageError
-from cnpsfs.importers.tree import ImportOptions, TreeBuilder, write_fileset
-from cnpsfs.manifest import parse_manifest
+from cnpsfs.image.manifest import parse_manifest
+from cnpsfs.ingest.tree import ImportOptions, TreeBuilder, write_fileset
 from cnpsfs.store import T_IMAGE, Store
 
 D = b"\x01" * 32

@@ -25,6 +25,7 @@ import blake3
 import cbor2
 
 from cnpsfs.errors import FormatError
+from cnpsfs.format.chunker import CDC_MAX
 
 FORMAT_VERSION = 1
 DIGEST_SIZE = 32
@@ -47,7 +48,7 @@ MAX_LAYERS = 4096
 MAX_DEPTH = 64
 #: No chunk is longer than the chunker's maximum (§1.9, CDC_MAX), so no data extent
 #: reaches past it: a reader refuses one that does before it reads anything.
-CHUNK_MAX = 262144
+CHUNK_MAX = CDC_MAX
 _U32 = 1 << 32  # uid, gid, device numbers, nlink
 _I64 = 1 << 63  # sizes, lengths, mtimes (off_t, time in ns)
 #: A regular file whose extent list is longer than this keeps it in its own object,
