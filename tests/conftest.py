@@ -22,7 +22,7 @@ import pytest
 from cnpsfs_testlib import IS_ROOT, Cli, CliResult, Meta, Node, build_tree, digest_of, snapshot, synthetic_nodes
 from servers import fault_proxy, nginx, registry, tls_registry, token_registry  # noqa: F401 (fixtures for every module)
 
-from cnpsfs.store import Store
+from cnpsfs.store import LocalStore, Store
 
 ROOTFS_CACHE = Path(os.environ.get("CNPSFS_TEST_ROOTFS", "/var/cache/cnpsfs-tests/rootfs"))
 DEBIAN_SUITE = "bookworm"
@@ -66,7 +66,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     """A fresh, empty store in tmp_path/store (the same path the ``cli`` fixture uses)."""
-    s = Store(tmp_path / "store", create=True)
+    s = LocalStore(tmp_path / "store", create=True)
     try:
         yield s
     finally:

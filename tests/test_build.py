@@ -19,7 +19,7 @@ from cnpsfs.debian import apt
 from cnpsfs.debian.build import BuildError, BuildResult, _package_layers, build, parse_recipe
 from cnpsfs.debian.deb import import_deb
 from cnpsfs.debian.dpkgdb import InstalledPackage
-from cnpsfs.store import Store
+from cnpsfs.store import LocalStore, Store
 
 pytestmark = [*FUSE, pytest.mark.skipif(not IS_ROOT, reason="building needs root (chroot, bind mounts)")]
 
@@ -55,7 +55,7 @@ def _small(order: list[str]) -> str:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, bytes, Path]]:
     base = tmp_path_factory.mktemp("small")
-    store = Store(base / "store", create=True)
+    store = LocalStore(base / "store", create=True)
     result = build(store, parse_recipe(_small(SMALL_PACKAGES)))
     yield store, result.digest, base
     store.close()
@@ -64,7 +64,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, byt
 @pytest.fixture(scope="module")
 def realistic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, BuildResult]]:
     """hello + python3 + the Essential set (86 packages in bookworm), into an empty store."""
-    store = Store(tmp_path_factory.mktemp("realistic") / "store", create=True)
+    store = LocalStore(tmp_path_factory.mktemp("realistic") / "store", create=True)
     result = build(store, parse_recipe(_realistic()))
     yield store, result
     store.close()
@@ -77,7 +77,7 @@ def _chroot(mnt: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_reproducible_and_order_free(small: tuple[Store, bytes, Path], tmp_path: Path) -> None:
     _store, digest, _base = small
-    other = Store(tmp_path / "store2", create=True)
+    other = LocalStore(tmp_path / "store2", create=True)
     try:
         again = build(other, parse_recipe(_small(list(reversed(SMALL_PACKAGES)))))
     finally:

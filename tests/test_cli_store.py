@@ -16,7 +16,7 @@ import pytest
 from cnpsfs_testlib import Cli, CliResult, Node, build_tree, digest_of, index_counts
 
 from cnpsfs import format as fmt
-from cnpsfs.store import Store
+from cnpsfs.store import LocalStore
 
 
 def one_line_error(result: CliResult, rc: int, *needles: str) -> None:
@@ -73,7 +73,7 @@ def test_digest_prefixes(cli: Cli, two_versions: tuple[str, str]) -> None:
 def test_ambiguous_and_unknown_prefixes(tmp_path: Path, cli: Cli) -> None:
     d = digest_of(cli.ok("import", "dir", build_tree(tmp_path / "t", [Node(b"f", "file", data=b"f")]),
                          "--name", "example.org/base"))
-    store = Store(cli.store_path)
+    store = LocalStore(cli.store_path)
     root = store.get_fileset(fmt.parse_digest(d)).root
     with store.writer() as w:
         made = [w.add_object(fmt.encode_fileset(fmt.FileSet("example.org/amb", str(i), root))) for i in range(3000)]
@@ -103,7 +103,7 @@ def test_unknown_references(cli: Cli, two_versions: tuple[str, str]) -> None:
 
 def test_a_digest_that_is_not_a_fileset(tmp_path: Path, cli: Cli, two_versions: tuple[str, str]) -> None:
     d1, _d2 = two_versions
-    store = Store(cli.store_path)
+    store = LocalStore(cli.store_path)
     tree = store.get_fileset(fmt.parse_digest(d1)).root.tree
     store.close()
     assert tree is not None

@@ -43,7 +43,7 @@ from cnpsfs.image.walk import walk
 from cnpsfs.ingest.directory import import_directory
 from cnpsfs.ingest.tar import import_tar
 from cnpsfs.ingest.tree import ImportOptions
-from cnpsfs.store import Store
+from cnpsfs.store import LocalStore, Store
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (owners, devices)")
 
@@ -427,7 +427,7 @@ def test_dir_and_tar_of_the_same_data_give_the_same_digests(files: dict[str, lis
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "tree"
         _write_tree(root, files)
-        store = Store(Path(tmp) / "store", create=True)
+        store = LocalStore(Path(tmp) / "store", create=True)
         try:
             options = ImportOptions(name="example.org/p", version="1")
             from_dir = import_directory(store, str(root), options)
@@ -461,7 +461,7 @@ def test_small_file_stream_ignores_member_order(seed: int, count: int) -> None:
         members.append((member(f"dir{i % 3}/file-{i:02d}", mtime=1_000_000 + i), data))
     digests = set()
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "store", create=True)
+        store = LocalStore(Path(tmp) / "store", create=True)
         try:
             for shuffle in range(3):
                 order = list(members)

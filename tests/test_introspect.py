@@ -12,7 +12,7 @@ from mountutil import FUSE
 
 from cnpsfs.debian.build import build, parse_recipe
 from cnpsfs.debian.introspect import diff, image_packages, query, why
-from cnpsfs.store import Store
+from cnpsfs.store import LocalStore, Store
 
 pytestmark = [*FUSE, pytest.mark.skipif(not IS_ROOT, reason="building needs root")]
 
@@ -27,7 +27,7 @@ packages = [{packages}]
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
-    store = Store(tmp_path_factory.mktemp("intro") / "store", create=True)
+    store = LocalStore(tmp_path_factory.mktemp("intro") / "store", create=True)
     base = ["dpkg", "dash", "coreutils", "libc-bin", "sed", "grep", "diffutils"]
     build(store, parse_recipe(RECIPE.format(version="1", packages=", ".join(f'"{p}"' for p in base))))
     build(store, parse_recipe(RECIPE.format(version="2", packages=", ".join(f'"{p}"' for p in [*base, "hello"]))))

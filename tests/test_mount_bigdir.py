@@ -20,7 +20,7 @@ from mountutil import FUSE, FUSE_MODES, Mount, getdents, mount_image
 
 from cnpsfs import format as fmt
 from cnpsfs.ingest.tree import ImportOptions, TreeBuilder, write_fileset
-from cnpsfs.store import Store
+from cnpsfs.store import LocalStore
 
 pytestmark = FUSE
 
@@ -40,7 +40,7 @@ class _Empty:
 @pytest.fixture(scope="module")
 def big_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bigdir") / "store"
-    store = Store(path, create=True)
+    store = LocalStore(path, create=True)
     try:
         builder = TreeBuilder(ImportOptions(name="example.org/bigdir", version="1"), source_name="bigdir")
         builder.set_root(fmt.Entry(b"", fmt.Kind.DIR, 0o755, mtime_ns=1))

@@ -34,7 +34,7 @@ from mountutil import (
 
 from cnpsfs import format as fmt
 from cnpsfs.image.manifest import compose, load_image
-from cnpsfs.store import Store
+from cnpsfs.store import LocalStore
 
 pytestmark = FUSE
 
@@ -77,7 +77,7 @@ def locate(store_path: Path, digest: bytes) -> Located:
 
 
 def chunks_of(store_path: Path, image_ref: str, path: str) -> list[fmt.Extent]:
-    store = Store(store_path)
+    store = LocalStore(store_path)
     try:
         image, _digest = load_image(store, image_ref)
         gen = compose(store, image)

@@ -27,7 +27,7 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, CorruptObjectError, NotFoundError
 from cnpsfs.ingest.directory import import_directory
 from cnpsfs.ingest.tree import ImportOptions
-from cnpsfs.store import BLOCK_TARGET, META_BLOCK_TARGET, T_CHUNK, Store
+from cnpsfs.store import BLOCK_TARGET, META_BLOCK_TARGET, T_CHUNK, LocalStore, Store
 from cnpsfs.store.maintenance import gc, verify
 
 MiB = 1 << 20
@@ -62,6 +62,7 @@ def parse_pack(path: Path) -> Iterator[dict[str, object]]:
     while pos < len(data):
         magic, codec, stored, raw_len, count = struct.unpack_from("<4sBIII", data, pos)
         assert magic == b"BLK1", f"bad record magic at {pos}"
+        header = pos
         pos += 17
         members = []
         for _ in range(count):
@@ -74,7 +75,8 @@ def parse_pack(path: Path) -> Iterator[dict[str, object]]:
         inner = 0
         for digest, type_code, length in members:
             yield {"digest": digest, "type": type_code, "offset": pos, "stored": stored, "raw": raw_len,
-                   "codec": codec, "inner": inner, "length": length, "data": raw[inner : inner + length]}
+                   "codec": codec, "inner": inner, "length": length, "header": header,
+                   "data": raw[inner : inner + length]}
             inner += length
         assert inner == raw_len, "members fill the block exactly"
         pos += stored
@@ -86,13 +88,13 @@ def test_layout_matches_the_spec(tmp_path: Path, cli: Cli) -> None:
     files["random"] = rand("random", 3 * MiB)
     cli.ok("import", "dir", write_files(tmp_path / "tree", files), "--name", "example.org/layout", "--version", "1")
     store = cli.store_path
-    assert (store / "cnpsfs-store").read_text() == "cnpsfs store layout 1\n"
+    assert (store / "cnpsfs-store").read_text() == "cnpsfs store layout 2\n"
     assert {p.name for p in store.iterdir()} >= {"cnpsfs-store", "index.sqlite", "packs", "tmp", "run", "lock"}
     db = sqlite3.connect(store / "index.sqlite")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     packs = dict(db.execute("SELECT name, id FROM packs").fetchall())
     rows = {r[0]: r[1:] for r in db.execute(
-        "SELECT digest, type, pack, offset, stored, raw, codec, inner, length FROM objects")}
+        "SELECT digest, type, pack, offset, stored, raw, codec, inner, length, header FROM objects")}
     seen = 0
     codecs = set()
     types = set()
@@ -103,7 +105,7 @@ def test_layout_matches_the_spec(tmp_path: Path, cli: Cli) -> None:
         for m in parse_pack(pack_file):
             assert blake3.blake3(m["data"]).digest() == m["digest"]  # type: ignore[arg-type]
             assert rows[m["digest"]] == (m["type"], packs[pack_file.stem], m["offset"], m["stored"], m["raw"],
-                                         m["codec"], m["inner"], m["length"])
+                                         m["codec"], m["inner"], m["length"], m["header"])
             if m["type"] != T_CHUNK:
                 type_name = fmt.object_type(m["data"])  # type: ignore[arg-type]
                 assert m["type"] == {"cnpsfs/dir": 1, "cnpsfs/extents": 2, "cnpsfs/fileset": 3}[type_name]
@@ -124,6 +126,29 @@ def test_layout_matches_the_spec(tmp_path: Path, cli: Cli) -> None:
     tag = db.execute("SELECT name, version, type, digest FROM tags").fetchall()
     assert len(tag) == 1 and tag[0][:3] == ("example.org/layout", "1", 3)
     assert rows[tag[0][3]][0] == 3
+
+
+def test_layout_1_store_is_migrated_and_reads_the_same(tmp_path: Path, cli: Cli) -> None:
+    """A store written before the header column (layout 1) is migrated on open; nothing else changes."""
+    files = {f"f{i:03d}": rand(f"m{i}", 500 + i * 301) for i in range(120)}
+    files["big"] = rand("big", 2 * MiB)
+    tree = write_files(tmp_path / "tree", files)
+    ref = cli.ok("import", "dir", tree, "--name", "example.org/migrate", "--version", "1").stdout.split()[-1]
+    store = cli.store_path
+    # Make it a layout 1 store as the previous release wrote it: no header column.
+    db = sqlite3.connect(store / "index.sqlite")
+    want = dict(db.execute("SELECT digest, header FROM objects").fetchall())
+    db.execute("ALTER TABLE objects DROP COLUMN header")
+    db.commit()
+    db.close()
+    (store / "cnpsfs-store").write_text("cnpsfs store layout 1\n")
+    out = tmp_path / "out"
+    cli.ok("export", "dir", ref, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert (store / "cnpsfs-store").read_text() == "cnpsfs store layout 2\n"
+    db = sqlite3.connect(store / "index.sqlite")
+    assert dict(db.execute("SELECT digest, header FROM objects").fetchall()) == want
+    assert "no problems" in cli.ok("verify").stderr
 
 
 # --------------------------------------------------------------------------- atomic commit
@@ -290,7 +315,7 @@ def test_same_chunk_from_two_writers(store: Store) -> None:
         w1.commit()
         w2.commit()
     assert d1 == d2 and store.get(d1) == data
-    assert store.db.execute("SELECT count(*) FROM objects").fetchone()[0] == 1
+    assert sum(store.counts()[:2]) == 1
 
 
 # --------------------------------------------------------------------------- gc
@@ -411,7 +436,7 @@ def test_verify_reports_missing_index_rows(tmp_path: Path, cli: Cli) -> None:
     assert result.rc == 1
     assert f"missing chunk {fmt.format_digest(chunk)} (named by blake3:" in result.stdout
     # A missing directory object: everything below it is unreachable and it is named.
-    fs = Store(cli.store_path).get_fileset(fmt.parse_digest(ref))
+    fs = LocalStore(cli.store_path).get_fileset(fmt.parse_digest(ref))
     sub = next(d for (d,) in subdir if d != fs.root.tree)
     with db:
         db.execute("DELETE FROM objects WHERE digest=?", (sub,))
@@ -479,16 +504,16 @@ def test_identical_files_share_chunks_across_filesets(tmp_path: Path, cli: Cli) 
 
 def test_store_open_errors(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="no cnpsfs store"):
-        Store(tmp_path / "absent")
+        LocalStore(tmp_path / "absent")
     assert not (tmp_path / "absent").exists()
-    s = Store(tmp_path / "s", create=True)
+    s = LocalStore(tmp_path / "s", create=True)
     s.close()
     (tmp_path / "s" / "cnpsfs-store").write_text("cnpsfs store layout 99\n")
     with pytest.raises(CnpsfsError, match="unsupported store layout"):
-        Store(tmp_path / "s")
+        LocalStore(tmp_path / "s")
     (tmp_path / "file").write_text("")
     with pytest.raises(CnpsfsError, match="cannot create store"):
-        Store(tmp_path / "file" / "s", create=True)
+        LocalStore(tmp_path / "file" / "s", create=True)
 
 
 @pytest.mark.parametrize("kind", ["file", "fifo"])
@@ -523,7 +548,7 @@ def test_block_stream_decodes_only_as_far_as_asked_and_continues(store: Store) -
     expected = dict(zip(digests, contents, strict=True))
     loc = store.locate(digests[2])
     assert loc is not None
-    stream = store.block_stream(loc)
+    stream = store.open_block(loc)
     first = stream.advance(loc.inner + loc.length)
     # Through the wanted member plus the slack, and no further: not the whole block.
     assert digests[2] in first and stream.decoded < loc.raw
@@ -542,7 +567,7 @@ def test_block_stream_never_hands_out_wrong_bytes(tmp_path: Path, store: Store) 
     _flip(pack, loc.offset + loc.stored // 2)  # inside the compressed payload
     handed: dict[bytes, bytes | None] = {}
     failed = None
-    stream = store.block_stream(loc)
+    stream = store.open_block(loc)
     try:
         for member in digests:
             member_loc = store.locate(member)

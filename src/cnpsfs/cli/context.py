@@ -25,7 +25,7 @@ import click
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, UsageError
-from cnpsfs.store import T_FILESET, TYPE_NAMES, Store, check_tag_name, check_tag_version
+from cnpsfs.store import T_FILESET, TYPE_NAMES, LocalStore, Store, check_tag_name, check_tag_version
 
 if TYPE_CHECKING:  # importing these layers costs start-up time
     from cnpsfs.fs.mounting import Mounted
@@ -42,7 +42,7 @@ class App:
 
     def store(self, *, create: bool = False) -> Store:
         if self._store is None:
-            self._store = Store(self.store_path, create=create)
+            self._store = LocalStore(self.store_path, create=create)
         return self._store
 
 

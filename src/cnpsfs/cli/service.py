@@ -70,7 +70,7 @@ def service_run(ctx: click.Context, name: str) -> None:
     """
     from cnpsfs.fs.mounting import serve_image
     from cnpsfs.fs.unit import load_config
-    from cnpsfs.store import Store
+    from cnpsfs.store import LocalStore
 
     config = load_config(name, _config_dir(ctx))
     app = ctx.find_object(App)
@@ -83,7 +83,7 @@ def service_run(ctx: click.Context, name: str) -> None:
     _detach_dead(config.mountpoint)
     log.info("mount %s: %s at %s%s", name, config.image, config.mountpoint,
              f" (writable, upper {config.writable})" if config.writable else "")
-    store = Store(Path(config.store)) if config.store else app.store()
+    store = LocalStore(Path(config.store)) if config.store else app.store()
     serve_image(store, config.image, config.mountpoint, config.mount_options())
 
 

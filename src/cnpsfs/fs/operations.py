@@ -17,7 +17,7 @@ import errno
 import logging
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pyfuse3
@@ -25,10 +25,11 @@ import trio
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, CorruptObjectError, FormatError, MissingObjectError
+from cnpsfs.fs.fetcher import ChunkFetcher
 from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
 from cnpsfs.image.reader import ChunkCache, past_the_end
 from cnpsfs.image.view import Generation, Node
-from cnpsfs.store import BlockStream, Location, NotCached
+from cnpsfs.store import NotCached
 
 log = logging.getLogger(__name__)
 
@@ -39,131 +40,6 @@ REPORTED_MAX = 4096  # distinct (file, failure) pairs remembered to log each onc
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
-
-
-class ChunkFetcher:
-    """Verified chunks for the read path: a cache, and one load per block however many wait.
-
-    A miss decodes the chunk's block on a worker thread under a shared CapacityLimiter
-    (pread, zstd and BLAKE3 release the GIL, so concurrent readers proceed in parallel
-    and the loop never blocks), front to back as far as the wanted chunks end, and
-    caches every member completed on the way, verified: the neighbours of a chunk are
-    what the next reads want (small files are stored together in path order, large
-    files chunk after chunk). A later miss in the same block continues where the last
-    one stopped (:class:`~cnpsfs.store.BlockStream`), so a random small read does not
-    pay for the whole block and a sequential reader still decodes it once. The chunks
-    of one request are located in one batch, so concurrent misses in one block wait on
-    the loop for one load instead of each taking a worker.
-    """
-
-    #: Blocks decoded part-way, kept for their next miss (each holds up to a block).
-    STREAMS_MAX = 16
-
-    def __init__(self, store: Any, cache: ChunkCache, limiter: trio.CapacityLimiter) -> None:
-        self.store = store
-        self.cache = cache
-        self.limiter = limiter
-        self._inflight: dict[tuple[int, int], trio.Event] = {}  # block key -> loaded
-        self._failed: dict[bytes, BaseException] = {}
-        self._pending: dict[bytes, tuple[int, int]] = {}  # digest -> block key, while that block loads
-        self._streams: OrderedDict[tuple[int, int], BlockStream] = OrderedDict()
-
-    def cached(self, digest: bytes) -> bool:
-        return self.cache.contains(digest)
-
-    async def fetch(self, digests: Iterable[bytes]) -> None:
-        """Load the blocks holding *digests* into the cache; failures are kept per digest."""
-        missing = []
-        waits = set()
-        for digest in dict.fromkeys(digests):
-            if self.cache.contains(digest):
-                continue
-            key = self._pending.get(digest)
-            if key is not None:
-                waits.add(key)  # its block is being loaded: no need to look it up
-            else:
-                missing.append(digest)
-        for key in waits:
-            event = self._inflight.get(key)
-            if event is not None:
-                await event.wait()
-        if not missing:
-            return
-        locs = await trio.to_thread.run_sync(self.store.locate_many, missing, limiter=self.limiter)
-        blocks: dict[tuple[int, int], tuple[Location, list[bytes], int]] = {}
-        for digest in missing:
-            loc = locs.get(digest)
-            if loc is None:
-                self._failed[digest] = MissingObjectError(f"{fmt.format_digest(digest)} is not in the store")
-                continue
-            key = (loc.pack, loc.offset)
-            first, wanted, upto = blocks.get(key, (loc, [], 0))
-            wanted.append(digest)
-            blocks[key] = (first, wanted, max(upto, loc.inner + loc.length))
-        if len(blocks) == 1:
-            ((key, (loc, wanted, upto)),) = blocks.items()
-            await self._load_block(key, loc, wanted, upto)
-        elif blocks:
-            async with trio.open_nursery() as nursery:
-                for key, (loc, wanted, upto) in blocks.items():
-                    nursery.start_soon(self._load_block, key, loc, wanted, upto)
-
-    async def _load_block(self, key: tuple[int, int], loc: Location, wanted: list[bytes], upto: int) -> None:
-        event = self._inflight.get(key)
-        if event is not None:
-            await event.wait()
-            return
-        event = self._inflight[key] = trio.Event()
-        for digest in wanted:
-            self._pending[digest] = key
-        stream = self._streams.pop(key, None)
-        try:
-            members, stream = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=self.limiter)
-            for member, data in members.items():
-                if data is not None:
-                    self.cache.put(member, data)
-            for digest in wanted:
-                if members.get(digest) is not None:
-                    self._failed.pop(digest, None)
-                elif digest in members:
-                    self._failed[digest] = CorruptObjectError(
-                        f"chunk {fmt.format_digest(digest)} is corrupt: its bytes do not match its digest"
-                        f" (block at {self.store.pack_label(loc)})")
-            if not stream.done:
-                self._streams[key] = stream
-                while len(self._streams) > self.STREAMS_MAX:
-                    self._streams.popitem(last=False)
-        except (CorruptObjectError, OSError) as exc:
-            for digest in wanted:
-                self._failed[digest] = exc
-        finally:
-            del self._inflight[key]
-            for digest in wanted:
-                self._pending.pop(digest, None)
-            event.set()
-
-    def _advance(self, stream: BlockStream | None, loc: Location, upto: int
-                 ) -> tuple[dict[bytes, bytes | None], BlockStream]:
-        """On a worker: decode the block through *upto* (opening it first if need be)."""
-        if stream is None:
-            stream = self.store.block_stream(loc)
-        return stream.advance(upto), stream
-
-    async def get(self, digest: bytes) -> bytes:
-        data = self.cache.get(digest)
-        if data is not None:
-            return data
-        await self.fetch((digest,))
-        data = self.cache.get(digest)
-        if data is not None:
-            return data
-        failure = self._failed.get(digest)
-        if failure is not None:
-            raise failure
-        # Loaded, then dropped from the cache already by other readers: read it alone.
-        data = await trio.to_thread.run_sync(self.store.get, digest, limiter=self.limiter)
-        self.cache.put(digest, data)
-        return data
 
 
 class Operations(pyfuse3.Operations):

@@ -1,12 +1,13 @@
 """The store layer: where objects and chunks live, and how they are found.
 
-Everything above talks to a store through what this package exports; the local store's
-layout (packs, SQLite index, block records) stays inside it.
+Everything above talks to a store through :class:`Store` (the protocol in
+:mod:`cnpsfs.store.protocol`) and the few names exported here; the local store's layout
+(packs, SQLite index, block records) stays inside this package.
 """
 
-from cnpsfs.store.local import (
-    BLOCK_TARGET,
-    META_BLOCK_TARGET,
+from cnpsfs.store.local import LocalStore, default_store_path
+from cnpsfs.store.names import check_tag_name, check_tag_version
+from cnpsfs.store.protocol import (
     T_CHUNK,
     T_DIR,
     T_EXTENTS,
@@ -14,16 +15,14 @@ from cnpsfs.store.local import (
     T_IMAGE,
     TYPE_CODES,
     TYPE_NAMES,
-    BlockStream,
-    Location,
+    BlockReader,
+    ChunkLocation,
     NotCached,
     Store,
     StoreWriter,
     Tag,
-    check_tag_name,
-    check_tag_version,
-    default_store_path,
 )
+from cnpsfs.store.writer import BLOCK_TARGET, META_BLOCK_TARGET
 
 __all__ = [
     "BLOCK_TARGET",
@@ -35,8 +34,9 @@ __all__ = [
     "T_EXTENTS",
     "T_FILESET",
     "T_IMAGE",
-    "BlockStream",
-    "Location",
+    "BlockReader",
+    "ChunkLocation",
+    "LocalStore",
     "NotCached",
     "Store",
     "StoreWriter",

@@ -13,17 +13,11 @@ import zstandard
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CorruptObjectError, FormatError, MissingObjectError
-from cnpsfs.store.local import (
-    DEFAULT_ZSTD_LEVEL,
-    T_CHUNK,
-    TYPE_NAMES,
-    Location,
-    Store,
-    StoreWriter,
-    _flock,
-    decompress_block,
-    is_locked,
-)
+from cnpsfs.store.blocks import decompress_block
+from cnpsfs.store.local import LocalStore
+from cnpsfs.store.packs import flock, is_locked
+from cnpsfs.store.protocol import T_CHUNK, TYPE_NAMES, Store
+from cnpsfs.store.writer import DEFAULT_ZSTD_LEVEL, StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +25,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- roots
 
 
-def live_roots(store: Store) -> set[bytes]:
+def live_roots(store: LocalStore) -> set[bytes]:
     """Digests registered by running mounts (``run/<pid>.roots``); stale files are removed."""
     roots: set[bytes] = set()
     if not store.run_dir.is_dir():
@@ -53,7 +47,7 @@ def live_roots(store: Store) -> set[bytes]:
     return roots
 
 
-def register_roots(store: Store, digests: Iterable[bytes]) -> None:
+def register_roots(store: LocalStore, digests: Iterable[bytes]) -> None:
     """Record what this process serves, so gc keeps it even if its tags are removed."""
     store.run_dir.mkdir(exist_ok=True)
     path = store.run_dir / f"{os.getpid()}.roots"
@@ -62,7 +56,7 @@ def register_roots(store: Store, digests: Iterable[bytes]) -> None:
     os.replace(tmp, path)
 
 
-def unregister_roots(store: Store) -> None:
+def unregister_roots(store: LocalStore) -> None:
     with contextlib.suppress(FileNotFoundError):
         (store.run_dir / f"{os.getpid()}.roots").unlink()
 
@@ -123,7 +117,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
 
 
-def verify(store: Store, roots: list[bytes] | None,
+def verify(store: LocalStore, roots: list[bytes] | None,
            on_progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Rehash every stored record (or those reachable from *roots*) and check references."""
     report = VerifyReport()
@@ -135,12 +129,13 @@ def verify(store: Store, roots: list[bytes] | None,
 
     wanted = reachable(store, roots if roots is not None else tag_roots(store), on_missing=missing)
     dctx = zstandard.ZstdDecompressor()
-    for loc, members in _blocks(store):
-        members = [m for m in members if roots is None or m[0] in wanted]
+    for block in store.index.blocks():
+        loc = block.loc
+        members = [m for m in block.members if roots is None or m[0] in wanted]
         if not members:
             continue
         try:
-            raw = decompress_block(loc, store.read_block(loc), dctx, store.pack_label(loc))
+            raw = decompress_block(loc, store.read_block(loc), dctx, store.describe(loc))
         except (CorruptObjectError, OSError) as exc:
             for digest, type_code, _inner, _length in members:
                 report.problems.append(f"{TYPE_NAMES.get(type_code)} {fmt.format_digest(digest)}: {exc}")
@@ -162,22 +157,6 @@ def verify(store: Store, roots: list[bytes] | None,
     return report
 
 
-def _blocks(store: Store, pack: int | None = None) -> list[tuple[Location, list[tuple[bytes, int, int, int]]]]:
-    """Every block (or those of *pack*) with its members, in pack order."""
-    sql = "SELECT digest, pack, offset, stored, raw, codec, type, inner, length FROM objects"
-    args: tuple[int, ...] = ()
-    if pack is not None:
-        sql += " WHERE pack=?"
-        args = (pack,)
-    blocks: dict[tuple[int, int], tuple[Location, list[tuple[bytes, int, int, int]]]] = {}
-    for digest, pack_id, offset, stored, raw, codec, type_code, inner, length in store.db.execute(sql, args):
-        key = (pack_id, offset)
-        if key not in blocks:
-            blocks[key] = (Location(pack_id, offset, stored, raw, codec, T_CHUNK, 0, raw), [])
-        blocks[key][1].append((digest, type_code, inner, length))
-    return [blocks[k] for k in sorted(blocks)]
-
-
 # --------------------------------------------------------------------------- gc
 
 
@@ -191,29 +170,29 @@ class GcReport:
     bytes_after: int = 0
 
 
-def gc(store: Store, *, repack_below: float = 0.5, dry_run: bool = False) -> GcReport:
+def gc(store: LocalStore, *, repack_below: float = 0.5, dry_run: bool = False) -> GcReport:
     """Delete everything no tag, image or live mount reaches; repack sparse packs.
 
     Holds the store lock exclusively, so no import is half-way while it runs.
     """
     report = GcReport(bytes_before=store.disk_usage())
-    with _flock(store.path / "lock", fcntl.LOCK_EX):
+    with flock(store.path / "lock", fcntl.LOCK_EX):
         for tmp in store.tmp_dir.glob("*"):
             if not is_locked(tmp):
                 report.removed_tmp += 1
                 if not dry_run:
                     tmp.unlink(missing_ok=True)
-        db = store.db
+        index = store.index
         # A writer killed between renaming its pack into packs/ and committing the index
         # leaves a pack no row names. No writer is mid-commit while we hold the lock.
-        indexed = {name for (name,) in db.execute("SELECT name FROM packs")}
+        indexed = {name for _id, name, _size in index.packs()}
         for orphan in store.packs_dir.glob("*.pack"):
             if orphan.stem not in indexed:
                 report.removed_tmp += 1
                 if not dry_run:
                     orphan.unlink(missing_ok=True)
         keep = reachable(store, tag_roots(store) | live_roots(store))
-        rows = db.execute("SELECT digest, pack, raw, length FROM objects").fetchall()
+        rows = index.all_objects()
         dead = [d for d, _p, _r, _l in rows if d not in keep]
         report.removed_objects = len(dead)
         live_share: dict[int, float] = {}  # estimated live bytes per pack (share of each block)
@@ -221,16 +200,15 @@ def gc(store: Store, *, repack_below: float = 0.5, dry_run: bool = False) -> GcR
             if digest in keep and raw:
                 live_share[pack] = live_share.get(pack, 0.0) + length / raw
         # Count blocks before the dead rows go: a block holding only garbage still occupies its pack.
-        block_counts = dict(db.execute("SELECT pack, count(DISTINCT offset) FROM objects GROUP BY pack").fetchall())
+        block_counts = index.blocks_per_pack()
         if dry_run:
             return report
-        with store.transaction() as tx:
-            tx.executemany("DELETE FROM objects WHERE digest=?", ((d,) for d in dead))
-        for pack_id, name, _size in db.execute("SELECT id, name, size FROM packs").fetchall():
+        index.delete_objects(dead)
+        for pack_id, name, _size in index.packs():
             live = live_share.get(pack_id, 0.0)
             if live == 0:
-                with store.transaction() as tx:
-                    tx.execute("DELETE FROM packs WHERE id=?", (pack_id,))
+                index.delete_pack(pack_id)
+                store.packs.forget(pack_id)
                 (store.packs_dir / f"{name}.pack").unlink(missing_ok=True)
                 report.removed_packs += 1
             elif live < block_counts.get(pack_id, 1) * repack_below:
@@ -240,16 +218,18 @@ def gc(store: Store, *, repack_below: float = 0.5, dry_run: bool = False) -> GcR
     return report
 
 
-def _repack(store: Store, pack_id: int, name: str) -> None:
+def _repack(store: LocalStore, pack_id: int, name: str) -> None:
     """Rewrite a pack's live members into new blocks, then drop the old pack."""
     writer = StoreWriter(store, DEFAULT_ZSTD_LEVEL)
     dctx = zstandard.ZstdDecompressor()
     try:
-        for loc, members in _blocks(store, pack_id):
-            raw = decompress_block(loc, store.read_block(loc), dctx, store.pack_label(loc))
-            for digest, type_code, inner, length in members:
+        for block in store.index.blocks(pack_id):
+            loc = block.loc
+            raw = decompress_block(loc, store.read_block(loc), dctx, store.describe(loc))
+            for digest, type_code, inner, length in block.members:
                 writer.add_chunk(digest, raw[inner : inner + length], type_code)
         writer.commit(replace=True, retire_packs=[pack_id])
     finally:
         writer.discard()
+    store.packs.forget(pack_id)
     (store.packs_dir / f"{name}.pack").unlink(missing_ok=True)

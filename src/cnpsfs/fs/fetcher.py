@@ -1,0 +1,246 @@
+"""The chunk fetcher: verified chunks for the read path, one load per block however many wait.
+
+A miss decodes the chunk's block on a worker thread under the mount's shared
+CapacityLimiter (pread, zstd and BLAKE3 release the GIL, so concurrent readers proceed
+in parallel and the loop never blocks), front to back only as far as the wanted chunks
+end, and caches every member completed on the way, verified: the neighbours of a chunk
+are what the next reads want (small files are stored together in path order, large
+files chunk after chunk). A later miss in the same block continues where the last one
+stopped (the store's :class:`~cnpsfs.store.BlockReader`), so a random small read does
+not pay for the whole block and a sequential reader still decodes it once.
+
+Costs of a miss, and why they are what they are:
+
+* **One thread hop.** Once a block has been opened, the fetcher knows where each of its
+  members is (from the block's record), so a later miss in a known block goes straight
+  to the worker that decodes it. A chunk whose block is not known yet is located and
+  decoded in the same worker call. The store answers from the header offset its index
+  records, so opening a block is one read and no search.
+* **Single flight.** Concurrent misses in one known block wait on the loop for one
+  load. A waiter whose chunks lie beyond where that load stopped continues the same
+  block reader when it is its turn, rather than decoding the block a second time.
+  (Two first-ever misses in one block, not located yet, can each open the block once:
+  the price of locating and decoding in one hop; the second finds the first's reader.)
+
+Everything here runs on the trio loop except the functions handed to
+``trio.to_thread.run_sync``; state is touched only on the loop, so the code between two
+awaits is atomic, which the single-flight bookkeeping relies on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+
+import trio
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CorruptObjectError, MissingObjectError
+from cnpsfs.image.reader import ChunkCache
+from cnpsfs.store import BlockReader, ChunkLocation, Store
+
+log = logging.getLogger(__name__)
+
+#: Remembered member locations (a key and an end offset each); cleared when reached.
+KNOWN_MAX = 1 << 18
+
+#: (block key, a location in it, the digests wanted, its reader or why it failed, members decoded)
+_Loaded = tuple[Hashable, ChunkLocation, list[bytes], BlockReader | BaseException, dict[bytes, bytes | None]]
+
+
+class ChunkFetcher:
+    """Verified chunks from *store*, cached in *cache*, blocks loaded on *limiter*'s workers."""
+
+    #: Blocks decoded part-way, kept for their next miss (each holds up to a block).
+    STREAMS_MAX = 16
+
+    def __init__(self, store: Store, cache: ChunkCache, limiter: trio.CapacityLimiter) -> None:
+        self.store = store
+        self.cache = cache
+        self.limiter = limiter
+        self._inflight: dict[Hashable, trio.Event] = {}  # block key (or a locate token) -> loaded
+        self._failed: dict[bytes, BaseException] = {}
+        self._pending: dict[bytes, Hashable] = {}  # digest -> key of the load that will bring it
+        self._streams: OrderedDict[Hashable, BlockReader] = OrderedDict()
+        self._known: dict[bytes, tuple[Hashable, int]] = {}  # digest -> (block key, end in block)
+        self._block_locs: dict[Hashable, ChunkLocation] = {}  # a location in each known block
+        #: Worker calls made, for tests and `cnpsfs status`: hops and block opens.
+        self.hops = 0
+        self.opens = 0
+        self._count_lock = threading.Lock()
+
+    def cached(self, digest: bytes) -> bool:
+        return self.cache.contains(digest)
+
+    async def fetch(self, digests: Iterable[bytes]) -> None:
+        """Load the blocks holding *digests* into the cache; failures are kept per digest."""
+        waits: set[Hashable] = set()
+        groups: dict[Hashable, tuple[ChunkLocation, list[bytes], int]] = {}
+        unknown: list[bytes] = []
+        for digest in dict.fromkeys(digests):
+            if self.cache.contains(digest):
+                continue
+            pending = self._pending.get(digest)
+            if pending is not None:
+                waits.add(pending)  # its block is being loaded: no need to look it up
+                continue
+            known = self._known.get(digest)
+            loc = self._block_locs.get(known[0]) if known is not None else None
+            if known is None or loc is None:
+                unknown.append(digest)
+                continue
+            key, end = known
+            first, wanted, upto = groups.get(key, (loc, [], 0))
+            wanted.append(digest)
+            groups[key] = (first, wanted, max(upto, end))
+        for key in waits:
+            event = self._inflight.get(key)
+            if event is not None:
+                await event.wait()
+        jobs = len(groups) + (1 if unknown else 0)
+        if jobs == 1 and not unknown:
+            ((key, (loc, wanted, upto)),) = groups.items()
+            await self._load_block(key, loc, wanted, upto)
+        elif jobs == 1:
+            await self._locate_and_load(unknown)
+        elif jobs:
+            async with trio.open_nursery() as nursery:
+                for key, (loc, wanted, upto) in groups.items():
+                    nursery.start_soon(self._load_block, key, loc, wanted, upto)
+                if unknown:
+                    nursery.start_soon(self._locate_and_load, unknown)
+
+    async def _load_block(self, key: Hashable, loc: ChunkLocation, wanted: list[bytes], upto: int) -> None:
+        """Decode the known block *key* through *upto*, continuing its reader if it has one."""
+        while (event := self._inflight.get(key)) is not None:
+            await event.wait()
+            # The load we joined may have stopped short of our chunks: go on from there.
+            wanted = [d for d in wanted if not self.cache.contains(d) and d not in self._failed]
+            if not wanted:
+                return
+        event = self._inflight[key] = trio.Event()
+        for digest in wanted:
+            self._pending[digest] = key
+            self._failed.pop(digest, None)
+        stream = self._streams.pop(key, None)
+        try:
+            self.hops += 1
+            members, stream = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=self.limiter)
+            self._settle(key, loc, wanted, stream, members)
+        except (CorruptObjectError, MissingObjectError, OSError) as exc:
+            for digest in wanted:
+                self._failed[digest] = exc
+        finally:
+            del self._inflight[key]
+            for digest in wanted:
+                self._pending.pop(digest, None)
+            event.set()
+
+    async def _locate_and_load(self, digests: list[bytes]) -> None:
+        """Locate *digests* and decode their blocks, in one worker call."""
+        token = object()
+        event = self._inflight[token] = trio.Event()
+        for digest in digests:
+            self._pending[digest] = token
+            self._failed.pop(digest, None)
+        try:
+            self.hops += 1
+            located, loaded = await trio.to_thread.run_sync(self._locate_and_advance, digests,
+                                                            limiter=self.limiter)
+            for digest in digests:
+                if digest not in located:
+                    self._failed[digest] = MissingObjectError(f"{fmt.format_digest(digest)} is not in the store")
+            for key, loc, wanted, stream, members in loaded:
+                if isinstance(stream, BaseException):
+                    for digest in wanted:
+                        self._failed[digest] = stream
+                    continue
+                self._settle(key, loc, wanted, stream, members)
+        except (CorruptObjectError, MissingObjectError, OSError) as exc:
+            for digest in digests:
+                self._failed[digest] = exc
+        finally:
+            del self._inflight[token]
+            for digest in digests:
+                self._pending.pop(digest, None)
+            event.set()
+
+    def _settle(self, key: Hashable, loc: ChunkLocation, wanted: list[bytes], stream: BlockReader,
+                members: dict[bytes, bytes | None]) -> None:
+        """On the loop: cache what a load decoded, record failures, keep the reader for next time."""
+        for member, data in members.items():
+            if data is not None:
+                self.cache.put(member, data)
+        for digest in wanted:
+            if members.get(digest) is not None:
+                self._failed.pop(digest, None)
+            elif digest in members:
+                self._failed[digest] = CorruptObjectError(
+                    f"chunk {fmt.format_digest(digest)} is corrupt: its bytes do not match its digest"
+                    f" (block at {self.store.describe(loc)})")
+        if key not in self._block_locs:
+            if len(self._known) > KNOWN_MAX:
+                self._known.clear()
+                self._block_locs.clear()
+            self._block_locs[key] = loc
+            for digest, _type, inner, length in stream.members:
+                self._known[digest] = (key, inner + length)
+        if not stream.done:
+            old = self._streams.get(key)
+            if old is None or old.decoded <= stream.decoded:
+                self._streams[key] = stream
+                self._streams.move_to_end(key)
+            while len(self._streams) > self.STREAMS_MAX:
+                self._streams.popitem(last=False)
+        elif self._streams.get(key) is stream:
+            del self._streams[key]
+
+    def _advance(self, stream: BlockReader | None, loc: ChunkLocation, upto: int
+                 ) -> tuple[dict[bytes, bytes | None], BlockReader]:
+        """On a worker: decode the block through *upto* (opening it first if need be)."""
+        if stream is None:
+            with self._count_lock:
+                self.opens += 1
+            stream = self.store.open_block(loc)
+        return stream.advance(upto), stream
+
+    def _locate_and_advance(self, digests: list[bytes]) -> tuple[set[bytes], list[_Loaded]]:
+        """On a worker: where *digests* are, and their blocks decoded as far as they end.
+
+        A failure to open or decode one block is returned in place of its reader, so the
+        other blocks of the same call still count.
+        """
+        locs = self.store.locate_many(digests)
+        groups: dict[Hashable, tuple[ChunkLocation, list[bytes], int]] = {}
+        for digest, loc in locs.items():
+            first, wanted, upto = groups.get(loc.block, (loc, [], 0))
+            wanted.append(digest)
+            groups[loc.block] = (first, wanted, max(upto, loc.inner + loc.length))
+        loaded: list[_Loaded] = []
+        for key, (loc, wanted, upto) in groups.items():
+            try:
+                members, stream = self._advance(None, loc, upto)
+            except (CorruptObjectError, MissingObjectError, OSError) as exc:
+                loaded.append((key, loc, wanted, exc, {}))
+                continue
+            loaded.append((key, loc, wanted, stream, members))
+        return set(locs), loaded
+
+    async def get(self, digest: bytes) -> bytes:
+        """The verified chunk *digest*: from the cache, else loaded (raises its load's failure)."""
+        data = self.cache.get(digest)
+        if data is not None:
+            return data
+        await self.fetch((digest,))
+        data = self.cache.get(digest)
+        if data is not None:
+            return data
+        failure = self._failed.get(digest)
+        if failure is not None:
+            raise failure
+        # Loaded, then dropped from the cache already by other readers: read it alone.
+        data = await trio.to_thread.run_sync(self.store.get, digest, limiter=self.limiter)
+        self.cache.put(digest, data)
+        return data

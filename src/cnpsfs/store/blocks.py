@@ -1,0 +1,152 @@
+"""Blocks: compression, front-to-back partial decoding, and the decoded-block cache.
+
+A block is about a megabyte of chunks (or 128 KiB of objects) compressed as one zstd
+frame: neighbouring small files compress together. Reads rarely want all of it, so a
+block can be decoded only as far as the wanted members end (:class:`BlockStream`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+import zstandard
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CorruptObjectError
+from cnpsfs.store.index import Location
+from cnpsfs.store.packs import Member
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+
+def compress_block(members: list[tuple[bytes, int, bytes]], cctx: zstandard.ZstdCompressor) -> tuple[int, bytes, int]:
+    """(codec, payload, raw length) for a block; stored raw when compression does not help."""
+    raw = b"".join(data for _d, _t, data in members)
+    compressed = cctx.compress(raw)
+    if len(compressed) < len(raw):
+        return CODEC_ZSTD, compressed, len(raw)
+    return CODEC_RAW, raw, len(raw)
+
+
+def decompress_block(loc: Location, payload: bytes, dctx: zstandard.ZstdDecompressor, where: str) -> bytes:
+    """The decoded block; *where* names it in errors (:meth:`Store.pack_label`)."""
+    if loc.codec == CODEC_ZSTD:
+        try:
+            raw = dctx.decompress(payload, max_output_size=loc.raw)
+        except zstandard.ZstdError:
+            raise CorruptObjectError(f"block at {where} does not decompress") from None
+    elif loc.codec == CODEC_RAW:
+        raw = payload
+    else:
+        raise CorruptObjectError(f"block at {where}: unknown codec {loc.codec}")
+    if len(raw) != loc.raw:
+        raise CorruptObjectError(f"block at {where} has the wrong size")
+    return raw
+
+
+class BlockStream:
+    """A block decoded front to back, only as far as its readers have needed so far.
+
+    A mount's small reads land anywhere in a 1 MiB block; decoding the whole block for
+    a 4 KiB file at its start costs most of a cold random read (python start-up reads
+    about 70 blocks). A stream decodes up to the end of the members wanted, hands out
+    the members completed on the way, verified, and continues from there on the next
+    miss, so a block read front to back (a sequential reader) is still decoded once.
+    Not thread-safe: one load of a block runs at a time (the FUSE layer's single flight).
+    """
+
+    #: Decode at least this far past the wanted members: their neighbours come cheap.
+    SLACK = 128 << 10
+
+    def __init__(self, loc: Location, payload: bytes, members: list[Member],
+                 dctx: zstandard.ZstdDecompressor, where: str) -> None:
+        self.loc = loc
+        self.members = members  # in block order: inner offsets ascend
+        self._where = where
+        self._next = 0  # first member not handed out yet
+        if loc.codec == CODEC_ZSTD:
+            self._reader: Any = dctx.stream_reader(payload)
+            self.data = bytearray()
+        elif loc.codec == CODEC_RAW:
+            self._reader = None
+            self.data = bytearray(payload)
+        else:
+            raise CorruptObjectError(f"block at {where}: unknown codec {loc.codec}")
+
+    @property
+    def done(self) -> bool:
+        return self._next >= len(self.members)
+
+    @property
+    def decoded(self) -> int:
+        """How far the block is decoded (members ending there or before are complete)."""
+        return len(self.data)
+
+    def advance(self, upto: int) -> dict[bytes, bytes | None]:
+        """Decode through byte *upto* (plus slack); the members completed by it, in order.
+
+        Values are the verified bytes, or None for a member that does not match its
+        digest. Raises CorruptObjectError when the payload does not decode.
+        """
+        want = min(self.loc.raw, max(upto + self.SLACK, self.decoded))
+        while self.decoded < want and self._reader is not None:
+            try:
+                piece = self._reader.read(want - self.decoded)
+            except zstandard.ZstdError:
+                piece = b""
+            if not piece:
+                raise CorruptObjectError(f"block at {self._where} does not decompress")
+            self.data += piece
+        out: dict[bytes, bytes | None] = {}
+        view = memoryview(self.data)
+        members = self.members
+        while self._next < len(members):
+            digest, _type, inner, length = members[self._next]
+            if inner + length > self.decoded:
+                break
+            data = bytes(view[inner : inner + length])
+            out[digest] = data if fmt.digest_bytes(data) == digest else None
+            self._next += 1
+        view.release()
+        if self.done:
+            self.data = bytearray()  # handed out: the chunk cache holds what is wanted now
+        return out
+
+
+class BlockCache:
+    """A thread-safe LRU of decompressed blocks, bounded in bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> bytes | None:
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+            return data
+
+    def put(self, key: Hashable, data: bytes) -> None:
+        if len(data) > self.capacity:
+            return
+        with self._lock:
+            if key in self._data:
+                return
+            self._data[key] = data
+            self._size += len(data)
+            while self._size > self.capacity:
+                _k, old = self._data.popitem(last=False)
+                self._size -= len(old)
+
+    def drop(self, key: Hashable) -> None:
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._size -= len(old)

@@ -1,0 +1,158 @@
+"""The store protocol: what every layer above needs from a store, and nothing of its layout.
+
+The local store (:class:`cnpsfs.store.local.LocalStore`) implements it today; a remote
+store (a registry, a static HTTP layout) and a cache that puts a local store in front of
+a remote must each be one new module that implements the same protocol, so the image
+view, the FUSE fetcher, importers and exporters never learn which one they talk to.
+
+The shape follows desync's ``Store``/``WriteStore`` split and restic's backend/repository
+layering: reads are by digest and batch-friendly (``existing`` is has-many,
+``locate_many`` is locate-many), and a chunk's location is an opaque block key plus the
+member's place in that block's decoded bytes. That is all the fetcher needs for single
+flight (one load per block) and for partial decoding (decode as far as the wanted
+members end); what a block key means (a pack and an offset, a blob and a range) stays
+inside the store that made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from cnpsfs import format as fmt
+
+# Type codes of stored records (index rows and block member headers; docs/format.md 2.1).
+T_CHUNK = 0
+T_DIR = 1
+T_EXTENTS = 2
+T_FILESET = 3
+T_IMAGE = 4
+TYPE_CODES = {fmt.TYPE_DIR: T_DIR, fmt.TYPE_EXTENTS: T_EXTENTS, fmt.TYPE_FILESET: T_FILESET,
+              fmt.TYPE_IMAGE: T_IMAGE}
+TYPE_NAMES = {T_CHUNK: "chunk", T_DIR: "directory", T_EXTENTS: "extents", T_FILESET: "fileset",
+              T_IMAGE: "image"}
+
+
+class NotCached(Exception):
+    """Raised in :meth:`Store.cache_only` mode when a read would need the index, disk or network."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tag:
+    """A mutable name for an object: NAME@VERSION -> digest."""
+
+    name: str
+    version: str
+    type: int
+    digest: bytes
+    created_ns: int
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class ChunkLocation(Protocol):
+    """Where a stored member is: an opaque, hashable block key and its slice of that block."""
+
+    @property
+    def block(self) -> Hashable: ...
+    @property
+    def type(self) -> int: ...
+    @property
+    def inner(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+
+
+class BlockReader(Protocol):
+    """A block decoded front to back, only as far as readers have needed so far.
+
+    Not thread-safe: one load of a block runs at a time (the fetcher's single flight).
+    """
+
+    @property
+    def done(self) -> bool: ...
+    @property
+    def decoded(self) -> int:
+        """How far the block is decoded: members ending there or before are complete."""
+        ...
+    @property
+    def members(self) -> list[tuple[bytes, int, int, int]]:
+        """Every member of the block: (digest, type code, offset in the block, length), in order."""
+        ...
+
+    def advance(self, upto: int) -> dict[bytes, bytes | None]:
+        """Decode through byte *upto* of the block; the members completed, verified (None if bad)."""
+        ...
+
+
+class StoreWriter(Protocol):
+    """Adds chunks and objects; nothing is visible to readers until :meth:`commit`."""
+
+    bytes_written: int
+
+    def has(self, digest: bytes) -> bool: ...
+    def add(self, data: bytes, type_code: int) -> bytes: ...
+    def add_chunk(self, digest: bytes, data: bytes, type_code: int = T_CHUNK) -> None: ...
+    def add_object(self, encoded: bytes) -> bytes: ...
+    def commit(self, tags: Iterable[tuple[str, str, int, bytes]] = ()) -> None: ...
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A content store: verified objects and chunks by digest, tags, and writers."""
+
+    # ------------------------------------------------------------ reading by digest
+    def get(self, digest: bytes) -> bytes:
+        """The verified bytes of a chunk or object (CorruptObjectError, never wrong bytes)."""
+        ...
+
+    def get_directory(self, digest: bytes) -> fmt.Directory: ...
+    def get_fileset(self, digest: bytes) -> fmt.FileSet: ...
+    def get_image(self, digest: bytes) -> fmt.Image: ...
+    def file_extents(self, entry: fmt.Entry) -> tuple[fmt.Extent, ...]: ...
+    def contains(self, digest: bytes) -> bool: ...
+
+    def existing(self, digests: Iterable[bytes]) -> set[bytes]:
+        """Has-many: the subset of *digests* this store holds."""
+        ...
+
+    def object_type(self, digest: bytes) -> int | None: ...
+
+    def cache_only(self) -> contextlib.AbstractContextManager[None]:
+        """On this thread, make reads that would touch the index, disk or network raise NotCached."""
+        ...
+
+    # ------------------------------------------------------------ blocks (the read path)
+    def locate_many(self, digests: Iterable[bytes]) -> Mapping[bytes, ChunkLocation]:
+        """Locate-many: where each stored digest is (absent ones are left out)."""
+        ...
+
+    def open_block(self, loc: ChunkLocation) -> BlockReader:
+        """The block holding *loc*, ready to decode front to back (blocking I/O: call on a worker)."""
+        ...
+
+    def describe(self, loc: ChunkLocation) -> str:
+        """Where a block is, for messages (``<pack>.pack offset <n>``, a blob and range, ...)."""
+        ...
+
+    # ------------------------------------------------------------ names
+    def resolve(self, ref: str, *, want: int | None = None) -> bytes: ...
+    def tags(self, type_code: int | None = None) -> list[Tag]: ...
+    def tags_for(self, digest: bytes) -> list[Tag]: ...
+    def set_tag(self, name: str, version: str, type_code: int, digest: bytes) -> None: ...
+    def remove_tag(self, name: str, version: str) -> bool: ...
+
+    # ------------------------------------------------------------ writing
+    def writer(self) -> contextlib.AbstractContextManager[StoreWriter]: ...
+
+    def scratch_dir(self) -> Path:
+        """A directory for spool files of this store's writers (same file system as the store)."""
+        ...
+
+    def close(self) -> None: ...
+

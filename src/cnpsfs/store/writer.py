@@ -1,0 +1,202 @@
+"""The store writer: new chunks and objects into blocks in private temporary packs, then commit.
+
+Write protocol (docs/format.md 2.3, crash safety): records are appended to
+``tmp/<id>.pack`` under an exclusive flock (a live writer's mark); commit fsyncs it,
+renames it into ``packs/``, fsyncs the directory, and only then inserts the index rows
+and tags in one SQLite transaction. A process killed at any point leaves either nothing
+visible or everything; an orphaned temporary pack is invisible and gc deletes it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import os
+import secrets
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import zstandard
+
+from cnpsfs import format as fmt
+from cnpsfs.store.blocks import compress_block
+from cnpsfs.store.packs import PACK_MAGIC, PACK_ROLLOVER, encode_record_header, fsync_dir, write_all
+from cnpsfs.store.protocol import T_CHUNK, TYPE_CODES
+
+if TYPE_CHECKING:
+    from cnpsfs.store.local import LocalStore
+
+BLOCK_TARGET = 1 << 20
+#: Directory, extents, FileSet and image objects go in blocks of their own, smaller ones:
+#: a cold lookup then decodes metadata only, and little of it.
+META_BLOCK_TARGET = 128 << 10
+DEFAULT_ZSTD_LEVEL = 9
+
+
+@dataclass(slots=True)
+class _OpenBlock:
+    members: list[tuple[bytes, int, bytes]] = field(default_factory=list)  # (digest, type, data)
+    size: int = 0
+
+
+_BlockFuture = concurrent.futures.Future[tuple[int, bytes, int]]  # (codec, payload, raw length)
+
+
+class StoreWriter:
+    """Groups new chunks into blocks in private temporary packs; :meth:`commit` publishes them.
+
+    Chunks are added from one thread, in order; blocks are compressed on *pool* when one
+    is given (several at once), and written to the pack in the order they were sealed.
+    """
+
+    def __init__(self, store: LocalStore, level: int, pool: concurrent.futures.Executor | None = None) -> None:
+        self.store = store
+        self.level = level
+        self.pool = pool
+        self._local = threading.local()
+        # digest -> (writer pack#, offset, stored, raw, codec, type, inner, length, header); None while in an
+        # open block
+        self._new: dict[bytes, tuple[int, int, int, int, int, int, int, int, int] | None] = {}
+        self._open = _OpenBlock()  # file chunks
+        self._open_meta = _OpenBlock()  # objects: kept apart from file data
+        self._sealed: deque[tuple[list[tuple[bytes, int, bytes]], _BlockFuture]] = deque()
+        self._packs: list[tuple[Path, int]] = []  # (tmp path, fd)
+        self._current_size = 0
+        self._committed = False
+        self.bytes_written = 0
+
+    def compressor(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+        return c
+
+    def has(self, digest: bytes) -> bool:
+        return digest in self._new or self.store.contains(digest)
+
+    def _open_pack(self) -> int:
+        self.store.tmp_dir.mkdir(exist_ok=True)
+        path = self.store.tmp_dir / f"{secrets.token_hex(16)}.pack"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # The lock tells gc this temporary pack belongs to a live writer.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        write_all(fd, PACK_MAGIC)
+        self._packs.append((path, fd))
+        self._current_size = len(PACK_MAGIC)
+        return fd
+
+    def add_chunk(self, digest: bytes, data: bytes, type_code: int = T_CHUNK) -> None:
+        """Queue a blob for the current block unless the store or this writer has it."""
+        if digest in self._new:
+            return
+        self._new[digest] = None
+        meta = type_code != T_CHUNK
+        block = self._open_meta if meta else self._open
+        block.members.append((digest, type_code, data))
+        block.size += len(data)
+        if block.size >= (META_BLOCK_TARGET if meta else BLOCK_TARGET):
+            self.seal(meta=meta)
+
+    def seal(self, *, meta: bool = False) -> None:
+        """Close the open data block (or metadata block): compress it on the pool and queue it."""
+        if meta:
+            members, self._open_meta = self._open_meta.members, _OpenBlock()
+        else:
+            members, self._open = self._open.members, _OpenBlock()
+        if not members:
+            return
+        if self.pool is not None:
+            future = self.pool.submit(self._compress, members)
+        else:
+            future = concurrent.futures.Future()
+            future.set_result(self._compress(members))
+        self._sealed.append((members, future))
+        while len(self._sealed) > 4 or (self._sealed and self._sealed[0][1].done()):
+            self._write_sealed()
+
+    def _compress(self, members: list[tuple[bytes, int, bytes]]) -> tuple[int, bytes, int]:
+        return compress_block(members, self.compressor())
+
+    def _write_sealed(self) -> None:
+        members, future = self._sealed.popleft()
+        codec, payload, raw_len = future.result()
+        if not self._packs or self._current_size >= PACK_ROLLOVER:
+            self._open_pack()
+        fd = self._packs[-1][1]
+        header = encode_record_header(codec, len(payload), raw_len, [(d, t, len(data)) for d, t, data in members])
+        header_at = self._current_size
+        write_all(fd, header)
+        offset = header_at + len(header)
+        write_all(fd, payload)
+        self._current_size = offset + len(payload)
+        self.bytes_written += len(header) + len(payload)
+        pack = len(self._packs) - 1
+        inner = 0
+        for digest, type_code, data in members:
+            self._new[digest] = (pack, offset, len(payload), raw_len, codec, type_code, inner, len(data), header_at)
+            inner += len(data)
+
+    def flush(self) -> None:
+        self.seal()
+        self.seal(meta=True)
+        while self._sealed:
+            self._write_sealed()
+
+    def add(self, data: bytes, type_code: int) -> bytes:
+        """Hash and queue *data*; returns its digest."""
+        digest = fmt.digest_bytes(data)
+        if not self.has(digest):
+            self.add_chunk(digest, data, type_code)
+        return digest
+
+    def add_object(self, encoded: bytes) -> bytes:
+        return self.add(encoded, TYPE_CODES[fmt.object_type(encoded)])
+
+    def commit(self, tags: Iterable[tuple[str, str, int, bytes]] = (), *, replace: bool = False,
+               retire_packs: Iterable[int] = ()) -> None:
+        """Make everything written visible, then point *tags* at it, atomically.
+
+        *replace* re-points existing index rows at the new copies and *retire_packs* drops
+        packs from the index in the same transaction (both for gc's repack).
+        """
+        self.flush()
+        store = self.store
+        published: list[tuple[int, str, int]] = []  # (writer pack#, name, size)
+        for index, (path, fd) in enumerate(self._packs):
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+            name = path.stem
+            os.rename(path, store.packs_dir / f"{name}.pack")
+            published.append((index, name, size))
+        if published:
+            fsync_dir(store.packs_dir)
+        rows = []
+        for digest, where in self._new.items():
+            assert where is not None, "flush() wrote every block"
+            pack, offset, stored, raw, codec, type_code, inner, length, header = where
+            rows.append((digest, type_code, pack, offset, stored, raw, codec, inner, length, header))
+        store.index.publish([(name, size) for _i, name, size in published], rows, tags, replace=replace,
+                            retire_packs=retire_packs)
+        self._committed = True
+        for _path, fd in self._packs:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def discard(self) -> None:
+        """Remove uncommitted temporary packs (called on every exit path)."""
+        if self._committed:
+            return
+        for _members, future in self._sealed:
+            future.cancel()
+        self._sealed.clear()
+        for path, fd in self._packs:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        self._packs.clear()

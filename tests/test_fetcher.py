@@ -1,0 +1,163 @@
+"""The chunk fetcher in-process (trio, a real local store, no FUSE): hops, single flight, joins."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from cnpsfs.errors import CorruptObjectError, MissingObjectError
+from cnpsfs.fs.fetcher import ChunkFetcher
+from cnpsfs.image.reader import ChunkCache
+from cnpsfs.store import T_CHUNK, LocalStore
+
+CHUNK = 64 * 1024
+
+
+class CountingStore:
+    """A store that counts the calls the read path makes (everything else passes through)."""
+
+    def __init__(self, inner: LocalStore) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name in ("get", "locate_many", "open_block"):
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                self.calls[name] += 1
+                return attr(*args, **kwargs)
+            return counted
+        return attr
+
+
+def text_chunk(seed: int) -> bytes:
+    """64 KiB that zstd compresses (words from a small vocabulary) but never repeats exactly."""
+    rnd = random.Random(seed)
+    words = [b"alpha", b"beta", b"gamma", b"delta", b"epsilon", b"zeta", b"eta", b"theta"]
+    out = bytearray()
+    while len(out) < CHUNK:
+        out += rnd.choice(words) + b" %d\n" % rnd.randrange(1 << 30)
+    return bytes(out[:CHUNK])
+
+
+@pytest.fixture
+def one_block(tmp_path: Path) -> tuple[LocalStore, list[bytes], dict[bytes, bytes]]:
+    """A store holding 14 compressible 64 KiB chunks in one zstd block (under the 1 MiB target)."""
+    store = LocalStore(tmp_path / "store", create=True)
+    data = [text_chunk(i) for i in range(14)]
+    with store.writer() as w:
+        digests = [w.add(d, T_CHUNK) for d in data]
+        w.commit()
+    locs = store.locate_many(digests)
+    assert len({loc.block for loc in locs.values()}) == 1 and locs[digests[0]].codec == 1
+    return store, digests, dict(zip(digests, data, strict=True))
+
+
+def run(fn: Any) -> Any:
+    return trio.run(fn)
+
+
+def new_fetcher(store: Any) -> ChunkFetcher:
+    return ChunkFetcher(store, ChunkCache(64 << 20), trio.CapacityLimiter(4))
+
+
+def test_a_cold_miss_is_one_thread_hop(one_block: tuple[LocalStore, list[bytes], dict[bytes, bytes]]) -> None:
+    store, digests, data = one_block
+    counting = CountingStore(store)
+    fetcher = new_fetcher(counting)
+
+    async def main() -> None:
+        assert await fetcher.get(digests[0]) == data[digests[0]]
+        assert fetcher.hops == 1 and counting.calls["locate_many"] == 1 and counting.calls["open_block"] == 1
+        # A later miss in the same block: its location came with the block, so no index query.
+        assert await fetcher.get(digests[9]) == data[digests[9]]
+        assert fetcher.hops == 2 and counting.calls["locate_many"] == 1
+        assert counting.calls["open_block"] == 1, "the block reader is continued, not reopened"
+
+    run(main)
+    assert counting.calls["get"] == 0
+
+
+def test_a_join_that_needs_more_continues_the_block(
+        one_block: tuple[LocalStore, list[bytes], dict[bytes, bytes]]) -> None:
+    """A reader joining a load that stops short of its chunk continues that load's block reader.
+
+    Before the fix the joiner returned after the first load without its chunk and fell back
+    to a second, whole-block decode through ``store.get``.
+    """
+    store, digests, data = one_block
+    counting = CountingStore(store)
+    fetcher = new_fetcher(counting)
+    got: dict[bytes, bytes] = {}
+
+    async def read(digest: bytes) -> None:
+        got[digest] = await fetcher.get(digest)
+
+    async def main() -> None:
+        await fetcher.fetch([digests[0]])  # opens the block, decodes its start: members now known
+        assert not fetcher.cached(digests[5]) and not fetcher.cached(digests[13])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, digests[5])  # starts the load (through chunk 5 plus slack)
+            nursery.start_soon(read, digests[13])  # joins it, and needs the block's end
+
+    run(main)
+    assert got == {d: data[d] for d in (digests[5], digests[13])}
+    assert counting.calls["get"] == 0, "no fallback decode through store.get"
+    assert counting.calls["open_block"] == 1
+
+
+def test_concurrent_misses_in_one_block_make_one_load(
+        one_block: tuple[LocalStore, list[bytes], dict[bytes, bytes]]) -> None:
+    store, digests, data = one_block
+    counting = CountingStore(store)
+    fetcher = new_fetcher(counting)
+    got: dict[bytes, bytes] = {}
+
+    async def read(digest: bytes) -> None:
+        got[digest] = await fetcher.get(digest)
+
+    async def main() -> None:
+        await fetcher.fetch([digests[0]])
+        hops = fetcher.hops
+        async with trio.open_nursery() as nursery:
+            for d in digests[3:8]:
+                nursery.start_soon(read, d)
+        assert fetcher.hops == hops + 1, "five readers of one block: one load"
+
+    run(main)
+    assert got == {d: data[d] for d in digests[3:8]}
+
+
+def test_missing_and_corrupt_chunks_fail_alone(tmp_path: Path,
+                                              one_block: tuple[LocalStore, list[bytes], dict[bytes, bytes]]) -> None:
+    store, digests, data = one_block
+    # A second block, raw (incompressible), with one byte flipped on disk.
+    rnd = random.Random(7)
+    raw_chunks = [rnd.randbytes(CHUNK) for _ in range(2)]
+    with store.writer() as w:
+        bad = [w.add(c, T_CHUNK) for c in raw_chunks]
+        w.commit()
+    loc = store.locate(bad[0])
+    assert loc is not None and loc.codec == 0
+    pack = store.packs_dir / f"{store.pack_files()[loc.pack]}.pack"
+    with open(pack, "r+b") as f:
+        f.seek(loc.offset + loc.inner + 100)
+        byte = f.read(1)
+        f.seek(loc.offset + loc.inner + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    fetcher = new_fetcher(store)
+
+    async def main() -> None:
+        with pytest.raises(CorruptObjectError, match="is corrupt"):
+            await fetcher.get(bad[0])
+        assert await fetcher.get(bad[1]) == raw_chunks[1], "its neighbour still verifies"
+        with pytest.raises(MissingObjectError):
+            await fetcher.get(b"\x01" * 32)
+        assert await fetcher.get(digests[2]) == data[digests[2]], "the fetcher keeps serving"
+
+    run(main)
