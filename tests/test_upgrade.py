@@ -40,7 +40,7 @@ from mountutil import (
 
 from cnpsfs.errors import CnpsfsError
 from cnpsfs.image.manifest import compose, load_image
-from cnpsfs.store import T_CHUNK, Store
+from cnpsfs.store import T_CHUNK, LocalStore, Store
 
 pytestmark = FUSE
 
@@ -492,7 +492,7 @@ def test_gc_reclaims_an_image_the_mount_no_longer_serves(cli: Cli, tmp_path: Pat
         manifest = write_manifest(tmp_path / f"v{n}.toml", "test.example/gc", [f"test.example/gc-v{n}@1"],
                                   version=f"v{n}")
         create_image(cli, manifest, f"test.example/gc@v{n}")
-    with contextlib.closing(Store(cli.store_path)) as store:
+    with contextlib.closing(LocalStore(cli.store_path)) as store:
         blobs = {n: _unique_chunks(store, f"test.example/gc@v{n}", "/srv/blob") for n in (1, 2, 3)}
     assert all(blobs[n] and not blobs[n] & blobs[n + 1] for n in (1, 2))
     with mount_image(cli.store_path, "test.example/gc@v1", tmp_path / "mnt") as m:
@@ -503,7 +503,7 @@ def test_gc_reclaims_an_image_the_mount_no_longer_serves(cli: Cli, tmp_path: Pat
             cli.ok("tag", "rm", f"test.example/gc@v{n}")
             cli.ok("tag", "rm", f"test.example/gc-v{n}@1")
         cli.ok("gc")
-        with contextlib.closing(Store(cli.store_path)) as store:
+        with contextlib.closing(LocalStore(cli.store_path)) as store:
             assert not store.existing(blobs[1]), "gc kept the chunks of an image the mount no longer serves"
             assert store.existing(blobs[2]) == blobs[2], "gc removed the rollback target's chunks"
             assert store.existing(blobs[3]) == blobs[3]
