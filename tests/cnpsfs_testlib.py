@@ -14,10 +14,11 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 
@@ -81,6 +82,32 @@ class Cli:
     def popen(self, *args: str | os.PathLike[str], store: Path | None = None,
               **kwargs: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen(self.argv(*args, store=store), **kwargs)
+
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], *, timeout: float = 30.0, what: str = "the condition",
+               interval: float = 0.01) -> T:
+    """Poll *predicate* until it returns something true, and return that; fail naming *what*
+    after *timeout* seconds. What a test checks waits on a condition, never on a sleep."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+    return result
+
+
+def lock_waiters() -> set[int]:
+    """Pids blocked waiting for a file lock (flock, POSIX or OFD), from /proc/locks."""
+    waiting = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "->":
+                waiting.add(int(fields[5]))
+    return waiting
 
 
 def digest_of(result: CliResult) -> str:

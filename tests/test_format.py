@@ -404,7 +404,11 @@ def test_bad_entry_names(name: bytes) -> None:
 
 
 def test_name_of_255_bytes_is_fine() -> None:
-    fmt.encode_directory(fmt.Directory([fmt.Entry(b"x" * 255, fmt.Kind.FIFO, 0o644)]))
+    """NAME_MAX is the limit, not one below it: such a name encodes and comes back intact."""
+    entry = fmt.Entry(b"x" * 255, fmt.Kind.FIFO, 0o644)
+    decoded = fmt.decode_directory(fmt.encode_directory(fmt.Directory([entry])))
+    assert [e.name for e in decoded.entries] == [b"x" * 255]
+    assert decoded.entries[0] == entry
 
 
 @pytest.mark.parametrize("entry", [

@@ -10,13 +10,12 @@ import os
 import random
 import signal
 import sqlite3
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cnpsfs_testlib import Cli
+from cnpsfs_testlib import Cli, wait_until
 from mountutil import (
     FUSE,
     FUSE_MODES,
@@ -204,10 +203,7 @@ def test_kill_9_then_umount_cleans_up(fault_store: Path, fuse_mode: str, tmp_pat
         assert cat(m / "etc/small") == FILES["etc/small"]
         m.expect_exit = True
         os.kill(m.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while pid_alive(m.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not pid_alive(m.pid)
+        wait_until(lambda: not pid_alive(m.pid), timeout=10, what="the killed daemon to be gone")
         with pytest.raises(OSError) as info:
             os.listdir(mountpoint)
         assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
@@ -231,10 +227,8 @@ def test_sigterm_unmounts(fault_store: Path, tmp_path: Path) -> None:
     try:
         m.expect_exit = True
         os.kill(m.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while (pid_alive(m.pid) or is_mounted(m.mountpoint)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not pid_alive(m.pid) and not is_mounted(m.mountpoint)
+        wait_until(lambda: not pid_alive(m.pid) and not is_mounted(m.mountpoint), timeout=20,
+                   what="SIGTERM to unmount and end the daemon")
         assert cnpsfs("status", m.mountpoint).returncode != 0, "the record went with the daemon"
     finally:
         finish_mount(m)
@@ -271,7 +265,7 @@ def _refused(store: Path, ref: str | Path, mountpoint: Path, *, mode: str = "aut
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("cnpsfs: error: "), result.stderr
     assert "Traceback" not in result.stderr
-    time.sleep(0.1)
+    # No wait: a mount that fails reaps the daemon it forked before it reports.
     assert set(processes_mentioning(mountpoint)) <= before, "a daemon was left behind"
     return lines[0]
 

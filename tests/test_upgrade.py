@@ -17,13 +17,12 @@ import shutil
 import sqlite3
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cnpsfs_testlib import Cli, digest_of
+from cnpsfs_testlib import Cli, digest_of, wait_until
 from conftest import build_debian_rootfs
 from mountutil import (
     FUSE,
@@ -377,7 +376,10 @@ def test_walkers_see_whole_files_during_swaps(data: Data, data_mount: Mount) -> 
     try:
         for i in range(WALK_SWAPS):
             m.request({"op": "upgrade", "ref": data.image_b if i % 2 == 0 else data.image_a})
-            time.sleep(0.01)
+            # Every generation is read from before the next swap: the walkers hash a file more.
+            done = checked[0]
+            wait_until(lambda done=done: checked[0] > done or problems or not all(t.is_alive() for t in threads),
+                       what=f"a walker to read a file of generation {i + 2}")
     finally:
         stop.set()
         for t in threads:
