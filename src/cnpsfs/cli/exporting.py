@@ -9,7 +9,7 @@ from cnpsfs.cli.context import App, fileset_root, pass_app
 
 @click.group("export")
 def export_group() -> None:
-    """Write a stored FileSet out as a directory or a tar archive."""
+    """Write a stored FileSet out as a directory or a tar archive, or an image as an OCI image."""
 
 
 @export_group.command("dir")

@@ -85,6 +85,10 @@ def inspect_cmd(app: App, ref: str, as_json: bool) -> None:
         click.echo("config")
         for key, value in sorted(image.config.items()):
             click.echo(f"  {key}: {json.dumps(value)}")
+    from cnpsfs.oci.importer import provenance_lines
+
+    for line in provenance_lines(image.metadata):
+        click.echo(line)
 
 
 COMMANDS = [image_group, inspect_cmd]

@@ -15,7 +15,7 @@ from cnpsfs.cli.context import App, default_name, emit_json, human_size, import_
 
 @click.group("import")
 def import_group() -> None:
-    """Import a directory tree, a tar archive or Debian packages as FileSets."""
+    """Import a directory tree, a tar archive, Debian packages or an OCI image."""
 
 
 def _import_options(func: Callable[..., Any]) -> Callable[..., Any]:

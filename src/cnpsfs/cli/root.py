@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from cnpsfs import __version__
-from cnpsfs.cli import browse, build, bundle, commit, exporting, image, importing, mounting, service, store_cmds
+from cnpsfs.cli import browse, build, bundle, commit, exporting, image, importing, mounting, oci, service, store_cmds
 from cnpsfs.cli.context import App, CnpsfsGroup, configure_logging
 from cnpsfs.store import default_store_path
 
@@ -69,6 +69,6 @@ def main(ctx: click.Context, store_path: Path | None, debug: bool, log_level: st
     ctx.obj = App(store_path or default_store_path(), debug)
 
 
-for _module in (importing, browse, exporting, store_cmds, image, commit, mounting, service, bundle, build):
+for _module in (importing, browse, exporting, store_cmds, image, commit, mounting, service, bundle, build, oci):
     for _command in _module.COMMANDS:
         main.add_command(_command)

@@ -167,6 +167,10 @@ class TarImporter:
             self.builder.mark_opaque(parts[:-1], what)
             return
         if base.startswith(WHITEOUT_PREFIX):
+            if self._below_non_directory(parts[:-1]):
+                # umoci writes the whiteouts of a replaced directory's children after the file
+                # that replaced it: they hide nothing the file does not already hide.
+                return
             target = base[len(WHITEOUT_PREFIX):]
             entry = fmt.Entry(b"", fmt.Kind.WHITEOUT, 0)
             self.builder.add((*parts[:-1], target), entry, what=what)
@@ -210,6 +214,15 @@ class TarImporter:
         else:
             raise ImportRejected(f"{what}: unsupported member type {member.type!r}")
         self.builder.add(parts, entry, what=what)
+
+    def _below_non_directory(self, parts: tuple[bytes, ...]) -> bool:
+        for depth in range(1, len(parts) + 1):
+            node = self.builder.lookup(parts[:depth])
+            if node is None:
+                return False
+            if node.entry.kind is not fmt.Kind.DIR:
+                return True
+        return False
 
     def _hardlink(self, parts: tuple[bytes, ...], member: tarfile.TarInfo, entry: fmt.Entry, what: str) -> None:
         target_parts = split_path(_name_bytes(member.linkname), what=f"{what}: hard link target {member.linkname!r}")

@@ -101,6 +101,8 @@ class ImportOptions:
     name: str = ""
     version: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: False: commit the FileSet untagged (an OCI layer, tagged only through its image).
+    tag: bool = True
 
     def clamp(self, mtime_ns: int) -> int:
         if self.source_date_epoch is None:
@@ -258,7 +260,7 @@ def write_fileset(store: Store, builder: TreeBuilder, *, pool: concurrent.future
             root = _store_directories(builder, writer)
             fileset = fmt.FileSet(opts.name, opts.version, root, opts.metadata)
             digest = writer.add_object(fmt.encode_fileset(fileset))
-            tags = [(opts.name, opts.version, T_FILESET, digest)] if opts.name and opts.version else []
+            tags = [(opts.name, opts.version, T_FILESET, digest)] if opts.name and opts.version and opts.tag else []
             writer.commit(tags)
             entries = sum(1 for _ in builder.walk())
             return ImportResult(digest, fileset, entries, content.logical_bytes, writer.bytes_written)

@@ -1,0 +1,111 @@
+"""CLI commands ``import oci`` and ``export oci`` (docs/oci.md). Added to the import and export groups; listed in root.py."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from cnpsfs import format as fmt
+from cnpsfs.cli.context import App, emit_json, human_size, pass_app
+from cnpsfs.cli.importing import import_group
+from cnpsfs.errors import UsageError
+from cnpsfs.store import check_tag_name, check_tag_version
+
+SOURCE_HELP = """\b
+SOURCE (skopeo's transport names):
+  docker://HOST[:PORT]/REPO[:TAG|@DIGEST]   a registry (OCI distribution API)
+  oci:DIR[:TAG]                             an OCI image layout
+  oci-archive:FILE[:TAG]                    a tar of an OCI image layout
+  docker-archive:FILE[:NAME:TAG|:@N]        `docker save` / `podman save` output
+"""
+
+
+def _bool(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise UsageError(f"--tls-verify takes true or false, not {value!r}")
+
+
+def _registry_options(func: Any) -> Any:
+    options = [
+        click.option("--tls-verify", "tls_verify", metavar="BOOL", default=None,
+                     help="Require HTTPS and verify certificates (default: true, except for localhost "
+                          "and 127.0.0.0/8, where plain HTTP is allowed)."),
+        click.option("--creds", metavar="USER:PASSWORD", default=None, help="Registry credentials."),
+        click.option("--authfile", type=click.Path(dir_okay=False), default=None,
+                     help="Credentials file (default: $REGISTRY_AUTH_FILE, "
+                          "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@click.command("oci", epilog=SOURCE_HELP)
+@click.argument("source")
+@click.option("--name", help="Image name (default: the repository, e.g. docker.io/library/debian).")
+@click.option("--version", "version_", metavar="VERSION", help="Image version (default: the tag).")
+@click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", default=None,
+              help="Image to take from a multi-platform index (default: this host's, e.g. linux/amd64).")
+@_registry_options
+@click.option("--jobs", type=click.IntRange(1, 16), default=3, show_default=True, help="Layers read at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
+@pass_app
+def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None, platform_: str | None,
+                   tls_verify: str | None, creds: str | None, authfile: str | None, jobs: int,
+                   as_json: bool) -> None:
+    """Import an OCI or Docker image as an image of one FileSet per layer.
+
+    Each layer's blob digest, size and uncompressed diff_id are checked against the
+    manifest and config as it streams in; whiteouts (.wh.NAME) and opaque markers become
+    format whiteouts; hostile members ('..', absolute paths, links out of the layer)
+    reject it. The config's entrypoint, cmd, env, working dir, user, labels and stop
+    signal become the run config; the source, manifest and config digests and each
+    layer's digest -> FileSet are kept as provenance (`cnpsfs inspect`). Layers already
+    imported (by diff_id) are not read again. The image is tagged NAME@VERSION only once
+    every layer is in. Prints the image digest last on stdout.
+    """
+    from cnpsfs.oci.importer import OciImportOptions, import_oci
+    from cnpsfs.oci.model import parse_platform
+    from cnpsfs.oci.sources import RegistryOptions, open_source
+    from cnpsfs.progress import byte_progress
+
+    want = parse_platform(platform_) if platform_ else None
+    registry = RegistryOptions(_bool(tls_verify), creds, authfile)
+    src, default_name, default_version = open_source(source, registry)
+    name = name or default_name
+    version = version_ or default_version
+    check_tag_name(name)
+    check_tag_version(version)
+    store = app.store(create=True)
+    start = time.monotonic()
+    try:
+        with byte_progress(f"importing {source}", None) as advance:
+            result = import_oci(store, src, OciImportOptions(name, version, want, jobs), on_progress=advance)
+    finally:
+        src.close()
+    seconds = time.monotonic() - start
+    ref = fmt.format_digest(result.digest)
+    if as_json:
+        emit_json({"digest": ref, "name": name, "version": version, "manifest_digest": result.manifest_digest,
+                   "config_digest": result.config_digest, "new_bytes": result.new_bytes,
+                   "seconds": round(seconds, 3),
+                   "layers": [{"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size,
+                               "fileset": fmt.format_digest(layer.fileset), "reused": layer.reused,
+                               "new_bytes": layer.new_bytes} for layer in result.layers]})
+        return
+    reused = sum(1 for layer in result.layers if layer.reused)
+    click.echo(f"imported {name}@{version}: {len(result.layers)} layers ({reused} already stored), "
+               f"{human_size(result.new_bytes)} newly stored in {seconds:.2f}s", err=True)
+    click.echo(ref)
+
+
+import_group.add_command(import_oci_cmd)
+COMMANDS: list[click.Command] = []  # the commands join the import and export groups

@@ -1,0 +1,182 @@
+"""Verified blob streams: hash and count bytes as they pass, decompress in one pass.
+
+A layer is read once, front to back: the raw bytes are hashed (the blob digest the
+manifest names) and counted (its size), decompressed, and the decompressed bytes hashed
+again (the diff_id the config names) on their way into the tar importer. Nothing is
+spooled to disk first, so a hostile blob can cost at most its declared size in reading
+and a bounded amount of memory. Callers compare the digests after the last byte, before
+anything is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import zlib
+from collections.abc import Callable
+from typing import IO, Any
+
+import zstandard
+
+from cnpsfs.errors import ImportRejected
+from cnpsfs.oci.model import digest_of
+
+_READ = 1 << 20
+
+#: Magic numbers of the compressions a layer may hide in an undeclared way.
+COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2"}
+
+
+def sniff_compression(head: bytes) -> str:
+    """The compression whose magic *head* starts with, or "" (plain tar, or not a known one)."""
+    for magic, name in COMPRESSION_MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return ""
+
+
+class Cancelled(ImportRejected):
+    """A read stopped because a sibling layer failed (never the error reported)."""
+
+
+class HashingReader(io.RawIOBase):
+    """Passes bytes through, hashing and counting them; refuses more than *limit*.
+
+    *abort* lets a sibling layer's failure stop this one at its next read.
+    """
+
+    def __init__(self, raw: Any, what: str, *, algorithm: str = "sha256", limit: int | None = None,
+                 on_bytes: Callable[[int], None] | None = None, abort: threading.Event | None = None) -> None:
+        super().__init__()
+        self.raw = raw
+        self.what = what
+        self.algorithm = algorithm
+        self.hash = hashlib.new(algorithm)
+        self.count = 0
+        self.limit = limit
+        self.on_bytes = on_bytes
+        self.abort = abort
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.abort is not None and self.abort.is_set():
+            raise Cancelled(f"{self.what}: cancelled (another layer failed)")
+        want = len(buffer)
+        if self.limit is not None:
+            # Ask for one byte past the limit so an oversized blob shows, never more.
+            want = min(want, self.limit - self.count + 1)
+            if want <= 0:
+                want = 1
+        data = self.raw.read(want)
+        n = len(data)
+        if not n:
+            return 0
+        self.count += n
+        if self.limit is not None and self.count > self.limit:
+            raise ImportRejected(f"{self.what}: more data than the {self.limit} bytes the manifest gives")
+        buffer[:n] = data
+        self.hash.update(data)
+        if self.on_bytes is not None:
+            self.on_bytes(n)
+        return n
+
+    def digest(self) -> str:
+        return f"{self.algorithm}:{self.hash.hexdigest()}"
+
+    def drain(self) -> None:
+        while self.read(_READ):
+            pass
+
+
+class GzipReader(io.RawIOBase):
+    """gzip (one or more concatenated members) through zlib: CRC and length are checked.
+
+    Output per call is bounded by the caller's buffer, so a gzip bomb costs time, not memory.
+    """
+
+    def __init__(self, src: IO[bytes], what: str) -> None:
+        super().__init__()
+        self.src = src
+        self.what = what
+        self._d = zlib.decompressobj(31)
+        self._in = b""
+        self._started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            while True:
+                if self._d.eof:
+                    rest = self._d.unused_data or self.src.read(_READ)
+                    if not rest:
+                        return 0
+                    self._d = zlib.decompressobj(31)  # concatenated members are one gzip stream
+                    self._in = rest
+                if not self._in:
+                    self._in = self.src.read(_READ)
+                    if not self._in:
+                        raise ImportRejected(f"{self.what}: truncated gzip data"
+                                             + ("" if self._started else " (empty blob)"))
+                self._started = True
+                out = self._d.decompress(self._in, len(buffer))
+                self._in = self._d.unconsumed_tail
+                if out:
+                    buffer[: len(out)] = out
+                    return len(out)
+        except zlib.error as exc:
+            raise ImportRejected(f"{self.what}: corrupt gzip data ({exc})") from None
+
+
+class ZstdReader(io.RawIOBase):
+    """zstd (one or more frames) through zstandard's stream reader, bounded per read.
+
+    The stream reader does not report a frame cut short at the end of its input; the blob's
+    size and digest, and the diff_id of what came out, catch that (and every other damage).
+    """
+
+    def __init__(self, src: IO[bytes], what: str) -> None:
+        super().__init__()
+        self.what = what
+        self._r = zstandard.ZstdDecompressor().stream_reader(src, read_size=64 << 10, read_across_frames=True,
+                                                            closefd=False)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self._r.read(len(buffer))
+        except zstandard.ZstdError as exc:
+            raise ImportRejected(f"{self.what}: corrupt zstd data ({exc})") from None
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def decompressor(src: IO[bytes], compression: str, what: str) -> IO[bytes]:
+    if compression == "gzip":
+        return io.BufferedReader(GzipReader(src, what), _READ)
+    if compression == "zstd":
+        return io.BufferedReader(ZstdReader(src, what), _READ)
+    if compression == "":
+        return src
+    raise ImportRejected(f"{what}: unsupported compression {compression!r}")
+
+
+def read_verified(stream: Any, size: int, digest: str, what: str, *, limit: int) -> bytes:
+    """A small blob (manifest, config) read whole and checked against its descriptor."""
+    if size > limit:
+        raise ImportRejected(f"{what}: {size} bytes, more than the {limit >> 20} MiB allowed")
+    data = stream.read(size + 1)
+    if len(data) != size:
+        raise ImportRejected(f"{what}: {len(data) if len(data) <= size else 'more than ' + str(size)} bytes,"
+                             f" the descriptor says {size}")
+    algorithm = digest.partition(":")[0]
+    actual = digest_of(data, algorithm)
+    if actual != digest:
+        raise ImportRejected(f"{what}: digest mismatch: the blob hashes to {actual}, expected {digest}")
+    return data

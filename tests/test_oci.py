@@ -1,0 +1,363 @@
+"""OCI images in and out, against the real tools: umoci builds the images and unpacks the
+reference trees, skopeo converts between transports and reads our output back.
+
+Fidelity: an image imported through each transport (OCI layout with gzip, zstd and
+plain layers, a docker save archive), mounted, equals ``umoci unpack`` of it path by path,
+and its run config equals ``skopeo inspect --config``. Bad input: every damaged or
+hostile image is refused with one line naming the culprit, exit 1, no tag, nothing
+written outside the store.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cnpsfs_testlib import Cli, index_counts
+from mountutil import compare_mount, mount_image
+from ociimages import (
+    BUSYBOX_CONFIG,
+    LayoutEditor,
+    busybox_image,  # noqa: F401 (fixture)
+    converted,
+    debian_image,  # noqa: F401 (fixture)
+    skopeo_config,
+    unpacked,
+)
+
+TRANSPORTS = ("oci", "oci-zstd", "oci-plain", "docker-archive")
+OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def reference(layout: Path, tag: str, transport: str) -> str:
+    return f"oci:{layout}:{tag}" if transport == "oci" else converted(layout, tag, transport)
+
+
+def inspect(cli: Cli, ref: str) -> dict[str, Any]:
+    return json.loads(cli.ok("inspect", ref, "--json").stdout)
+
+
+def root_differences(problems: list[str]) -> list[str]:
+    """compare_mount's findings minus the root directory (umoci makes it at unpack time)."""
+    return [p for p in problems if not p.startswith("b'': ")]
+
+
+#: Layer 3 whites out bin/cat, one of the 7 names of busybox's hard-link group in layer 1.
+#: umoci unpack (one tree) then counts 6 links; the mount counts the links of the layer's
+#: FileSet, 7, as overlayfs counts those of its lower inode (docs/oci.md).
+BUSYBOX_NLINK = {f"{name!r}: st_nlink 6 != 7" for name in
+                 (b"bin/busybox", b"bin/sh", b"bin/ls", b"bin/echo", b"bin/true", b"bin/id")}
+
+
+@pytest.fixture(scope="module")
+def bb(tmp_path_factory: pytest.TempPathFactory, busybox_image: Path) -> dict[str, Any]:  # noqa: F811
+    """The busybox image imported through every transport into one store."""
+    base = tmp_path_factory.mktemp("oci-busybox")
+    cli = Cli(base / "store")
+    digests = {}
+    for transport in TRANSPORTS:
+        result = cli.ok("import", "oci", reference(busybox_image, "full", transport), "--name",
+                        f"example.org/busybox-{transport}", "--version", "1", "--json")
+        digests[transport] = json.loads(result.stdout)
+    return {"cli": cli, "store": base / "store", "imports": digests, "layout": busybox_image}
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def test_every_transport_gives_the_same_layers(bb: dict[str, Any]) -> None:
+    """Layer FileSets depend on the uncompressed layers only: gzip, zstd, plain and docker-archive agree."""
+    filesets = {t: [layer["fileset"] for layer in r["layers"]] for t, r in bb["imports"].items()}
+    assert len(filesets["oci"]) == 3
+    assert all(f == filesets["oci"] for f in filesets.values()), filesets
+    diff_ids = {t: [layer["diff_id"] for layer in r["layers"]] for t, r in bb["imports"].items()}
+    assert all(d == diff_ids["oci"] for d in diff_ids.values())
+    # The first import read every layer; the later ones found them by diff_id.
+    assert not any(layer["reused"] for layer in bb["imports"]["oci"]["layers"])
+    assert all(layer["reused"] for t in TRANSPORTS[1:] for layer in bb["imports"][t]["layers"])
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_busybox_mount_equals_umoci_unpack(bb: dict[str, Any], transport: str, tmp_path: Path) -> None:
+    rootfs = unpacked(bb["layout"], "full")
+    with mount_image(bb["store"], bb["imports"][transport]["digest"], tmp_path / "mnt") as mnt:
+        problems = set(root_differences(compare_mount(rootfs, mnt.mountpoint)))
+        assert problems == BUSYBOX_NLINK, "\n".join(sorted(problems ^ BUSYBOX_NLINK)[:40])
+        # What the layers were made to carry is really there.
+        assert not (mnt / "etc/motd").exists()  # whiteout (layer 2)
+        assert sorted(os.listdir(mnt / "opt/old")) == ["d"]  # opaque directory (layer 3)
+        assert (mnt / "srv/data").read_bytes() == b"now a file\n"  # directory replaced by a file
+        assert not (mnt / "bin/cat").exists() and (mnt / "bin/sh").stat().st_ino == (mnt / "bin/ls").stat().st_ino
+        assert os.stat(mnt / "usr/lib/new/x").st_ino == os.stat(mnt / "usr/lib/new/y").st_ino
+        assert os.stat(mnt / "usr/lib/new/x").st_mtime_ns == 1_700_000_000_123_456_789
+        assert os.getxattr(mnt / "usr/lib/new/x", "user.k") == b"v"
+
+
+def test_run_config_equals_skopeo_inspect(bb: dict[str, Any]) -> None:
+    want = skopeo_config(f"oci:{bb['layout']}:full")["config"]
+    assert isinstance(want, dict)
+    assert {k: want.get(k) for k in BUSYBOX_CONFIG} == BUSYBOX_CONFIG  # the builder did its job
+    for transport in TRANSPORTS:
+        image = inspect(bb["cli"], f"example.org/busybox-{transport}@1")
+        config, oci = image["config"], image["metadata"]["oci"]
+        assert config == {"entrypoint": want["Entrypoint"], "cmd": want["Cmd"], "env": want["Env"],
+                          "workdir": want["WorkingDir"], "user": want["User"], "labels": want["Labels"],
+                          "stop_signal": want["StopSignal"]}, transport
+        assert oci["exposed_ports"] == sorted(want["ExposedPorts"])
+        assert oci["volumes"] == sorted(want["Volumes"])
+
+
+def test_provenance_names_every_digest(bb: dict[str, Any]) -> None:
+    layout = bb["layout"]
+    index = json.loads((layout / "index.json").read_text())
+    entry = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == "full")
+    manifest = json.loads((layout / "blobs/sha256" / entry["digest"][7:]).read_text())
+    image = inspect(bb["cli"], "example.org/busybox-oci@1")
+    oci = image["metadata"]["oci"]
+    assert oci["source"] == f"oci:{layout}:full"
+    assert oci["manifest_digest"] == entry["digest"]
+    assert oci["config_digest"] == manifest["config"]["digest"]
+    assert [x["digest"] for x in oci["layers"]] == [x["digest"] for x in manifest["layers"]]
+    assert [x["fileset"] for x in oci["layers"]] == [layer["fileset"] for layer in image["layers"]]
+    text = bb["cli"].ok("inspect", "example.org/busybox-oci@1").stdout
+    assert f"source   oci:{layout}:full" in text
+    assert manifest["layers"][2]["digest"] in text and entry["digest"] in text
+
+
+def test_default_name_and_version_are_repository_and_tag(cli: Cli, busybox_image: Path) -> None:  # noqa: F811
+    cli.ok("import", "oci", f"oci:{busybox_image}:base")
+    archive = converted(busybox_image, "full", "docker-archive")
+    cli.ok("import", "oci", archive)
+    tags = {t["name"] + "@" + t["version"] for t in json.loads(cli.ok("tag", "list", "--json").stdout)}
+    assert tags == {"localhost/layout@base", "localhost/busybox@full"}
+
+
+def test_importing_twice_gives_the_same_digests(cli: Cli, busybox_image: Path) -> None:  # noqa: F811
+    first = json.loads(cli.ok("import", "oci", f"oci:{busybox_image}:full", "--json").stdout)
+    before = index_counts(cli.store_path)
+    second = json.loads(cli.ok("import", "oci", f"oci:{busybox_image}:full", "--json").stdout)
+    assert first["digest"] == second["digest"]
+    assert [x["fileset"] for x in first["layers"]] == [x["fileset"] for x in second["layers"]]
+    assert second["new_bytes"] == 0 and all(x["reused"] for x in second["layers"])
+    assert index_counts(cli.store_path)["objects"] == before["objects"]
+
+
+def test_second_image_on_the_same_base_stores_only_its_new_layer(cli: Cli, busybox_image: Path) -> None:  # noqa: F811
+    full = json.loads(cli.ok("import", "oci", f"oci:{busybox_image}:full", "--json").stdout)
+    df_before = json.loads(cli.ok("df", "--json").stdout)["stored_bytes"]
+    other = json.loads(cli.ok("import", "oci", f"oci:{busybox_image}:other", "--json").stdout)
+    df_after = json.loads(cli.ok("df", "--json").stdout)["stored_bytes"]
+    assert other["layers"][0]["fileset"] == full["layers"][0]["fileset"] and other["layers"][0]["reused"]
+    assert not other["layers"][1]["reused"]
+    # The new layer is 1 MiB of random bytes (incompressible): that, and little else, is stored.
+    grown = df_after - df_before
+    assert 1 << 20 <= grown < (1 << 20) + (64 << 10), grown
+    assert other["new_bytes"] == other["layers"][1]["new_bytes"]
+
+
+# --------------------------------------------------------------------------- platforms
+
+
+def _platform_index(src: Path, dest: Path) -> Path:
+    """The busybox image as a two-platform index (amd64 as built, and an 'arm64' copy)."""
+    editor = LayoutEditor(src, dest, "full")
+    amd64 = dict(editor.entry, platform={"os": "linux", "architecture": "amd64"})
+    amd64.pop("annotations", None)
+    editor.config["architecture"] = "arm64"
+    editor.config["variant"] = "v8"
+    arm_config = editor.put_blob(json.dumps(editor.config).encode(), editor.manifest["config"]["mediaType"])
+    arm_manifest = dict(editor.manifest, config=arm_config)
+    arm = editor.put_blob(json.dumps(arm_manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
+    arm["platform"] = {"os": "linux", "architecture": "arm64", "variant": "v8"}
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [amd64, arm]}
+    desc = editor.put_blob(json.dumps(index).encode(), "application/vnd.oci.image.index.v1+json")
+    desc["annotations"] = {"org.opencontainers.image.ref.name": "multi"}
+    editor.index["manifests"].append(desc)
+    (dest / "index.json").write_text(json.dumps(editor.index))
+    return dest
+
+
+def test_platform_picks_the_image_from_an_index(cli: Cli, busybox_image: Path, tmp_path: Path) -> None:  # noqa: F811
+    layout = _platform_index(busybox_image, tmp_path / "multi")
+    cli.ok("import", "oci", f"oci:{layout}:multi", "--name", "example.org/multi", "--version", "arm",
+           "--platform", "linux/arm64")
+    cli.ok("import", "oci", f"oci:{layout}:multi", "--name", "example.org/multi", "--version", "host",
+           "--platform", "linux/amd64")
+    arm = inspect(cli, "example.org/multi@arm")["metadata"]["oci"]
+    host = inspect(cli, "example.org/multi@host")["metadata"]["oci"]
+    assert arm["platform"] == "linux/arm64/v8" and host["platform"] == "linux/amd64"
+    assert arm["index_digest"] == host["index_digest"] and arm["manifest_digest"] != host["manifest_digest"]
+
+
+def test_index_without_the_wanted_platform_names_what_it_has(cli: Cli, busybox_image: Path,  # noqa: F811
+                                                             tmp_path: Path) -> None:
+    layout = _platform_index(busybox_image, tmp_path / "multi")
+    result = cli("import", "oci", f"oci:{layout}:multi", "--platform", "linux/s390x")
+    assert_refused(cli, result, "no image for platform linux/s390x (available: linux/amd64, linux/arm64/v8)")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def assert_refused(cli: Cli, result: Any, *needles: str) -> None:
+    """Exit 1, one line naming the culprit, no tag, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.rc == 1, str(result)
+    assert len(lines) == 1 and lines[0].startswith("cnpsfs: error: "), result.stderr
+    assert "internal error" not in lines[0] and "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert index_counts(cli.store_path)["tags"] == 0
+
+
+@pytest.fixture
+def editor(busybox_image: Path, tmp_path: Path) -> LayoutEditor:  # noqa: F811
+    return LayoutEditor(busybox_image, tmp_path / "bad", "full")
+
+
+def _gzip(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def _tar(members: list[tarfile.TarInfo], data: dict[str, bytes] | None = None) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for info in members:
+            payload = (data or {}).get(info.name)
+            if payload is not None:
+                info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return out.getvalue()
+
+
+def _add_layer(editor: LayoutEditor, tar_bytes: bytes) -> str:
+    desc = editor.put_blob(_gzip(tar_bytes), OCI_LAYER_GZIP)
+    editor.manifest["layers"].append(desc)
+    editor.config["rootfs"]["diff_ids"].append("sha256:" + __import__("hashlib").sha256(tar_bytes).hexdigest())
+    return editor.save(config=True)
+
+
+def test_blob_that_does_not_match_its_digest(cli: Cli, editor: LayoutEditor) -> None:
+    layer = editor.manifest["layers"][1]
+    path = editor.path(layer["digest"])
+    data = bytearray(path.read_bytes())
+    data[4:8] = b"\x01\x02\x03\x04"  # the gzip header's mtime: not covered by its CRC
+    path.write_bytes(bytes(data))
+    result = cli("import", "oci", f"oci:{editor.root}:full")
+    assert_refused(cli, result, "layer 2/3", "digest mismatch", layer["digest"])
+
+
+def test_config_diff_id_that_does_not_match(cli: Cli, editor: LayoutEditor) -> None:
+    editor.config["rootfs"]["diff_ids"][2] = "sha256:" + "0" * 64
+    ref = editor.save(config=True)
+    assert_refused(cli, cli("import", "oci", ref), "layer 3/3", "diff_id mismatch", "0" * 64)
+
+
+def test_truncated_layer(cli: Cli, editor: LayoutEditor) -> None:
+    layer = editor.manifest["layers"][0]
+    path = editor.path(layer["digest"])
+    path.write_bytes(path.read_bytes()[: layer["size"] // 2])
+    assert_refused(cli, cli("import", "oci", f"oci:{editor.root}:full"), "layer 1/3",
+                   layer["digest"][:19], "truncated")
+
+
+def test_unknown_layer_media_type(cli: Cli, editor: LayoutEditor) -> None:
+    editor.manifest["layers"][1]["mediaType"] = "application/vnd.example.layer.v1.tar+lz4"
+    ref = editor.save()
+    assert_refused(cli, cli("import", "oci", ref), "layer 2/3", "unknown layer media type",
+                   "application/vnd.example.layer.v1.tar+lz4")
+
+
+def test_unknown_manifest_media_type(cli: Cli, editor: LayoutEditor) -> None:
+    editor.entry["mediaType"] = "application/vnd.example.manifest"
+    editor.manifest["mediaType"] = "application/vnd.example.manifest"
+    ref = editor.save()
+    assert_refused(cli, cli("import", "oci", ref), "unknown manifest media type", "application/vnd.example.manifest")
+
+
+def test_oversized_manifest(cli: Cli, editor: LayoutEditor) -> None:
+    editor.manifest["annotations"] = {"padding": "x" * (5 << 20)}
+    ref = editor.save()
+    assert_refused(cli, cli("import", "oci", ref), "more than the 4 MiB allowed")
+
+
+def test_layer_that_is_not_what_its_media_type_says(cli: Cli, editor: LayoutEditor) -> None:
+    editor.manifest["layers"][1]["mediaType"] = "application/vnd.oci.image.layer.v1.tar"
+    ref = editor.save()
+    assert_refused(cli, cli("import", "oci", ref), "layer 2/3", "uncompressed tar", "gzip-compressed")
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+@pytest.mark.parametrize(("members", "culprit", "why"), [
+    ([_member("../evil")], "'../evil'", "'..'"),
+    ([_member("/etc/evil")], "'/etc/evil'", "absolute path"),
+    ([_member("a/../../evil")], "'a/../../evil'", "'..'"),
+    ([_member("x", tarfile.LNKTYPE, "../../etc/passwd")], "'x'", "'..'"),
+    ([_member("l", tarfile.SYMTYPE, "/etc"), _member("l/passwd")], "'l/passwd'", "through symlink"),
+], ids=["dotdot", "absolute", "inner-dotdot", "hardlink-out", "through-symlink"])
+def test_hostile_layer_is_refused_naming_the_member(cli: Cli, editor: LayoutEditor, tmp_path: Path,
+                                                    members: list[tarfile.TarInfo], culprit: str, why: str) -> None:
+    ref = _add_layer(editor, _tar(members, {m.name: b"pwned\n" for m in members if m.isreg()}))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    work = tmp_path / "cwd"
+    work.mkdir()
+    result = cli("import", "oci", ref, cwd=work)
+    assert_refused(cli, result, "layer 4/4", culprit, why)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "cwd", "store"]) and not os.listdir(work)
+    assert not Path("/etc/evil").exists()
+
+
+def test_layout_errors_name_the_layout(cli: Cli, busybox_image: Path, tmp_path: Path) -> None:  # noqa: F811
+    result = cli("import", "oci", f"oci:{busybox_image}:nosuchtag")
+    assert_refused(cli, result, "no image tagged 'nosuchtag'", "base, full, other")
+    result = cli("import", "oci", f"oci:{busybox_image}")
+    assert_refused(cli, result, "holds 3 images")
+    (tmp_path / "empty").mkdir()
+    assert_refused(cli, cli("import", "oci", f"oci:{tmp_path / 'empty'}"), "not an OCI layout")
+    usage = cli("import", "oci", "nosuchtransport:x")
+    assert usage.rc == 2 and "unknown transport" in usage.stderr
+
+
+def test_missing_blob(cli: Cli, editor: LayoutEditor) -> None:
+    editor.path(editor.manifest["layers"][2]["digest"]).unlink()
+    assert_refused(cli, cli("import", "oci", f"oci:{editor.root}:full"), "layer 3/3", "cannot open")
+
+
+# --------------------------------------------------------------------------- Debian
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory, debian_image: Path) -> Iterator[dict[str, Any]]:  # noqa: F811
+    base = tmp_path_factory.mktemp("oci-debian")
+    cli = Cli(base / "store")
+    imports = {t: json.loads(cli.ok("import", "oci", reference(debian_image, "full", t), "--name",
+                                    f"example.org/debian-{t}", "--version", "1", "--json").stdout)
+               for t in ("oci", "docker-archive")}
+    yield {"cli": cli, "store": base / "store", "imports": imports, "layout": debian_image}
+
+
+@pytest.mark.fuse
+@pytest.mark.slow
+def test_debian_mount_equals_umoci_unpack(deb: dict[str, Any], tmp_path: Path) -> None:
+    a, b = (deb["imports"][t] for t in ("oci", "docker-archive"))
+    assert [x["fileset"] for x in a["layers"]] == [x["fileset"] for x in b["layers"]]
+    rootfs = unpacked(deb["layout"], "full")
+    with mount_image(deb["store"], a["digest"], tmp_path / "mnt") as mnt:
+        problems = root_differences(compare_mount(rootfs, mnt.mountpoint))
+        assert not problems, "\n".join(problems[:40])
+        assert not (mnt / "usr/share/doc").exists()
+        assert os.listdir(mnt / "usr/share/locale") == ["README"]
+        assert os.listdir(mnt / "etc/apt/apt.conf.d") == ["99test"]
