@@ -361,3 +361,169 @@ def test_debian_mount_equals_umoci_unpack(deb: dict[str, Any], tmp_path: Path) -
         assert not (mnt / "usr/share/doc").exists()
         assert os.listdir(mnt / "usr/share/locale") == ["README"]
         assert os.listdir(mnt / "etc/apt/apt.conf.d") == ["99test"]
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export(cli: Cli, ref: str, dest: str, *args: str) -> dict[str, Any]:
+    return json.loads(cli.ok("export", "oci", ref, dest, *args, "--json").stdout)
+
+
+def tree_of(cli: Cli, fileset: str) -> str:
+    return inspect(cli, fileset)["root"]
+
+
+def blobs(layout: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((layout / "blobs/sha256").iterdir())}
+
+
+@pytest.mark.fuse
+def test_round_trip_through_export_equals_umoci_unpack(bb: dict[str, Any], tmp_path: Path) -> None:
+    """import -> export oci -> umoci unpack gives the tree the mount shows."""
+    cli = bb["cli"]
+    out = export(cli, "example.org/busybox-oci@1", f"oci:{tmp_path / 'out'}:rt")
+    assert len(out["layers"]) == 3
+    from ociimages import run
+
+    run("umoci", "unpack", "--image", f"{tmp_path / 'out'}:rt", tmp_path / "bundle")
+    with mount_image(bb["store"], "example.org/busybox-oci@1", tmp_path / "mnt") as mnt:
+        problems = set(root_differences(compare_mount(tmp_path / "bundle/rootfs", mnt.mountpoint)))
+        assert problems == BUSYBOX_NLINK, "\n".join(sorted(problems ^ BUSYBOX_NLINK)[:40])
+
+
+def test_round_trip_keeps_layers_run_config_and_history(bb: dict[str, Any], tmp_path: Path) -> None:
+    cli = bb["cli"]
+    original = skopeo_config(f"oci:{bb['layout']}:full")
+    export(cli, "example.org/busybox-oci@1", f"oci:{tmp_path / 'out'}:rt")
+    exported = skopeo_config(f"oci:{tmp_path / 'out'}:rt")
+    for key in ("config", "history", "created", "architecture", "os"):
+        assert exported[key] == original[key], key
+    assert len(exported["rootfs"]["diff_ids"]) == 3  # type: ignore[index]
+    # Importing the export gives the same trees layer by layer, and exporting that again
+    # gives the very same image.
+    again = json.loads(cli.ok("import", "oci", f"oci:{tmp_path / 'out'}:rt", "--name", "example.org/again",
+                              "--version", "1", "--json").stdout)
+    first = bb["imports"]["oci"]
+    assert [tree_of(cli, x["fileset"]) for x in again["layers"]] == [tree_of(cli, x["fileset"])
+                                                                     for x in first["layers"]]
+    second = export(cli, "example.org/again@1", f"oci:{tmp_path / 'out2'}:rt")
+    assert second["manifest_digest"] == export(cli, "example.org/busybox-oci@1",
+                                               f"oci:{tmp_path / 'out3'}:rt")["manifest_digest"]
+
+
+def test_exports_are_byte_identical(bb: dict[str, Any], tmp_path: Path) -> None:
+    cli = bb["cli"]
+    for compression in ("gzip", "zstd", "none"):
+        a = export(cli, "example.org/busybox-oci@1", f"oci:{tmp_path / compression / 'a'}:t",
+                   "--compression-format", compression, "--jobs", "1")
+        b = export(cli, "example.org/busybox-oci@1", f"oci:{tmp_path / compression / 'b'}:t",
+                   "--compression-format", compression, "--jobs", "3")
+        assert a == {**b, "seconds": a["seconds"]}
+        assert blobs(tmp_path / compression / "a") == blobs(tmp_path / compression / "b")
+        assert (tmp_path / compression / "a/index.json").read_bytes() == (tmp_path / compression / "b/index.json"
+                                                                          ).read_bytes()
+        media = {x["media_type"] for x in a["layers"]}
+        assert media == {{"gzip": OCI_LAYER_GZIP, "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+                          "none": "application/vnd.oci.image.layer.v1.tar"}[compression]}
+        # skopeo reads every variant back, and our reader takes what skopeo copies.
+        skopeo_config(f"oci:{tmp_path / compression / 'a'}:t")
+    diff_ids = {c: [x["diff_id"] for x in export(cli, "example.org/busybox-oci@1", f"oci:{tmp_path / c / 'a'}:t",
+                                                 "--compression-format", c)["layers"]]
+                for c in ("gzip", "zstd", "none")}
+    assert diff_ids["gzip"] == diff_ids["zstd"] == diff_ids["none"]
+
+
+def test_layer_tar_is_pinned(tmp_path: Path, cli: Cli) -> None:
+    """The reproducible tar rules of docs/oci.md, pinned byte for byte on a small tree."""
+    layer = _tar([_member("etc/", tarfile.DIRTYPE), _member("etc/a"), _member("etc/.wh.gone"),
+                  _member("etc/b", tarfile.LNKTYPE, "etc/a"), _member("s", tarfile.SYMTYPE, "etc/a")],
+                 {"etc/a": b"hello\n"})
+    (tmp_path / "l.tar").write_bytes(layer)
+    cli.ok("import", "tar", tmp_path / "l.tar", "--name", "example.org/pinned", "--version", "1")
+    out = export(cli, "example.org/pinned@1", f"oci:{tmp_path / 'out'}", "--compression-format", "none")
+    data = (tmp_path / "out/blobs/sha256" / out["layers"][0]["digest"][7:]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        members = [(m.name, m.type, m.mode, m.uid, m.gid, m.mtime, m.uname, m.linkname) for m in tf]
+    assert members == [
+        (".", tarfile.DIRTYPE, 0o755, 0, 0, 0, "", ""),
+        ("etc", tarfile.DIRTYPE, 0o644, 0, 0, 0, "", ""),
+        ("etc/a", tarfile.REGTYPE, 0o644, 0, 0, 0, "", ""),
+        ("etc/b", tarfile.LNKTYPE, 0o644, 0, 0, 0, "", "etc/a"),
+        ("etc/.wh.gone", tarfile.REGTYPE, 0, 0, 0, 0, "", ""),
+        ("s", tarfile.SYMTYPE, 0o644, 0, 0, 0, "", "etc/a"),
+    ]
+    assert len(data) % 10240 == 0
+    assert out["layers"][0]["diff_id"] == "sha256:" + __import__("hashlib").sha256(data).hexdigest()
+    assert out["layers"][0]["diff_id"] == PINNED_DIFF_ID
+
+
+PINNED_DIFF_ID = "sha256:7aa1ca1a562be08a11023e6c89de55e153df94c31491db98b7a8083126310a4c"
+
+
+@pytest.mark.fuse
+def test_native_image_exports_with_placement_and_config(cli: Cli, tmp_path: Path,
+                                                         busybox_image: Path) -> None:  # noqa: F811
+    """A cnpsfs image (not from OCI) with a FileSet placed at /opt/app runs the same unpacked."""
+    from mountutil import write_manifest
+    from ociimages import run
+
+    base = unpacked(busybox_image, "base")
+    cli.ok("import", "dir", base, "--name", "example.org/bb-base", "--version", "1")
+    app = tmp_path / "app"
+    (app / "bin").mkdir(parents=True)
+    (app / "bin/run").write_text("#!/bin/sh\necho native app\n")
+    (app / "bin/run").chmod(0o755)
+    cli.ok("import", "dir", app, "--name", "example.org/app-code", "--version", "1")
+    manifest = write_manifest(tmp_path / "app.toml", "example.org/native",
+                              ["example.org/bb-base@1", {"fileset": "example.org/app-code@1", "at": "/opt/app"}],
+                              extra='[config]\nentrypoint = ["/opt/app/bin/run"]\nenv = ["A=b"]\n')
+    cli.ok("image", "create", manifest)
+    out = export(cli, "example.org/native@1", f"oci:{tmp_path / 'out'}:n")
+    config = skopeo_config(f"oci:{tmp_path / 'out'}:n")
+    assert config["config"] == {"Entrypoint": ["/opt/app/bin/run"], "Env": ["A=b"]}
+    assert len(out["layers"]) == 2
+    run("umoci", "unpack", "--image", f"{tmp_path / 'out'}:n", tmp_path / "bundle")
+    with mount_image(cli.store_path, "example.org/native@1", tmp_path / "mnt") as mnt:
+        problems = root_differences(compare_mount(tmp_path / "bundle/rootfs", mnt.mountpoint))
+        # /opt comes only from the placement: the mount synthesises it (0755, mtime 0), and
+        # the export writes no entry for it, so umoci makes it at unpack time.
+        problems = [p for p in problems if not p.startswith("b'opt': st_mtime_ns")]
+        assert not problems, "\n".join(problems[:40])
+
+
+@pytest.fixture
+def podman(tmp_path: Path) -> Iterator[Any]:
+    """``podman(*args)`` with private storage (vfs) and the settings this host needs (docs/oci.md)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    conf = tmp_path / "containers.conf"
+    conf.write_text("[containers]\ndefault_ulimits = []\n")
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    with tempfile.TemporaryDirectory(prefix="pm-", dir="/tmp") as short:  # podman: runroot < 50 characters
+        def podman(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["podman", "--root", f"{short}/root", "--runroot", f"{short}/run",
+                                   "--storage-driver", "vfs", "--runtime", "runc", *args],
+                                  capture_output=True, text=True, env=env, timeout=300)
+
+        yield podman
+        podman("rmi", "--all", "--force")
+
+
+def test_podman_runs_the_export(bb: dict[str, Any], tmp_path: Path, podman: Any) -> None:
+    export(bb["cli"], "example.org/busybox-oci@1", f"oci:{tmp_path / 'out'}:rt")
+    proc = podman("run", "--rm", "--network", "none", f"oci:{tmp_path / 'out'}:rt")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["hello from busybox", "1000"]
+
+
+def test_export_refuses_a_directory_that_is_not_a_layout(bb: dict[str, Any], tmp_path: Path) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/file").write_text("x")
+    result = bb["cli"]("export", "oci", "example.org/busybox-oci@1", f"oci:{tmp_path / 'busy'}")
+    assert result.rc == 1 and "is not empty and not an OCI layout" in result.stderr
+    assert os.listdir(tmp_path / "busy") == ["file"]

@@ -31,10 +31,9 @@ from typing import Any
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, ImportRejected
+from cnpsfs.image.manifest import compose, store_image
 from cnpsfs.ingest.tar import TarImporter, import_tar_stream
 from cnpsfs.ingest.tree import ImportOptions
-from cnpsfs.image.manifest import compose, store_image
-from cnpsfs.store import T_IMAGE, Store
 from cnpsfs.oci.blobs import Cancelled, HashingReader, decompressor, sniff_compression
 from cnpsfs.oci.layout import ImageSource, read_blob
 from cnpsfs.oci.model import (
@@ -51,6 +50,7 @@ from cnpsfs.oci.model import (
     select_platform,
     short,
 )
+from cnpsfs.store import T_IMAGE, Store
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,8 @@ def _import_layer(store: Store, source: ImageSource, desc: Any, diff_id: str, co
 
         result = import_tar_stream(store, tar_stream, options, label, importer_class=Importer, pool=pool,
                                    finish=finish)
-        implicit = [parts for parts, node in seen[0].builder.walk() if node.implicit and node.entry.kind is fmt.Kind.DIR]
+        implicit = [parts for parts, node in seen[0].builder.walk()
+                    if node.implicit and node.entry.kind is fmt.Kind.DIR]
         log.info("%s: %d entries, %d bytes new", label, result.entries, result.new_bytes)
         return _RawLayer(result.digest, implicit, result.new_bytes)
     finally:

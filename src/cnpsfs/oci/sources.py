@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass
 
 from cnpsfs.errors import UsageError
-from cnpsfs.store import check_tag_name, check_tag_version
 from cnpsfs.oci.layout import DockerArchiveSource, ImageSource, open_oci_archive, open_oci_dir
+from cnpsfs.store import check_tag_name, check_tag_version
 
 TRANSPORTS = ("docker://", "oci:", "oci-archive:", "docker-archive:")
 

@@ -1,0 +1,363 @@
+"""Export a stored image as an OCI image: one reproducible tar layer per FileSet.
+
+The same image exported twice gives byte-identical layers, config and manifest: the tar
+is a function of the FileSet alone (canonical member order, fixed header fields, see
+docs/oci.md "Reproducible layers"), compressed with fixed parameters, and the JSON
+documents are written with sorted keys and no whitespace. Layers are produced in
+parallel, each into a temporary file while its two digests (diff_id of the tar, digest
+of the compressed blob) are computed in the same pass; the destination then gets the
+blobs first and the manifest last, so a reader never sees a manifest whose blobs are
+missing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import os
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+import zstandard
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError, UsageError
+from cnpsfs.image.manifest import active_layers
+from cnpsfs.image.reader import ChunkCache, ExtentMap, StoreFile, cached_getter
+from cnpsfs.image.walk import walk
+from cnpsfs.oci.layout import LayoutWriter, parse_layout_reference
+from cnpsfs.oci.model import (
+    LAYER_MEDIA_TYPE,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    canonical_json,
+    digest_of,
+    host_platform,
+    parse_platform,
+)
+from cnpsfs.store import Store
+
+log = logging.getLogger(__name__)
+
+COMPRESSIONS = {"gzip": "gzip", "zstd": "zstd", "none": ""}
+DEFAULT_LEVEL = {"gzip": 6, "zstd": 3, "": 0}
+_WRITE = 1 << 20
+
+
+class BlobSink(Protocol):
+    """Where an exported image goes: an OCI layout, or a registry (cnpsfs.oci.registry)."""
+
+    #: The destination as the user gave it, for messages.
+    reference: str
+
+    def has_blob(self, digest: str) -> bool: ...
+
+    def new_blob(self) -> contextlib.AbstractContextManager[tuple[IO[bytes], str]]:
+        """A temporary file to write a blob into, and its path (removed on exit if not put)."""
+        ...
+
+    def put_blob(self, path: str, digest: str, size: int, media_type: str) -> None:
+        """Publish the finished temporary file *path* as blob *digest*."""
+        ...
+
+    def put_manifest(self, data: bytes, media_type: str, digest: str) -> None:
+        """Store the manifest and point the destination's tag at it (last)."""
+        ...
+
+
+@dataclass
+class ExportOptions:
+    compression: str = "gzip"  # "gzip", "zstd" or "" (uncompressed)
+    level: int | None = None
+    jobs: int = 2
+
+
+@dataclass
+class ExportedLayer:
+    fileset: bytes
+    digest: str
+    diff_id: str
+    size: int
+    media_type: str
+    skipped: bool = False  # the destination had it already
+
+
+@dataclass
+class ExportResult:
+    manifest_digest: str
+    config_digest: str
+    layers: list[ExportedLayer] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- reproducible tar
+
+
+class _DigestWriter:
+    """The write end of a layer: hashes the tar, compresses it, hashes and writes the blob."""
+
+    def __init__(self, out: IO[bytes], compression: str, level: int) -> None:
+        self.out = out
+        self.diff = hashlib.sha256()
+        self.blob = hashlib.sha256()
+        self.size = 0
+        self.compression = compression
+        self._gzip = zlib.compressobj(level, zlib.DEFLATED, 31, 9) if compression == "gzip" else None
+        self._zstd = (zstandard.ZstdCompressor(level=level, write_checksum=True, threads=0).compressobj()
+                      if compression == "zstd" else None)
+
+    def write(self, data: bytes) -> int:
+        self.diff.update(data)
+        if self._gzip is not None:
+            self._emit(self._gzip.compress(data))
+        elif self._zstd is not None:
+            self._emit(self._zstd.compress(data))
+        else:
+            self._emit(data)
+        return len(data)
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.blob.update(data)
+            self.size += len(data)
+            self.out.write(data)
+
+    def close(self) -> None:
+        if self._gzip is not None:
+            self._emit(self._gzip.flush())
+        elif self._zstd is not None:
+            self._emit(self._zstd.flush())
+
+    def flush(self) -> None:
+        pass
+
+
+def _text(parts: tuple[bytes, ...]) -> str:
+    return "/".join(p.decode("utf-8", "surrogateescape") for p in parts)
+
+
+def _header(name: str, entry: fmt.Entry) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mode = entry.mode
+    info.uid, info.gid = entry.uid, entry.gid
+    info.uname = info.gname = ""
+    seconds, nanos = divmod(entry.mtime_ns, 1_000_000_000)
+    info.mtime = seconds
+    pax: dict[str, str] = {}
+    if nanos:
+        whole, frac = divmod(abs(entry.mtime_ns), 1_000_000_000)
+        pax["mtime"] = f"{'-' if entry.mtime_ns < 0 else ''}{whole}.{frac:09d}".rstrip("0")
+    for key in sorted(entry.xattrs):
+        pax["SCHILY.xattr." + key.decode("utf-8", "surrogateescape")] = \
+            entry.xattrs[key].decode("utf-8", "surrogateescape")
+    info.pax_headers = pax
+    return info
+
+
+def _marker(name: str) -> tarfile.TarInfo:
+    """A whiteout or opaque marker: an empty regular file, every field zero."""
+    info = tarfile.TarInfo(name)
+    info.mode = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_layer_tar(store: Store, root: fmt.Entry, at: tuple[bytes, ...], out: Any, *, whiteouts: bool,
+                    get_chunk: Callable[[bytes], bytes]) -> None:
+    """The FileSet rooted at *root*, placed at *at*, as a reproducible tar written to *out*."""
+    prefix = _text(at)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        for parts, entry, opaque in walk(store, root):
+            rel = _text(parts)
+            name = "/".join(p for p in (prefix, rel) if p) or "."
+            kind = entry.kind
+            if kind is fmt.Kind.WHITEOUT:
+                if whiteouts:
+                    parent, _, base = name.rpartition("/")
+                    tf.addfile(_marker(f"{parent}/.wh.{base}" if parent else f".wh.{base}"))
+                continue
+            info = _header(name, entry)
+            data: Any = None
+            if kind is fmt.Kind.DIR:
+                info.type = tarfile.DIRTYPE
+            elif entry.link is not None and entry.link[0] != b"/".join(parts):
+                info.type = tarfile.LNKTYPE
+                info.linkname = "/".join(p for p in (prefix, entry.link[0].decode("utf-8", "surrogateescape")) if p)
+            elif kind is fmt.Kind.FILE:
+                info.size = entry.size
+                data = StoreFile(ExtentMap(store.file_extents(entry)), get_chunk)
+            elif kind is fmt.Kind.SYMLINK:
+                info.type = tarfile.SYMTYPE
+                info.linkname = entry.target.decode("utf-8", "surrogateescape")
+            elif kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV):
+                info.type = tarfile.CHRTYPE if kind is fmt.Kind.CHARDEV else tarfile.BLKTYPE
+                info.devmajor, info.devminor = entry.rdev
+            elif kind is fmt.Kind.FIFO:
+                info.type = tarfile.FIFOTYPE
+            else:
+                log.warning("skipping socket /%s (a tar layer cannot hold sockets)", name)
+                continue
+            tf.addfile(info, data)
+            if opaque and whiteouts:
+                tf.addfile(_marker(f"{name}/.wh..wh..opq" if name != "." else ".wh..wh..opq"))
+
+
+def _produce_layer(store: Store, sink: BlobSink, root: fmt.Entry, at: tuple[bytes, ...], whiteouts: bool,
+                   fileset: bytes, options: ExportOptions) -> ExportedLayer:
+    compression = options.compression
+    level = options.level if options.level is not None else DEFAULT_LEVEL[compression]
+    get_chunk = cached_getter(store.get, ChunkCache(64 << 20))
+    media_type = LAYER_MEDIA_TYPE[compression]
+    with sink.new_blob() as (f, path):
+        writer = _DigestWriter(f, compression, level)
+        write_layer_tar(store, root, at, writer, whiteouts=whiteouts, get_chunk=get_chunk)
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+        digest = f"sha256:{writer.blob.hexdigest()}"
+        layer = ExportedLayer(fileset, digest, f"sha256:{writer.diff.hexdigest()}", writer.size, media_type)
+        if sink.has_blob(digest):
+            layer.skipped = True
+        else:
+            sink.put_blob(path, digest, writer.size, media_type)
+    return layer
+
+
+# --------------------------------------------------------------------------- config and manifest
+
+
+def _faithful_history(image: fmt.Image, filesets: list[bytes]) -> dict[str, Any] | None:
+    """The imported image's provenance, when the image still has exactly its layers."""
+    oci = image.metadata.get("oci")
+    if not isinstance(oci, dict) or not isinstance(oci.get("layers"), list):
+        return None
+    recorded = [item.get("fileset") for item in oci["layers"] if isinstance(item, dict)]
+    if recorded != [fmt.format_digest(f) for f in filesets]:
+        return None
+    return oci
+
+
+def image_config(store: Store, image: fmt.Image, layers: list[ExportedLayer]) -> dict[str, Any]:
+    """The OCI image config for *image*, whose layers have been exported as *layers*."""
+    run: dict[str, Any] = {}
+    names = {"entrypoint": "Entrypoint", "cmd": "Cmd", "env": "Env", "workdir": "WorkingDir", "user": "User",
+             "labels": "Labels", "stop_signal": "StopSignal"}
+    for key, oci_key in names.items():
+        if image.config.get(key):
+            run[oci_key] = image.config[key]
+    oci = image.metadata.get("oci") if isinstance(image.metadata.get("oci"), dict) else {}
+    assert isinstance(oci, dict)
+    if oci.get("exposed_ports"):
+        run["ExposedPorts"] = {port: {} for port in oci["exposed_ports"]}
+    if oci.get("volumes"):
+        run["Volumes"] = {volume: {} for volume in oci["volumes"]}
+    platform = parse_platform(oci["platform"]) if isinstance(oci.get("platform"), str) else host_platform()
+    config: dict[str, Any] = {"architecture": platform.architecture, "os": platform.os,
+                              "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]}}
+    if platform.variant:
+        config["variant"] = platform.variant
+    if run:
+        config["config"] = run
+    faithful = _faithful_history(image, [layer.fileset for layer in layers])
+    history = faithful.get("history") if faithful else None
+    if isinstance(history, list) and sum(1 for h in history if not h.get("empty_layer")) == len(layers):
+        config["history"] = history
+        for key in ("created", "author"):
+            if faithful and faithful.get(key):
+                config[key] = faithful[key]
+    else:
+        config["history"] = []
+        for layer in layers:
+            fs = store.get_fileset(layer.fileset)
+            config["history"].append({"created_by": "cnpsfs export oci",
+                                      "comment": f"{fs.name}@{fs.version} {fmt.format_digest(layer.fileset)}"})
+    return config
+
+
+def export_oci(store: Store, image: fmt.Image, sink: BlobSink, options: ExportOptions,
+               on_layer: Callable[[ExportedLayer], None] | None = None) -> ExportResult:
+    """Write *image* to *sink*: every layer, the config, then the manifest."""
+    if options.compression not in DEFAULT_LEVEL:
+        raise UsageError(f"unknown compression {options.compression!r}")
+    infos = active_layers(store, image)
+    if image.mode == "union":
+        # Union layers are unordered; their override layers go on top, as they compose.
+        infos = [i for i in infos if not i.override] + [i for i in infos if i.override]
+    if not infos:
+        raise CnpsfsError(f"{image.name}@{image.version} has no linked layers to export")
+    whiteouts = image.mode == "layers"
+    jobs = max(1, min(options.jobs, len(infos)))
+    with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="cnpsfs-export") as pool:
+        futures = [pool.submit(_produce_layer, store, sink, info.root, info.at, whiteouts or info.override,
+                               info.fileset, options) for info in infos]
+        layers = []
+        for future in futures:
+            layers.append(future.result())
+            if on_layer is not None:
+                on_layer(layers[-1])
+    config_bytes = canonical_json(image_config(store, image, layers))
+    config_digest = digest_of(config_bytes)
+    _put_bytes(sink, config_bytes, config_digest, OCI_CONFIG)
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_bytes)},
+                "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}
+                           for layer in layers]}
+    manifest_bytes = canonical_json(manifest)
+    manifest_digest = digest_of(manifest_bytes)
+    sink.put_manifest(manifest_bytes, OCI_MANIFEST, manifest_digest)
+    return ExportResult(manifest_digest, config_digest, layers)
+
+
+def _put_bytes(sink: BlobSink, data: bytes, digest: str, media_type: str) -> None:
+    if sink.has_blob(digest):
+        return
+    with sink.new_blob() as (f, path):
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        sink.put_blob(path, digest, len(data), media_type)
+
+
+# --------------------------------------------------------------------------- OCI layout destination
+
+
+class LayoutSink:
+    """``oci:DIR[:TAG]``: blobs renamed into the layout, ``index.json`` replaced last."""
+
+    def __init__(self, spec: str) -> None:
+        self.reference = f"oci:{spec}"
+        path, self.tag = parse_layout_reference(spec, "oci")
+        self.writer = LayoutWriter(path)
+
+    def has_blob(self, digest: str) -> bool:
+        return self.writer.has_blob(digest)
+
+    @contextlib.contextmanager
+    def new_blob(self) -> Iterator[tuple[IO[bytes], str]]:
+        with self.writer.temp_blob() as pair:
+            yield pair
+
+    def put_blob(self, path: str, digest: str, size: int, media_type: str) -> None:
+        self.writer.commit_blob(path, digest)
+
+    def put_manifest(self, data: bytes, media_type: str, digest: str) -> None:
+        self.writer.put_bytes(data, digest)
+        self.writer.add_manifest({"mediaType": media_type, "digest": digest, "size": len(data)}, self.tag)
+
+
+def open_sink(dest: str, registry: Any = None) -> BlobSink:
+    from cnpsfs.oci.sources import split_transport
+
+    transport, rest = split_transport(dest)
+    if transport == "oci:":
+        return LayoutSink(rest)
+    if transport == "docker://":
+        from cnpsfs.oci.registry import open_registry_sink
+
+        return open_registry_sink(rest, registry)  # type: ignore[no-any-return]
+    raise UsageError(f"{dest}: cannot export to {transport.rstrip(':/')}; use oci:DIR[:TAG] or docker://HOST/REPO:TAG")
