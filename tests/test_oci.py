@@ -527,3 +527,133 @@ def test_export_refuses_a_directory_that_is_not_a_layout(bb: dict[str, Any], tmp
     result = bb["cli"]("export", "oci", "example.org/busybox-oci@1", f"oci:{tmp_path / 'busy'}")
     assert result.rc == 1 and "is not empty and not an OCI layout" in result.stderr
     assert os.listdir(tmp_path / "busy") == ["file"]
+
+
+# --------------------------------------------------------------------------- registries
+
+
+def skopeo_push(registry: Any, layout: Path, tag: str, repo: str, *args: str) -> str:
+    from ociimages import run
+
+    dest = f"docker://{registry.host}/{repo}:{tag}"
+    run("skopeo", "copy", "-q", "--dest-tls-verify=false", *args, f"oci:{layout}:{tag}", dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def pushed(registry: Any, busybox_image: Path) -> dict[str, str]:  # noqa: F811
+    """The busybox image in the plain-HTTP registry, as OCI and as Docker schema 2."""
+    return {"oci": skopeo_push(registry, busybox_image, "full", "oci-test/busybox"),
+            "v2s2": skopeo_push(registry, busybox_image, "full", "oci-test/busybox-v2s2", "--format", "v2s2"),
+            "base": skopeo_push(registry, busybox_image, "base", "oci-test/busybox")}
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("kind", ["oci", "v2s2"])
+def test_registry_import_equals_umoci_unpack(bb: dict[str, Any], pushed: dict[str, str], kind: str, cli: Cli,
+                                             tmp_path: Path) -> None:
+    out = json.loads(cli.ok("import", "oci", pushed[kind], "--json").stdout)
+    # The same layer FileSets as from the layout, in another store: FileSets are content-addressed.
+    assert [x["fileset"] for x in out["layers"]] == [x["fileset"] for x in bb["imports"]["oci"]["layers"]]
+    manifest = json.loads(skopeo_raw(pushed[kind]))
+    media = {x["mediaType"] for x in manifest["layers"]}
+    assert media == ({"application/vnd.docker.image.rootfs.diff.tar.gzip"} if kind == "v2s2" else {OCI_LAYER_GZIP})
+    image = inspect(cli, out["digest"])
+    assert image["metadata"]["oci"]["source"] == pushed[kind]
+    assert image["name"] == "127.0.0.1/oci-test/" + ("busybox" if kind == "oci" else "busybox-v2s2")
+    assert image["version"] == "full"
+    with mount_image(cli.store_path, out["digest"], tmp_path / "mnt") as mnt:
+        problems = set(root_differences(compare_mount(unpacked(bb["layout"], "full"), mnt.mountpoint)))
+        assert problems == BUSYBOX_NLINK, "\n".join(sorted(problems ^ BUSYBOX_NLINK)[:40])
+
+
+def skopeo_raw(reference: str) -> str:
+    from ociimages import run
+
+    return run("skopeo", "inspect", "--raw", "--tls-verify=false", reference)
+
+
+def test_export_to_registry_skips_what_it_has_and_mounts_across_repositories(
+        bb: dict[str, Any], registry: Any, cli: Cli, podman: Any) -> None:
+    first = export(bb["cli"], "example.org/busybox-oci@1", f"docker://{registry.host}/oci-test/pushed:1")
+    assert {x["outcome"] for x in first["layers"]} == {"uploaded"}
+    accepted = json.loads(__import__("ociimages").run("skopeo", "inspect", "--tls-verify=false",
+                                                      f"docker://{registry.host}/oci-test/pushed:1"))
+    assert accepted["Digest"] == first["manifest_digest"]
+    assert accepted["Layers"] == [x["digest"] for x in first["layers"]]
+    again = export(bb["cli"], "example.org/busybox-oci@1", f"docker://{registry.host}/oci-test/pushed:1")
+    assert again["manifest_digest"] == first["manifest_digest"]
+    assert {x["outcome"] for x in again["layers"]} == {"exists"}
+    # Imported from that repository, pushed to another: the registry links the blobs.
+    imported = json.loads(cli.ok("import", "oci", f"docker://{registry.host}/oci-test/pushed:1", "--json").stdout)
+    moved = export(cli, imported["digest"], f"docker://{registry.host}/oci-test/moved:1")
+    assert moved["manifest_digest"] == first["manifest_digest"]
+    assert {x["outcome"] for x in moved["layers"]} == {"mounted"}
+    proc = podman("run", "--rm", "--network", "none", "--tls-verify=false", f"{registry.host}/oci-test/moved:1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["hello from busybox", "1000"]
+
+
+def test_authenticated_tls_registry(tls_registry: Any, busybox_image: Path, cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    from ociimages import run
+
+    server = tls_registry
+    certs = tmp_path / "certs"  # skopeo's layout: CA certificates as *.crt, nothing else
+    certs.mkdir()
+    (certs / "ca.crt").write_bytes(Path(server.ca_file).read_bytes())
+    dest = f"docker://{server.host}/oci-test/private:base"
+    run("skopeo", "copy", "-q", f"--dest-cert-dir={certs}",
+        f"--dest-creds={server.username}:{server.password}", f"oci:{busybox_image}:base", dest)
+    refused = cli("import", "oci", dest, "--cert-dir", server.ca_file)
+    assert_refused(cli, refused, server.host)
+    assert "401" in refused.stderr or "credentials" in refused.stderr.lower() or "unauthorized" in refused.stderr.lower()
+    untrusted = cli("import", "oci", dest, "--creds", f"{server.username}:{server.password}")
+    assert_refused(cli, untrusted, server.host)
+    ok = json.loads(cli.ok("import", "oci", dest, "--cert-dir", server.ca_file, "--creds",
+                           f"{server.username}:{server.password}", "--json").stdout)
+    assert len(ok["layers"]) == 1
+    authfile = tmp_path / "auth.json"
+    token = __import__("base64").b64encode(f"{server.username}:{server.password}".encode()).decode()
+    authfile.write_text(json.dumps({"auths": {server.host: {"auth": token}}}))
+    out = export(cli, ok["digest"], f"docker://{server.host}/oci-test/private-copy:1", "--cert-dir",
+                 str(certs), "--authfile", str(authfile))
+    assert len(out["layers"]) == 1
+
+
+def test_token_registry(token_registry: Any, busybox_image: Path, cli: Cli) -> None:  # noqa: F811
+    from ociimages import run
+
+    tokens = token_registry.tokens
+    assert tokens is not None
+    dest = f"docker://{token_registry.host}/oci-test/tokened:base"
+    run("skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-creds=alice:wonderland",
+        f"oci:{busybox_image}:base", dest)
+    out = json.loads(cli.ok("import", "oci", dest, "--creds", "alice:wonderland", "--json").stdout)
+    assert len(out["layers"]) == 1
+    assert any(account == "alice" and status == 200 for account, _scopes, status in tokens.requests)
+    pushed = export(cli, out["digest"], f"docker://{token_registry.host}/oci-test/tokened-copy:1",
+                    "--creds", "alice:wonderland")
+    assert {x["outcome"] for x in pushed["layers"]} <= {"uploaded", "mounted"}
+
+
+@pytest.mark.parametrize(("fault", "needles"), [
+    ({"action": "status", "status": 401, "path": "/manifests/", "times": None}, ["401"]),
+    ({"action": "status", "status": 404, "path": "/manifests/", "times": None}, ["404", "manifest full"]),
+    ({"action": "status", "status": 500, "path": "/blobs/sha256:", "method": "GET", "times": None},
+     ["500", "blob sha256:"]),
+    ({"action": "stall", "seconds": 20, "path": "/blobs/sha256:", "method": "GET", "times": None},
+     ["blob sha256:"]),
+    ({"action": "flip", "at": 100, "path": "/blobs/sha256:", "method": "GET", "times": None},
+     ["sha256:", "digest"]),
+], ids=["401", "404", "500", "hang", "corrupt"])
+def test_registry_faults_are_one_line_errors(registry: Any, pushed: dict[str, str], fault_proxy: Any,
+                                             cli: Cli, fault: dict[str, Any], needles: list[str]) -> None:
+    import time
+
+    proxy = fault_proxy(registry.url)
+    proxy.add(**fault)
+    start = time.monotonic()
+    result = cli("import", "oci", f"docker://{proxy.host}/oci-test/busybox:full", "--timeout", "2",
+                 "--retry-times", "1", timeout=120)
+    assert time.monotonic() - start < 60
+    assert_refused(cli, result, proxy.host, *needles)

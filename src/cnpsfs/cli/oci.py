@@ -43,6 +43,12 @@ def _registry_options(func: Any) -> Any:
         click.option("--authfile", type=click.Path(dir_okay=False), default=None,
                      help="Credentials file (default: $REGISTRY_AUTH_FILE, "
                           "$XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json)."),
+        click.option("--cert-dir", type=click.Path(exists=True), default=None,
+                     help="CA certificates to trust besides the system's: a PEM file, or a directory of *.crt."),
+        click.option("--timeout", type=click.FloatRange(0.1, 3600), default=None, metavar="SECONDS",
+                     help="Longest silence from the registry before a request fails (default: 30)."),
+        click.option("--retry-times", type=click.IntRange(0, 20), default=None,
+                     help="Retries of a failed request (default: 4)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -60,8 +66,8 @@ def _registry_options(func: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @pass_app
 def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None, platform_: str | None,
-                   tls_verify: str | None, creds: str | None, authfile: str | None, jobs: int,
-                   as_json: bool) -> None:
+                   tls_verify: str | None, creds: str | None, authfile: str | None, cert_dir: str | None,
+                   timeout: float | None, retry_times: int | None, jobs: int, as_json: bool) -> None:
     """Import an OCI or Docker image as an image of one FileSet per layer.
 
     Each layer's blob digest, size and uncompressed diff_id are checked against the
@@ -75,11 +81,12 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     """
     from cnpsfs.oci.importer import OciImportOptions, import_oci
     from cnpsfs.oci.model import parse_platform
-    from cnpsfs.oci.sources import RegistryOptions, open_source
+    from cnpsfs.oci.registry import RegistryOptions
+    from cnpsfs.oci.sources import open_source
     from cnpsfs.progress import byte_progress
 
     want = parse_platform(platform_) if platform_ else None
-    registry = RegistryOptions(_bool(tls_verify), creds, authfile)
+    registry = RegistryOptions(_bool(tls_verify), creds, authfile, cert_dir, timeout, retry_times)
     src, default_name, default_version = open_source(source, registry)
     name = name or default_name
     version = version_ or default_version
@@ -131,8 +138,8 @@ DEST:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @pass_app
 def export_oci_cmd(app: App, ref: str, dest: str, compression_format: str, compression_level: int | None,
-                   tls_verify: str | None, creds: str | None, authfile: str | None, jobs: int,
-                   as_json: bool) -> None:
+                   tls_verify: str | None, creds: str | None, authfile: str | None, cert_dir: str | None,
+                   timeout: float | None, retry_times: int | None, jobs: int, as_json: bool) -> None:
     """Write the image REF (or a FileSet, as a one-layer image) as an OCI image to DEST.
 
     Each FileSet becomes one layer: a reproducible tar (canonical order, fixed header
@@ -144,23 +151,27 @@ def export_oci_cmd(app: App, ref: str, dest: str, compression_format: str, compr
     """
     from cnpsfs.image.manifest import load_image
     from cnpsfs.oci.exporter import COMPRESSIONS, ExportOptions, export_oci, open_sink
-    from cnpsfs.oci.sources import RegistryOptions
+    from cnpsfs.oci.registry import RegistryOptions
 
     store = app.store()
     image, _digest = load_image(store, ref)
-    sink = open_sink(dest, RegistryOptions(_bool(tls_verify), creds, authfile))
+    sink = open_sink(dest, RegistryOptions(_bool(tls_verify), creds, authfile, cert_dir, timeout, retry_times))
     start = time.monotonic()
-    result = export_oci(store, image, sink, ExportOptions(COMPRESSIONS[compression_format], compression_level, jobs))
+    try:
+        result = export_oci(store, image, sink, ExportOptions(COMPRESSIONS[compression_format], compression_level,
+                                                              jobs))
+    finally:
+        sink.close()
     seconds = time.monotonic() - start
     if as_json:
         emit_json({"manifest_digest": result.manifest_digest, "config_digest": result.config_digest,
                    "seconds": round(seconds, 3),
                    "layers": [{"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size,
                                "media_type": layer.media_type, "fileset": fmt.format_digest(layer.fileset),
-                               "skipped": layer.skipped} for layer in result.layers]})
+                               "outcome": layer.outcome} for layer in result.layers]})
         return
     total = sum(layer.size for layer in result.layers)
-    skipped = sum(1 for layer in result.layers if layer.skipped)
+    skipped = sum(1 for layer in result.layers if layer.outcome == "exists")
     click.echo(f"exported {image.name}@{image.version} to {dest}: {len(result.layers)} layers "
                f"({skipped} already there), {human_size(total)} in {seconds:.2f}s", err=True)
     click.echo(result.manifest_digest)

@@ -61,8 +61,8 @@ class BlobSink(Protocol):
         """A temporary file to write a blob into, and its path (removed on exit if not put)."""
         ...
 
-    def put_blob(self, path: str, digest: str, size: int, media_type: str) -> None:
-        """Publish the finished temporary file *path* as blob *digest*."""
+    def put_blob(self, path: str, digest: str, size: int, media_type: str) -> str:
+        """Publish the finished temporary file *path* as blob *digest*: "uploaded" or "mounted"."""
         ...
 
     def put_manifest(self, data: bytes, media_type: str, digest: str) -> None:
@@ -84,7 +84,8 @@ class ExportedLayer:
     diff_id: str
     size: int
     media_type: str
-    skipped: bool = False  # the destination had it already
+    #: "exists" (the destination had it), "mounted" (from another repository) or "uploaded".
+    outcome: str = "uploaded"
 
 
 @dataclass
@@ -222,9 +223,9 @@ def _produce_layer(store: Store, sink: BlobSink, root: fmt.Entry, at: tuple[byte
         digest = f"sha256:{writer.blob.hexdigest()}"
         layer = ExportedLayer(fileset, digest, f"sha256:{writer.diff.hexdigest()}", writer.size, media_type)
         if sink.has_blob(digest):
-            layer.skipped = True
+            layer.outcome = "exists"
         else:
-            sink.put_blob(path, digest, writer.size, media_type)
+            layer.outcome = sink.put_blob(path, digest, writer.size, media_type)
     return layer
 
 
@@ -291,6 +292,9 @@ def export_oci(store: Store, image: fmt.Image, sink: BlobSink, options: ExportOp
     if not infos:
         raise CnpsfsError(f"{image.name}@{image.version} has no linked layers to export")
     whiteouts = image.mode == "layers"
+    oci = image.metadata.get("oci")
+    if hasattr(sink, "set_sources") and isinstance(oci, dict) and isinstance(oci.get("source"), str):
+        sink.set_sources([oci["source"]])
     jobs = max(1, min(options.jobs, len(infos)))
     with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="cnpsfs-export") as pool:
         futures = [pool.submit(_produce_layer, store, sink, info.root, info.at, whiteouts or info.override,
@@ -342,15 +346,19 @@ class LayoutSink:
         with self.writer.temp_blob() as pair:
             yield pair
 
-    def put_blob(self, path: str, digest: str, size: int, media_type: str) -> None:
+    def put_blob(self, path: str, digest: str, size: int, media_type: str) -> str:
         self.writer.commit_blob(path, digest)
+        return "uploaded"
 
     def put_manifest(self, data: bytes, media_type: str, digest: str) -> None:
         self.writer.put_bytes(data, digest)
         self.writer.add_manifest({"mediaType": media_type, "digest": digest, "size": len(data)}, self.tag)
 
+    def close(self) -> None:
+        pass
 
-def open_sink(dest: str, registry: Any = None) -> BlobSink:
+
+def open_sink(dest: str, registry: Any = None) -> Any:
     from cnpsfs.oci.sources import split_transport
 
     transport, rest = split_transport(dest)
@@ -359,5 +367,5 @@ def open_sink(dest: str, registry: Any = None) -> BlobSink:
     if transport == "docker://":
         from cnpsfs.oci.registry import open_registry_sink
 
-        return open_registry_sink(rest, registry)  # type: ignore[no-any-return]
+        return open_registry_sink(rest, registry)
     raise UsageError(f"{dest}: cannot export to {transport.rstrip(':/')}; use oci:DIR[:TAG] or docker://HOST/REPO:TAG")

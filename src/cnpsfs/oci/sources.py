@@ -11,22 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 
 from cnpsfs.errors import UsageError
 from cnpsfs.oci.layout import DockerArchiveSource, ImageSource, open_oci_archive, open_oci_dir
+from cnpsfs.oci.registry import RegistryOptions, open_registry_source, parse
 from cnpsfs.store import check_tag_name, check_tag_version
 
 TRANSPORTS = ("docker://", "oci:", "oci-archive:", "docker-archive:")
-
-
-@dataclass
-class RegistryOptions:
-    """How to reach a registry (skopeo's flags): None for tls_verify means the default rule."""
-
-    tls_verify: bool | None = None
-    creds: str | None = None
-    authfile: str | None = None
 
 
 def split_transport(spec: str) -> tuple[str, str]:
@@ -104,8 +95,7 @@ def open_source(spec: str, registry: RegistryOptions | None = None) -> tuple[Ima
             repo, tag = split_docker_ref(archive.repo_tags[0])
             return archive, clean_name(_drop_port(repo)), clean_version(tag)
         return archive, clean_name(_basename(rest.partition(":")[0])), "latest"
-    from cnpsfs.oci.registry import open_registry_source
-
+    ref = parse(rest)
     source = open_registry_source(rest, registry or RegistryOptions())
-    repo, tag = split_docker_ref(rest)
-    return source, clean_name(_drop_port(repo)), clean_version(tag)
+    return source, clean_name(_drop_port(f"{ref.registry}/{ref.repository}")), clean_version(ref.tag or ref.digest
+                                                                                            or "latest")
