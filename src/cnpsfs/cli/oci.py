@@ -1,4 +1,6 @@
-"""CLI commands ``import oci`` and ``export oci`` (docs/oci.md). Added to the import and export groups; listed in root.py."""
+"""``cnpsfs import oci`` and ``cnpsfs export oci`` (docs/oci.md).
+
+root.py adds them to the import and export groups (command modules do not import each other)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ import click
 
 from cnpsfs import format as fmt
 from cnpsfs.cli.context import App, emit_json, human_size, pass_app
-from cnpsfs.cli.exporting import export_group
-from cnpsfs.cli.importing import import_group
 from cnpsfs.errors import UsageError
 from cnpsfs.store import check_tag_name, check_tag_version
 
@@ -115,8 +115,6 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     click.echo(ref)
 
 
-import_group.add_command(import_oci_cmd)
-COMMANDS: list[click.Command] = []  # the commands join the import and export groups
 
 
 DEST_HELP = """\b
@@ -177,4 +175,7 @@ def export_oci_cmd(app: App, ref: str, dest: str, compression_format: str, compr
     click.echo(result.manifest_digest)
 
 
-export_group.add_command(export_oci_cmd)
+#: Subcommands of ``cnpsfs import`` and ``cnpsfs export``; no top-level commands.
+IMPORT_COMMANDS = [import_oci_cmd]
+EXPORT_COMMANDS = [export_oci_cmd]
+COMMANDS: list[click.Command] = []

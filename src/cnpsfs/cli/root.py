@@ -72,3 +72,7 @@ def main(ctx: click.Context, store_path: Path | None, debug: bool, log_level: st
 for _module in (importing, browse, exporting, store_cmds, image, commit, mounting, service, bundle, build, oci):
     for _command in _module.COMMANDS:
         main.add_command(_command)
+for _command in oci.IMPORT_COMMANDS:
+    importing.import_group.add_command(_command)
+for _command in oci.EXPORT_COMMANDS:
+    exporting.export_group.add_command(_command)
