@@ -22,6 +22,7 @@ from .common import BenchError, du_bytes, exclusive_work_dir, require_root, umou
 from .corpus import DEFAULT_CACHE, Corpus, ensure_corpus
 from .import_section import run_import
 from .mount_section import MEASURES, run_mount
+from .oci_section import oci_table, run_oci
 from .report import consistency_notes, import_table, mount_table, requests_table, write_json
 from .scale_section import run_scale, scale_table
 from .swap_section import run_swap, swap_table
@@ -29,7 +30,7 @@ from .swap_section import run_swap, swap_table
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("import", "mount", "swap", "build", "scale")
+SECTIONS = ("import", "mount", "swap", "build", "scale", "oci")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -136,7 +137,7 @@ def _run_sections(args: argparse.Namespace, started: float) -> tuple[list[str], 
     """Every requested section, in order: the markdown lines and the run's metadata."""
     umount_all_under(args.work)  # leftovers of an interrupted run
     # The swap section builds its own synthetic image: no Debian corpus needed for it alone.
-    corpus = ensure_corpus(args.cache) if {"import", "mount"} & set(args.sections) else None
+    corpus = ensure_corpus(args.cache) if {"import", "mount", "oci"} & set(args.sections) else None
     cli = CnpsfsCli(REPO)
     systems = _split(args.systems)
     meta: dict[str, Any] = {
@@ -183,6 +184,12 @@ def _run_sections(args: argparse.Namespace, started: float) -> tuple[list[str], 
                              "summary": {r.name: r.summary() for r in scaled}}
         out += ["## scale (mount and first lookups: 1,000 against 1,000,000 files)", "",
                 scale_table(scaled, scale_info), ""]
+    if "oci" in args.sections:
+        assert corpus is not None
+        oci_rows, oci_info = run_oci(corpus, args.cache, args.work, args.reps, cli, systems)
+        sections["oci"] = {"rows": oci_rows, "info": oci_info,
+                           "summary": {r.name: r.summary() for r in oci_rows if not r.skipped}}
+        out += ["## oci (three images pulled from a local registry)", "", oci_table(oci_rows, oci_info), ""]
     meta["elapsed_seconds"] = round(time.monotonic() - started, 1)
     meta["loadavg_end"] = _loadavg()
     result_file = args.out / "bench-results.json"

@@ -8,6 +8,7 @@ cnpsfs rows into "not available" notes instead of failing the run. The calls ass
 * ``cnpsfs umount MNT``
 * ``cnpsfs status MNT --json`` (optional: FUSE request counters, see :meth:`CnpsfsCli.counters`)
 * ``cnpsfs --store STORE build RECIPE --cache DIR --json`` and ``cnpsfs --store STORE packages REF --json``
+* ``cnpsfs --store STORE import oci docker://HOST/REPO:TAG --json``
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ class CnpsfsCli:
 
     def mount_unavailable(self) -> str | None:
         return self._missing("import", "dir") or self._missing("mount") or self._missing("umount")
+
+    def oci_unavailable(self) -> str | None:
+        return self._missing("import", "oci")
+
+    def import_oci(self, store: Path, source: str) -> dict[str, Any]:
+        """``cnpsfs import oci SOURCE --json``: digest, layers (with ``reused``), new_bytes."""
+        proc = run([self.exe, "--store", store, "import", "oci", source, "--json"], capture=True, timeout=3600)
+        return self._json(proc.stdout, "import oci")
 
     def build_unavailable(self) -> str | None:
         return self._missing("build") or self._missing("packages")

@@ -1,0 +1,282 @@
+"""Section ``oci``: pulling images from a registry, cnpsfs against the classic tools (issue 11).
+
+Three images are built from the bench corpus with umoci (once, cached in the corpus cache):
+``base`` is v1 as one layer; ``app`` is base plus a second layer that turns v1 into v2
+(python3 and perl added; ``rsync --delete`` so deletions become whiteouts); ``other`` is base
+plus a layer of its own (64 MiB of seeded pseudo-random files, the same on every run). They
+are pushed once to a docker-registry (Debian's ``docker-registry``, distribution 2.8) started
+on 127.0.0.1 with a temporary config and storage directory, and stopped at the end.
+
+Each repetition pulls the three images, in that order, into one empty destination per
+system, with caches dropped before each pull:
+
+- ``cnpsfs import oci docker://…``: into one store (layers by diff_id/chain ID, then chunks,
+  deduplicated);
+- ``skopeo copy docker://… oci:DIR:TAG``: into one OCI layout (blobs shared by digest);
+- the same, then ``umoci unpack`` of each image: the classic pull-and-extract;
+- ``podman pull``: into a private storage root (``--root``, overlay driver where the kernel
+  allows it, else vfs; the table says which).
+
+Reported: wall time per image and in total, and bytes on disk after all three (``du
+--block-size=1``: the store, the layout, the layout plus the unpacked trees, podman's
+storage). Targets (docs/performance.md): cnpsfs within 1.2× of ``skopeo copy`` alone, and
+the three images stored in less than half of what the OCI layout holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cnpsfs_cli import CnpsfsCli
+from .common import BenchError, drop_caches, du_bytes, ensure_packages, median, rmtree, run
+from .corpus import Corpus
+
+log = logging.getLogger(__name__)
+
+IMAGES = ("base", "app", "other")
+BUILDER_VERSION = "1"
+OTHER_BYTES = 64 << 20
+SYSTEMS = ("cnpsfs", "skopeo", "skopeo+umoci", "podman")
+LABELS = {"cnpsfs": "cnpsfs import oci (one store)", "skopeo": "skopeo copy (one OCI layout)",
+          "skopeo+umoci": "skopeo copy + umoci unpack", "podman": "podman pull"}
+
+
+@dataclass
+class OciRow:
+    name: str
+    label: str
+    skipped: str | None = None
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {i: [] for i in IMAGES})
+    stored_bytes: list[int] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float]:
+        out = {f"{image}_seconds": median(v) for image, v in self.seconds.items() if v}
+        totals = [sum(parts) for parts in zip(*self.seconds.values(), strict=True)]
+        if totals:
+            out["total_seconds"] = median(totals)
+        if self.stored_bytes:
+            out["stored_bytes"] = median(self.stored_bytes)
+        return out
+
+
+# --------------------------------------------------------------------------- images and registry
+
+
+def _write_other_layer(root: Path) -> None:
+    """64 MiB in 256 files of seeded pseudo-random bytes (incompressible, identical every run)."""
+    rng = random.Random(11)
+    target = root / "opt" / "other"
+    target.mkdir(parents=True, exist_ok=True)
+    size = OTHER_BYTES // 256
+    for number in range(256):
+        (target / f"blob-{number:03d}.bin").write_bytes(rng.randbytes(size))
+
+
+def build_images(corpus: Corpus, cache: Path) -> Path:
+    """The OCI layout with tags base, app and other (built once; a half-built one is redone)."""
+    layout = cache / f"oci-images-v{BUILDER_VERSION}" / "layout"
+    if layout.exists():
+        return layout
+    tmp = layout.parent.with_name(layout.parent.name + ".tmp")
+    rmtree(tmp)
+    tmp.mkdir(parents=True)
+    lay, bundle = tmp / "layout", tmp / "bundle"
+    log.info("oci: building the three test images from the corpus (once)")
+    run(["umoci", "init", "--layout", lay])
+    run(["umoci", "new", "--image", f"{lay}:base"])
+    run(["umoci", "unpack", "--image", f"{lay}:base", bundle])
+    run(["cp", "-a", f"{corpus.v1}/.", bundle / "rootfs"])
+    run(["umoci", "repack", "--image", f"{lay}:base", bundle], timeout=3600)
+    rmtree(bundle)
+    run(["umoci", "unpack", "--image", f"{lay}:base", bundle])
+    run(["rsync", "-aHAX", "--delete", f"{corpus.v2}/", f"{bundle / 'rootfs'}/"], timeout=3600)
+    run(["umoci", "repack", "--image", f"{lay}:app", bundle], timeout=3600)
+    rmtree(bundle)
+    run(["umoci", "unpack", "--image", f"{lay}:base", bundle])
+    _write_other_layer(bundle / "rootfs")
+    run(["umoci", "repack", "--image", f"{lay}:other", bundle], timeout=3600)
+    rmtree(bundle)
+    run(["umoci", "gc", "--layout", lay])
+    tmp.rename(layout.parent)
+    return layout
+
+
+class Registry:
+    """docker-registry on a free loopback port, storage in *workdir*; stopped by :meth:`stop`."""
+
+    def __init__(self, workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = {"version": "0.1", "log": {"level": "warn", "accesslog": {"disabled": True}},
+                  "storage": {"filesystem": {"rootdirectory": str(workdir / "storage")}},
+                  "http": {"addr": f"127.0.0.1:{port}", "secret": secrets.token_hex(16)}}
+        (workdir / "config.yml").write_text(json.dumps(config))
+        self.log = open(workdir / "registry.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(workdir / "config.yml")], stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.host = f"127.0.0.1:{port}"
+        self.storage = workdir / "storage"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2):
+                    return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise BenchError(f"docker-registry did not start (see {workdir / 'registry.log'})") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+    def ref(self, image: str) -> str:
+        return f"{self.host}/bench/{image}:1"
+
+
+# --------------------------------------------------------------------------- the systems
+
+
+def _podman_driver(root: Path) -> str:
+    """overlay where podman can use it here, else vfs (full copies per layer: noted in the table)."""
+    probe = subprocess.run(["podman", "--root", str(root / "probe"), "--runroot", str(root / "probe-run"),
+                            "--storage-driver", "overlay", "info"], capture_output=True, text=True, check=False)
+    shutil.rmtree(root / "probe", ignore_errors=True)
+    shutil.rmtree(root / "probe-run", ignore_errors=True)
+    return "overlay" if probe.returncode == 0 else "vfs"
+
+
+def _pull(system: str, registry: Registry, image: str, out: Path, cli: CnpsfsCli, driver: str) -> None:
+    ref = registry.ref(image)
+    if system == "cnpsfs":
+        cli.import_oci(out / "store", f"docker://{ref}")
+    elif system in ("skopeo", "skopeo+umoci"):
+        run(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}", f"oci:{out / 'layout'}:{image}"],
+            timeout=3600)
+        if system == "skopeo+umoci":
+            run(["umoci", "unpack", "--image", f"{out / 'layout'}:{image}", out / f"bundle-{image}"], timeout=3600)
+    elif system == "podman":
+        run(["podman", "--root", out / "root", "--runroot", out / "run", "--storage-driver", driver, "pull", "-q",
+             "--tls-verify=false", ref], timeout=3600, env={**os.environ, "CONTAINERS_CONF": str(out / "c.conf")})
+    else:
+        raise ValueError(system)
+
+
+def _unavailable(system: str, cli: CnpsfsCli) -> str | None:
+    if system == "cnpsfs":
+        return cli.oci_unavailable()
+    for tool in {"skopeo": ("skopeo",), "skopeo+umoci": ("skopeo", "umoci"), "podman": ("podman",)}[system]:
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    return None
+
+
+def measure(registry: Registry, work: Path, reps: int, cli: CnpsfsCli, systems: set[str] | None) -> list[OciRow]:
+    rows = {s: OciRow(s, LABELS[s]) for s in SYSTEMS if systems is None or s in systems}
+    driver = _podman_driver(work) if "podman" in rows and shutil.which("podman") else "vfs"
+    for row in rows.values():
+        row.skipped = _unavailable(row.name, cli)
+    if "podman" in rows:
+        rows["podman"].label += f" ({driver} storage)"
+    for rep in range(reps):
+        for row in rows.values():  # systems alternate, so on a shared machine they see the same load
+            if row.skipped:
+                continue
+            log.info("oci: %s rep %d/%d", row.name, rep + 1, reps)
+            out = work / row.name
+            subprocess.run(["rm", "-rf", "--one-file-system", str(out)], check=False)
+            out.mkdir(parents=True)
+            (out / "c.conf").write_text("[containers]\ndefault_ulimits = []\n")
+            try:
+                for image in IMAGES:
+                    drop_caches()
+                    start = time.perf_counter()
+                    _pull(row.name, registry, image, out, cli, driver)
+                    row.seconds[image].append(time.perf_counter() - start)
+                paths = {"cnpsfs": [out / "store"], "skopeo": [out / "layout"],
+                         "skopeo+umoci": [out / "layout", *(out / f"bundle-{i}" for i in IMAGES)],
+                         "podman": [out / "root"]}[row.name]
+                row.stored_bytes.append(du_bytes(paths)[1])
+                if row.name == "skopeo+umoci":
+                    row.notes["layout_bytes"] = du_bytes([out / "layout"])[1]
+            except BenchError as exc:
+                row.skipped = f"failed: {exc}"
+                log.warning("oci: %s failed: %s", row.name, exc)
+            finally:
+                if row.name == "podman":
+                    subprocess.run(["podman", "--root", str(out / "root"), "--runroot", str(out / "run"),
+                                    "--storage-driver", driver, "rmi", "--all", "--force"], capture_output=True,
+                                   check=False)
+                subprocess.run(["rm", "-rf", "--one-file-system", str(out)], check=False)
+    return list(rows.values())
+
+
+def run_oci(corpus: Corpus, cache: Path, work: Path, reps: int, cli: CnpsfsCli,
+            systems: set[str] | None) -> tuple[list[OciRow], dict[str, Any]]:
+    ensure_packages({"umoci": "umoci", "skopeo": "skopeo", "docker-registry": "docker-registry",
+                     "rsync": "rsync", "podman": "podman"})
+    layout = build_images(corpus, cache)
+    base = work / "oci"
+    rmtree(base)
+    work.mkdir(parents=True, exist_ok=True)
+    registry = Registry(Path(tempfile.mkdtemp(prefix="registry-", dir=work)))
+    try:
+        for image in IMAGES:
+            run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:{image}",
+                 f"docker://{registry.ref(image)}"], timeout=3600)
+        info = {"layout": str(layout), "layout_bytes": du_bytes([layout])[1],
+                "registry_bytes": du_bytes([registry.storage])[1]}
+        rows = measure(registry, base, reps, cli, systems)
+    finally:
+        registry.stop()
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(registry.storage.parent, ignore_errors=True)
+    return rows, info
+
+
+def oci_table(rows: list[OciRow], info: dict[str, Any]) -> str:
+    from .report import fmt_bytes, fmt_seconds
+
+    lines = ["| system | base (v1) | app (base + v2 layer) | other (base + 64 MiB) | total | stored, 3 images |",
+             "|---|---|---|---|---|---|"]
+    summaries = {r.name: r.summary() for r in rows if not r.skipped}
+    for row in rows:
+        if row.skipped:
+            lines.append(f"| {row.label} | n/a ({row.skipped}) | | | | |")
+            continue
+        s = summaries[row.name]
+        cells = [fmt_seconds(s[f"{i}_seconds"]) for i in IMAGES]
+        lines.append(f"| {row.label} | {' | '.join(cells)} | {fmt_seconds(s['total_seconds'])} | "
+                     f"{fmt_bytes(s['stored_bytes'])} |")
+    notes = []
+    if "cnpsfs" in summaries and "skopeo" in summaries:
+        ratio = summaries["cnpsfs"]["total_seconds"] / summaries["skopeo"]["total_seconds"]
+        space = summaries["cnpsfs"]["stored_bytes"] / summaries["skopeo"]["stored_bytes"]
+        notes.append(f"cnpsfs / skopeo copy: {ratio:.2f}× the time (target ≤ 1.2×), {space:.2f}× the bytes "
+                     f"(target < 0.5×)")
+    if info.get("layout_bytes"):
+        notes.append(f"the source layout (3 images, gzip layers) holds {fmt_bytes(info['layout_bytes'])}")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
