@@ -364,6 +364,11 @@ def test_union_conflicts_name_both_filesets_and_the_path(store: Store, left: Any
     assert "/usr/lib/x/thing" in message
     assert "example.org/pkg-a@1" in message and "example.org/pkg-b@1" in message
     assert what in message
+    # The same, as attributes a caller can use without parsing the message (cnpsfs build does).
+    conflict = info.value
+    assert conflict.path == "/usr/lib/x/thing" and conflict.what == what
+    assert [layer.label for layer in conflict.layers] == ["example.org/pkg-a@1", "example.org/pkg-b@1"]
+    assert [layer.fileset for layer in conflict.layers] == [store.resolve(a), store.resolve(b)]
     with pytest.raises(ConflictError):
         generation(store, [b, a], mode="union").check()
 

@@ -353,6 +353,21 @@ def test_fileset_and_image_encoding_by_hand() -> None:
     assert fmt.encode_image(image).hex() == expected_img
 
 
+def test_composition_mode_is_an_enum_and_nothing_else_is_a_mode() -> None:
+    tree = bytes(32)
+    image = fmt.Image("example.org/img", "1", "layers", [fmt.Layer(tree)])
+    assert image.mode is fmt.CompositionMode.LAYERS, "a plain string is converted"
+    same = fmt.Image("example.org/img", "1", fmt.CompositionMode.LAYERS, [fmt.Layer(tree)])
+    assert fmt.encode_image(same) == fmt.encode_image(image)
+    assert fmt.decode_image(fmt.encode_image(image)).mode is fmt.CompositionMode.LAYERS
+    with pytest.raises(FormatError, match="unknown composition mode 'stack'"):
+        fmt.Image("example.org/img", "1", "stack", [fmt.Layer(tree)])
+    raw = cbor2.loads(fmt.encode_image(image))
+    raw[4] = "stack"
+    with pytest.raises(FormatError, match="unknown composition mode stack"):
+        fmt.decode_image(cbor2.dumps(raw, canonical=True))
+
+
 def test_whiteout_opaque_and_link_encoding() -> None:
     d = fmt.Directory([fmt.Entry(b"gone", fmt.Kind.WHITEOUT, 0, uid=5, mtime_ns=9)], opaque=True)
     obj = cbor2.loads(fmt.encode_directory(d))

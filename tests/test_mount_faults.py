@@ -32,6 +32,8 @@ from mountutil import (
 )
 
 from cnpsfs import format as fmt
+from cnpsfs.errors import MountpointBusyError
+from cnpsfs.fs.daemon import check_mountpoint
 from cnpsfs.image.manifest import compose, load_image
 from cnpsfs.store import LocalStore
 
@@ -285,6 +287,9 @@ def test_mountpoint_is_a_file(shared_store: Path, tmp_path: Path) -> None:
 def test_busy_mountpoint(shared_store: Path, busy: Mount) -> None:
     message = _refused(shared_store, "example.org/refused@1", busy.mountpoint)
     assert "busy" in message and str(busy.pid) in message, message
+    with pytest.raises(MountpointBusyError) as info:  # the type callers catch, not the message
+        check_mountpoint(str(busy.mountpoint))
+    assert info.value.path == os.path.realpath(busy.mountpoint)
     busy.assert_alive()
     assert sorted(os.listdir(busy.mountpoint)) == ["one"]
 

@@ -369,3 +369,42 @@ def test_service_run_recovers_from_a_killed_daemon(app: tuple[Cli, Path], tmp_pa
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         messages.sock.close()
+
+
+@pytest.mark.fuse
+def test_service_stop_detaches_a_mount_in_use_lazily(app: tuple[Cli, Path], tmp_path: Path) -> None:
+    """ExecStop always completes: a mount a process still uses (the unmount raises
+    MountpointBusyError) is detached lazily with a warning, and its user keeps reading."""
+    cli, _manifest = app
+    confdir = tmp_path / "mounts"
+    confdir.mkdir()
+    mnt = tmp_path / "mnt"
+    (confdir / "held.toml").write_text(f'image = "test.example/app@1"\nmountpoint = "{mnt}"\n'
+                                       f'store = "{cli.store_path}"\n')
+    service = ["service", "--config-dir", str(confdir)]
+    messages = Messages(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    try:
+        with foreground([*CNPSFS, *service, "run", "held"], mnt, env) as proc:
+            assert messages.next()[0] == "READY=1", messages.seen
+            # Its working directory is the mount: a plain unmount is refused while it lives.
+            holder = subprocess.Popen(["sh", "-c", "cat hello.txt; sleep 4; cat hello.txt"], cwd=mnt,
+                                      stdout=subprocess.PIPE)
+            try:
+                assert holder.stdout is not None
+                assert holder.stdout.readline() == b"v1\n"
+                stop = cli.ok(*service, "stop", "held")
+                assert "is busy" in stop.stderr and "detaching it lazily" in stop.stderr, stop.stderr
+                assert "unmounted" in stop.stderr
+                assert not is_mounted(mnt)
+                assert holder.stdout.readline() == b"v1\n", "the detached mount still serves its user"
+                assert holder.wait(30) == 0
+            finally:
+                holder.kill()
+                holder.wait()
+                if holder.stdout:
+                    holder.stdout.close()
+            assert proc.wait(30) == 0
+    finally:
+        cli(*service, "stop", "held")
+        messages.sock.close()

@@ -8,6 +8,8 @@ values once, at the boundary.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 
 class CnpsfsError(Exception):
     """An error the user should see as one line, with a non-zero exit code."""
@@ -46,8 +48,37 @@ class ImportRejected(CnpsfsError):
     """An archive or tree cannot be imported safely; nothing was stored."""
 
 
+class ConflictingLayer(NamedTuple):
+    """One side of a union conflict: the layer's FileSet digest and its NAME@VERSION."""
+
+    fileset: bytes
+    label: str
+
+
 class ConflictError(CnpsfsError):
-    """Two layers of a union composition provide different content at one path."""
+    """Two layers of a union composition provide different content at one path.
+
+    ``path`` (as shown, absolute), ``layers`` (both sides, ordered by label) and ``what``
+    (e.g. "different content") are attributes, so a caller that resolves conflicts (a
+    build marks one package an override layer) reads them instead of the message.
+    """
+
+    def __init__(self, path: str, first: ConflictingLayer, second: ConflictingLayer, what: str) -> None:
+        first, second = sorted((first, second), key=lambda layer: layer.label)
+        super().__init__(f"union conflict at {path}: {first.label} and {second.label} provide {what} "
+                         "(mark one layer override = true to choose)")
+        self.path = path
+        self.layers = (first, second)
+        self.what = what
+
+
+class MountpointBusyError(CnpsfsError):
+    """A mountpoint is busy: something is mounted there already, or (unmounting) a process
+    still uses it. ``path`` names it; ``service stop`` detaches lazily on this error."""
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class TransportError(CnpsfsError):

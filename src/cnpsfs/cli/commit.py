@@ -45,7 +45,7 @@ def commit_cmd(app: App, upperdir: str, onto: str | None, name: str | None, vers
     out: dict[str, Any] = {"fileset": fmt.format_digest(result.digest), "name": options.name,
                            "version": options.version, "entries": result.entries}
     if base is not None:
-        layer = fmt.Layer(result.digest, "/", False, base.mode == "union", "commit")
+        layer = fmt.Layer(result.digest, "/", False, base.mode is fmt.CompositionMode.UNION, "commit")
         image_name = name or base.name
         image_version = version_ or f"{base.version}+commit.{result.digest.hex()[:12]}"
         check_tag_version(image_version)

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from cnpsfs.cli.context import App, control, json_option, report_swap
-from cnpsfs.errors import CnpsfsError, UsageError
+from cnpsfs.errors import CnpsfsError, MountpointBusyError, UsageError
 from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,7 @@ def service_stop(ctx: click.Context, name: str) -> None:
         return
     try:
         unmount(real)
-    except CnpsfsError as exc:
-        if "busy" not in str(exc):
-            raise
+    except MountpointBusyError as exc:
         log.warning("mount %s: %s; detaching it lazily", name, exc)
         unmount(real, lazy=True)
     click.echo(f"mount {name}: unmounted {config.mountpoint}", err=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,6 @@ PER_INSTANCE = {
     "etc/ssh/ssh_host_*": "openssh-server: ssh-keygen -A (sshd's unit runs it when keys are missing)",
 }
 POLICY_RC_D = "#!/bin/sh\n# cnpsfs build: no service starts while configuring\nexit 101\n"
-_CONFLICT = re.compile(r"union conflict at (?P<path>.*?): (?P<a>\S+)@\S+ and (?P<b>\S+)@\S+ provide")
 
 
 class BuildError(CnpsfsError):
@@ -193,19 +191,16 @@ def _package_layers(store: Store, recipe: Recipe, pkgs: list[InstalledPackage],
     """Union layers for the packages; a package that Replaces another it conflicts with is
     made an override layer (overrides sorted by name, so the result is order-free)."""
     overrides: set[str] = set()
-    by_name = {p.package: p for p in pkgs}
+    by_fileset = {views.get(p.digest, p.digest): p for p in pkgs}  # a layer's FileSet -> its package
     while True:
         layers = [fmt.Layer(views.get(p.digest, p.digest), "/", False, p.package in overrides,
                             f"{p.package} {p.control['Version']}")
                   for p in sorted(pkgs, key=lambda p: (p.package in overrides, p.package, p.arch))]
         try:
-            compose(store, fmt.Image(recipe.name, recipe.version, "union", layers)).check()
+            compose(store, fmt.Image(recipe.name, recipe.version, fmt.CompositionMode.UNION, layers)).check()
             return layers
         except ConflictError as exc:
-            m = _CONFLICT.match(str(exc))
-            if m is None:
-                raise
-            a, b = (by_name.get(n.removeprefix("debian.org/")) for n in (m.group("a"), m.group("b")))
+            a, b = (by_fileset.get(layer.fileset) for layer in exc.layers)
             if a is None or b is None:
                 raise BuildError(f"{exc}") from None
             if b.package in _replaces(a) and a.package not in overrides:
@@ -215,7 +210,7 @@ def _package_layers(store: Store, recipe: Recipe, pkgs: list[InstalledPackage],
             else:
                 raise BuildError(f"packages {a.package} and {b.package} conflict: {exc}") from None
             log.info("%s: %s and %s both ship it; one Replaces the other and takes precedence",
-                     m.group("path"), a.package, b.package)
+                     exc.path, a.package, b.package)
 
 
 def _merged_usr(store: Store, pkgs: list[InstalledPackage], arch: str,
@@ -391,7 +386,7 @@ def build(store: Store, recipe: Recipe, *, cache: Path = apt.DEFAULT_CACHE, refr
     t = time.monotonic()
     if configured:
         step("configuring (preinst, dpkg --configure --pending)")
-        base = fmt.Image(recipe.name, recipe.version, "union", list(layers))
+        base = fmt.Image(recipe.name, recipe.version, fmt.CompositionMode.UNION, list(layers))
         with tempfile.TemporaryDirectory(prefix="cnpsfs-build-") as tmp:
             digest, _entries = _configure(store, recipe, base, pkgs, sde, Path(tmp))
         layers.append(fmt.Layer(digest, "/", False, True, "configure"))
@@ -414,7 +409,7 @@ def build(store: Store, recipe: Recipe, *, cache: Path = apt.DEFAULT_CACHE, refr
         "configured": configured,
         "per_instance": [{"path": "/" + k, "generated_by": v} for k, v in sorted(PER_INSTANCE.items())],
     }
-    image = fmt.Image(recipe.name, recipe.version, "union", layers, dict(recipe.config), metadata)
+    image = fmt.Image(recipe.name, recipe.version, fmt.CompositionMode.UNION, layers, dict(recipe.config), metadata)
     t = time.monotonic()
     compose(store, image).check()
     digest = store_image(store, image)

@@ -182,14 +182,33 @@ class Layer:
     label: str = ""
 
 
+class CompositionMode(enum.StrEnum):
+    """How an image composes its layers (docs/manifest.md): stacked, later layers winning
+    ("layers", as overlayfs does), or merged, with different content at one path an error
+    unless one layer is an override ("union", for packages)."""
+
+    LAYERS = "layers"
+    UNION = "union"
+
+    @classmethod
+    def parse(cls, value: str) -> CompositionMode:
+        try:
+            return cls(value)
+        except ValueError:
+            raise FormatError(f"unknown composition mode {value!r}") from None
+
+
 @dataclass(slots=True)
 class Image:
     name: str
     version: str
-    mode: str  # "layers" or "union"
+    mode: CompositionMode  # a plain "layers" or "union" is converted
     layers: list[Layer]
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mode = CompositionMode.parse(self.mode)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -373,8 +392,6 @@ def layer_to_cbor(layer: Layer) -> dict[int, Any]:
 
 
 def encode_image(image: Image) -> bytes:
-    if image.mode not in ("layers", "union"):
-        raise FormatError(f"unknown composition mode {image.mode!r}")
     if len(image.layers) > MAX_LAYERS:
         raise FormatError(f"image of {len(image.layers)} layers exceeds the limit of {MAX_LAYERS} layers per image")
     for layer in image.layers:
@@ -387,7 +404,7 @@ def encode_image(image: Image) -> bytes:
         1: FORMAT_VERSION,
         2: image.name,
         3: image.version,
-        4: image.mode,
+        4: CompositionMode.parse(image.mode).value,  # a plain str for the encoder
         5: [layer_to_cbor(layer) for layer in image.layers],
     }
     if image.config:
@@ -685,7 +702,7 @@ def decode_image(data: bytes) -> Image:
     name = _field(obj, 2, str, "image name")
     version = _field(obj, 3, str, "image version")
     mode = obj.get(4)
-    if mode not in ("layers", "union") or type(mode) is not str:
+    if type(mode) is not str or mode not in tuple(CompositionMode):
         raise FormatError(f"unknown composition mode {str(mode)[:40]}")
     raw_layers = _field(obj, 5, list, "image layers")
     if len(raw_layers) > MAX_LAYERS:

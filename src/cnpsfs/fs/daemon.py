@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cnpsfs.errors import CnpsfsError, UsageError
+from cnpsfs.errors import CnpsfsError, MountpointBusyError, UsageError
 from cnpsfs.fs.options import READY_TIMEOUT, UNMOUNT_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,8 @@ def check_mountpoint(mountpoint: str) -> str:
     if fstype is not None and real != "/":
         record = MountRecord.load(real)
         holder = f" (cnpsfs daemon pid {record.pid})" if record else ""
-        raise CnpsfsError(f"mountpoint {mountpoint} is busy: {fstype} is already mounted there{holder}")
+        raise MountpointBusyError(f"mountpoint {mountpoint} is busy: {fstype} is already mounted there{holder}",
+                                  path=real)
     return real
 
 
@@ -257,7 +258,8 @@ def _unmount_fuse(real: str, record: MountRecord | None, *, lazy: bool) -> None:
         alive = record is not None and pid_alive(record.pid)
         stderr = result.stderr.strip()
         if "busy" in stderr.lower() and alive:
-            raise CnpsfsError(f"{mountpoint} is busy: a process still uses it (use --lazy to detach it anyway)")
+            raise MountpointBusyError(f"{mountpoint} is busy: a process still uses it (use --lazy to detach it anyway)",
+                                      path=real)
         # A killed daemon leaves a dead connection: detach it lazily.
         lazy_result = subprocess.run(["fusermount3", "-u", "-z", real], capture_output=True, text=True)
         if lazy_result.returncode != 0 and mounted_fstype(real) is not None:

@@ -89,7 +89,7 @@ class _Mount:
         self.store = store
         self.real = real = check_mountpoint(mountpoint)
         image, digest = load_image(store, ref)
-        if digest is None and image.mode == "union":
+        if digest is None and image.mode is fmt.CompositionMode.UNION:
             compose(store, image).check()  # stored images were checked when created
         key = mount_key(real)
         rt = runtime_dir()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cnpsfs.errors import CnpsfsError
+from cnpsfs.errors import CnpsfsError, MountpointBusyError
 
 UPPER = "upper"
 WORK = "work"
@@ -63,7 +63,8 @@ def unmount_overlay(target: str, *, lazy: bool = False) -> None:
     if result.returncode != 0:
         message = result.stderr.strip()
         if "busy" in message.lower():
-            raise CnpsfsError(f"{target} is busy: a process still uses it (use --lazy to detach it anyway)")
+            raise MountpointBusyError(f"{target} is busy: a process still uses it (use --lazy to detach it anyway)",
+                                      path=target)
         raise CnpsfsError(f"cannot unmount overlayfs at {target}: {message}")
 
 

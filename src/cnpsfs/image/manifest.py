@@ -21,7 +21,7 @@ from cnpsfs.store import T_FILESET, T_IMAGE, Store, check_tag_name, check_tag_ve
 TOP_KEYS = {"name", "version", "mode", "layers", "config", "metadata"}
 LAYER_KEYS = {"fileset", "at", "unlinked", "override", "label"}
 CONFIG_KEYS = {"entrypoint", "cmd", "env", "workdir", "user", "labels", "stop_signal"}
-MODES = ("layers", "union")
+MODES = tuple(fmt.CompositionMode)
 
 
 def _fail(source: str, message: str) -> UsageError:
@@ -79,7 +79,7 @@ def parse_manifest(text: str, source: str = "manifest") -> dict[str, Any]:
             raise _fail(source, f"missing string key {key!r}")
     check_tag_name(raw["name"])
     check_tag_version(raw["version"])
-    mode = raw.get("mode", "layers")
+    mode = raw.get("mode", fmt.CompositionMode.LAYERS)
     if mode not in MODES:
         raise _fail(source, f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     layers = raw.get("layers")
@@ -118,7 +118,7 @@ def parse_manifest(text: str, source: str = "manifest") -> dict[str, Any]:
         fmt.encode_canonical(metadata)
     except fmt.FormatError as exc:
         raise _fail(source, f"metadata: {exc}") from None
-    return {"name": raw["name"], "version": raw["version"], "mode": mode, "layers": parsed_layers,
+    return {"name": raw["name"], "version": raw["version"], "mode": fmt.CompositionMode(mode), "layers": parsed_layers,
             "config": parse_config(raw.get("config", {}), source), "metadata": metadata}
 
 
@@ -167,7 +167,7 @@ def load_image(store: Store, ref: str) -> tuple[fmt.Image, bytes | None]:
     digest = store.resolve(ref)
     if store.object_type(digest) == T_FILESET:
         fileset = store.get_fileset(digest)
-        return fmt.Image(fileset.name, fileset.version, "layers", [fmt.Layer(digest)]), None
+        return fmt.Image(fileset.name, fileset.version, fmt.CompositionMode.LAYERS, [fmt.Layer(digest)]), None
     digest = store.resolve(ref, want=T_IMAGE)
     return store.get_image(digest), digest
 

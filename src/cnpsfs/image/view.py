@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cnpsfs import format as fmt
-from cnpsfs.errors import ConflictError, NotFoundError
+from cnpsfs.errors import ConflictError, ConflictingLayer, NotFoundError
 from cnpsfs.image.reader import ExtentMap
 from cnpsfs.store import NotCached, Store
 
@@ -247,8 +247,8 @@ class Generation:
 
     def _merge(self, node: Node) -> dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]]:
         """Children of a composed directory: name -> (entry, providing layer, dir sources)."""
-        union = [s for s in node.sources if self.mode == "union" and not s.layer.override]
-        stacked = [s for s in node.sources if not (self.mode == "union" and not s.layer.override)]
+        union = [s for s in node.sources if self.mode is fmt.CompositionMode.UNION and not s.layer.override]
+        stacked = [s for s in node.sources if not (self.mode is fmt.CompositionMode.UNION and not s.layer.override)]
         result: dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]] = {}
         if union:
             result = self._merge_union(node, union)
@@ -303,15 +303,13 @@ class Generation:
     @staticmethod
     def _conflict(path: tuple[bytes, ...], a: LayerInfo, b: LayerInfo, what: str) -> ConflictError:
         shown = "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in path)
-        first, second = sorted((a.name, b.name))
-        return ConflictError(f"union conflict at {shown}: {first} and {second} provide {what} "
-                             "(mark one layer override = true to choose)")
+        return ConflictError(shown, ConflictingLayer(a.fileset, a.name), ConflictingLayer(b.fileset, b.name), what)
 
     def _dir_metadata(self, sources: list[Source], name: bytes) -> fmt.Entry:
         real = [s for s in sources if not s.is_synthetic]
         if not real:
             return _synthetic_dir(name)
-        if self.mode == "union":
+        if self.mode is fmt.CompositionMode.UNION:
             stacked = [s for s in real if s.layer.override]
             pick = stacked[-1] if stacked else max(real, key=lambda s: _dir_rank(s.entry))
         else:
