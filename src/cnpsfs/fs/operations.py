@@ -17,7 +17,8 @@ import errno
 import logging
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
@@ -42,14 +43,29 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
 
 
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    """The pyfuse3 calls that need a live FUSE session, in one place.
+
+    The handlers reach the kernel only through these, so in-process tests run them
+    without a mount by passing stand-ins that record what would have been sent.
+    """
+
+    readdir_reply: Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool] = pyfuse3.readdir_reply
+    invalidate_entry: Callable[[int, bytes], None] = pyfuse3.invalidate_entry
+    invalidate_inode: Callable[[int], None] = pyfuse3.invalidate_inode
+
+
 class Operations(pyfuse3.Operations):
     """Read-only FUSE operations over the current :class:`Generation`."""
 
     supports_dot_lookup = True
 
     def __init__(self, generation: Generation, *, use_extensions: bool = True,
-                 cache_bytes: int = DEFAULT_CACHE_MIB << 20, threads: int = DEFAULT_THREADS) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_MIB << 20, threads: int = DEFAULT_THREADS,
+                 kernel: Kernel | None = None) -> None:
         super().__init__()
+        self.kernel = kernel or Kernel()
         self.generation = generation
         self.store = generation.store
         # A swap waits for directory loads in flight and holds new ones back, so it sees
@@ -290,16 +306,16 @@ class Operations(pyfuse3.Operations):
         # Offsets: 0 and 1 are "." and "..", then listing[i] is offset i + 2; stable
         # because a generation's listing never changes.
         if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", self.attributes(node), 1):
+            if not self.kernel.readdir_reply(token, b".", self.attributes(node), 1):
                 return
             start_id = 1
         if start_id == 1:
-            if not pyfuse3.readdir_reply(token, b"..", self.attributes(self.node(node.parent)), 2):
+            if not self.kernel.readdir_reply(token, b"..", self.attributes(self.node(node.parent)), 2):
                 return
             start_id = 2
         for index in range(start_id - 2, len(listing)):
             name, child = listing[index]
-            if not pyfuse3.readdir_reply(token, name, self.attributes(child), index + 3):
+            if not self.kernel.readdir_reply(token, name, self.attributes(child), index + 3):
                 return
             self._count(child)
 
@@ -413,12 +429,12 @@ class Operations(pyfuse3.Operations):
     def _invalidate(self, plan: Any) -> None:
         for parent, name in plan.entries:
             try:
-                pyfuse3.invalidate_entry(parent, name)
+                self.kernel.invalidate_entry(parent, name)
             except OSError as exc:  # ENOENT: the kernel had already dropped it
                 log.debug("invalidate_entry(%d, %r): %s", parent, name, exc)
         for ino in plan.dirs:
             try:
-                pyfuse3.invalidate_inode(ino)
+                self.kernel.invalidate_inode(ino)
             except OSError as exc:
                 log.debug("invalidate_inode(%d): %s", ino, exc)
 

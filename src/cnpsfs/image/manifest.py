@@ -194,8 +194,9 @@ def active_layers(store: Store, image: fmt.Image) -> list[LayerInfo]:
 def compose(store: Store, image: fmt.Image, inodes: InodeTable | None = None, *, number: int = 1,
             label: str = "", previous: Generation | None = None) -> Generation:
     """A generation for *image*: reads the image's FileSet objects and root directories only."""
-    return Generation(store, image, active_layers(store, image), inodes or InodeTable(), number=number,
-                      label=label, previous=previous)
+    table = inodes if inodes is not None else InodeTable()  # an empty table is falsy (len 0)
+    return Generation(store, image, active_layers(store, image), table, number=number, label=label,
+                      previous=previous)
 
 
 def describe_layers(store: Store, layers: Sequence[fmt.Layer]) -> list[dict[str, Any]]:

@@ -127,15 +127,14 @@ class InodeTable:
     Numbers are never reused: a key that comes back after it was dropped gets a new one.
     """
 
-    #: :meth:`sweep_due` once the table grew this much beyond what the last sweep kept.
-    GROWTH = 0.5
-    SLACK = 4096
-
-    def __init__(self) -> None:
+    def __init__(self, *, growth: float = 0.5, slack: int = 4096) -> None:
         self._by_key: dict[tuple[Any, ...], int] = {}
         self._next = ROOT_INODE + 1
         self._lock = threading.Lock()
         self._kept = 0  # keys left by the last retain()
+        # A sweep is due once the table grew by *growth* times what the last one kept, plus *slack*.
+        self._growth = growth
+        self._slack = slack
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -155,7 +154,7 @@ class InodeTable:
 
     def sweep_due(self) -> bool:
         """Whether enough keys may have died since the last :meth:`retain` to pay for one."""
-        return len(self._by_key) > self._kept * (1 + self.GROWTH) + self.SLACK
+        return len(self._by_key) > self._kept * (1 + self._growth) + self._slack
 
     def retain(self, live: set[int]) -> int:
         """Keep only the keys whose number is in *live*; returns how many were dropped.
