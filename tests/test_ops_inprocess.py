@@ -32,7 +32,7 @@ from cnpsfs.errors import CnpsfsError, ConflictError, MissingObjectError
 from cnpsfs.fs.operations import Kernel, Operations
 from cnpsfs.image.manifest import compose
 from cnpsfs.image.swap import SwapPlan, prepare
-from cnpsfs.image.view import ROOT_INODE, Generation, InodeTable, Node
+from cnpsfs.image.view import ROOT_INODE, Generation, InodeTable, Node, identity
 from cnpsfs.ingest.directory import import_directory
 from cnpsfs.ingest.tree import ImportOptions
 from cnpsfs.store import LocalStore
@@ -561,7 +561,8 @@ def test_many_swaps_keep_the_inode_table_the_size_of_the_trees(tmp_path: Path) -
         paths = 1 + 20 + 200
         sizes = []
         numbers: set[int] = set()
-        held = {generation.resolve("/d0/f0").ino}  # one inode the kernel keeps throughout
+        first = {path: generation.resolve(path) for path in ("/d0/f0", "/d0/f5")}  # both change every version
+        held = {first["/d0/f0"].ino}  # the kernel keeps this one throughout (an open file, say)
         for number, image in enumerate(images[1:], 2):
             new = compose(store, image, generation.inodes, number=number, previous=generation)
             prepare(generation, new, held=held)
@@ -574,6 +575,11 @@ def test_many_swaps_keep_the_inode_table_the_size_of_the_trees(tmp_path: Path) -
         assert len(generation.nodes) == paths
         assert len(numbers) > 40 * 20  # changed files got new numbers each time (none reused)
         assert generation.inodes.number(("never", "seen")) > max(numbers)
+        # The held inode's key survived every sweep; the other old file's key went, and its
+        # number is never handed out again.
+        for path, node in first.items():
+            again = generation.inodes.number(("f", node.path, identity(node.entry)))
+            assert (again == node.ino) == (path == "/d0/f0"), path
     finally:
         store.close()
 

@@ -264,7 +264,9 @@ class MountService:
         started = time.monotonic()
         label = f"{image.name}@{image.version}"
 
-        held = frozenset(self.ops.lookups)  # taken on the loop: the worker must not iterate it
+        # What the kernel holds, for the inode table's sweep: copied here, on the loop (the
+        # worker must not iterate it), and only when a sweep is due (a copy is O(held)).
+        held = list(self.ops.lookups) if self.ops.generation.inodes.sweep_due() else None
 
         def build(old: Generation) -> tuple[Generation, SwapPlan]:
             new = compose(self.store, image, old.inodes, number=old.number + 1, label=label, previous=old)

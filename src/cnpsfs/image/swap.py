@@ -39,11 +39,12 @@ class SwapPlan:
     dropped_keys: int = 0  # inode table keys of nodes nothing holds any more
 
 
-def prepare(old: Generation, new: Generation, *, held: Iterable[int] = ()) -> SwapPlan:
+def prepare(old: Generation, new: Generation, *, held: Iterable[int] | None = None) -> SwapPlan:
     """Check the new generation where it differs and compute the invalidations.
 
-    *held* are the inode numbers the kernel still holds (lookups not yet forgotten):
-    their inode table keys are kept, so a name that comes back gets its old number.
+    With *held*, the inode numbers the kernel still holds (lookups not yet forgotten),
+    the inode table is swept if that is due; their keys are kept, so a name that comes
+    back gets its old number. Without, no sweep (the caller had no snapshot to give).
     """
     plan = SwapPlan()
     stack: list[tuple[Node | None, Node]] = [(old.root, new.root)]
@@ -82,7 +83,7 @@ def prepare(old: Generation, new: Generation, *, held: Iterable[int] = ()) -> Sw
                 old_child = _unloaded_dir(old, old_node, name)
             stack.append((old_child, new_child))
     new.previous = None
-    if new.inodes.sweep_due():
+    if held is not None and new.inodes.sweep_due():
         plan.dropped_keys = new.inodes.retain(new.loaded_inodes() | set(held))
     return plan
 
