@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
 
 from cnpsfs import format as fmt
 from cnpsfs.cli.context import App, emit_json, human_size, json_option, pass_app
-from cnpsfs.errors import NotFoundError, UsageError
+from cnpsfs.errors import CnpsfsError, NotFoundError, UsageError
 from cnpsfs.store import T_FILESET, T_IMAGE, TYPE_NAMES, check_tag_name, check_tag_version
 
 
@@ -66,9 +67,17 @@ def df_cmd(app: App, as_json: bool) -> None:
 def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
     """Remove every object no tag, image or running mount reaches, leftovers of
     killed imports, and repack packs that are mostly garbage. Waits for running imports."""
+    from cnpsfs.fs.daemon import forget_dead_mounts, forget_dead_roots
     from cnpsfs.store.maintenance import gc
 
-    r = gc(app.store(), dry_run=dry_run)
+    store = app.store()
+    if not dry_run:
+        # Killed daemons leave their roots behind (and a zombie nobody reaps still answers
+        # kill(pid, 0)): what only they served is garbage now.
+        with contextlib.suppress(CnpsfsError):  # an unsafe runtime dir is for mount to refuse
+            forget_dead_mounts()
+        forget_dead_roots(store.run_dir)
+    r = gc(store, dry_run=dry_run)
     data = {"removed_objects": r.removed_objects, "removed_packs": r.removed_packs, "repacked": r.repacked,
             "removed_tmp": r.removed_tmp, "bytes_before": r.bytes_before, "bytes_after": r.bytes_after}
     if as_json:

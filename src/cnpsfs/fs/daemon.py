@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import faulthandler
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -40,12 +43,46 @@ READY = b"ready\n"
 
 
 def runtime_dir() -> Path:
-    if os.geteuid() == 0:
-        base = Path("/run/cnpsfs")
+    """Where mount records, control sockets, logs and mountpoint locks live, checked safe.
+
+    ``/run/cnpsfs`` for root; ``$XDG_RUNTIME_DIR/cnpsfs``, else ``/tmp/cnpsfs-UID/cnpsfs``,
+    for other users. Each directory on the way that cnpsfs owns must be a real directory
+    (not a symlink) owned by the user and writable by nobody else, as the XDG Base
+    Directory rules ask of ``XDG_RUNTIME_DIR``: in a shared ``/tmp`` another user could
+    plant ``/tmp/cnpsfs-UID`` first and then read the logs or replace records and sockets.
+    """
+    uid = os.geteuid()
+    if uid == 0:
+        chain = [Path("/run/cnpsfs")]
     else:
-        base = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cnpsfs-{os.getuid()}") / "cnpsfs"
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return base
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        parent = Path(xdg) if xdg else Path(f"/tmp/cnpsfs-{os.getuid()}")
+        chain = [parent, parent / "cnpsfs"]
+    for path in chain:
+        _safe_runtime_dir(path, uid)
+    return chain[-1]
+
+
+def _safe_runtime_dir(path: Path, uid: int) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise CnpsfsError(f"cannot create runtime directory {path}: {exc.strerror}") from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        problem = "it is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "not a directory"
+    elif st.st_uid != uid:
+        problem = f"owned by uid {st.st_uid}, not {uid}"
+    elif st.st_mode & 0o022:
+        problem = f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    else:
+        return
+    raise CnpsfsError(f"unsafe runtime directory {path}: {problem}; remove it, or set XDG_RUNTIME_DIR to a "
+                      "directory of your own (mode 0700)")
 
 
 def mount_key(mountpoint: str) -> str:
@@ -84,6 +121,148 @@ class MountRecord:
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path_for(self.mountpoint).unlink()
+
+
+def lock_mountpoint(mountpoint: str) -> int:
+    """Take the mountpoint's lock (``<runtime dir>/<key>.lock``); returns its descriptor.
+
+    Whoever mounts holds it from before the checks until its daemon exits (the forked
+    daemon inherits the descriptor), so of two mounts started at once on one directory
+    exactly one gets past here and the other is told the mountpoint is busy. Leftovers of
+    killed daemons are cleaned first, so a dead one never holds a mountpoint.
+    """
+    real = os.path.realpath(mountpoint)
+    rt = runtime_dir()
+    forget_dead_mounts(rt)
+    path = rt / f"{mount_key(real)}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            record = MountRecord.load(real)
+            holder = f" (cnpsfs daemon pid {record.pid})" if record else ""
+            raise CnpsfsError(f"mountpoint {mountpoint} is busy: another cnpsfs mount is starting or serving "
+                              f"there{holder}") from None
+        # unmount removes the lock file once its daemon is gone: a lock taken on a file
+        # that was removed meanwhile protects nothing, so take the new one instead.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _release_lock_file(real: str) -> None:
+    """Remove a mountpoint's lock file when nobody holds it (after its daemon exited)."""
+    path = runtime_dir() / f"{mount_key(real)}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    except BlockingIOError:
+        pass  # a new mount is starting there
+    finally:
+        os.close(fd)
+
+
+def forget_dead_mounts(rt: Path | None = None) -> list[MountRecord]:
+    """Clean up after daemons that died without doing it themselves (SIGKILL, OOM, a crash).
+
+    For each record whose daemon is gone: its control socket and the gc roots file it
+    registered in its store (``run/<pid>.roots``, docs/format.md §2) are removed, so gc no
+    longer keeps what it served; the record itself is removed too unless its mount is
+    still attached (a dead FUSE connection), which ``cnpsfs umount`` detaches using it.
+    Returns the records of dead daemons.
+    """
+    dead = []
+    for path in sorted((rt or runtime_dir()).glob("*.json")):
+        try:
+            record = MountRecord(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if pid_alive(record.pid):
+            continue
+        dead.append(record)
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(record.control).st_mode):
+                os.unlink(record.control)
+        with contextlib.suppress(OSError):
+            os.unlink(Path(record.store) / "run" / f"{record.pid}.roots")
+        attached = mounted_fstype(record.mountpoint) is not None or (
+            bool(record.lower) and mounted_fstype(record.lower) is not None)
+        if not attached:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            log.info("removed the record of %s: its daemon (pid %d) is gone", record.mountpoint, record.pid)
+    return dead
+
+
+def forget_dead_roots(run_dir: Path) -> int:
+    """Remove gc roots files (``run/<pid>.roots``) of processes that are gone; returns how many.
+
+    A zombie counts as gone: a killed daemon nobody reaps (in a container whose init does
+    not) still answers kill(pid, 0), and its roots would otherwise be kept forever.
+    """
+    removed = 0
+    for path in run_dir.glob("*.roots"):
+        try:
+            pid = int(path.stem)
+        except ValueError:
+            continue
+        if not pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------- why a mount failed
+
+
+def mount_failure_cause(*, allow_other: bool, fuse_output: str = "") -> str | None:
+    """Why libfuse could not mount, in words a user can act on, or None when unknown.
+
+    libfuse reports only ``fuse_session_mount failed``; the cause is on its stderr (or
+    fusermount3's) or in the system's setup, which is checked here in the order a user
+    would fix things. *fuse_output* is what libfuse and fusermount3 wrote meanwhile.
+    """
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "/dev/fuse does not exist (load the fuse module: modprobe fuse)"
+    except OSError as exc:
+        try:
+            st = os.stat("/dev/fuse")
+            how = f"mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}"
+        except OSError:
+            how = "its mode is unknown"
+        return (f"cannot open /dev/fuse: {exc.strerror} ({how}; a user can mount only where the device is readable "
+                "and writable by them, e.g. mode 0666 as Debian's fuse3 package installs it)")
+    os.close(fd)
+    if os.geteuid() != 0:
+        if shutil.which("fusermount3") is None:
+            return "fusermount3 is not installed (apt-get install fuse3): users other than root mount through it"
+        if allow_other and not _user_allow_other():
+            return ("--allow-other is refused for users other than root unless /etc/fuse.conf has the line "
+                    "user_allow_other")
+    lines = [line.strip() for line in fuse_output.splitlines() if line.startswith(("fuse:", "fusermount3:"))]
+    return lines[-1] if lines else None
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf", encoding="utf-8", errors="replace") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
 
 
 def mounted_fstype(path: str) -> str | None:
@@ -225,7 +404,18 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = UNMOUNT_TIM
     A writable mount is taken down in order: the overlay first, then the FUSE lower.
     """
     real = os.path.realpath(mountpoint)
-    record = MountRecord.load(real)
+    record = MountRecord.load(real)  # before the sweep, which drops the records of dead daemons
+    forget_dead_mounts()
+    try:
+        _unmount(mountpoint, real, record, lazy=lazy, timeout=timeout)
+    finally:
+        if record is not None and not pid_alive(record.pid):
+            forget_dead_mounts()
+        if mounted_fstype(real) is None:
+            _release_lock_file(real)
+
+
+def _unmount(mountpoint: str, real: str, record: MountRecord | None, *, lazy: bool, timeout: float) -> None:
     if record is not None and record.lower:
         from cnpsfs.fs.overlay import unmount_overlay
 
@@ -298,6 +488,7 @@ def _stop_daemon(pid: int, timeout: float) -> None:
 
 
 def status_record(mountpoint: str) -> dict[str, Any]:
+    forget_dead_mounts()
     record = MountRecord.load(mountpoint)
     if record is None:
         raise UsageError(f"no cnpsfs mount is recorded at {mountpoint}")

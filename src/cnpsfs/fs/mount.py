@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,10 +91,14 @@ class MountService:
         _tune_gc()
         ops = self.ops = Operations(generation, use_extensions=self.options.use_extensions,
                                     cache_bytes=self.options.cache_bytes, threads=self.options.threads)
+        output = _StderrTail()
         try:
             pyfuse3.init(ops, self.mountpoint, self.fuse_options())
         except RuntimeError as exc:
-            raise CnpsfsError(f"cannot mount at {self.mountpoint}: {exc}") from None
+            from cnpsfs.fs.daemon import mount_failure_cause
+
+            cause = mount_failure_cause(allow_other=self.options.allow_other, fuse_output=output.read())
+            raise CnpsfsError(f"cannot mount at {self.mountpoint}: {cause or exc}") from None
         try:
             trio.run(self._main, on_ready)
         finally:
@@ -317,6 +322,31 @@ class MountService:
             "inode_keys": len(gen.inodes),
             "uptime": round(time.time() - self.started, 3),
         }
+
+
+class _StderrTail:
+    """What is written to stderr from now on, when stderr is a file (the daemon's log).
+
+    libfuse and fusermount3 say why a mount failed only there; reading it back lets the
+    one-line error name the cause. Elsewhere (a terminal, the journal) the user sees it.
+    """
+
+    def __init__(self) -> None:
+        try:
+            st = os.fstat(2)
+            self.offset = st.st_size if stat.S_ISREG(st.st_mode) else None
+        except OSError:
+            self.offset = None
+
+    def read(self, limit: int = 1 << 16) -> str:
+        if self.offset is None:
+            return ""
+        try:
+            with open("/proc/self/fd/2", "rb") as f:
+                f.seek(self.offset)
+                return f.read(limit).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
 
 #: Young-generation threshold of the cyclic GC in the daemon (CPython's default is 700).

@@ -60,7 +60,10 @@ def mount_image(store: Store, ref: str, mountpoint: str, options: MountOptions |
 
         mount.serve(ready)
 
-    pid = spawn_daemon(child, timeout=mount.options.ready_timeout)
+    try:
+        pid = spawn_daemon(child, timeout=mount.options.ready_timeout)
+    finally:
+        os.close(mount.lock)  # the daemon holds its own copy of the mountpoint lock
     mount.record.pid = pid
     return Mounted(mount.label, mount.record)
 
@@ -73,13 +76,27 @@ def serve_image(store: Store, ref: str, mountpoint: str, options: MountOptions |
     started this process, the mount service also tells it READY=1.
     """
     mount = _Mount(store, ref, mountpoint, options or MountOptions())
-    mount.serve(on_ready or (lambda: log.info("mounted %s at %s", mount.label, mount.real)))
+    try:
+        mount.serve(on_ready or (lambda: log.info("mounted %s at %s", mount.label, mount.real)))
+    finally:
+        os.close(mount.lock)
 
 
 class _Mount:
     """One mount, checked and composed, not yet served."""
 
     def __init__(self, store: Store, ref: str, mountpoint: str, options: MountOptions) -> None:
+        from cnpsfs.fs.daemon import lock_mountpoint
+
+        # Held until this process, or the daemon it forks, exits: one mount per directory.
+        self.lock = lock_mountpoint(mountpoint)
+        try:
+            self._prepare(store, ref, mountpoint, options)
+        except BaseException:
+            os.close(self.lock)
+            raise
+
+    def _prepare(self, store: Store, ref: str, mountpoint: str, options: MountOptions) -> None:
         from cnpsfs.fs.control import control_path_for
         from cnpsfs.fs.daemon import check_mountpoint, mount_key, runtime_dir
         from cnpsfs.fs.mount import MountService
