@@ -75,6 +75,15 @@ def _chroot(mnt: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
 
 
+def assert_dpkg_verify_silent(store: Store, digest: bytes, tmp_path: Path) -> None:
+    """Issue 15 bug 12: every built image passes ``dpkg --verify`` without a word."""
+    mnt = tmp_path / f"verify-{digest.hex()[:12]}"
+    mnt.mkdir()
+    with mount_image(store.path, "blake3:" + digest.hex(), mnt):
+        verify = _chroot(mnt, "dpkg", "--verify")
+        assert (verify.returncode, verify.stdout, verify.stderr) == (0, "", ""), verify.stdout + verify.stderr
+
+
 def test_reproducible_and_order_free(small: tuple[Store, bytes, Path], tmp_path: Path) -> None:
     _store, digest, _base = small
     other = LocalStore(tmp_path / "store2", create=True)
@@ -97,7 +106,7 @@ def test_small_image_mounted(small: tuple[Store, bytes, Path], tmp_path: Path) -
         assert "ii hello" in rows
         assert _chroot(mnt, "dpkg", "--audit").stdout == ""
         verify = _chroot(mnt, "dpkg", "--verify")
-        assert verify.returncode == 0 and verify.stdout == "", verify.stdout
+        assert (verify.returncode, verify.stdout, verify.stderr) == (0, "", ""), verify.stdout + verify.stderr
         assert _chroot(mnt, "dpkg", "-S", "/usr/bin/hello").stdout.strip() == "hello: /usr/bin/hello"
         assert _chroot(mnt, "/usr/bin/hello").stdout == "Hello, world!\n"
         for path in ("etc/machine-id", "var/lib/dbus/machine-id", "usr/sbin/policy-rc.d"):
@@ -165,6 +174,8 @@ def test_realistic_image(realistic: tuple[Store, BuildResult], tmp_path: Path) -
         assert os.readlink(mnt / "bin") == "usr/bin"
         assert _chroot(mnt, "dpkg", "-S", "/bin/bash").stdout.strip() == "bash: /bin/bash"
         assert _chroot(mnt, "/usr/bin/hello").stdout == "Hello, world!\n"
+        verify = _chroot(mnt, "dpkg", "--verify")
+        assert (verify.returncode, verify.stdout, verify.stderr) == (0, "", ""), verify.stdout + verify.stderr
 
 
 def test_python3_image(realistic: tuple[Store, BuildResult], tmp_path: Path) -> None:
@@ -240,10 +251,11 @@ def test_trigger_interests_registered(realistic: tuple[Store, BuildResult], tmp_
             assert (out.returncode, out.stdout, out.stderr) == (0, "", ""), check
 
 
-def test_package_added_reuses_the_rest(realistic: tuple[Store, BuildResult]) -> None:
+def test_package_added_reuses_the_rest(realistic: tuple[Store, BuildResult], tmp_path: Path) -> None:
     store, first = realistic
     result = build(store, parse_recipe(_realistic("added", ["bzip2"])))
     assert (result.imported, result.reused) == (1, len(first.image.metadata["debian"]["packages"]))
+    assert_dpkg_verify_silent(store, result.digest, tmp_path)
     from cnpsfs.debian.introspect import diff
 
     changes = diff(store, "example.org/hello@1", "example.org/hello@added")
@@ -270,6 +282,7 @@ def test_version_change_is_surgical(realistic: tuple[Store, BuildResult], tmp_pa
     store, first = realistic
     package, was, pinned = _older_version(first.image.metadata["debian"]["packages"])
     result = build(store, parse_recipe(_realistic("pinned", [f"{package}={pinned}"])))
+    assert_dpkg_verify_silent(store, result.digest, tmp_path)
     count = len(first.image.metadata["debian"]["packages"])
     assert (result.imported, result.reused) == (1, count - 1)
     before = {p["package"]: p for p in first.image.metadata["debian"]["packages"]}

@@ -199,6 +199,26 @@ def test_strip_volatile(tmp_path: Path, cli: Cli) -> None:
     assert "machine-id" in ls_json(cli, full, "/etc")
 
 
+def test_strip_volatile_keeps_what_a_package_owns(tmp_path: Path, cli: Cli) -> None:
+    """Issue 15 bug 12: stripping never removes a path a dpkg file list in the same tree
+    lists, so ``dpkg --verify`` in the image stays silent. Directory and tar imports agree."""
+    lists = {b"var/lib/dpkg/info/logger.list": b"/.\n/var\n/var/log\n/var/log/logger.log\n",
+             b"var/lib/dpkg/info/py:amd64.list": b"/usr\n/usr/lib/x/__pycache__/shipped.cpython-311.pyc\n"}
+    nodes = [Node(p, "file", data=b"v", mtime_ns=1) for p in
+             (b"var/log/logger.log", b"var/log/dpkg.log", b"usr/lib/x/__pycache__/shipped.cpython-311.pyc",
+              b"usr/lib/x/__pycache__/built.cpython-311.pyc", b"etc/machine-id")]
+    nodes += [Node(p, "file", data=d, mtime_ns=1) for p, d in lists.items()]
+    tree = build_tree(tmp_path / "t", nodes, root_mtime_ns=1)
+    ref = digest_of(cli.ok("import", "dir", tree, "--name", "example.org/owned", "--strip-volatile"))
+    assert set(ls_json(cli, ref, "/var/log")) == {"logger.log"}
+    assert set(ls_json(cli, ref, "/usr/lib/x/__pycache__")) == {"shipped.cpython-311.pyc"}
+    assert "machine-id" not in ls_json(cli, ref, "/etc")
+    archive = tmp_path / "t.tar"
+    subprocess.run(["tar", "--xattrs", "-C", tree, "-cf", archive, "."], check=True)
+    from_tar = digest_of(cli.ok("import", "tar", archive, "--name", "example.org/owned", "--strip-volatile"))
+    assert from_tar == ref
+
+
 def test_other_filesystems_are_not_crossed(tmp_path: Path, cli: Cli) -> None:
     tree = build_tree(tmp_path / "t", [Node(b"proc", "dir", 0o555, mtime_ns=1), Node(b"f", "file", data=b"f")])
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cnpsfs-test", tree / "proc"], check=True)

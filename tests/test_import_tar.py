@@ -360,6 +360,15 @@ def test_bad_archives_are_rejected_whole(tmp_path: Path, cli: Cli, case: str) ->
     assert not os.path.lexists("/etc/evil")
 
 
+def test_strip_volatile_leaves_no_parent_it_needed_alone(tmp_path: Path, cli: Cli) -> None:
+    """A volatile member whose parents the archive never lists leaves no directory behind."""
+    data = tar_bytes([(member("etc/hostname"), b"h"), (member("var/log/apt/history.log"), b"x")])
+    stripped = digest_of(cli.ok("import", "tar", "-", "--name", "example.org/v", "--strip-volatile", input=data))
+    plain = digest_of(cli.ok("import", "tar", "-", "--name", "example.org/v",
+                             input=tar_bytes([(member("etc/hostname"), b"h")])))
+    assert stripped == plain
+
+
 def test_missing_archive(tmp_path: Path, cli: Cli) -> None:
     result = cli("import", "tar", tmp_path / "absent.tar")
     assert result.rc == 1 and "cannot open" in result.stderr and "absent.tar" in result.stderr

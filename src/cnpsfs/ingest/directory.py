@@ -121,8 +121,8 @@ def scan_directory(root: bytes, builder: TreeBuilder,
             what = os.fsdecode(path)
             group = (st.st_dev, st.st_ino) if entry.kind is not fmt.Kind.DIR and st.st_nlink > 1 else None
             source = PathSource(path, st.st_size) if entry.kind is fmt.Kind.FILE else None
-            node = builder.add(parts, entry, source=source, link_group=group, what=what)
-            if node is not None and entry.kind is fmt.Kind.DIR and st.st_dev == root_st.st_dev:
+            builder.add(parts, entry, source=source, link_group=group, what=what)
+            if entry.kind is fmt.Kind.DIR and st.st_dev == root_st.st_dev:
                 stack.append((path, parts))
 
 

@@ -183,8 +183,6 @@ class TarImporter:
         if member.isreg():
             entry.size = member.size
             node = self.builder.add(parts, entry, what=what)
-            if node is None:
-                return  # volatile, dropped
             node.link_group = node  # a later hard link may join this group
             data = tf.extractfile(member)
             assert data is not None
@@ -237,9 +235,8 @@ class TarImporter:
         if target.link_group is None:
             target.link_group = target
         node = self.builder.add(parts, linked, source=target.source, link_group=target.link_group, what=what)
-        if node is not None:
-            node.extents = target.extents
-            linked.hash = src.hash
+        node.extents = target.extents
+        linked.hash = src.hash
 
     @staticmethod
     def _pieces(data: IO[bytes], size: int, what: str) -> Iterator[bytes]:

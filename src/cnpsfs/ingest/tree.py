@@ -144,6 +144,7 @@ class TreeBuilder:
         self.source_name = source_name
         default_mtime = options.clamp(0)
         self.root = Node(fmt.Entry(b"", fmt.Kind.DIR, 0o755, mtime_ns=default_mtime), {}, implicit=True)
+        self.volatile: list[tuple[tuple[bytes, ...], Node]] = []
 
     def _parent(self, parts: tuple[bytes, ...], what: str) -> Node:
         node = self.root
@@ -170,15 +171,14 @@ class TreeBuilder:
         self.root.implicit = False
 
     def add(self, parts: tuple[bytes, ...], entry: fmt.Entry, *, source: DataSource | None = None,
-            link_group: object | None = None, what: str) -> Node | None:
-        """Add one entry; returns its node, or None when it was dropped as volatile."""
+            link_group: object | None = None, what: str) -> Node:
+        """Add one entry and return its node (volatile ones are dropped later, :meth:`drop_volatile`)."""
         if not parts:
             if entry.kind is not fmt.Kind.DIR:
                 raise ImportRejected(f"{what}: the root must be a directory")
             self.set_root(entry)
             return self.root
-        if self.options.strip_volatile and entry.kind is not fmt.Kind.DIR and is_volatile(b"/".join(parts)):
-            return None
+        volatile = self.options.strip_volatile and entry.kind is not fmt.Kind.DIR and is_volatile(b"/".join(parts))
         try:
             fmt.check_name(parts[-1])
         except FormatError as exc:
@@ -196,7 +196,55 @@ class TreeBuilder:
             raise ImportRejected(f"{what}: duplicate member")
         node = Node(entry, {} if entry.kind is fmt.Kind.DIR else None, source, link_group)
         parent.children[parts[-1]] = node
+        if volatile:
+            self.volatile.append((parts, node))
         return node
+
+    def drop_volatile(self) -> None:
+        """Drop the volatile paths (§1.10) that no package of the tree owns.
+
+        Deciding at the end, not as members arrive, lets a tar archive list a package's
+        file list after the file: what a dpkg file list in this tree names
+        (``var/lib/dpkg/info/*.list``) is the package's, and stripping it would make
+        ``dpkg --verify`` report it missing in the image.
+        """
+        if not self.volatile:
+            return
+        owned = self._dpkg_owned()
+        for parts, node in self.volatile:
+            if owned is None or b"/".join(parts) in owned:
+                continue
+            parent = self.lookup(parts[:-1])
+            if parent is not None and parent.children is not None and parent.children.get(parts[-1]) is node:
+                del parent.children[parts[-1]]
+                self._prune_implicit(parts[:-1])
+        self.volatile = []
+
+    def _prune_implicit(self, parts: tuple[bytes, ...]) -> None:
+        """Remove parents the source never described that only a dropped path needed."""
+        while parts:
+            node = self.lookup(parts)
+            parent = self.lookup(parts[:-1])
+            if node is None or parent is None or parent.children is None:
+                return
+            if not node.implicit or node.opaque or node.children:
+                return
+            del parent.children[parts[-1]]
+            parts = parts[:-1]
+
+    def _dpkg_owned(self) -> set[bytes] | None:
+        """Every path the tree's dpkg file lists name (relative), or None when one cannot be read."""
+        info = self.lookup((b"var", b"lib", b"dpkg", b"info"))
+        owned: set[bytes] = set()
+        if info is None or info.children is None:
+            return owned
+        for name, node in info.children.items():
+            if not name.endswith(b".list") or node.entry.kind is not fmt.Kind.FILE:
+                continue
+            if node.source is None:
+                return None  # its data went to the store as it arrived: keep everything
+            owned.update(line.strip().lstrip(b"/") for line in node.source.read_all().splitlines())
+        return owned
 
     def lookup(self, parts: tuple[bytes, ...]) -> Node | None:
         node = self.root
@@ -255,6 +303,7 @@ def write_fileset(store: Store, builder: TreeBuilder, *, pool: concurrent.future
             content.on_progress = on_progress
             if prepare is not None:
                 prepare(writer, content)
+            builder.drop_volatile()
             _store_file_data(builder, content)
             content.finish()
             root = _store_directories(builder, writer)
