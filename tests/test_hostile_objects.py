@@ -47,7 +47,7 @@ def past_the_end() -> list[fmt.Entry]:
     ]
 
 
-def test_extent_past_the_end_of_its_chunk_is_an_error_not_short_data(store: Store, cli: Cli) -> None:
+def test_extent_past_the_end_of_its_chunk_is_an_error_not_short_data(store: Store, cli: Cli, tmp_path: Path) -> None:
     ref = store_tree(store, past_the_end())
     store.close()
     assert cli.ok("cat", ref, "fine").stdout_bytes == b"2345"
@@ -56,6 +56,8 @@ def test_extent_past_the_end_of_its_chunk_is_an_error_not_short_data(store: Stor
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
     assert "past the end of chunk" in result.stderr and fmt.format_digest(fmt.digest_bytes(CHUNK)) in result.stderr
     export = cli("export", "tar", ref, "-")
+    assert export.rc == 1 and "past the end of chunk" in export.stderr, export
+    export = cli("export", "dir", ref, tmp_path / "out")
     assert export.rc == 1 and "past the end of chunk" in export.stderr, export
 
 

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError
-from cnpsfs.image.reader import ChunkCache, ExtentMap, StoreFile, cached_getter, read_range
+from cnpsfs.image.reader import ChunkCache, ExtentMap, StoreFile, cached_getter, past_the_end, read_range
 from cnpsfs.image.walk import walk
 from cnpsfs.store import Store
 
@@ -99,7 +99,10 @@ def _write_file(exp: Exporter, entry: fmt.Entry, path: bytes,
                 os.lseek(fd, n, os.SEEK_CUR)  # leave a hole
             else:
                 chunk = exp.get_chunk(ext.digest)
-                os.write(fd, memoryview(chunk)[ext.offset + inner : ext.offset + inner + n])
+                piece = memoryview(chunk)[ext.offset + inner : ext.offset + inner + n]
+                if len(piece) != n:
+                    raise past_the_end(ext, len(chunk))
+                os.write(fd, piece)
             if on_progress is not None:
                 on_progress(n)
         os.ftruncate(fd, emap.size)
