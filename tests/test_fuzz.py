@@ -16,7 +16,10 @@ replayed on every run. Figures are in docs/reliability.md.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,12 +31,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cnpsfs import format as fmt
-from cnpsfs.errors import FormatError
+from cnpsfs.errors import CnpsfsError, FormatError
 
 CORPUS = Path(__file__).parent / "corpus"
 
 #: Examples per smoke test (a few seconds each) and per long test.
-SMOKE_EXAMPLES = int(os.environ.get("CNPSFS_FUZZ_SMOKE", "300"))
+SMOKE_EXAMPLES = int(os.environ.get("CNPSFS_FUZZ_SMOKE", "500"))
 LONG_EXAMPLES = int(os.environ.get("CNPSFS_FUZZ_LONG", "20000"))
 #: No single input may take longer than this to be decoded or refused.
 DECODE_DEADLINE = 2.0
@@ -293,5 +296,347 @@ def corpus_files(kind: str) -> list[Path]:
 
 @pytest.mark.parametrize("path", corpus_files("objects"), ids=lambda p: p.name)
 def test_object_corpus(path: Path) -> None:
-    """Inputs that once broke an object decoder (kept as regression tests)."""
-    decode_any(path.read_bytes())
+    """Objects the old decoders accepted or crashed on (docs/reliability.md): every decoder refuses each."""
+    data = path.read_bytes()
+    decode_any(data)
+    for decode in (*DECODERS.values(), fmt.referenced_digests):
+        with pytest.raises(FormatError):
+            decode(data)
+
+
+# --------------------------------------------------------------------------- manifests (TOML)
+
+SEED_MANIFESTS = [
+    'name = "example.org/app"\nversion = "1.0"\nmode = "union"\n[[layers]]\nfileset = "debian.org/bash@5"\n'
+    '[[layers]]\nfileset = "blake3:3f2a"\nat = "/opt//app/"\nunlinked = false\noverride = true\nlabel = "code"\n'
+    '[config]\nentrypoint = ["/bin/sh", "-c"]\ncmd = ["echo"]\nenv = ["A=1"]\nworkdir = "/"\nuser = "0:0"\n'
+    'labels = { "k" = "v" }\nstop_signal = "SIGTERM"\n[metadata]\nx = [1, "two", { y = true }]\n',
+    'name = "example.org/m"\nversion = "1"\n[[layers]]\nfileset = "x"\n',
+]
+TOML_ATOMS = st.sampled_from([
+    '"x"', '""', '"/"', '"/a\\u0000b"', '"/' + "n" * 300 + '"', "1", "-1", "1.5", "nan", "inf", "true",
+    "1979-05-27T07:32:00Z", "[]", "[1, 2]", '["a", 1]', "{}", '{ a = 1 }', '"\\ud800"', "0x10", '"layers"',
+    '"union"', '"stack"', '"/opt/../etc"', '"relative"', '"NAME=VALUE"', '"novalue"', "9999999999999999999",
+])
+TOML_KEYS = st.sampled_from(["name", "version", "mode", "layers", "config", "metadata", "fileset", "at",
+                             "unlinked", "override", "label", "entrypoint", "cmd", "env", "workdir", "user",
+                             "labels", "stop_signal", "colour", "x", '"quoted key"', "a.b"])
+
+
+@st.composite
+def toml_documents(draw: st.DrawFn) -> str:
+    """TOML built from the manifest's own keys with odd values, tables and arrays of tables."""
+    lines = [f"{draw(TOML_KEYS)} = {draw(TOML_ATOMS)}" for _ in range(draw(st.integers(0, 4)))]
+    for _ in range(draw(st.integers(0, 4))):
+        header = draw(st.sampled_from(["[[layers]]", "[config]", "[metadata]", "[layers]", "[[config]]", "[x.y]"]))
+        lines.append(header)
+        lines += [f"{draw(TOML_KEYS)} = {draw(TOML_ATOMS)}" for _ in range(draw(st.integers(0, 4)))]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+
+
+ODD_MANIFEST_VALUES = st.one_of(
+    st.sampled_from(["", "/", "/a\x00b", "/" + "n" * 256, "/opt/../x", "rel", "/é" * 200, "/" + "d/" * 2100,
+                     "NAME", "A=1", "union", "layers", "blake3:zz", "x@", "@1", "a b", "Example.org/x"]),
+    st.text(max_size=12), st.integers(-5, 5), st.booleans(), st.lists(st.text(max_size=5), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2), st.just(1.5))
+
+
+@st.composite
+def manifest_dicts(draw: st.DrawFn) -> str:
+    """A valid manifest with a few fields replaced by odd values, rendered as TOML."""
+    doc: dict[str, Any] = {"name": "example.org/app", "version": "1.0", "mode": "layers"}
+    layers = [{"fileset": "example.org/base@1", "at": draw(st.sampled_from(["/", "/opt/app", "//x//y/"])),
+               "unlinked": False, "override": draw(st.booleans()), "label": "l"}
+              for _ in range(draw(st.integers(1, 3)))]
+    config: dict[str, Any] = {"cmd": ["/bin/sh"], "env": ["A=1"], "workdir": "/", "labels": {"k": "v"}}
+    metadata: dict[str, Any] = {"m": [1, "two", {"three": True}]}
+    for _ in range(draw(st.integers(0, 3))):
+        table = draw(st.sampled_from([doc, config, metadata, *layers]))
+        key = draw(st.sampled_from([*table.keys(), "extra"])) if table else "extra"
+        table[key] = draw(ODD_MANIFEST_VALUES)
+    lines = [f"{k} = {_toml(v)}" for k, v in doc.items()]
+    for layer in layers:
+        lines += ["[[layers]]", *(f"{k} = {_toml(v)}" for k, v in layer.items())]
+    lines += ["[config]", *(f"{json.dumps(k)} = {_toml(v)}" for k, v in config.items())]
+    lines += ["[metadata]", *(f"{json.dumps(k)} = {_toml(v)}" for k, v in metadata.items())]
+    return "\n".join(lines) + "\n"
+
+
+MANIFEST_INPUTS = st.one_of(
+    st.text(max_size=300),
+    toml_documents(),
+    manifest_dicts(),
+    mutated([m.encode() for m in SEED_MANIFESTS]).map(lambda b: b.decode("utf-8", "replace")),
+    st.sampled_from(SEED_MANIFESTS).flatmap(lambda m: toml_documents().map(lambda extra: m + extra)),
+)
+
+
+def parse_any_manifest(text: str) -> None:
+    from cnpsfs.image.manifest import parse_manifest
+
+    started = time.monotonic()
+    try:
+        spec = parse_manifest(text, "fuzz.toml")
+    except CnpsfsError as exc:
+        assert "\n" not in str(exc), f"a multi-line error: {exc!r}"
+    else:
+        # What the parser accepts, the image encoder must accept too (with the references resolved).
+        layers = [fmt.Layer(D1, layer["at"], layer["unlinked"], layer["override"], layer["label"])
+                  for layer in spec["layers"]]
+        fmt.encode_image(fmt.Image(spec["name"], spec["version"], spec["mode"], layers, spec["config"],
+                                   spec["metadata"]))
+    assert time.monotonic() - started < DECODE_DEADLINE
+
+
+def test_manifest_seeds_parse() -> None:
+    for text in SEED_MANIFESTS:
+        parse_any_manifest(text)
+
+
+@pytest.mark.parametrize("long", RUNS)
+def test_fuzz_manifests(long: bool) -> None:
+    """Any text ends in a manifest the image encoder accepts, or a one-line UsageError."""
+    _settings(long)(given(MANIFEST_INPUTS)(parse_any_manifest))()
+
+
+def test_manifest_file_bytes_that_are_not_text(tmp_path: Path, store: Any) -> None:
+    from cnpsfs.errors import UsageError
+    from cnpsfs.image.manifest import load_manifest_file
+
+    path = tmp_path / "m.toml"
+    path.write_bytes(SEED_MANIFESTS[1].encode() + b"\xff\xfe#\n")
+    with pytest.raises(UsageError, match="not UTF-8"):
+        load_manifest_file(store, path)
+
+
+# --------------------------------------------------------------------------- Debian control files
+
+SEED_CONTROLS = [
+    b"Package: hello\nVersion: 2.10-3\nArchitecture: amd64\nMaintainer: Santiago <s@d.org>\n"
+    b"Installed-Size: 280\nDepends: libc6 (>= 2.34)\nSection: devel\nPriority: optional\n"
+    b"Description: example package\n long text\n .\n more\n",
+    b"\n\nPackage: x\nVersion: 1\nArchitecture: all\nDescription:\n first line empty\n\n",
+    b"Package: latin\nVersion: 1\nArchitecture: all\nMaintainer: J\xe9r\xf4me\n",
+]
+
+
+def parse_any_control(data: bytes) -> None:
+    from cnpsfs.debian.control import ControlError, parse_control
+
+    try:
+        fields = parse_control(data)
+    except ControlError as exc:  # the importer turns it into ImportRejected naming the package
+        assert "\n" not in str(exc)
+    else:
+        names = [name.lower() for name, _value in fields]
+        assert len(names) == len(set(names)) and all(isinstance(v, (str, bytes)) for _n, v in fields)
+
+
+@pytest.mark.parametrize("long", RUNS)
+def test_fuzz_control_files(long: bool) -> None:
+    """deb822 control files: fields, or a ControlError (ImportRejected once in the importer)."""
+    inputs = st.one_of(st.binary(max_size=300), mutated(SEED_CONTROLS),
+                       st.lists(st.sampled_from([b"Package: x", b" cont", b"\t", b"", b"#c", b"-x: y", b":", b"A:B",
+                                                 b"package: dup", b"\r", b"Version: 1\r"]),
+                                max_size=8).map(lambda ls: b"\n".join(ls) + b"\n"))
+    _settings(long)(given(inputs)(parse_any_control))()
+
+
+# --------------------------------------------------------------------------- .deb files: ar members and control.tar
+
+
+def ar_archive(members: list[tuple[bytes, bytes]]) -> bytes:
+    out = bytearray(b"!<arch>\n")
+    for name, data in members:
+        out += b"%-16s%-12d%-6d%-6d%-8s%-10d`\n" % (name, 0, 0, 0, b"100644", len(data))
+        out += data + (b"\n" if len(data) % 2 else b"")
+    return bytes(out)
+
+
+def tar_of(files: dict[str, bytes], *, compress: str = "gz") -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode=f"w:{compress}" if compress else "w", format=tarfile.GNU_FORMAT) as tf:
+        dot = tarfile.TarInfo("./")
+        dot.type = tarfile.DIRTYPE
+        dot.mode = 0o755
+        tf.addfile(dot)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tf.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def seed_debs() -> list[bytes]:
+    control = tar_of({"./control": SEED_CONTROLS[0], "./md5sums": b"0" * 32 + b"  usr/bin/hello\n",
+                      "./postinst": b"#!/bin/sh\nexit 0\n"})
+    data = tar_of({"./usr/bin/hello": b"\x7fELF", "./usr/share/doc/hello/copyright": b"c"}, compress="xz")
+    plain = tar_of({"./control": SEED_CONTROLS[1]}, compress="")
+    return [
+        ar_archive([(b"debian-binary", b"2.0\n"), (b"control.tar.gz", control), (b"data.tar.xz", data)]),
+        ar_archive([(b"debian-binary/", b"2.0\n"), (b"control.tar/", plain), (b"data.tar/", tar_of({}, compress=""))]),
+    ]
+
+
+SEED_DEBS = seed_debs()
+
+
+def open_any_deb(data: bytes, where: Path) -> None:
+    """The whole front of a .deb (ar headers, debian-binary, control.tar, control fields)."""
+    from cnpsfs.debian.ar import ArError, read_members
+    from cnpsfs.debian.deb import open_deb
+
+    path = where / "fuzz.deb"
+    path.write_bytes(data)
+    started = time.monotonic()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        members = read_members(fd, len(data))
+    except ArError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert all(m.offset + m.size <= len(data) for m in members)
+    finally:
+        os.close(fd)
+    try:
+        with open_deb(path) as deb:
+            assert deb.package and deb.version and deb.architecture
+            fmt.encode_canonical(deb.metadata())  # what becomes the FileSet's metadata is in the subset
+    except CnpsfsError as exc:
+        assert "\n" not in str(exc).strip(), repr(exc)
+    assert time.monotonic() - started < DECODE_DEADLINE
+
+
+@pytest.mark.parametrize("long", RUNS)
+def test_fuzz_deb_front(long: bool, tmp_path: Path) -> None:
+    """ar members, debian-binary, control.tar (gz/xz/plain) and control fields: a value or ImportRejected."""
+    inputs = st.one_of(st.binary(max_size=600), mutated(SEED_DEBS))
+    _settings(long)(given(inputs)(lambda data: open_any_deb(data, tmp_path)))()
+
+
+def test_deb_seeds_open(tmp_path: Path) -> None:
+    from cnpsfs.debian.deb import open_deb
+
+    for data in SEED_DEBS:
+        (tmp_path / "s.deb").write_bytes(data)
+        with open_deb(tmp_path / "s.deb") as deb:
+            assert deb.package in ("hello", "x")
+
+
+# --------------------------------------------------------------------------- tar members, through a real import
+
+
+@st.composite
+def tar_members(draw: st.DrawFn) -> bytes:
+    """A tar archive with valid checksums whose members are hostile or odd in every field."""
+    raw = io.BytesIO()
+    fmt_ = draw(st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT]))
+    names = st.one_of(st.sampled_from(["a", "./a", "a/b", "a/../b", "/abs", ".", "./", "d/", "n" * 256,
+                                       ".wh.a", "d/.wh..wh..opq", ".wh.", "a//b", "x" * 100 + "/" + "y" * 100,
+                                       "\udcff", "é"]), st.text(min_size=1, max_size=20))
+    with tarfile.open(fileobj=raw, mode="w", format=fmt_, encoding="utf-8", errors="surrogateescape") as tf:
+        for _ in range(draw(st.integers(1, 6))):
+            info = tarfile.TarInfo(draw(names))
+            info.type = draw(st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+                                              tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE, b"V", b"Q"]))
+            info.mode = draw(st.integers(0, 0o7777))
+            info.mtime = draw(st.integers(-(1 << 33), (1 << 33)))
+            if fmt_ != tarfile.USTAR_FORMAT:
+                info.uid = draw(st.sampled_from([0, 1000, (1 << 21) - 1, 1 << 32, 1 << 40]))
+            info.linkname = draw(st.one_of(names, st.just("")))
+            if info.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+                info.devmajor, info.devminor = draw(st.integers(0, 4095)), draw(st.integers(0, 1 << 20))
+            if fmt_ == tarfile.PAX_FORMAT:
+                info.pax_headers = draw(st.dictionaries(st.sampled_from(
+                    ["mtime", "SCHILY.xattr.user.x", "SCHILY.xattr.", "LIBARCHIVE.xattr.user%00y",
+                     "LIBARCHIVE.xattr.user.z", "uid", "path", "linkpath", "size"]),
+                    st.sampled_from(["1.5", "-1.000000001", "abc", "", "!!", "AAAA", "1e30", "99999999999999999999",
+                                     "a\x00b", "/etc/passwd", "0"]), max_size=3))
+            data = draw(st.binary(max_size=64)) if info.type == tarfile.REGTYPE else None
+            if data is not None:
+                info.size = len(data)
+            try:
+                tf.addfile(info, io.BytesIO(data) if data is not None else None)
+            except (ValueError, OverflowError, UnicodeError, tarfile.TarError):
+                continue  # tarfile cannot write it: not an input an archive can hold
+    return raw.getvalue()
+
+
+def seed_tars() -> list[bytes]:
+    import gzip
+
+    plain = tar_of({"./etc/hostname": b"h\n", "./usr/bin/x": b"\x00" * 100}, compress="")
+    return [plain, gzip.compress(plain, mtime=0), tar_of({"./a": b"a"}, compress="xz")]
+
+
+SEED_TARS = seed_tars()
+
+
+def import_any_tar(data: bytes, store: Any, outside: Path) -> None:
+    """A real import into *store*: a FileSet that reads back whole, or ImportRejected; nothing leaks."""
+    from cnpsfs.image.reader import ExtentMap, read_range
+    from cnpsfs.image.walk import walk
+    from cnpsfs.ingest.tar import import_tar_stream
+    from cnpsfs.ingest.tree import ImportOptions
+
+    before = sorted(p.name for p in outside.iterdir())
+    started = time.monotonic()
+    try:
+        result = import_tar_stream(store, io.BufferedReader(io.BytesIO(data)),
+                                   ImportOptions(name="example.org/fuzz", version="1"),
+                                   "fuzz.tar")
+    except CnpsfsError as exc:
+        assert "\n" not in str(exc).strip(), repr(exc)
+    else:
+        fileset = store.get_fileset(result.digest)  # what was committed decodes again
+        for _parts, entry, _opaque in walk(store, fileset.root):
+            if entry.kind is fmt.Kind.FILE:
+                emap = ExtentMap(store.file_extents(entry))
+                assert len(read_range(emap, 0, emap.size, store.get)) == entry.size
+    assert time.monotonic() - started < 10 * DECODE_DEADLINE
+    assert list(store.tmp_dir.iterdir()) == [], "an import left temporary files behind"
+    assert sorted(p.name for p in outside.iterdir()) == before, "an import wrote outside the store"
+
+
+@pytest.mark.parametrize("long", RUNS)
+def test_fuzz_tar_members(long: bool, tmp_path: Path) -> None:
+    """Tar archives (plain, gzip, xz) through a real import: a FileSet that reads back, or ImportRejected."""
+    from cnpsfs.store import Store
+
+    store = Store(tmp_path / "store", create=True)
+    try:
+        inputs = st.one_of(tar_members(), mutated(SEED_TARS), st.binary(max_size=1200))
+        _settings(long)(given(inputs)(lambda data: import_any_tar(data, store, tmp_path)))()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("path", corpus_files("tar"), ids=lambda p: p.name)
+def test_tar_corpus(path: Path, tmp_path: Path) -> None:
+    """Archives that once imported into an unreadable FileSet: each is refused now."""
+    from cnpsfs.errors import ImportRejected
+    from cnpsfs.ingest.tar import import_tar_stream
+    from cnpsfs.ingest.tree import ImportOptions
+    from cnpsfs.store import Store
+
+    store = Store(tmp_path / "store", create=True)
+    try:
+        import_any_tar(path.read_bytes(), store, tmp_path)
+        with pytest.raises(ImportRejected), path.open("rb") as f:
+            import_tar_stream(store, f, ImportOptions(name="example.org/c", version="1"), path.name)
+        assert store.tags() == []
+    finally:
+        store.close()

@@ -370,6 +370,7 @@ def encode_extents_object(extents: Sequence[Extent]) -> bytes:
 def encode_fileset(fs: FileSet) -> bytes:
     if fs.root.kind is not Kind.DIR or fs.root.tree is None:
         raise FormatError("a FileSet's root must be a directory entry")
+    check_entry(fs.root)  # the root's owner, mtime and xattrs obey the entry rules like any other
     root = entry_to_cbor(fs.root)
     root[0] = b""
     obj: dict[int, Any] = {0: TYPE_FILESET, 1: FORMAT_VERSION, 2: fs.name, 3: fs.version, 4: root}

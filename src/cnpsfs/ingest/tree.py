@@ -308,7 +308,11 @@ def write_fileset(store: Store, builder: TreeBuilder, *, pool: concurrent.future
             content.finish()
             root = _store_directories(builder, writer)
             fileset = fmt.FileSet(opts.name, opts.version, root, opts.metadata)
-            digest = writer.add_object(fmt.encode_fileset(fileset))
+            try:
+                encoded = fmt.encode_fileset(fileset)
+            except FormatError as exc:
+                raise ImportRejected(f"{builder.source_name}: the root directory: {exc}") from None
+            digest = writer.add_object(encoded)
             tags = [(opts.name, opts.version, T_FILESET, digest)] if opts.name and opts.version and opts.tag else []
             writer.commit(tags)
             entries = sum(1 for _ in builder.walk())
