@@ -614,9 +614,9 @@ def import_any_tar(data: bytes, store: Any, outside: Path) -> None:
 @pytest.mark.parametrize("long", RUNS)
 def test_fuzz_tar_members(long: bool, tmp_path: Path) -> None:
     """Tar archives (plain, gzip, xz) through a real import: a FileSet that reads back, or ImportRejected."""
-    from cnpsfs.store import Store
+    from cnpsfs.store import LocalStore
 
-    store = Store(tmp_path / "store", create=True)
+    store = LocalStore(tmp_path / "store", create=True)
     try:
         inputs = st.one_of(tar_members(), mutated(SEED_TARS), st.binary(max_size=1200))
         _settings(long)(given(inputs)(lambda data: import_any_tar(data, store, tmp_path)))()
@@ -630,9 +630,9 @@ def test_tar_corpus(path: Path, tmp_path: Path) -> None:
     from cnpsfs.errors import ImportRejected
     from cnpsfs.ingest.tar import import_tar_stream
     from cnpsfs.ingest.tree import ImportOptions
-    from cnpsfs.store import Store
+    from cnpsfs.store import LocalStore
 
-    store = Store(tmp_path / "store", create=True)
+    store = LocalStore(tmp_path / "store", create=True)
     try:
         import_any_tar(path.read_bytes(), store, tmp_path)
         with pytest.raises(ImportRejected), path.open("rb") as f:

@@ -143,8 +143,8 @@ def lock_mountpoint(mountpoint: str) -> int:
             os.close(fd)
             record = MountRecord.load(real)
             holder = f" (cnpsfs daemon pid {record.pid})" if record else ""
-            raise CnpsfsError(f"mountpoint {mountpoint} is busy: another cnpsfs mount is starting or serving "
-                              f"there{holder}") from None
+            raise MountpointBusyError(f"mountpoint {mountpoint} is busy: another cnpsfs mount is starting or "
+                                      f"serving there{holder}", path=real) from None
         # unmount removes the lock file once its daemon is gone: a lock taken on a file
         # that was removed meanwhile protects nothing, so take the new one instead.
         try:
