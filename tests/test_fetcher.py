@@ -165,3 +165,18 @@ def test_missing_and_corrupt_chunks_fail_alone(tmp_path: Path,
         assert await fetcher.get(digests[2]) == data[digests[2]], "the fetcher keeps serving"
 
     run(main)
+
+
+def test_remembered_failures_are_bounded(one_block: tuple[LocalStore, list[bytes], dict[bytes, bytes]]) -> None:
+    store, digests, data = one_block
+    fetcher = new_fetcher(store)
+    absent = [i.to_bytes(32, "big") for i in range(1, 6001)]
+
+    async def main() -> None:
+        await fetcher.fetch(absent)
+        with pytest.raises(MissingObjectError):
+            await fetcher.get(absent[-1])
+        assert await fetcher.get(digests[1]) == data[digests[1]]
+
+    run(main)
+    assert len(fetcher._failed) <= 4096

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Remembered member locations (a key and an end offset each); cleared when reached.
 KNOWN_MAX = 1 << 18
+#: Remembered load failures (digest -> exception), for the readers waiting on them.
+FAILED_MAX = 4096
 
 #: (block key, a location in it, the digests wanted, its reader or why it failed, members decoded)
 _Loaded = tuple[Hashable, ChunkLocation, list[bytes], BlockReader | BaseException, dict[bytes, bytes | None]]
@@ -131,7 +133,7 @@ class ChunkFetcher:
             self._settle(key, loc, wanted, stream, members)
         except (CorruptObjectError, MissingObjectError, OSError) as exc:
             for digest in wanted:
-                self._failed[digest] = exc
+                self._fail(digest, exc)
         finally:
             del self._inflight[key]
             for digest in wanted:
@@ -151,16 +153,16 @@ class ChunkFetcher:
                                                             limiter=self.limiter)
             for digest in digests:
                 if digest not in located:
-                    self._failed[digest] = MissingObjectError(f"{fmt.format_digest(digest)} is not in the store")
+                    self._fail(digest, MissingObjectError(f"{fmt.format_digest(digest)} is not in the store"))
             for key, loc, wanted, stream, members in loaded:
                 if isinstance(stream, BaseException):
                     for digest in wanted:
-                        self._failed[digest] = stream
+                        self._fail(digest, stream)
                     continue
                 self._settle(key, loc, wanted, stream, members)
         except (CorruptObjectError, MissingObjectError, OSError) as exc:
             for digest in digests:
-                self._failed[digest] = exc
+                self._fail(digest, exc)
         finally:
             del self._inflight[token]
             for digest in digests:
@@ -177,9 +179,9 @@ class ChunkFetcher:
             if members.get(digest) is not None:
                 self._failed.pop(digest, None)
             elif digest in members:
-                self._failed[digest] = CorruptObjectError(
+                self._fail(digest, CorruptObjectError(
                     f"chunk {fmt.format_digest(digest)} is corrupt: its bytes do not match its digest"
-                    f" (block at {self.store.describe(loc)})")
+                    f" (block at {self.store.describe(loc)})"))
         if key not in self._block_locs:
             if len(self._known) > KNOWN_MAX:
                 self._known.clear()
@@ -196,6 +198,16 @@ class ChunkFetcher:
                 self._streams.popitem(last=False)
         elif self._streams.get(key) is stream:
             del self._streams[key]
+
+    def _fail(self, digest: bytes, exc: BaseException) -> None:
+        """Remember why *digest* could not be loaded, for its waiters; bounded (oldest forgotten first).
+
+        A forgotten failure costs only a retry: the next reader of that chunk loads it again.
+        """
+        self._failed.pop(digest, None)
+        self._failed[digest] = exc
+        while len(self._failed) > FAILED_MAX:
+            del self._failed[next(iter(self._failed))]
 
     def _advance(self, stream: BlockReader | None, loc: ChunkLocation, upto: int
                  ) -> tuple[dict[bytes, bytes | None], BlockReader]:
