@@ -1,6 +1,7 @@
 """Shared fixtures: a fresh store, the CLI in a subprocess, tree builders, and a cached
 Debian root filesystem. The plain helpers behind them live in cnpsfs_testlib.py; the
-real-server fixtures (registries, token server, fault proxy, nginx) in servers.py.
+real-server fixtures (registries, token server, fault proxy, nginx) in servers.py; a real
+systemd in its own namespaces in systemdns.py.
 
 Everything here is generic: no fixture is autouse, and each builds what it needs in the
 test's own tmp_path, so test modules elsewhere (mounts, composition) can use them too.
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 from cnpsfs_testlib import IS_ROOT, Cli, CliResult, Meta, Node, build_tree, digest_of, snapshot, synthetic_nodes
 from servers import fault_proxy, nginx, registry, tls_registry, token_registry  # noqa: F401 (fixtures for every module)
+from systemdns import systemd_ns  # noqa: F401 (a booted systemd namespace, tests/systemdns.py)
 
 from cnpsfs.store import LocalStore, Store
 
@@ -135,8 +137,11 @@ def _mirror_unreachable(mirror: str) -> str | None:
     return None
 
 
-def build_debian_rootfs(dest: Path = ROOTFS_CACHE) -> Path:
+def build_debian_rootfs(dest: Path = ROOTFS_CACHE, include: Sequence[str] = ()) -> Path:
     """``debootstrap --variant=minbase bookworm`` into *dest*, once; later calls reuse it.
+
+    *include* adds packages (``--include``, with their dependencies); a different list
+    wants a different *dest*, since the cache is keyed by the path alone.
 
     Built in ``dest.tmp`` and renamed when complete, under a lock, so an interrupted or
     concurrent build is never mistaken for a finished one. Skips (not fails) only when the
@@ -160,7 +165,8 @@ def build_debian_rootfs(dest: Path = ROOTFS_CACHE) -> Path:
         tmp = dest.with_name(dest.name + ".tmp")
         if tmp.exists():
             subprocess.run(["rm", "-rf", "--one-file-system", str(tmp)], check=True)
-        proc = subprocess.run(["debootstrap", "--variant=minbase", DEBIAN_SUITE, str(tmp), mirror],
+        extra = [f"--include={','.join(include)}"] if include else []
+        proc = subprocess.run(["debootstrap", "--variant=minbase", *extra, DEBIAN_SUITE, str(tmp), mirror],
                               capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
             log_file = tmp / "debootstrap" / "debootstrap.log"

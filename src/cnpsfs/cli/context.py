@@ -95,15 +95,49 @@ def fail(ctx: click.Context, message: str, code: int) -> NoReturn:
     app = ctx.obj
     if isinstance(app, App) and app.debug:
         traceback.print_exc()
-    click.echo(f"cnpsfs: error: {message}", err=True)
+    click.echo(f"{'<3>' if stream_is_journal(sys.stderr) else ''}cnpsfs: error: {message}", err=True)
     sys.exit(code)
 
 
+def stream_is_journal(stream: Any) -> bool:
+    """Whether *stream* is the journal's (sd_journal_stream_fd: ``$JOURNAL_STREAM`` is its DEV:INODE).
+
+    Such a stream understands a ``<N>`` syslog priority in front of each line (systemd's
+    SyslogLevelPrefix=, on by default), so ``journalctl -p err`` finds our errors.
+    """
+    try:
+        dev, ino = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+#: syslog(3) priorities of the logging levels, for the journal's ``<N>`` prefix.
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    def __init__(self, prefix: bool) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not self.prefix:
+            return text
+        priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
 def configure_logging(level: str) -> None:
-    """Log lines on stderr: journald-style (level and logger) under systemd, else prefixed ``cnpsfs:``."""
+    """Log lines on stderr: journald-style (level and logger) under systemd, else prefixed ``cnpsfs:``.
+
+    When stderr is the journal's stream, each line also carries its syslog priority.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_JournalFormatter(stream_is_journal(sys.stderr)))
     else:
         handler.setFormatter(logging.Formatter("cnpsfs: %(levelname)s: %(message)s"))
     root = logging.getLogger()

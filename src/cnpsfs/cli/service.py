@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from cnpsfs.cli.context import App, control, json_option, report_swap
+from cnpsfs.cli.context import App, control, json_option, report_swap, stream_is_journal
 from cnpsfs.errors import CnpsfsError, MountpointBusyError, UsageError
 from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
 
@@ -134,7 +134,14 @@ def service_reload(ctx: click.Context, name: str, as_json: bool) -> None:
         request: dict[str, Any] = {"op": "reload"}
     else:
         request = {"op": "upgrade", "ref": config.image}
-    report_swap(config.mountpoint, control(real, request), as_json)
+    try:
+        result = control(real, request)
+    except CnpsfsError as exc:
+        raise CnpsfsError(f"mount {name}: reload to {config.image} failed, the mount is unchanged: {exc}",
+                          exit_code=exc.exit_code) from None
+    if as_json or not stream_is_journal(sys.stdout):
+        report_swap(config.mountpoint, result, as_json)
+    # Under systemd (ExecReload) the daemon's own journal line says what the swap did.
 
 
 @service_group.command("stop")
@@ -144,8 +151,9 @@ def service_stop(ctx: click.Context, name: str) -> None:
     """Unmount NAME and wait for its daemon (ExecStop and ExecStopPost).
 
     Not mounted is success (ExecStopPost runs after a clean stop too); a dead mount is
-    detached; a mount still in use is detached lazily, with a warning, so a stop
-    always completes: its users keep what they hold open until they let go.
+    detached; a mount still in use is detached lazily, with a warning, and its daemon
+    stopped, so a stop always completes at once: what its users still hold open there
+    fails with ENOTCONN from then on (a service's daemon has to exit for the unit to stop).
     """
     from cnpsfs.fs.daemon import MountRecord, mounted_fstype, unmount
     from cnpsfs.fs.unit import load_config
@@ -153,13 +161,15 @@ def service_stop(ctx: click.Context, name: str) -> None:
     config = load_config(name, _config_dir(ctx))
     real = os.path.realpath(config.mountpoint)
     if MountRecord.load(real) is None and mounted_fstype(real) is None:
-        click.echo(f"mount {name}: {config.mountpoint} is not mounted", err=True)
+        if not stream_is_journal(sys.stderr):  # ExecStopPost after a clean stop: nothing to say
+            click.echo(f"mount {name}: {config.mountpoint} is not mounted", err=True)
         return
     try:
         unmount(real)
     except MountpointBusyError as exc:
-        log.warning("mount %s: %s; detaching it lazily", name, exc)
-        unmount(real, lazy=True)
+        log.warning("mount %s: %s; detaching it lazily and stopping the daemon (files still open there "
+                    "fail with ENOTCONN)", name, exc)
+        unmount(real, lazy=True, terminate=True)
     click.echo(f"mount {name}: unmounted {config.mountpoint}", err=True)
 
 

@@ -279,6 +279,22 @@ def mounted_fstype(path: str) -> str | None:
     return found
 
 
+def mounted_device(path: str, device: int) -> bool:
+    """Whether a filesystem with device number *device* (an ``st_dev``) is mounted at *path*.
+
+    From /proc/self/mountinfo, so it never asks a FUSE daemon anything (the daemon asking
+    may be the one that would have to answer).
+    """
+    real = os.path.realpath(path)
+    wanted = f"{os.major(device)}:{os.minor(device)}".encode()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] == wanted and os.fsdecode(_unescape_mountinfo(fields[4])) == real:
+                return True
+    return False
+
+
 def _unescape_mountinfo(field: bytes) -> bytes:
     """mountinfo writes space, tab, newline and backslash as octal escapes (\\040); bytes stay bytes."""
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
@@ -398,16 +414,20 @@ def install_faulthandler() -> None:
 # --------------------------------------------------------------------------- unmounting
 
 
-def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = UNMOUNT_TIMEOUT) -> None:
+def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = UNMOUNT_TIMEOUT,
+            terminate: bool = False) -> None:
     """Unmount and wait for the daemon to exit; works when the daemon was killed too.
 
     A writable mount is taken down in order: the overlay first, then the FUSE lower.
+    After a lazy detach the daemon serves on until the last process using the mount lets
+    go; *terminate* stops it at once instead (SIGTERM; those processes then get ENOTCONN),
+    which is what stopping a service needs.
     """
     real = os.path.realpath(mountpoint)
     record = MountRecord.load(real)  # before the sweep, which drops the records of dead daemons
     forget_dead_mounts()
     try:
-        _unmount(mountpoint, real, record, lazy=lazy, timeout=timeout)
+        _unmount(mountpoint, real, record, lazy=lazy, timeout=timeout, terminate=terminate)
     finally:
         if record is not None and not pid_alive(record.pid):
             forget_dead_mounts()
@@ -415,7 +435,8 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = UNMOUNT_TIM
             _release_lock_file(real)
 
 
-def _unmount(mountpoint: str, real: str, record: MountRecord | None, *, lazy: bool, timeout: float) -> None:
+def _unmount(mountpoint: str, real: str, record: MountRecord | None, *, lazy: bool, timeout: float,
+             terminate: bool) -> None:
     if record is not None and record.lower:
         from cnpsfs.fs.overlay import unmount_overlay
 
@@ -423,7 +444,7 @@ def _unmount(mountpoint: str, real: str, record: MountRecord | None, *, lazy: bo
             unmount_overlay(real, lazy=lazy)
         if mounted_fstype(record.lower) is not None:
             _unmount_fuse(record.lower, record, lazy=True)
-        _stop_daemon(record.pid, timeout)
+        _stop_daemon(record.pid, timeout, terminate=terminate)
         record.remove()
         with contextlib.suppress(OSError):
             os.rmdir(record.lower)
@@ -436,7 +457,7 @@ def _unmount(mountpoint: str, real: str, record: MountRecord | None, *, lazy: bo
         raise UsageError(f"{mountpoint} is not mounted")
     _unmount_fuse(real, record, lazy=lazy)
     if record is not None:
-        _stop_daemon(record.pid, timeout)
+        _stop_daemon(record.pid, timeout, terminate=terminate and lazy)
         record.remove()
 
 
@@ -474,7 +495,10 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def _stop_daemon(pid: int, timeout: float) -> None:
+def _stop_daemon(pid: int, timeout: float, *, terminate: bool = False) -> None:
+    if terminate:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -27,6 +27,7 @@ import trio
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError
+from cnpsfs.fs.daemon import mounted_device
 from cnpsfs.fs.notify import Notifier
 from cnpsfs.fs.operations import Operations
 from cnpsfs.fs.options import MountOptions
@@ -68,6 +69,7 @@ class MountService:
     started: float = field(default_factory=time.time)
     notifier: Notifier = field(default_factory=Notifier.from_environment)  # systemd, when it started us
     ready: bool = False
+    device: int | None = None  # st_dev of our mount, once it answered
 
     def fuse_options(self) -> set[str]:
         opts = {"fsname=cnpsfs", "subtype=cnpsfs", "ro", "default_permissions", "noatime"}
@@ -103,11 +105,16 @@ class MountService:
             trio.run(self._main, on_ready)
         finally:
             self.notifier.stopping()
-            # Always unmount: trio.run also returns normally after SIGTERM/SIGINT
+            # Unmount: trio.run also returns normally after SIGTERM/SIGINT
             # (pyfuse3.terminate), and the mount is still there then. When the kernel
             # ended the session itself (umount), libfuse sees POLLERR on the device and
-            # does nothing.
-            pyfuse3.close(unmount=True)
+            # does nothing. But after a lazy detach (a busy `service stop`) the path no
+            # longer holds our mount, and libfuse's umount2(path) would fail, or detach
+            # whatever was mounted there since: closing the device ends our session anyway.
+            ours = self.device is None or mounted_device(self.mountpoint, self.device)
+            if not ours:
+                log.debug("%s was detached while in use: not unmounting", self.mountpoint)
+            pyfuse3.close(unmount=ours)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.control_path)
 
@@ -125,6 +132,7 @@ class MountService:
             nursery.start_soon(serve)
             # Prove the mount answers before telling anyone it is ready.
             st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
+            self.device = st.st_dev
             await trio.to_thread.run_sync(_raise_readahead, st.st_dev)
             # On a thread: a writable mount's overlayfs looks up our root while mounting.
             await trio.to_thread.run_sync(on_ready)

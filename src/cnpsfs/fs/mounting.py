@@ -55,6 +55,7 @@ def mount_image(store: Store, ref: str, mountpoint: str, options: MountOptions |
         install_faulthandler()
 
         def ready() -> None:
+            mount.log_ready()
             os.write(ready_fd, READY)
             os.close(ready_fd)
 
@@ -72,12 +73,12 @@ def serve_image(store: Store, ref: str, mountpoint: str, options: MountOptions |
                 on_ready: Callable[[], None] | None = None) -> None:
     """Mount image *ref* at *mountpoint* and serve it in this process until it is unmounted.
 
-    *on_ready* runs once the mount answers (default: an INFO log line); when systemd
-    started this process, the mount service also tells it READY=1.
+    *on_ready* runs once the mount answers (default: the one INFO line that says so); when
+    systemd started this process, the mount service also tells it READY=1.
     """
     mount = _Mount(store, ref, mountpoint, options or MountOptions())
     try:
-        mount.serve(on_ready or (lambda: log.info("mounted %s at %s", mount.label, mount.real)))
+        mount.serve(on_ready or mount.log_ready)
     finally:
         os.close(mount.lock)
 
@@ -126,6 +127,10 @@ class _Mount:
         self.roots = [layer.fileset for layer in image.layers] + ([digest] if digest else [])
         self.record = MountRecord(real, os.getpid(), str(store.path), ref, str(rt / f"{key}.log"), control,
                                   self.fuse_at if self.upperdir else "", self.upperdir or "")
+
+    def log_ready(self) -> None:
+        """The one line that says the mount answers, with what systemd's STATUS= says."""
+        log.info("mounted at %s: %s", self.real, self.service.status_line())
 
     def serve(self, ready: Callable[[], None]) -> None:
         """Mount, call *ready* once the mount answers, serve until unmounted, then clean up."""

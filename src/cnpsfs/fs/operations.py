@@ -197,7 +197,8 @@ class Operations(pyfuse3.Operations):
             caps = pyfuse3.kernel_capabilities()
             self.no_open = bool(caps & pyfuse3.FUSE_CAP_NO_OPEN_SUPPORT)
             self.no_opendir = bool(caps & pyfuse3.FUSE_CAP_NO_OPENDIR_SUPPORT)
-        log.info("serving %s in %s mode", self.generation.label or "image", self.mode)
+        # The ready line (fs/mounting.py) says it with the generation; this one is for --debug.
+        log.debug("serving %s in %s mode", self.generation.label or "image", self.mode)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
