@@ -26,11 +26,12 @@ from .oci_section import oci_table, run_oci
 from .report import consistency_notes, import_table, mount_table, requests_table, write_json
 from .scale_section import run_scale, scale_table
 from .swap_section import run_swap, swap_table
+from .trust_section import run_trust, trust_summary, trust_table
 
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("import", "mount", "swap", "build", "scale", "oci")
+SECTIONS = ("import", "mount", "swap", "build", "scale", "oci", "trust")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -127,7 +128,7 @@ def corpus_info(corpus: Corpus) -> dict[str, Any]:
 def _reps_text(args: argparse.Namespace) -> str:
     """Repetitions as run: swap and scale take at least 5 whatever --reps says (not with --quick)."""
     text = f"{args.reps} rep(s)"
-    floored = [name for name in ("swap", "scale") if name in args.sections]
+    floored = [name for name in ("swap", "scale", "trust") if name in args.sections]
     if floored and args.reps < 5 and not args.quick:
         text += f" ({' and '.join(floored)}: 5)"
     return text
@@ -190,6 +191,10 @@ def _run_sections(args: argparse.Namespace, started: float) -> tuple[list[str], 
         sections["oci"] = {"rows": oci_rows, "info": oci_info,
                            "summary": {r.name: r.summary() for r in oci_rows if not r.skipped}}
         out += ["## oci (three images pulled from a local registry)", "", oci_table(oci_rows, oci_info), ""]
+    if "trust" in args.sections:
+        trusted = run_trust(args.work, args.cache, max(args.reps, 5) if not args.quick else 1, cli)
+        sections["trust"] = trust_summary(trusted)
+        out += ["## trust (signature and provenance checks)", "", trust_table(trusted), ""]
     meta["elapsed_seconds"] = round(time.monotonic() - started, 1)
     meta["loadavg_end"] = _loadavg()
     result_file = args.out / "bench-results.json"

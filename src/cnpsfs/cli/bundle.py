@@ -60,6 +60,9 @@ def _create_bundle(app: App, ref: str, directory: str, upperdir: str | None, all
     if looks_like_file(ref):
         ref = os.path.abspath(ref)
     image, digest = load_image(app.store(), ref)
+    trust = app.checker()
+    if trust is not None:
+        trust.check(app.store(), image, digest, record=False)  # refused before anything is made
     config, user = build_config(app.store(), image, digest, hostname=hostname_for(bundle.name),
                                 writable=os.path.abspath(upperdir) if upperdir else None)
     if user.uid != 0 and not allow_other and upperdir is None:
@@ -67,7 +70,7 @@ def _create_bundle(app: App, ref: str, directory: str, upperdir: str | None, all
                          "root without --allow-other (or use --writable: overlayfs reads it as root)")
     (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
     mounted = mount_image(app.store(), ref, str(bundle / "rootfs"),
-                          MountOptions(allow_other=allow_other, writable=upperdir))
+                          MountOptions(allow_other=allow_other, writable=upperdir), trust=trust)
     report_mounted(mounted)
     try:
         tmp = config_path.with_suffix(".tmp")

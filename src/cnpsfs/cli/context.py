@@ -30,6 +30,7 @@ from cnpsfs.store import T_FILESET, TYPE_NAMES, LocalStore, Store, check_tag_nam
 if TYPE_CHECKING:  # importing these layers costs start-up time
     from cnpsfs.fs.mounting import Mounted
     from cnpsfs.ingest.tree import ImportOptions
+    from cnpsfs.trust import Checker
 
 
 @dataclass
@@ -39,11 +40,31 @@ class App:
     store_path: Path
     debug: bool
     _store: Store | None = None
+    policy_arg: str | None = None  # --policy FILE
 
     def store(self, *, create: bool = False) -> Store:
         if self._store is None:
             self._store = LocalStore(self.store_path, create=create)
         return self._store
+
+    def checker(self) -> Checker | None:
+        """Trust decisions under --policy, $CNPSFS_POLICY or /etc/cnpsfs/policy.toml (docs/trust.md);
+        None without a policy (everything is served, unverified)."""
+        from cnpsfs.trust.policy import policy_path
+
+        path = policy_path(self.policy_arg)
+        if path is None:
+            return None
+        from cnpsfs.trust.checker import Checker
+
+        return Checker(path, (_merged_usr_derivation,))
+
+
+def _merged_usr_derivation(store: Store, digest: bytes, fs: fmt.FileSet) -> bytes | None:
+    """Imported only when a debian-provenance rule meets a merged-/usr view (mount start-up stays lean)."""
+    from cnpsfs.debian.provenance import merged_usr_derivation
+
+    return merged_usr_derivation(store, digest, fs)
 
 
 pass_app = click.make_pass_decorator(App)

@@ -44,9 +44,11 @@ def image_create(app: App, manifest: str, as_json: bool) -> None:
 @json_option
 @pass_app
 def inspect_cmd(app: App, ref: str, as_json: bool) -> None:
-    """Show an image's layers and run config, or a FileSet's name, version and metadata.
+    """Show an image's layers and run config, or a FileSet's name, version and metadata,
+    with the signatures (and, for packages, provenance records) filed under it.
     REF may also be a manifest file."""
     from cnpsfs.image.manifest import describe_layers, load_image
+    from cnpsfs.trust.inspect import attachment_lines, describe_attachments
 
     store = app.store()
     if ref.endswith(".toml") or os.path.isfile(ref):
@@ -55,26 +57,32 @@ def inspect_cmd(app: App, ref: str, as_json: bool) -> None:
         digest = store.resolve(ref)
         if store.object_type(digest) == T_FILESET:
             fs = store.get_fileset(digest)
+            attached = describe_attachments(store, digest)
             data = {"type": "fileset", "digest": fmt.format_digest(digest), "name": fs.name,
                     "version": fs.version, "root": fmt.format_digest(fs.root.tree or b""),
-                    "metadata": jsonable(fs.metadata)}
+                    "metadata": jsonable(fs.metadata), **attached}
             if as_json:
                 emit_json(data)
             else:
                 click.echo(f"fileset  {fs.name}@{fs.version}\ndigest   {data['digest']}\nroot     {data['root']}")
+                for line in attachment_lines(attached):
+                    click.echo(line)
                 for key, value in sorted(fs.metadata.items()):
                     click.echo(f"{key}: {json.dumps(jsonable(value))[:200]}")
             return
         image = store.get_image(digest)
+    attached = describe_attachments(store, digest) if digest else {"signatures": [], "provenance": []}
     data = {"type": "image", "digest": fmt.format_digest(digest) if digest else None, "name": image.name,
             "version": image.version, "mode": image.mode, "layers": describe_layers(store, image.layers),
-            "config": image.config, "metadata": jsonable(image.metadata)}
+            "config": image.config, "metadata": jsonable(image.metadata), "signatures": attached["signatures"]}
     if as_json:
         emit_json(data)
         return
     click.echo(f"image    {image.name}@{image.version}  ({image.mode} mode)")
     if digest:
         click.echo(f"digest   {data['digest']}")
+    for line in attachment_lines(attached):
+        click.echo(line)
     click.echo("layers")
     for number, layer in enumerate(data["layers"], 1):
         flags = [f for f in ("unlinked", "override") if layer[f]]

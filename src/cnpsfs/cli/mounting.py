@@ -33,24 +33,30 @@ from cnpsfs.fs.options import (
 @click.option("--writable", "upperdir", type=click.Path(file_okay=False), default=None, metavar="UPPERDIR",
               help="Put a kernel overlayfs on top, with its upper and work directories in UPPERDIR "
                    "(kept across remounts; `cnpsfs commit UPPERDIR` makes a FileSet of it).")
+@click.option("--allow-downgrade", is_flag=True,
+              help="Serve a signed revision older than one accepted before (rollback protection off, once).")
 @pass_app
 def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other: bool, fuse_mode: str,
-              threads: int, cache_mib: int, upperdir: str | None) -> None:
+              threads: int, cache_mib: int, upperdir: str | None, allow_downgrade: bool) -> None:
     """Mount the image REF (or a manifest file) read-only at MOUNTPOINT.
 
     Returns once the mount answers, with the daemon in the background (its log and
     control socket are under /run/cnpsfs). Nothing is extracted: directories are read
     when looked up and chunks when read, each verified against its digest; a corrupt
     chunk gives EIO for that read, never wrong bytes. Unmount with `cnpsfs umount`.
+
+    With a trust policy (--policy, docs/trust.md) the image must pass it first; the
+    refusal names the image, the rule and the reason, and nothing is mounted.
     """
     from cnpsfs.fs.mounting import mount_image, serve_image
 
     options = MountOptions(allow_other=allow_other, use_extensions=fuse_mode == "auto", threads=threads,
                            cache_mib=cache_mib, writable=upperdir)
+    trust = app.checker()
     if foreground:
-        serve_image(app.store(), ref, mountpoint, options)
+        serve_image(app.store(), ref, mountpoint, options, trust=trust, allow_downgrade=allow_downgrade)
         return
-    mounted = mount_image(app.store(), ref, mountpoint, options)
+    mounted = mount_image(app.store(), ref, mountpoint, options, trust=trust, allow_downgrade=allow_downgrade)
     report_mounted(mounted)
 
 
@@ -78,6 +84,9 @@ def status_cmd(mountpoint: str, as_json: bool) -> None:
     click.echo(f"mountpoint  {status['mountpoint']}  (pid {status['pid']}, {status['fuse_mode']} mode)")
     click.echo(f"image       {image['name']}@{image['version']}  {image['digest'] or '(from manifest)'}")
     click.echo(f"generation  {status['generation']}")
+    trust = status.get("trust") or {}
+    click.echo(f"trust       {trust.get('reason') if trust.get('policy') else 'unverified (no trust policy)'}"
+               + (f"  [policy {trust['policy']}]" if trust.get("policy") else ""))
     for number, layer in enumerate(status["layers"], 1):
         mark = " [unlinked]" if layer["unlinked"] else ""
         click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}{mark}")
@@ -91,8 +100,9 @@ def status_cmd(mountpoint: str, as_json: bool) -> None:
 @click.command("upgrade")
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
 @click.argument("ref", metavar="REF|MANIFEST")
+@click.option("--allow-downgrade", is_flag=True, help="Accept a signed revision older than one accepted before.")
 @json_option
-def upgrade_cmd(mountpoint: str, ref: str, as_json: bool) -> None:
+def upgrade_cmd(mountpoint: str, ref: str, allow_downgrade: bool, as_json: bool) -> None:
     """Swap the live mount at MOUNTPOINT to another image, atomically.
 
     The new composition is built beside the current one, checked (union conflicts,
@@ -100,10 +110,13 @@ def upgrade_cmd(mountpoint: str, ref: str, as_json: bool) -> None:
     every lookup, listing and read sees the old tree or the new one, never a mix. Files
     open before the swap keep reading their old content; unchanged entries keep their
     inode numbers and kernel caches. The cost grows with the change, not the image.
+    The mount's trust policy (the one it was mounted with, re-read now) decides first: a
+    refused image leaves the mount serving what it served.
     """
     if os.path.isfile(ref):
         ref = os.path.abspath(ref)
-    report_swap(mountpoint, control(mountpoint, {"op": "upgrade", "ref": ref}), as_json)
+    request = {"op": "upgrade", "ref": ref, "allow_downgrade": allow_downgrade}
+    report_swap(mountpoint, control(mountpoint, request), as_json)
 
 
 @click.command("unlink")
@@ -126,10 +139,15 @@ def link_cmd(mountpoint: str, layer: str, as_json: bool) -> None:
 
 @click.command("rollback")
 @click.argument("mountpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--allow-downgrade", is_flag=True, help="Go back to an older signed revision (rollback protection).")
 @json_option
-def rollback_cmd(mountpoint: str, as_json: bool) -> None:
-    """Return the live mount to the image it served before the last swap."""
-    report_swap(mountpoint, control(mountpoint, {"op": "rollback"}), as_json)
+def rollback_cmd(mountpoint: str, allow_downgrade: bool, as_json: bool) -> None:
+    """Return the live mount to the image it served before the last swap.
+
+    Under a trust policy, going back to an older signed revision needs --allow-downgrade,
+    like any downgrade (docs/trust.md).
+    """
+    report_swap(mountpoint, control(mountpoint, {"op": "rollback", "allow_downgrade": allow_downgrade}), as_json)
 
 
 COMMANDS = [mount_cmd, umount_cmd, status_cmd, upgrade_cmd, unlink_cmd, link_cmd, rollback_cmd]

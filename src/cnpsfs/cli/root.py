@@ -12,7 +12,20 @@ from pathlib import Path
 import click
 
 from cnpsfs import __version__
-from cnpsfs.cli import browse, build, bundle, commit, exporting, image, importing, mounting, oci, service, store_cmds
+from cnpsfs.cli import (
+    browse,
+    build,
+    bundle,
+    commit,
+    exporting,
+    image,
+    importing,
+    mounting,
+    oci,
+    service,
+    store_cmds,
+    trust,
+)
 from cnpsfs.cli.context import App, CnpsfsGroup, configure_logging
 from cnpsfs.store import default_store_path
 
@@ -31,6 +44,13 @@ when their bytes are read, each verified before use.
 STORE
   --store DIR, else $CNPSFS_STORE, else /var/lib/cnpsfs (root) or
   $XDG_DATA_HOME/cnpsfs (other users).
+
+\b
+TRUST
+  --policy FILE, else $CNPSFS_POLICY, else /etc/cnpsfs/policy.toml when it
+  exists: which images mount, upgrade and reload may serve (signatures,
+  revisions, Debian archive provenance; docs/trust.md). Without a policy
+  every image is served, and `cnpsfs status` says it is unverified.
 
 \b
 REFERENCES
@@ -59,17 +79,19 @@ full reference.
                                                                    "max_content_width": 100})
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Content store directory (default: $CNPSFS_STORE, /var/lib/cnpsfs for root).")
+@click.option("--policy", "policy_arg", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Trust policy (default: $CNPSFS_POLICY, else /etc/cnpsfs/policy.toml if it exists).")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning",
               show_default=True, help="Logging threshold for messages on stderr.")
 @click.version_option(__version__, prog_name="cnpsfs")
 @click.pass_context
-def main(ctx: click.Context, store_path: Path | None, debug: bool, log_level: str) -> None:
+def main(ctx: click.Context, store_path: Path | None, policy_arg: str | None, debug: bool, log_level: str) -> None:
     configure_logging("debug" if debug else log_level)
-    ctx.obj = App(store_path or default_store_path(), debug)
+    ctx.obj = App(store_path or default_store_path(), debug, policy_arg=policy_arg)
 
 
-for _module in (importing, browse, exporting, store_cmds, image, commit, mounting, service, bundle, build, oci):
+for _module in (importing, browse, exporting, store_cmds, image, commit, mounting, service, bundle, build, oci, trust):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 for _command in oci.IMPORT_COMMANDS:

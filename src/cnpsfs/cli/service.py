@@ -84,7 +84,7 @@ def service_run(ctx: click.Context, name: str) -> None:
     log.info("mount %s: %s at %s%s", name, config.image, config.mountpoint,
              f" (writable, upper {config.writable})" if config.writable else "")
     store = LocalStore(Path(config.store)) if config.store else app.store()
-    serve_image(store, config.image, config.mountpoint, config.mount_options())
+    serve_image(store, config.image, config.mountpoint, config.mount_options(), trust=app.checker())
 
 
 def _detach_dead(mountpoint: str) -> None:

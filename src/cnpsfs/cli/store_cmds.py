@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 import click
 
@@ -15,14 +16,35 @@ from cnpsfs.store import T_FILESET, T_IMAGE, TYPE_NAMES, check_tag_name, check_t
 
 @click.command("verify")
 @click.argument("refs", nargs=-1)
+@click.option("--provenance", is_flag=True,
+              help="Instead: re-check the Debian archive chain of every package layer of the images REFS.")
+@click.option("--refetch", is_flag=True, help="With --provenance: re-import each .deb to prove its FileSet digest.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --refetch: the .deb cache (default: $CNPSFS_BUILD_CACHE or /var/cache/cnpsfs).")
+@click.option("--keyring", "keyrings", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="With --provenance: OpenPGP keyring(s) to check InRelease with (default: apt's).")
 @json_option
 @pass_app
-def verify_cmd(app: App, refs: tuple[str, ...], as_json: bool) -> None:
+def verify_cmd(app: App, refs: tuple[str, ...], provenance: bool, refetch: bool, cache_dir: Path | None,
+               keyrings: tuple[str, ...], as_json: bool) -> None:
     """Rehash every stored chunk and object (or those REFS reach) and check that
-    every referenced object exists. Names each corrupt or missing one; exits 1 if any."""
+    every referenced object exists. Names each corrupt or missing one; exits 1 if any.
+
+    With --provenance, check instead, offline, that every package layer of the images
+    REFS came from the Debian archive: the suite's InRelease is validly signed (gpgv,
+    apt's keyring), it lists the stored Packages index by SHA-256, and that index lists
+    the package's .deb as the FileSet records it (docs/trust.md). --refetch also
+    re-imports each .deb (from the build cache, else the archive) and compares the
+    FileSet digest. Names every package whose chain is broken; exits 1 if any.
+    """
     from cnpsfs.progress import byte_progress
     from cnpsfs.store.maintenance import verify
 
+    if provenance:
+        _verify_provenance(app, refs, refetch, cache_dir, keyrings, as_json)
+        return
+    if refetch or keyrings or cache_dir:
+        raise UsageError("--refetch, --cache and --keyring go with --provenance")
     store = app.store()
     roots = [store.resolve(r) for r in refs] if refs else None
     with byte_progress("verifying", None) as advance:
@@ -35,6 +57,34 @@ def verify_cmd(app: App, refs: tuple[str, ...], as_json: bool) -> None:
         click.echo(f"checked {report.checked} records: "
                    f"{len(report.problems) or 'no'} problem{'s' if len(report.problems) != 1 else ''}", err=True)
     if report.problems:
+        sys.exit(1)
+
+
+def _verify_provenance(app: App, refs: tuple[str, ...], refetch: bool, cache: Path | None,
+                       keyrings: tuple[str, ...], as_json: bool) -> None:
+    from cnpsfs.debian.provenance import check_images
+
+    if not refs:
+        raise UsageError("--provenance needs an IMAGE (or FileSet) reference")
+    for ring in keyrings:
+        if not Path(ring).is_file():
+            raise UsageError(f"keyring {ring} does not exist")
+    report = check_images(app.store(), refs, keyrings=keyrings, refetch_debs=refetch, cache=cache,
+                          on_step=lambda m: click.echo(f"verify: {m}", err=True))
+    if as_json:
+        emit_json({"packages": report.rows, "other_layers": report.other_layers, "broken": report.broken,
+                   "seconds": round(report.seconds, 3)})
+    else:
+        for row in report.rows:
+            if row["ok"]:
+                proof = "re-imported" if row["refetched"] else "chain holds"
+                click.echo(f"ok      {row['package']}  ({proof}: {row['archive']} {row['release']})")
+            else:
+                click.echo(f"BROKEN  {row['package']}: {row['problem']}")
+        click.echo(f"{len(report.rows)} packages: {len(report.rows) - report.broken} proven, {report.broken} broken "
+                   f"({report.indices} signed indices; {len(report.other_layers)} other layers not from the "
+                   f"archive) in {report.seconds:.2f}s", err=True)
+    if report.broken:
         sys.exit(1)
 
 

@@ -3,7 +3,8 @@
 1. apt, in its own private state (:mod:`cnpsfs.debian.apt`), resolves the list (plus
    the suite's Essential set) to a closure and downloads it into a cache keyed by SHA-256.
 2. Each .deb becomes a FileSet; one already in the store (same tag, same source SHA-256)
-   is reused, so a rebuild imports only what changed.
+   is reused, so a rebuild imports only what changed. Each gets a provenance record (the
+   signed InRelease and Packages entry it came from, cnpsfs.debian.provenance).
 3. The package FileSets are composed in union mode: their order cannot matter, and two
    packages shipping different content at one path is an error naming both -- unless
    one declares ``Replaces`` on the other, which makes it an override layer (dpkg lets a
@@ -369,6 +370,13 @@ def build(store: Store, recipe: Recipe, *, cache: Path = apt.DEFAULT_CACHE, refr
     timings["download"] = time.monotonic() - t
     found, imported, reused = _import_packages(store, debs, candidates, timings)
     step(f"imported {imported} packages, reused {reused}")
+    t = time.monotonic()
+    from cnpsfs.debian.provenance import record_provenance
+
+    recorded = record_provenance(store, env, candidates, {key: pkg.digest for key, pkg in found.items()})
+    timings["provenance"] = time.monotonic() - t
+    if recorded:
+        step(f"recorded the archive provenance of {recorded} packages")
     pkgs = [found[c.key] for c in candidates]
     sde = recipe.source_date_epoch or max(p.fileset.root.mtime_ns // 1_000_000_000 for p in pkgs)
     t = time.monotonic()

@@ -59,6 +59,11 @@ TYPE_DIR = "cnpsfs/dir"
 TYPE_EXTENTS = "cnpsfs/extents"
 TYPE_FILESET = "cnpsfs/fileset"
 TYPE_IMAGE = "cnpsfs/image"
+#: Detached objects: they name a subject (an image or FileSet) but are not part of its
+#: digest, like OSTree's commitmeta. Their fields are defined, encoded and checked by
+#: cnpsfs.trust (docs/trust.md); here only what gc and verify need to walk them.
+TYPE_SIGNATURE = "cnpsfs/signature"
+TYPE_PROVENANCE = "cnpsfs/provenance"
 
 
 class Kind(enum.IntEnum):
@@ -476,6 +481,17 @@ _KIND_BY_VALUE = {kind.value: kind for kind in Kind}
 
 def decode_object(data: bytes) -> dict[int, Any]:
     """The top-level map of an encoded object, with its type name and version checked."""
+    obj = decode_cbor(data)
+    if (type(obj) is not dict or type(obj.get(0)) is not str or obj[0] not in _TYPE_NAMES
+            or type(obj.get(1)) is not int or obj[1] != FORMAT_VERSION):
+        raise FormatError("object lacks a known type and format version")
+    return obj
+
+
+def decode_cbor(data: bytes) -> Any:
+    """One CBOR item, strictly: the subset of §1.2 (no tags, no indefinite lengths, no
+    duplicate keys, nothing after it) and the size and depth limits of objects. For
+    objects and for other canonical maps (a signature's payload, docs/trust.md)."""
     if len(data) > MAX_OBJECT_SIZE:
         raise FormatError(f"object of {len(data)} bytes exceeds the limit of {MAX_OBJECT_SIZE} bytes per object")
     stream = io.BytesIO(data)
@@ -490,13 +506,10 @@ def decode_object(data: bytes) -> dict[int, Any]:
         raise FormatError(f"object is not valid CBOR: {exc}") from None
     if stream.tell() != len(data):
         raise FormatError(f"object is not valid: {len(data) - stream.tell()} bytes after its CBOR item")
-    if (type(obj) is not dict or type(obj.get(0)) is not str or obj[0] not in _TYPE_NAMES
-            or type(obj.get(1)) is not int or obj[1] != FORMAT_VERSION):
-        raise FormatError("object lacks a known type and format version")
     return obj
 
 
-_TYPE_NAMES = frozenset((TYPE_DIR, TYPE_EXTENTS, TYPE_FILESET, TYPE_IMAGE))
+_TYPE_NAMES = frozenset((TYPE_DIR, TYPE_EXTENTS, TYPE_FILESET, TYPE_IMAGE, TYPE_SIGNATURE, TYPE_PROVENANCE))
 
 
 def object_type(data: bytes) -> str:
@@ -738,7 +751,9 @@ def referenced_digests(data: bytes) -> list[tuple[bytes, bool]]:
         _entry_refs(decode_fileset(data).root, out)
     elif kind == TYPE_IMAGE:
         out.extend((layer.fileset, False) for layer in decode_image(data).layers)
-    return out
+    elif kind == TYPE_PROVENANCE:  # the FileSet holding the signed archive index (docs/trust.md)
+        out.append((_digest(decode_object(data).get(10), "provenance index (key 10)"), False))
+    return out  # a signature names its subject but does not reach it
 
 
 def _entry_refs(entry: Entry, out: list[tuple[bytes, bool]]) -> None:

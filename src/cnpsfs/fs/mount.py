@@ -20,7 +20,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -35,6 +35,9 @@ from cnpsfs.image.manifest import compose, describe_layers, load_image, looks_li
 from cnpsfs.image.swap import SwapPlan, prepare
 from cnpsfs.image.view import Generation
 from cnpsfs.store import Store
+
+if TYPE_CHECKING:  # loaded by whoever made the checker: a mount without a policy never imports it
+    from cnpsfs.trust import Checker, Decision
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,9 @@ class MountService:
     notifier: Notifier = field(default_factory=Notifier.from_environment)  # systemd, when it started us
     ready: bool = False
     device: int | None = None  # st_dev of our mount, once it answered
+    #: Trust decisions for every swap (mounting decided on the first image before anything was mounted).
+    trust: Checker | None = None
+    decision: Decision | None = None  # the trust decision on the image served now
 
     def fuse_options(self) -> set[str]:
         opts = {"fsname=cnpsfs", "subtype=cnpsfs", "ro", "default_permissions", "noatime"}
@@ -228,9 +234,11 @@ class MountService:
         op = request.get("op")
         if op == "status":
             return {"ok": True, **self.status()}
+        downgrade = bool(request.get("allow_downgrade", False))
         if op == "upgrade":
             image, digest = await trio.to_thread.run_sync(load_image, self.store, str(request["ref"]))
-            return {"ok": True, **await self.swap_to(image, digest, f"upgrade to {request['ref']}")}
+            return {"ok": True, **await self.swap_to(image, digest, f"upgrade to {request['ref']}",
+                                                     allow_downgrade=downgrade)}
         if op == "reload":
             if not looks_like_file(self.ref):
                 raise CnpsfsError("this mount was not started from a manifest file: nothing to re-read")
@@ -244,7 +252,7 @@ class MountService:
                 raise CnpsfsError("no previous generation to roll back to")
             image, digest = self.rollback_image
             # The image left becomes the rollback target: a second rollback undoes the first.
-            return {"ok": True, **await self.swap_to(image, digest, "rollback")}
+            return {"ok": True, **await self.swap_to(image, digest, "rollback", allow_downgrade=downgrade)}
         raise CnpsfsError(f"unknown control request {op!r}")
 
     def _with_layer_flag(self, which: str, *, unlinked: bool) -> fmt.Image:
@@ -271,11 +279,21 @@ class MountService:
             raise CnpsfsError(f"layer {which!r} is ambiguous: it is layers {', '.join(str(i + 1) for i in matches)}")
         return matches[0]
 
-    async def swap_to(self, image: fmt.Image, digest: bytes | None, reason: str) -> dict[str, Any]:
-        """Compose *image* beside the current generation and switch to it atomically."""
+    async def swap_to(self, image: fmt.Image, digest: bytes | None, reason: str, *,
+                      allow_downgrade: bool = False) -> dict[str, Any]:
+        """Compose *image* beside the current generation and switch to it atomically.
+
+        The trust policy decides first (re-read now): a refusal (TrustError) leaves the
+        mount serving what it served, like any other failure before the switch.
+        """
         assert self.ops is not None
         started = time.monotonic()
         label = f"{image.name}@{image.version}"
+        decision = None
+        if self.trust is not None:
+            checker = self.trust
+            decision = await trio.to_thread.run_sync(
+                lambda: checker.check(self.store, image, digest, allow_downgrade=allow_downgrade))
 
         # What the kernel holds, for the inode table's sweep: copied here, on the loop (the
         # worker must not iterate it), and only when a sweep is due (a copy is O(held)).
@@ -289,6 +307,8 @@ class MountService:
         seconds = time.monotonic() - started
         self.rollback_image = (self.image, self.image_digest)
         self.image, self.image_digest = image, digest
+        if decision is not None:
+            self.decision = decision
         self.history.append(HistoryItem(generation.number, label, fmt.format_digest(digest) if digest else None,
                                         time.time(), reason))
         self._register_roots()
@@ -329,6 +349,8 @@ class MountService:
             "kernel_inodes": len(self.ops.held),
             "inode_keys": len(gen.inodes),
             "uptime": round(time.time() - self.started, 3),
+            "trust": self.decision.as_dict() if self.decision is not None else
+            {"verified": False, "policy": None, "reason": "unverified: no trust policy"},
         }
 
 

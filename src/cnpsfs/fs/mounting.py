@@ -18,11 +18,15 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cnpsfs import format as fmt
 from cnpsfs.fs.daemon import MountRecord
 from cnpsfs.fs.options import MountOptions
 from cnpsfs.store import Store
+
+if TYPE_CHECKING:  # loaded by whoever made the checker: a mount without a policy never imports it
+    from cnpsfs.trust import Checker
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +39,19 @@ class Mounted:
     record: MountRecord
 
 
-def mount_image(store: Store, ref: str, mountpoint: str, options: MountOptions | None = None) -> Mounted:
+def mount_image(store: Store, ref: str, mountpoint: str, options: MountOptions | None = None, *,
+                trust: Checker | None = None, allow_downgrade: bool = False) -> Mounted:
     """Mount image *ref* (a reference or a manifest file) at *mountpoint* in a daemon.
 
     Returns once the mount answers; any failure before that (here or in the daemon) is a
     :class:`~cnpsfs.errors.CnpsfsError` and leaves nothing mounted. *store* is closed
-    before the fork (SQLite connections and pack descriptors must not cross it).
+    before the fork (SQLite connections and pack descriptors must not cross it). With
+    *trust*, the image must pass the trust policy first (a refusal is a TrustError), and
+    the daemon asks it again before every swap.
     """
     from cnpsfs.fs.daemon import READY, install_faulthandler, redirect_output, spawn_daemon
 
-    mount = _Mount(store, ref, mountpoint, options or MountOptions())
+    mount = _Mount(store, ref, mountpoint, options or MountOptions(), trust, allow_downgrade)
     store.close()
 
     def child(ready_fd: int) -> None:
@@ -70,13 +77,15 @@ def mount_image(store: Store, ref: str, mountpoint: str, options: MountOptions |
 
 
 def serve_image(store: Store, ref: str, mountpoint: str, options: MountOptions | None = None,
-                on_ready: Callable[[], None] | None = None) -> None:
+                on_ready: Callable[[], None] | None = None, *, trust: Checker | None = None,
+                allow_downgrade: bool = False) -> None:
     """Mount image *ref* at *mountpoint* and serve it in this process until it is unmounted.
 
     *on_ready* runs once the mount answers (default: the one INFO line that says so); when
-    systemd started this process, the mount service also tells it READY=1.
+    systemd started this process, the mount service also tells it READY=1. *trust* as for
+    :func:`mount_image`.
     """
-    mount = _Mount(store, ref, mountpoint, options or MountOptions())
+    mount = _Mount(store, ref, mountpoint, options or MountOptions(), trust, allow_downgrade)
     try:
         mount.serve(on_ready or mount.log_ready)
     finally:
@@ -86,18 +95,20 @@ def serve_image(store: Store, ref: str, mountpoint: str, options: MountOptions |
 class _Mount:
     """One mount, checked and composed, not yet served."""
 
-    def __init__(self, store: Store, ref: str, mountpoint: str, options: MountOptions) -> None:
+    def __init__(self, store: Store, ref: str, mountpoint: str, options: MountOptions, trust: Checker | None,
+                 allow_downgrade: bool) -> None:
         from cnpsfs.fs.daemon import lock_mountpoint
 
         # Held until this process, or the daemon it forks, exits: one mount per directory.
         self.lock = lock_mountpoint(mountpoint)
         try:
-            self._prepare(store, ref, mountpoint, options)
+            self._prepare(store, ref, mountpoint, options, trust, allow_downgrade)
         except BaseException:
             os.close(self.lock)
             raise
 
-    def _prepare(self, store: Store, ref: str, mountpoint: str, options: MountOptions) -> None:
+    def _prepare(self, store: Store, ref: str, mountpoint: str, options: MountOptions, trust: Checker | None,
+                 allow_downgrade: bool) -> None:
         from cnpsfs.fs.control import control_path_for
         from cnpsfs.fs.daemon import check_mountpoint, mount_key, runtime_dir
         from cnpsfs.fs.mount import MountService
@@ -109,6 +120,7 @@ class _Mount:
         image, digest = load_image(store, ref)
         if digest is None and image.mode is fmt.CompositionMode.UNION:
             compose(store, image).check()  # stored images were checked when created
+        decision = trust.check(store, image, digest, allow_downgrade=allow_downgrade) if trust is not None else None
         key = mount_key(real)
         rt = runtime_dir()
         control = control_path_for(rt, key)
@@ -122,7 +134,8 @@ class _Mount:
             self.fuse_at = str(rt / f"{key}.lower")
             os.makedirs(self.fuse_at, exist_ok=True)
             check_mountpoint(self.fuse_at)
-        self.service = MountService(store, image, digest, self.fuse_at, options, control, ref)
+        self.service = MountService(store, image, digest, self.fuse_at, options, control, ref, trust=trust,
+                                    decision=decision)
         self.generation = self.service.build()
         self.roots = [layer.fileset for layer in image.layers] + ([digest] if digest else [])
         self.record = MountRecord(real, os.getpid(), str(store.path), ref, str(rt / f"{key}.log"), control,

@@ -51,6 +51,21 @@ CREATE TABLE IF NOT EXISTS tags(
     PRIMARY KEY(name, version)
 );
 """
+#: Tables added after the first layout: created by the first writer that needs them (an
+#: older store lacks them until then, and readers take a missing table as empty).
+TRUST_SCHEMA = """
+CREATE TABLE IF NOT EXISTS attachments(
+    subject BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY(subject, digest)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revisions(
+    name TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    accepted_ns INTEGER NOT NULL
+);
+"""
 
 _BATCH = 500
 _LOC_COLUMNS = "pack, offset, stored, raw, codec, type, inner, length, header"
@@ -102,7 +117,7 @@ class Index:
         db = sqlite3.connect(path)
         with db:
             db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
+            db.executescript(SCHEMA + TRUST_SCHEMA)
         db.close()
 
     @property
@@ -245,7 +260,8 @@ class Index:
             tx.execute("DELETE FROM packs WHERE id=?", (pack,))
 
     def publish(self, packs: list[tuple[str, int]], rows: list[tuple[Any, ...]],
-                tags: Iterable[tuple[str, str, int, bytes]], *, replace: bool, retire_packs: Iterable[int]) -> None:
+                tags: Iterable[tuple[str, str, int, bytes]], *, replace: bool, retire_packs: Iterable[int],
+                attach: Iterable[tuple[bytes, bytes]] = ()) -> None:
         """Make a writer's packs and rows visible, point tags at them, retire packs: one transaction.
 
         *rows* name packs by their position in *packs*: (digest, type, pack#, offset, stored,
@@ -267,6 +283,44 @@ class Index:
                 _insert_tag(db, name, version, type_code, digest)
             for pack in retire_packs:
                 db.execute("DELETE FROM packs WHERE id=?", (pack,))
+            attach = list(attach)
+            if attach:
+                _trust_tables(db)
+                db.executemany("INSERT OR IGNORE INTO attachments(subject, digest) VALUES (?, ?)", attach)
+
+    # ------------------------------------------------------------------ attachments and revisions
+
+    def _trust_rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []  # a store written before detached objects existed
+            raise
+
+    def attachments(self, subject: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        if subject is None:
+            return [(s, d) for s, d in self._trust_rows("SELECT subject, digest FROM attachments ORDER BY subject")]
+        return [(s, d) for s, d in self._trust_rows(
+            "SELECT subject, digest FROM attachments WHERE subject=? ORDER BY digest", (subject,))]
+
+    def detach(self, pairs: Iterable[tuple[bytes, bytes]]) -> int:
+        with self.transaction() as db:
+            _trust_tables(db)
+            return sum(db.execute("DELETE FROM attachments WHERE subject=? AND digest=?", pair).rowcount
+                       for pair in pairs)
+
+    def accepted_revision(self, name: str) -> tuple[int, bytes] | None:
+        rows = self._trust_rows("SELECT revision, digest FROM revisions WHERE name=?", (name,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    def record_revision(self, name: str, revision: int, digest: bytes) -> None:
+        with self.transaction() as db:
+            _trust_tables(db)
+            db.execute("INSERT INTO revisions(name, revision, digest, accepted_ns) VALUES (?,?,?,?) "
+                       "ON CONFLICT(name) DO UPDATE SET revision=excluded.revision, digest=excluded.digest, "
+                       "accepted_ns=excluded.accepted_ns WHERE excluded.revision > revisions.revision",
+                       (name, revision, digest, time.time_ns()))
 
     # ------------------------------------------------------------------ tags
 
@@ -301,6 +355,14 @@ class Index:
                 "SELECT digest FROM tags WHERE name=? ORDER BY created_ns DESC, version DESC LIMIT 1",
                 (name,)).fetchone()
         return row[0] if row else None
+
+
+def _trust_tables(db: sqlite3.Connection) -> None:
+    """The attachment and revision tables, inside the caller's transaction (executescript
+    would commit it). Cheap: a no-op once they exist."""
+    for statement in TRUST_SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
 
 
 def _insert_tag(db: sqlite3.Connection, name: str, version: str, type_code: int, digest: bytes) -> None:

@@ -284,6 +284,24 @@ class LocalStore:
     def tags_for(self, digest: bytes) -> list[Tag]:
         return self.index.tags_for(digest)
 
+    # ------------------------------------------------------------------ detached objects and revisions
+
+    def attachments(self, subject: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """Detached objects (signatures, provenance records) as (subject, object digest):
+        those of *subject*, or all. They name an image or FileSet without being part of its
+        digest (docs/format.md 2.2); gc keeps them exactly as long as their subject."""
+        return self.index.attachments(subject)
+
+    def detach(self, subject: bytes, digest: bytes) -> bool:
+        """Stop filing *digest* under *subject* (the object goes at the next gc)."""
+        return self.index.detach([(subject, digest)]) > 0
+
+    def accepted_revision(self, name: str) -> tuple[int, bytes] | None:
+        return self.index.accepted_revision(name)
+
+    def record_revision(self, name: str, revision: int, digest: bytes) -> None:
+        self.index.record_revision(name, revision, digest)
+
     def resolve(self, ref: str, *, want: int | None = None) -> bytes:
         """Turn a reference into a digest.
 

@@ -104,6 +104,18 @@ def reachable(store: Store, roots: Iterable[bytes],
     return seen
 
 
+def with_attachments(store: Store, seen: set[bytes],
+                     on_missing: Callable[[bytes, bytes | None, bool], None] | None = None) -> set[bytes]:
+    """*seen* plus the detached objects (signatures, provenance) of everything in it, and what
+    those reach, to a fixed point: a signature lives exactly as long as its subject."""
+    pending = store.attachments()
+    while True:
+        new = [digest for subject, digest in pending if subject in seen and digest not in seen]
+        if not new:
+            return seen
+        seen |= reachable(store, new, on_missing)
+
+
 def tag_roots(store: Store) -> set[bytes]:
     return {tag.digest for tag in store.tags()}
 
@@ -128,6 +140,7 @@ def verify(store: LocalStore, roots: list[bytes] | None,
         report.problems.append(f"missing {what} {fmt.format_digest(digest)}{named}")
 
     wanted = reachable(store, roots if roots is not None else tag_roots(store), on_missing=missing)
+    wanted = with_attachments(store, wanted, on_missing=missing)
     dctx = zstandard.ZstdDecompressor()
     for block in store.index.blocks():
         loc = block.loc
@@ -191,7 +204,7 @@ def gc(store: LocalStore, *, repack_below: float = 0.5, dry_run: bool = False) -
                 report.removed_tmp += 1
                 if not dry_run:
                     orphan.unlink(missing_ok=True)
-        keep = reachable(store, tag_roots(store) | live_roots(store))
+        keep = with_attachments(store, reachable(store, tag_roots(store) | live_roots(store)))
         rows = index.all_objects()
         dead = [d for d, _p, _r, _l in rows if d not in keep]
         report.removed_objects = len(dead)
@@ -204,6 +217,9 @@ def gc(store: LocalStore, *, repack_below: float = 0.5, dry_run: bool = False) -
         if dry_run:
             return report
         index.delete_objects(dead)
+        dead_attachments = [(s, d) for s, d in index.attachments() if s not in keep or d not in keep]
+        if dead_attachments:
+            index.detach(dead_attachments)
         for pack_id, name, _size in index.packs():
             live = live_share.get(pack_id, 0.0)
             if live == 0:

@@ -30,10 +30,12 @@ T_DIR = 1
 T_EXTENTS = 2
 T_FILESET = 3
 T_IMAGE = 4
+T_SIGNATURE = 5
+T_PROVENANCE = 6
 TYPE_CODES = {fmt.TYPE_DIR: T_DIR, fmt.TYPE_EXTENTS: T_EXTENTS, fmt.TYPE_FILESET: T_FILESET,
-              fmt.TYPE_IMAGE: T_IMAGE}
+              fmt.TYPE_IMAGE: T_IMAGE, fmt.TYPE_SIGNATURE: T_SIGNATURE, fmt.TYPE_PROVENANCE: T_PROVENANCE}
 TYPE_NAMES = {T_CHUNK: "chunk", T_DIR: "directory", T_EXTENTS: "extents", T_FILESET: "fileset",
-              T_IMAGE: "image"}
+              T_IMAGE: "image", T_SIGNATURE: "signature", T_PROVENANCE: "provenance"}
 
 
 class NotCached(Exception):
@@ -99,7 +101,10 @@ class StoreWriter(Protocol):
     def add(self, data: bytes, type_code: int) -> bytes: ...
     def add_chunk(self, digest: bytes, data: bytes, type_code: int = T_CHUNK) -> None: ...
     def add_object(self, encoded: bytes) -> bytes: ...
-    def commit(self, tags: Iterable[tuple[str, str, int, bytes]] = ()) -> None: ...
+    def commit(self, tags: Iterable[tuple[str, str, int, bytes]] = (), *,
+               attach: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """Publish, tag, and file detached objects under subjects: (subject, object digest)."""
+        ...
 
 
 @runtime_checkable
@@ -146,6 +151,22 @@ class Store(Protocol):
     def tags_for(self, digest: bytes) -> list[Tag]: ...
     def set_tag(self, name: str, version: str, type_code: int, digest: bytes) -> None: ...
     def remove_tag(self, name: str, version: str) -> bool: ...
+
+    # ------------------------------------------------------------ detached objects and revisions
+    def attachments(self, subject: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """(subject, object digest) of the detached objects (signatures, provenance) filed
+        under *subject*, or of all of them. They are not part of the subject's digest."""
+        ...
+
+    def detach(self, subject: bytes, digest: bytes) -> bool: ...
+
+    def accepted_revision(self, name: str) -> tuple[int, bytes] | None:
+        """The highest signed revision of *name* a trust decision accepted here (rollback protection)."""
+        ...
+
+    def record_revision(self, name: str, revision: int, digest: bytes) -> None:
+        """Remember an accepted revision; the stored value only ever grows."""
+        ...
 
     # ------------------------------------------------------------ writing
     def writer(self) -> contextlib.AbstractContextManager[StoreWriter]: ...

@@ -158,11 +158,12 @@ class StoreWriter:
         return self.add(encoded, TYPE_CODES[fmt.object_type(encoded)])
 
     def commit(self, tags: Iterable[tuple[str, str, int, bytes]] = (), *, replace: bool = False,
-               retire_packs: Iterable[int] = ()) -> None:
+               retire_packs: Iterable[int] = (), attach: Iterable[tuple[bytes, bytes]] = ()) -> None:
         """Make everything written visible, then point *tags* at it, atomically.
 
         *replace* re-points existing index rows at the new copies and *retire_packs* drops
-        packs from the index in the same transaction (both for gc's repack).
+        packs from the index in the same transaction (both for gc's repack). *attach* files
+        detached objects (subject, object digest) under their subjects in that transaction.
         """
         self.flush()
         store = self.store
@@ -181,7 +182,7 @@ class StoreWriter:
             pack, offset, stored, raw, codec, type_code, inner, length, header = where
             rows.append((digest, type_code, pack, offset, stored, raw, codec, inner, length, header))
         store.index.publish([(name, size) for _i, name, size in published], rows, tags, replace=replace,
-                            retire_packs=retire_packs)
+                            retire_packs=retire_packs, attach=attach)
         self._committed = True
         for _path, fd in self._packs:
             with contextlib.suppress(OSError):
