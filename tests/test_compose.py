@@ -21,6 +21,7 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import ConflictError, NotFoundError, UsageError
 from cnpsfs.image.manifest import compose, image_from_manifest, parse_manifest
 from cnpsfs.image.view import Generation, Node
+from cnpsfs.image.walk import changed_dirs
 from cnpsfs.ingest.tree import ImportOptions, TreeBuilder, write_fileset
 from cnpsfs.store import Store
 
@@ -553,3 +554,24 @@ def test_lazy_resolve_agrees_with_a_full_walk(store: Store) -> None:
     for path, node in sorted(walked.items(), reverse=True):
         other = fresh.resolve(b"/" + b"/".join(path))
         assert (other.entry, other.nlink, other.size) == (node.entry, node.nlink, node.size), path
+
+
+# --------------------------------------------------------------------------- two generations side by side
+
+
+def test_changed_dirs_enters_only_what_changed(store: Store) -> None:
+    """The walk live swaps and `cnpsfs diff` share: an unchanged subtree is skipped unread."""
+    base = make_fileset(store, "base", {"etc/a": "a1", "usr/bin/sh": "sh", "usr/lib/x": "x"})
+    top = make_fileset(store, "top", {"etc/a": "a2"})
+    old, new = generation(store, [base]), generation(store, [base, top])
+    visited = {fmt.show_path(p.path): p.changed for p in changed_dirs(old, new)}
+    assert visited == {"/": True, "/etc": True, "/usr": False}
+    for gen in (old, new):
+        assert gen.root.children is not None
+        assert gen.root.children[b"usr"].children is None, "an unchanged directory is not composed"
+
+    extra = make_fileset(store, "extra", {"opt/tool/bin": "t"})
+    added = {fmt.show_path(p.path): p.old is None for p in changed_dirs(old, generation(store, [base, extra]))}
+    assert added["/opt"] and added["/opt/tool"] and not added["/"]
+    shallow = {fmt.show_path(p.path) for p in changed_dirs(old, generation(store, [base, extra]), into_added=False)}
+    assert "/opt" not in shallow and "/" in shallow

@@ -15,7 +15,8 @@ from cnpsfs import format as fmt
 from cnpsfs.debian.version import compare_versions, parse_constraint
 from cnpsfs.errors import NotFoundError, UsageError
 from cnpsfs.image.manifest import compose
-from cnpsfs.image.view import Generation, Node, signature
+from cnpsfs.image.view import Generation, Node
+from cnpsfs.image.walk import changed_dirs
 from cnpsfs.store import T_IMAGE, Store
 
 
@@ -103,18 +104,16 @@ def tree_diff(ga: Generation, gb: Generation) -> tuple[list[dict[str, str]], int
     Returns the changes and the number of subtrees skipped."""
     changes: list[dict[str, str]] = []
     skipped = 0
-    # Paths are carried along rather than read from nodes: hard links share one node,
-    # whose path is the first link's.
-    stack: list[tuple[str, Node, Node]] = [("", ga.root, gb.root)]
-    while stack:
-        prefix, na, nb = stack.pop()
-        if signature(na, ga.mode) == signature(nb, gb.mode):
+    # An added directory is one change; what it holds is not listed.
+    for pair in changed_dirs(ga, gb, into_added=False):
+        if not pair.changed:
             skipped += 1
             continue
-        ca, cb = ga.load_children(na), gb.load_children(nb)
-        for name in sorted(ca.keys() | cb.keys(), reverse=True):
+        assert pair.old is not None
+        ca, cb = ga.load_children(pair.old), gb.load_children(pair.new)
+        for name in ca.keys() | cb.keys():
             a, b = ca.get(name), cb.get(name)
-            path = f"{prefix}/{name.decode('utf-8', 'backslashreplace')}"
+            path = fmt.show_path((*pair.path, name))
             if a is None:
                 changes.append({"path": path, "change": "added"})
             elif b is None:
@@ -122,7 +121,6 @@ def tree_diff(ga: Generation, gb: Generation) -> tuple[list[dict[str, str]], int
             elif a.is_dir and b.is_dir:
                 if not _same(a, b):
                     changes.append({"path": path, "change": "metadata"})
-                stack.append((path, a, b))
             elif not _same(a, b):
                 what = "content" if a.entry.kind is b.entry.kind and a.entry.hash != b.entry.hash else "changed"
                 changes.append({"path": path, "change": what})

@@ -60,6 +60,7 @@ from cnpsfs.format.objects import (
     object_type,
     parse_digest,
     referenced_digests,
+    show_path,
 )
 
 __all__ = [
@@ -122,4 +123,5 @@ __all__ = [
     'object_type',
     'parse_digest',
     'referenced_digests',
+    'show_path',
 ]

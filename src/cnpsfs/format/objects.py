@@ -104,6 +104,13 @@ def format_digest(digest: bytes) -> str:
     return DIGEST_PREFIX + digest.hex()
 
 
+def show_path(parts: Sequence[bytes], *, relative: bool = False) -> str:
+    """A path of entry names for messages: ``/usr/bin`` (``usr/bin`` when *relative*; the
+    empty path is ``/`` or ``.``). Names are bytes; what is not UTF-8 shows escaped."""
+    text = "/".join(p.decode("utf-8", "backslashreplace") for p in parts)
+    return (text or ".") if relative else "/" + text
+
+
 def parse_digest(text: str) -> bytes:
     """Parse a full ``blake3:<64 hex>`` reference; prefixes are resolved by the store."""
     if not text.startswith(DIGEST_PREFIX):

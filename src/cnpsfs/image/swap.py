@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, MissingObjectError
-from cnpsfs.image.view import Generation, Node, signature
+from cnpsfs.image.view import Generation, Node
+from cnpsfs.image.walk import changed_dirs
 
 
 @dataclass(slots=True)
@@ -47,20 +48,18 @@ def prepare(old: Generation, new: Generation, *, held: Iterable[int] | None = No
     back gets its old number. Without, no sweep (the caller had no snapshot to give).
     """
     plan = SwapPlan()
-    stack: list[tuple[Node | None, Node]] = [(old.root, new.root)]
-    while stack:
-        old_node, new_node = stack.pop()
-        if old_node is new_node:
+    for pair in changed_dirs(old, new):
+        old_node, new_node = pair.old, pair.new
+        if not pair.changed:
             plan.shared_dirs += 1
-            continue
-        if old_node is not None and signature(old_node, old.mode) == signature(new_node, new.mode):
-            plan.shared_dirs += 1
-            if old_node.children is not None:
+            if old_node is not None and old_node.children is not None:
                 new.load_children(new_node)  # shares the old children, reads nothing
             continue
         plan.changed_dirs += 1
         new_children = new.load_children(new_node)
         _check_files(new, new_children.values(), old_node)
+        # Loaded before the walk (it loads old directories only to pair their children):
+        # only what the kernel may have looked up needs invalidating.
         old_children = old_node.children if old_node is not None else None
         if old_children is not None:
             plan.dirs.append(old_node.ino)
@@ -73,26 +72,10 @@ def prepare(old: Generation, new: Generation, *, held: Iterable[int] | None = No
                     plan.dirs.append(old_child.ino)
             # New names: the kernel may hold a cached negative lookup for them.
             plan.entries.extend((old_node.ino, name) for name in new_children if name not in old_children)
-        for name, new_child in new_children.items():
-            if not new_child.is_dir:
-                continue
-            old_child = old_children.get(name) if old_children is not None else None
-            if old_child is not None and not old_child.is_dir:
-                old_child = None
-            if old_child is None and old_node is not None and old_children is None:
-                old_child = _unloaded_dir(old, old_node, name)
-            stack.append((old_child, new_child))
     new.previous = None
     if held is not None and new.inodes.sweep_due():
         plan.dropped_keys = new.inodes.retain(new.loaded_inodes() | set(held))
     return plan
-
-
-def _unloaded_dir(old: Generation, parent: Node, name: bytes) -> Node | None:
-    """The old generation's directory at the same path, composed without loading its contents."""
-    old.load_children(parent)
-    child = parent.children.get(name) if parent.children is not None else None
-    return child if child is not None and child.is_dir else None
 
 
 def _check_files(new: Generation, children: object, old_parent: Node | None) -> None:
@@ -109,13 +92,9 @@ def _check_files(new: Generation, children: object, old_parent: Node | None) -> 
         try:
             extents = store.file_extents(child.entry)
         except MissingObjectError as exc:
-            raise CnpsfsError(f"{_show(child.path)}: {exc}") from None
+            raise CnpsfsError(f"{fmt.show_path(child.path)}: {exc}") from None
         digests = {e.digest for e in extents if e.digest is not None}
         missing = digests - store.existing(digests)
         if missing:
-            raise CnpsfsError(f"{_show(child.path)}: {len(missing)} chunk(s) missing from the store, "
+            raise CnpsfsError(f"{fmt.show_path(child.path)}: {len(missing)} chunk(s) missing from the store, "
                               f"e.g. {fmt.format_digest(next(iter(missing)))}")
-
-
-def _show(path: tuple[bytes, ...]) -> str:
-    return "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in path)

@@ -301,8 +301,8 @@ class Generation:
 
     @staticmethod
     def _conflict(path: tuple[bytes, ...], a: LayerInfo, b: LayerInfo, what: str) -> ConflictError:
-        shown = "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in path)
-        return ConflictError(shown, ConflictingLayer(a.fileset, a.name), ConflictingLayer(b.fileset, b.name), what)
+        return ConflictError(fmt.show_path(path), ConflictingLayer(a.fileset, a.name),
+                             ConflictingLayer(b.fileset, b.name), what)
 
     def _dir_metadata(self, sources: list[Source], name: bytes) -> fmt.Entry:
         real = [s for s in sources if not s.is_synthetic]

@@ -132,10 +132,6 @@ def split_path(path: bytes, *, what: str) -> tuple[bytes, ...]:
     return parts
 
 
-def show(parts: tuple[bytes, ...]) -> str:
-    return "/".join(p.decode("utf-8", "backslashreplace") for p in parts) or "."
-
-
 class TreeBuilder:
     """Accumulates a tree's entries, rejecting anything unsafe or ambiguous."""
 
@@ -156,9 +152,11 @@ class TreeBuilder:
                              implicit=True)
                 node.children[part] = child
             elif child.entry.kind is fmt.Kind.SYMLINK:
-                raise ImportRejected(f"{what}: path goes through symlink {show(parts[: depth + 1])}")
+                shown = fmt.show_path(parts[: depth + 1], relative=True)
+                raise ImportRejected(f"{what}: path goes through symlink {shown}")
             elif child.entry.kind is not fmt.Kind.DIR:
-                raise ImportRejected(f"{what}: path goes through non-directory {show(parts[: depth + 1])}")
+                shown = fmt.show_path(parts[: depth + 1], relative=True)
+                raise ImportRejected(f"{what}: path goes through non-directory {shown}")
             node = child
         return node
 
@@ -392,5 +390,6 @@ def _store_directories(builder: TreeBuilder, writer: StoreWriter) -> fmt.Entry:
             try:
                 node.entry.tree = writer.add_object(fmt.encode_directory(directory))
             except FormatError as exc:  # a limit, or an entry the format cannot hold (uid ≥ 2³²)
-                raise ImportRejected(f"{builder.source_name}: directory {show(parts)}: {exc}") from None
+                shown = fmt.show_path(parts, relative=True)
+                raise ImportRejected(f"{builder.source_name}: directory {shown}: {exc}") from None
     return builder.root.entry
