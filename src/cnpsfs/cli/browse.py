@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import sys
 import time
@@ -97,19 +98,14 @@ def ls_cmd(app: App, ref: str, path: str, long: bool, as_json: bool) -> None:
 @pass_app
 def cat_cmd(app: App, ref: str, path: str) -> None:
     """Write the contents of the regular file PATH inside REF (FileSet or image) to stdout."""
-    from cnpsfs.image.reader import ChunkCache, ExtentMap, cached_getter, read_range
+    from cnpsfs.image.reader import FileReader
 
     store = app.store()
     entry, _children, _gen = _lookup_path(store, ref, path)
     if entry.kind is not fmt.Kind.FILE:
         raise UsageError(f"{path} is a {entry.kind.name.lower()}, not a regular file")
-    emap = ExtentMap(store.file_extents(entry))
-    get = cached_getter(store.get, ChunkCache(16 << 20))
-    out = sys.stdout.buffer
-    step = 1 << 20
-    for offset in range(0, emap.size, step):
-        out.write(read_range(emap, offset, step, get))
-    out.flush()
+    shutil.copyfileobj(FileReader(store).open(entry), sys.stdout.buffer, 1 << 20)
+    sys.stdout.buffer.flush()
 
 
 COMMANDS = [ls_cmd, cat_cmd]

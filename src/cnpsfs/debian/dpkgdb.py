@@ -48,7 +48,7 @@ from typing import Any
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError
-from cnpsfs.export import read_file
+from cnpsfs.image.reader import FileReader
 from cnpsfs.ingest.directory import import_directory
 from cnpsfs.ingest.tree import ImportOptions, ImportResult
 from cnpsfs.store import Store
@@ -209,12 +209,13 @@ def write_database(store: Store, packages: list[InstalledPackage], root: Path, a
     ordered = sorted(packages, key=lambda p: (p.package, p.arch))
     lists: dict[str, list[str]] = {}
     hashes: dict[str, str] = {}
+    reader = FileReader(store)
     for pkg in ordered:
         want: dict[str, Any] = dict.fromkeys(conffiles(pkg))
         lists[pkg.info_name] = package_paths(store, pkg.fileset, want)
         for path, entry in want.items():
             if entry is not None and entry.kind is fmt.Kind.FILE:
-                hashes[path] = hashlib.md5(read_file(store, entry)).hexdigest()
+                hashes[path] = hashlib.md5(reader.read(entry)).hexdigest()
     (admin / "status").write_text("\n".join(status_stanza(p, hashes) for p in ordered))
     for name in ("available", "diversions", "statoverride"):
         (admin / name).write_text("")

@@ -20,21 +20,12 @@ from typing import IO, Any
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError
-from cnpsfs.image.reader import ChunkCache, ExtentMap, StoreFile, cached_getter, past_the_end, read_range
+from cnpsfs.image.reader import FileReader
 from cnpsfs.image.walk import walk
 from cnpsfs.store import Store
 
 log = logging.getLogger(__name__)
 _WRITE = 4 << 20
-
-
-class Exporter:
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.get_chunk = cached_getter(store.get, ChunkCache(128 << 20))
-
-    def extent_map(self, entry: fmt.Entry) -> ExtentMap:
-        return ExtentMap(self.store.file_extents(entry))
 
 
 def _path(root: bytes, parts: tuple[bytes, ...]) -> bytes:
@@ -49,7 +40,7 @@ def export_dir(store: Store, root: fmt.Entry, dest: str,
             raise CnpsfsError(f"{dest} exists and is not an empty directory")
     else:
         os.mkdir(out, 0o700)
-    exp = Exporter(store)
+    reader = FileReader(store)
     is_root = os.geteuid() == 0
     links: dict[bytes, bytes] = {}
     dirs: list[tuple[bytes, fmt.Entry]] = []
@@ -71,7 +62,7 @@ def export_dir(store: Store, root: fmt.Entry, dest: str,
                     continue
                 links[entry.link[0]] = path
             if kind is fmt.Kind.FILE:
-                _write_file(exp, entry, path, on_progress)
+                _write_file(reader, entry, path, on_progress)
             elif kind is fmt.Kind.SYMLINK:
                 os.symlink(entry.target, path)
             elif kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV, fmt.Kind.WHITEOUT):
@@ -89,20 +80,19 @@ def export_dir(store: Store, root: fmt.Entry, dest: str,
         _apply_metadata(path, entry, is_root)
 
 
-def _write_file(exp: Exporter, entry: fmt.Entry, path: bytes,
+def _write_file(reader: FileReader, entry: fmt.Entry, path: bytes,
                 on_progress: Callable[[int], None] | None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        emap = exp.extent_map(entry)
-        for ext, inner, n in emap.pieces(0, emap.size):
-            if ext.digest is None:
-                os.lseek(fd, n, os.SEEK_CUR)  # leave a hole
+        emap = reader.extent_map(entry)
+        for piece in reader.pieces(emap):
+            if isinstance(piece, int):
+                os.lseek(fd, piece, os.SEEK_CUR)  # leave a hole
+                n = piece
             else:
-                chunk = exp.get_chunk(ext.digest)
-                piece = memoryview(chunk)[ext.offset + inner : ext.offset + inner + n]
-                if len(piece) != n:
-                    raise past_the_end(ext, len(chunk))
-                os.write(fd, piece)
+                n = len(piece)
+                while piece:
+                    piece = piece[os.write(fd, piece):]
             if on_progress is not None:
                 on_progress(n)
         os.ftruncate(fd, emap.size)
@@ -149,7 +139,7 @@ def _tarinfo(name: str, entry: fmt.Entry) -> tarfile.TarInfo:
 
 def export_tar(store: Store, root: fmt.Entry, dest: str,
                on_progress: Callable[[int], None] | None = None) -> None:
-    exp = Exporter(store)
+    reader = FileReader(store)
     stream: IO[bytes]
     if dest == "-":
         stream = sys.stdout.buffer
@@ -162,7 +152,7 @@ def export_tar(store: Store, root: fmt.Entry, dest: str,
         with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
                           errors="surrogateescape") as tf:
             for parts, entry, opaque in walk(store, root):
-                _add_tar_member(tf, exp, parts, entry, opaque, on_progress)
+                _add_tar_member(tf, reader, parts, entry, opaque, on_progress)
     finally:
         if dest != "-":
             stream.close()
@@ -170,7 +160,7 @@ def export_tar(store: Store, root: fmt.Entry, dest: str,
             stream.flush()
 
 
-def _add_tar_member(tf: tarfile.TarFile, exp: Exporter, parts: tuple[bytes, ...], entry: fmt.Entry,
+def _add_tar_member(tf: tarfile.TarFile, reader: FileReader, parts: tuple[bytes, ...], entry: fmt.Entry,
                     opaque: bool, on_progress: Callable[[int], None] | None) -> None:
     name = "/".join(p.decode("utf-8", "surrogateescape") for p in parts)
     kind = entry.kind
@@ -188,8 +178,7 @@ def _add_tar_member(tf: tarfile.TarFile, exp: Exporter, parts: tuple[bytes, ...]
         info.linkname = entry.link[0].decode("utf-8", "surrogateescape")
     elif kind is fmt.Kind.FILE:
         info.size = entry.size
-        emap = exp.extent_map(entry)
-        fileobj = StoreFile(emap, exp.get_chunk)
+        fileobj = reader.open(entry)
     elif kind is fmt.Kind.SYMLINK:
         info.type = tarfile.SYMTYPE
         info.linkname = entry.target.decode("utf-8", "surrogateescape")
@@ -206,8 +195,3 @@ def _add_tar_member(tf: tarfile.TarFile, exp: Exporter, parts: tuple[bytes, ...]
         on_progress(entry.size)
     if opaque:
         tf.addfile(tarfile.TarInfo((name + "/" if name else "") + ".wh..wh..opq"))
-
-
-def read_file(store: Store, entry: fmt.Entry) -> bytes:
-    emap = ExtentMap(store.file_extents(entry))
-    return read_range(emap, 0, emap.size, store.get)

@@ -16,6 +16,12 @@ from itertools import accumulate
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CorruptObjectError
+from cnpsfs.store import Store
+
+#: The chunk cache of a FileReader: small files share chunks (they are cut from one
+#: stream in canonical path order, the order exports read them), so a few MiB are hit
+#: again and again; the bound only matters for large files read once.
+READER_CACHE_BYTES = 64 << 20
 
 
 class ChunkCache:
@@ -129,3 +135,39 @@ def cached_getter(store_get: Callable[[bytes], bytes], cache: ChunkCache) -> Cal
         return data
 
     return get_chunk
+
+
+class FileReader:
+    """Reads stored files outside a mount (export, ``cat``, bundles, builds): whole, as a
+    range or as a file object, through one bounded cache of verified chunks shared by
+    every file read with it. The store verifies each chunk before it enters the cache."""
+
+    def __init__(self, store: Store, cache_bytes: int = READER_CACHE_BYTES) -> None:
+        self.store = store
+        self.get_chunk = cached_getter(store.get, ChunkCache(cache_bytes))
+
+    def extent_map(self, entry: fmt.Entry) -> ExtentMap:
+        return ExtentMap(self.store.file_extents(entry))
+
+    def read(self, entry: fmt.Entry) -> bytes:
+        """The whole content of the regular file *entry*."""
+        emap = self.extent_map(entry)
+        return read_range(emap, 0, emap.size, self.get_chunk)
+
+    def pieces(self, emap: ExtentMap) -> Iterator[memoryview | int]:
+        """The file front to back: its bytes piece by piece, and holes as their length
+        (a writer seeks over them and leaves the file sparse)."""
+        for ext, inner, n in emap.pieces(0, emap.size):
+            if ext.digest is None:
+                yield n
+                continue
+            chunk = self.get_chunk(ext.digest)
+            start = ext.offset + inner
+            piece = memoryview(chunk)[start : start + n]
+            if len(piece) != n:
+                raise past_the_end(ext, len(chunk))
+            yield piece
+
+    def open(self, entry: fmt.Entry) -> StoreFile:
+        """A file object over *entry* (``read(n)``), for tarfile and shutil.copyfileobj."""
+        return StoreFile(self.extent_map(entry), self.get_chunk)

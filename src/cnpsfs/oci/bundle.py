@@ -223,9 +223,9 @@ def default_mounts() -> list[dict[str, Any]]:
 
 def generation_reader(generation: Any, store: Any) -> ReadFile:
     """Read a regular file of a composed image (following symlinks), None if absent."""
-    from cnpsfs.image.reader import ChunkCache, ExtentMap, cached_getter, read_range
+    from cnpsfs.image.reader import FileReader
 
-    get = cached_getter(store.get, ChunkCache(4 << 20))
+    reader = FileReader(store)
 
     def read(path: str) -> bytes | None:
         for _hop in range(16):
@@ -240,8 +240,7 @@ def generation_reader(generation: Any, store: Any) -> ReadFile:
                 continue
             if entry.kind is not fmt.Kind.FILE:
                 return None
-            emap = ExtentMap(store.file_extents(entry))
-            return read_range(emap, 0, emap.size, get)
+            return reader.read(entry)
         return None
 
     return read

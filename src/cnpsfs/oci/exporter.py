@@ -28,7 +28,7 @@ import zstandard
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, UsageError
 from cnpsfs.image.manifest import active_layers
-from cnpsfs.image.reader import ChunkCache, ExtentMap, StoreFile, cached_getter
+from cnpsfs.image.reader import FileReader
 from cnpsfs.image.walk import walk
 from cnpsfs.oci.layout import LayoutWriter, parse_layout_reference
 from cnpsfs.oci.model import (
@@ -168,7 +168,7 @@ def _marker(name: str) -> tarfile.TarInfo:
 
 
 def write_layer_tar(store: Store, root: fmt.Entry, at: tuple[bytes, ...], out: Any, *, whiteouts: bool,
-                    get_chunk: Callable[[bytes], bytes]) -> None:
+                    reader: FileReader) -> None:
     """The FileSet rooted at *root*, placed at *at*, as a reproducible tar written to *out*."""
     prefix = _text(at)
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
@@ -191,7 +191,7 @@ def write_layer_tar(store: Store, root: fmt.Entry, at: tuple[bytes, ...], out: A
                 info.linkname = "/".join(p for p in (prefix, entry.link[0].decode("utf-8", "surrogateescape")) if p)
             elif kind is fmt.Kind.FILE:
                 info.size = entry.size
-                data = StoreFile(ExtentMap(store.file_extents(entry)), get_chunk)
+                data = reader.open(entry)
             elif kind is fmt.Kind.SYMLINK:
                 info.type = tarfile.SYMTYPE
                 info.linkname = entry.target.decode("utf-8", "surrogateescape")
@@ -212,11 +212,11 @@ def _produce_layer(store: Store, sink: BlobSink, root: fmt.Entry, at: tuple[byte
                    fileset: bytes, options: ExportOptions) -> ExportedLayer:
     compression = options.compression
     level = options.level if options.level is not None else DEFAULT_LEVEL[compression]
-    get_chunk = cached_getter(store.get, ChunkCache(64 << 20))
+    reader = FileReader(store)
     media_type = LAYER_MEDIA_TYPE[compression]
     with sink.new_blob() as (f, path):
         writer = _DigestWriter(f, compression, level)
-        write_layer_tar(store, root, at, writer, whiteouts=whiteouts, get_chunk=get_chunk)
+        write_layer_tar(store, root, at, writer, whiteouts=whiteouts, reader=reader)
         writer.close()
         f.flush()
         os.fsync(f.fileno())
