@@ -235,6 +235,36 @@ def test_payload_malformed(change: Any, message: str) -> None:
         Payload.decode(cbor2.dumps(obj, canonical=True))
 
 
+@given(st.binary(min_size=32, max_size=32), st.binary(max_size=400), st.integers(0, 95), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_verify_backends_agree(seed: bytes, message: bytes, where: int, tamper: bool) -> None:
+    """libsodium (the mount path) and cryptography (the fallback) accept and refuse the same."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from cnpsfs.trust.keys import PublicKey, _libsodium, _verify_cryptography
+
+    if _libsodium() is None:
+        why = "libsodium is not installed (libsodium23, in scripts/install): mounts verify with cryptography"
+        if IN_CI:
+            pytest.fail(why)
+        pytest.skip(why)
+    private = Ed25519PrivateKey.from_private_bytes(seed)
+    raw = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    signature = bytearray(private.sign(message))
+    data = bytearray(message)
+    if tamper:  # one flipped bit, in the signature (first 64 positions) or the message
+        if where < 64:
+            signature[where] ^= 0x01
+        elif data:
+            data[where % len(data)] ^= 0x01
+        else:
+            signature[0] ^= 0x01
+    key = PublicKey(raw)
+    assert key.verify(bytes(signature), bytes(data)) == _verify_cryptography(raw, bytes(signature), bytes(data)) \
+        == (not tamper)
+
+
 # --------------------------------------------------------------------------- keys
 
 

@@ -50,7 +50,7 @@ class App:
     def checker(self) -> Checker | None:
         """Trust decisions under --policy, $CNPSFS_POLICY or /etc/cnpsfs/policy.toml (docs/trust.md);
         None without a policy (everything is served, unverified)."""
-        from cnpsfs.trust.policy import policy_path
+        from cnpsfs.trust.paths import policy_path
 
         path = policy_path(self.policy_arg)
         if path is None:

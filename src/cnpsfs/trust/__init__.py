@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cnpsfs.trust.checker import Checker, Decision, TrustError, check_image, subject_of
-    from cnpsfs.trust.policy import Policy, PolicyError, load_policy, policy_path
+    from cnpsfs.trust.paths import PolicyError, policy_path
+    from cnpsfs.trust.policy import Policy, load_policy
 
 _WHERE = {"Checker": "checker", "Decision": "checker", "TrustError": "checker", "check_image": "checker",
-          "subject_of": "checker", "Policy": "policy", "PolicyError": "policy", "load_policy": "policy",
-          "policy_path": "policy"}
+          "subject_of": "checker", "Policy": "policy", "PolicyError": "paths", "load_policy": "policy",
+          "policy_path": "paths"}
 
 __all__ = ["Checker", "Decision", "Policy", "PolicyError", "TrustError", "check_image", "load_policy", "policy_path",
            "subject_of"]

@@ -14,9 +14,11 @@ lines and lines starting with ``#`` are ignored. The blob is the SSH wire encodi
 4-byte big-endian length and its bytes. The **key id** is the SHA-256 of that blob (32
 bytes), written ``SHA256:<base64 without padding>`` exactly as OpenSSH prints fingerprints.
 
-Public keys are parsed here, without ``cryptography.hazmat.primitives.serialization``:
-verification at mount time then imports only the Ed25519 primitive (about 4 ms instead
-of 10), which is what keeps a signature-checking mount within 10 ms of an unchecked one.
+Public keys are parsed here, without ``cryptography.hazmat.primitives.serialization``,
+and verified with libsodium when it is installed (:func:`_libsodium`): a mount under a
+policy then imports nothing of ``cryptography`` at all, which is what keeps a
+signature-checking mount within 10 ms of an unchecked one. ``cryptography`` generates
+keys, signs, and verifies where libsodium is missing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import os
 import stat
@@ -89,16 +92,54 @@ class PublicKey(NamedTuple):
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """True when *signature* is this key's Ed25519 signature of *message*."""
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
         if len(signature) != SIGNATURE_SIZE:
             return False
+        sodium = _libsodium()
+        if sodium is not None:
+            return sodium.crypto_sign_verify_detached(signature, message, len(message), self.raw) == 0
+        return _verify_cryptography(self.raw, signature, message)
+
+
+def _verify_cryptography(raw: bytes, signature: bytes, message: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(raw).verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+#: Where libsodium is on Debian and its derivatives (libsodium23), newest soname first.
+_SODIUM_NAMES = ("libsodium.so.26", "libsodium.so.23", "libsodium.so")
+
+
+@functools.cache
+def _libsodium() -> Any:
+    """libsodium's ``crypto_sign_verify_detached`` through ctypes, or None without libsodium.
+
+    Why not ``cryptography`` here, which signs and generates keys: verification runs in
+    every mount under a policy, and importing cryptography's Ed25519 costs about 6 ms of
+    CPU, most of the 10 ms a signature check may add to a mount (docs/trust.md, "Cost").
+    The mount has ctypes loaded already; opening libsodium costs well under a millisecond.
+    Both implement RFC 8032 verification (libsodium also refuses non-canonical and
+    small-order encodings); tests check that they agree. Loaded once per process.
+    """
+    import ctypes
+
+    for name in _SODIUM_NAMES:
         try:
-            Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, message)
-        except InvalidSignature:
-            return False
-        return True
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        if lib.sodium_init() < 0:
+            return None
+        verify = lib.crypto_sign_verify_detached
+        verify.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulonglong, ctypes.c_char_p]
+        verify.restype = ctypes.c_int
+        return lib
+    return None
 
 
 def parse_public_line(line: str, where: str) -> PublicKey:

@@ -36,11 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cnpsfs.errors import UsageError
 from cnpsfs.trust.keys import KeyFileError, PublicKey, load_public_keys
+from cnpsfs.trust.paths import DEFAULT_POLICY_PATH, POLICY_ENV, PolicyError, policy_path
 
-DEFAULT_POLICY_PATH = Path("/etc/cnpsfs/policy.toml")
-POLICY_ENV = "CNPSFS_POLICY"
 REQUIREMENTS = ("signed", "accept", "reject", "debian-provenance")
 DEFAULTS = ("accept", "reject")
 TOP_KEYS = {"default", "rule", "revoked"}
@@ -48,10 +46,6 @@ RULE_KEYS = {"names", "require", "keys", "revoked", "keyrings"}
 _LABEL = r"[a-z0-9]([a-z0-9-]*[a-z0-9])?"
 _DOMAIN = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9._+-]+$")
-
-
-class PolicyError(UsageError):
-    """The policy file (or a key file it names) is unusable; the message names it."""
 
 
 class Pattern(NamedTuple):
@@ -220,22 +214,5 @@ def load_policy(path: str | Path) -> Policy:
     return parse_policy(text, str(path))
 
 
-def policy_path(explicit: str | Path | None, environ: os._Environ[str] | dict[str, str] | None = None,
-                default: Path = DEFAULT_POLICY_PATH) -> Path | None:
-    """``--policy FILE``, else ``$CNPSFS_POLICY``, else /etc/cnpsfs/policy.toml when it exists.
-
-    None means no policy: images are served as before, and reported as unverified. A file
-    named explicitly (option or variable) must exist: a typo must not turn checking off.
-    """
-    env = os.environ if environ is None else environ
-    chosen = explicit if explicit is not None else env.get(POLICY_ENV) or None
-    if chosen is not None:
-        path = Path(chosen)
-        if not path.is_file():
-            raise PolicyError(f"policy {path} does not exist (named by {'--policy' if explicit else '$' + POLICY_ENV})")
-        return path.absolute()
-    return default if default.is_file() else None
-
-
-__all__: Sequence[str] = ["DEFAULT_POLICY_PATH", "Pattern", "Policy", "PolicyError", "Rule", "load_policy",
-                          "parse_policy", "policy_path"]
+__all__: Sequence[str] = ["DEFAULT_POLICY_PATH", "POLICY_ENV", "Pattern", "Policy", "PolicyError", "Rule",
+                          "load_policy", "parse_policy", "policy_path"]
