@@ -128,16 +128,12 @@ def provenance_records(store: Store, subject: bytes) -> list[tuple[bytes, Debian
 
 def read_file(store: Store, root: fmt.Entry, path: str) -> bytes:
     """The whole content of a regular file in a stored tree, verified against its content hash."""
+    from cnpsfs.image.reader import FileReader
+
     entry = lookup(store, root, path)
     if entry.kind is not fmt.Kind.FILE:
         raise NotFoundError(f"{path} is not a regular file")
-    parts = []
-    for extent in store.file_extents(entry):
-        if extent.digest is None:
-            parts.append(bytes(extent.length))
-        else:
-            parts.append(store.get(extent.digest)[extent.offset : extent.offset + extent.length])
-    data = b"".join(parts)
+    data = FileReader(store).read(entry)
     if entry.size and fmt.digest_bytes(data) != entry.hash:
         raise CorruptObjectError(f"{path}: content does not match its hash")
     return data
