@@ -27,7 +27,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cnpsfs import format as fmt
@@ -182,6 +182,7 @@ def decode_any(data: bytes) -> None:
             pass
         else:
             check_decoded(kind, value)
+            event(f"{kind}: accepted")
         try:
             refs = fmt.referenced_digests(data)
         except FormatError:
@@ -391,7 +392,9 @@ def parse_any_manifest(text: str) -> None:
         spec = parse_manifest(text, "fuzz.toml")
     except CnpsfsError as exc:
         assert "\n" not in str(exc), f"a multi-line error: {exc!r}"
+        event("refused")
     else:
+        event("accepted")
         # What the parser accepts, the image encoder must accept too (with the references resolved).
         layers = [fmt.Layer(D1, layer["at"], layer["unlinked"], layer["override"], layer["label"])
                   for layer in spec["layers"]]
@@ -439,7 +442,9 @@ def parse_any_control(data: bytes) -> None:
         fields = parse_control(data)
     except ControlError as exc:  # the importer turns it into ImportRejected naming the package
         assert "\n" not in str(exc)
+        event("refused")
     else:
+        event("accepted")
         names = [name.lower() for name, _value in fields]
         assert len(names) == len(set(names)) and all(isinstance(v, (str, bytes)) for _n, v in fields)
 
@@ -515,8 +520,10 @@ def open_any_deb(data: bytes, where: Path) -> None:
         with open_deb(path) as deb:
             assert deb.package and deb.version and deb.architecture
             fmt.encode_canonical(deb.metadata())  # what becomes the FileSet's metadata is in the subset
+        event("accepted")
     except CnpsfsError as exc:
         assert "\n" not in str(exc).strip(), repr(exc)
+        event("refused")
     assert time.monotonic() - started < DECODE_DEADLINE
 
 
@@ -600,7 +607,9 @@ def import_any_tar(data: bytes, store: Any, outside: Path) -> None:
                                    "fuzz.tar")
     except CnpsfsError as exc:
         assert "\n" not in str(exc).strip(), repr(exc)
+        event("refused")
     else:
+        event("imported")
         fileset = store.get_fileset(result.digest)  # what was committed decodes again
         for _parts, entry, _opaque in walk(store, fileset.root):
             if entry.kind is fmt.Kind.FILE:
