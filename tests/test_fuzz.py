@@ -47,7 +47,8 @@ def _settings(long: bool) -> settings:
                     derandomize=not long, suppress_health_check=list(HealthCheck))
 
 
-RUNS = [pytest.param(False, id="smoke"), pytest.param(True, id="long", marks=pytest.mark.long)]
+RUNS = [pytest.param(False, id="smoke"),
+        pytest.param(True, id="long", marks=[pytest.mark.long, pytest.mark.timeout(1800)])]
 
 
 # --------------------------------------------------------------------------- seeds: one valid encoding of each object
