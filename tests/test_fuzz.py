@@ -15,6 +15,7 @@ replayed on every run. Figures are in docs/reliability.md.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import json
@@ -27,7 +28,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cnpsfs import format as fmt
@@ -45,6 +46,32 @@ DECODE_DEADLINE = 2.0
 def _settings(long: bool) -> settings:
     return settings(max_examples=LONG_EXAMPLES if long else SMOKE_EXAMPLES, deadline=None, database=None,
                     derandomize=not long, suppress_health_check=list(HealthCheck))
+
+
+class Tally:
+    """What the inputs of one fuzz run came to, printed at its end (seen with ``pytest -s``;
+    the figures in docs/reliability.md come from it)."""
+
+    current: collections.Counter[str] | None = None
+
+
+def outcome(name: str) -> None:
+    if Tally.current is not None:
+        Tally.current[name] += 1
+
+
+def fuzz(long: bool, inputs: st.SearchStrategy[Any], prop: Callable[[Any], None], label: str) -> None:
+    """Run *prop* on *inputs* (smoke or long settings) and print how the inputs ended."""
+    counts: collections.Counter[str] = collections.Counter()
+    Tally.current = counts
+    started = time.monotonic()
+    try:
+        _settings(long)(given(inputs)(prop))()
+    finally:
+        Tally.current = None
+    n = counts.pop("input", 0)
+    print(f"\nfuzz {label}: {n} inputs in {time.monotonic() - started:.0f} s; "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
 RUNS = [pytest.param(False, id="smoke"),
@@ -175,6 +202,8 @@ DECODERS: dict[str, Callable[[bytes], Any]] = {
 
 def decode_any(data: bytes) -> None:
     """Feed *data* to every object decoder; each must return a valid value or raise FormatError."""
+    outcome("input")
+    accepted = False
     for kind, decode in DECODERS.items():
         started = time.monotonic()
         try:
@@ -183,7 +212,8 @@ def decode_any(data: bytes) -> None:
             pass
         else:
             check_decoded(kind, value)
-            event(f"{kind}: accepted")
+            outcome(f"accepted as {kind}")
+            accepted = True
         try:
             refs = fmt.referenced_digests(data)
         except FormatError:
@@ -191,6 +221,8 @@ def decode_any(data: bytes) -> None:
         else:
             assert all(type(d) is bytes and len(d) == 32 and type(c) is bool for d, c in refs)
         assert time.monotonic() - started < DECODE_DEADLINE, f"{kind}: {len(data)} bytes took too long"
+    if not accepted:
+        outcome("refused by all")
 
 
 # --------------------------------------------------------------------------- input strategies
@@ -289,7 +321,7 @@ def test_seeds_decode() -> None:
 @pytest.mark.parametrize("long", RUNS)
 def test_fuzz_objects(long: bool) -> None:
     """Directories, extents objects, FileSets and images: any bytes end in a value or FormatError."""
-    _settings(long)(given(OBJECT_INPUTS)(decode_any))()
+    fuzz(long, OBJECT_INPUTS, decode_any, "objects")
 
 
 def corpus_files(kind: str) -> list[Path]:
@@ -388,14 +420,15 @@ MANIFEST_INPUTS = st.one_of(
 def parse_any_manifest(text: str) -> None:
     from cnpsfs.image.manifest import parse_manifest
 
+    outcome("input")
     started = time.monotonic()
     try:
         spec = parse_manifest(text, "fuzz.toml")
     except CnpsfsError as exc:
         assert "\n" not in str(exc), f"a multi-line error: {exc!r}"
-        event("refused")
+        outcome("refused")
     else:
-        event("accepted")
+        outcome("accepted")
         # What the parser accepts, the image encoder must accept too (with the references resolved).
         layers = [fmt.Layer(D1, layer["at"], layer["unlinked"], layer["override"], layer["label"])
                   for layer in spec["layers"]]
@@ -412,7 +445,7 @@ def test_manifest_seeds_parse() -> None:
 @pytest.mark.parametrize("long", RUNS)
 def test_fuzz_manifests(long: bool) -> None:
     """Any text ends in a manifest the image encoder accepts, or a one-line UsageError."""
-    _settings(long)(given(MANIFEST_INPUTS)(parse_any_manifest))()
+    fuzz(long, MANIFEST_INPUTS, parse_any_manifest, "manifests")
 
 
 def test_manifest_file_bytes_that_are_not_text(tmp_path: Path, store: Any) -> None:
@@ -439,13 +472,14 @@ SEED_CONTROLS = [
 def parse_any_control(data: bytes) -> None:
     from cnpsfs.debian.control import ControlError, parse_control
 
+    outcome("input")
     try:
         fields = parse_control(data)
     except ControlError as exc:  # the importer turns it into ImportRejected naming the package
         assert "\n" not in str(exc)
-        event("refused")
+        outcome("refused")
     else:
-        event("accepted")
+        outcome("accepted")
         names = [name.lower() for name, _value in fields]
         assert len(names) == len(set(names)) and all(isinstance(v, (str, bytes)) for _n, v in fields)
 
@@ -457,7 +491,7 @@ def test_fuzz_control_files(long: bool) -> None:
                        st.lists(st.sampled_from([b"Package: x", b" cont", b"\t", b"", b"#c", b"-x: y", b":", b"A:B",
                                                  b"package: dup", b"\r", b"Version: 1\r"]),
                                 max_size=8).map(lambda ls: b"\n".join(ls) + b"\n"))
-    _settings(long)(given(inputs)(parse_any_control))()
+    fuzz(long, inputs, parse_any_control, "control files")
 
 
 # --------------------------------------------------------------------------- .deb files: ar members and control.tar
@@ -505,6 +539,7 @@ def open_any_deb(data: bytes, where: Path) -> None:
     from cnpsfs.debian.ar import ArError, read_members
     from cnpsfs.debian.deb import open_deb
 
+    outcome("input")
     path = where / "fuzz.deb"
     path.write_bytes(data)
     started = time.monotonic()
@@ -513,7 +548,9 @@ def open_any_deb(data: bytes, where: Path) -> None:
         members = read_members(fd, len(data))
     except ArError as exc:
         assert "\n" not in str(exc)
+        outcome("ar refused")
     else:
+        outcome("ar accepted")
         assert all(m.offset + m.size <= len(data) for m in members)
     finally:
         os.close(fd)
@@ -521,18 +558,52 @@ def open_any_deb(data: bytes, where: Path) -> None:
         with open_deb(path) as deb:
             assert deb.package and deb.version and deb.architecture
             fmt.encode_canonical(deb.metadata())  # what becomes the FileSet's metadata is in the subset
-        event("accepted")
+        outcome(".deb accepted")
     except CnpsfsError as exc:
         assert "\n" not in str(exc).strip(), repr(exc)
-        event("refused")
+        outcome(".deb refused")
     assert time.monotonic() - started < DECODE_DEADLINE
+
+
+CONTROL_LINES = st.lists(st.sampled_from([
+    b"Package: x", b"Package: hello", b"Version: 1.0-1", b"Version: 1:2.3~rc1+b2", b"Version: -1", b"Version: a b",
+    b"Architecture: amd64", b"Architecture: all", b"Architecture: AMD64", b"Description: d", b" more", b" .",
+    b"package: dup", b"#comment", b"-x: y", b"Depends: libc6 (>= 2)", b"Maintainer: \xe9", b"", b"Package: x\x00",
+    b"Version:", b"Package: ../evil", b"Package: " + b"p" * 300]), max_size=8).map(lambda ls: b"\n".join(ls) + b"\n")
+
+
+@st.composite
+def deb_archives(draw: st.DrawFn) -> bytes:
+    """ar framing that holds, around members of every kind dpkg meets or refuses."""
+    control_files = {"./control": draw(st.one_of(st.sampled_from(SEED_CONTROLS), CONTROL_LINES))}
+    for name in draw(st.lists(st.sampled_from(["./md5sums", "./postinst", "../evil", "./sub/f", "./control",
+                                                "./conffiles", "./" + "c" * 200]), max_size=3)):
+        control_files.setdefault(name, draw(st.binary(max_size=40)))
+    if draw(st.booleans()):  # dpkg's member order, so the control fields are reached
+        control = draw(st.sampled_from(["gz", "xz", ""]))
+        return ar_archive([(b"debian-binary", b"2.0\n"),
+                           (b"control.tar" + (b"." + control.encode() if control else b""),
+                            tar_of(control_files, compress=control)),
+                           (b"data.tar.xz", tar_of({"./usr/bin/x": b"x"}, compress="xz")),
+                           *[(b"_extra", b"x")] * draw(st.integers(0, 1))])
+    members = [(draw(st.sampled_from([b"debian-binary", b"debian-binary/", b"control.tar.gz"])),
+                draw(st.sampled_from([b"2.0\n", b"2.9\n", b"3.0\n", b"2.0", b"", b"2.0\n" * 300])))]
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(st.sampled_from([b"control.tar.gz", b"control.tar.xz", b"control.tar.zst", b"control.tar",
+                                     b"control.tar.bz2", b"data.tar.xz", b"data.tar", b"data.tar.lzma", b"data.tar.zst",
+                                     b"_gpgbuilder", b"junk", b"/", b"//", b"#1/long", b"debian-binary"]))
+        compress = draw(st.sampled_from(["gz", "xz", "", "bz2"]))
+        body = draw(st.one_of(st.just(tar_of(control_files, compress=compress)),
+                              st.just(tar_of({"./usr/bin/x": b"x"}, compress=compress)), st.binary(max_size=80)))
+        members.append((name, body))
+    return ar_archive(members)
 
 
 @pytest.mark.parametrize("long", RUNS)
 def test_fuzz_deb_front(long: bool, tmp_path: Path) -> None:
     """ar members, debian-binary, control.tar (gz/xz/plain) and control fields: a value or ImportRejected."""
-    inputs = st.one_of(st.binary(max_size=600), mutated(SEED_DEBS))
-    _settings(long)(given(inputs)(lambda data: open_any_deb(data, tmp_path)))()
+    inputs = st.one_of(st.binary(max_size=600), mutated(SEED_DEBS), deb_archives())
+    fuzz(long, inputs, lambda data: open_any_deb(data, tmp_path), ".deb front")
 
 
 def test_deb_seeds_open(tmp_path: Path) -> None:
@@ -600,6 +671,7 @@ def import_any_tar(data: bytes, store: Any, outside: Path) -> None:
     from cnpsfs.ingest.tar import import_tar_stream
     from cnpsfs.ingest.tree import ImportOptions
 
+    outcome("input")
     before = sorted(p.name for p in outside.iterdir())
     started = time.monotonic()
     try:
@@ -608,9 +680,9 @@ def import_any_tar(data: bytes, store: Any, outside: Path) -> None:
                                    "fuzz.tar")
     except CnpsfsError as exc:
         assert "\n" not in str(exc).strip(), repr(exc)
-        event("refused")
+        outcome("refused")
     else:
-        event("imported")
+        outcome("imported")
         fileset = store.get_fileset(result.digest)  # what was committed decodes again
         for _parts, entry, _opaque in walk(store, fileset.root):
             if entry.kind is fmt.Kind.FILE:
@@ -629,7 +701,7 @@ def test_fuzz_tar_members(long: bool, tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "store", create=True)
     try:
         inputs = st.one_of(tar_members(), mutated(SEED_TARS), st.binary(max_size=1200))
-        _settings(long)(given(inputs)(lambda data: import_any_tar(data, store, tmp_path)))()
+        fuzz(long, inputs, lambda data: import_any_tar(data, store, tmp_path), "tar members")
     finally:
         store.close()
 
