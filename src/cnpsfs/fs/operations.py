@@ -181,9 +181,9 @@ class Operations(pyfuse3.Operations):
             elif node.children is None and not gen.from_cache(gen.load_children, node):
                 await self._in_thread(gen.load_children, node)
         except (CorruptObjectError, MissingObjectError, FormatError) as exc:
-            raise self._io_error(f"directory {_show(node.path)}", exc) from None
+            raise self._io_error(f"directory {fmt.show_path(node.path)}", exc) from None
         except CnpsfsError as exc:  # a union conflict found lazily
-            raise self._io_error(f"directory {_show(node.path)}", exc) from None
+            raise self._io_error(f"directory {fmt.show_path(node.path)}", exc) from None
         finally:
             self._loads_in_flight -= 1
             if not self._loads_in_flight:
@@ -352,7 +352,7 @@ class Operations(pyfuse3.Operations):
                 except NotCached:
                     emap = await self._in_thread(self.generation.extent_map, node)
             except (CorruptObjectError, MissingObjectError, FormatError) as exc:
-                raise self._io_error(f"file {_show(node.path)}", exc) from None
+                raise self._io_error(f"file {fmt.show_path(node.path)}", exc) from None
         pieces = list(emap.pieces(off, size))
         missing = [e.digest for e, _i, _n in pieces if e.digest is not None and not self.fetcher.cached(e.digest)]
         if len(missing) > 1:
@@ -370,7 +370,7 @@ class Operations(pyfuse3.Operations):
                     raise past_the_end(ext, len(chunk))
                 out.append(piece)
         except (CorruptObjectError, MissingObjectError, OSError) as exc:
-            raise self._io_error(f"reading {_show(node.path)} at offset {off}", exc, node=node) from None
+            raise self._io_error(f"reading {fmt.show_path(node.path)} at offset {off}", exc, node=node) from None
         end = off + size
         sequential = off == 0 or self._read_end.get(ino) == off
         if sequential and end < emap.size and self.readahead_nursery is not None:
@@ -438,7 +438,3 @@ class Operations(pyfuse3.Operations):
                 self.kernel.invalidate_inode(ino)
             except OSError as exc:
                 log.debug("invalidate_inode(%d): %s", ino, exc)
-
-
-def _show(path: tuple[bytes, ...]) -> str:
-    return "/" + "/".join(p.decode("utf-8", "backslashreplace") for p in path)
