@@ -117,11 +117,14 @@ def _apply_metadata(path: bytes, entry: fmt.Entry, is_root: bool) -> None:
     os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
 
 
+def _tar_name(parts: tuple[bytes, ...]) -> str:
+    return "/".join(p.decode("utf-8", "surrogateescape") for p in parts)
+
+
 def _tarinfo(name: str, entry: fmt.Entry) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.mode = entry.mode
-    info.uid = entry.uid
-    info.gid = entry.gid
+    info.uid, info.gid = entry.uid, entry.gid
     info.uname = info.gname = ""
     seconds, nanos = divmod(entry.mtime_ns, 1_000_000_000)
     info.mtime = seconds
@@ -129,17 +132,24 @@ def _tarinfo(name: str, entry: fmt.Entry) -> tarfile.TarInfo:
     if nanos:
         # PAX times are signed decimals: -1.5 s is "-1.5", not floor and fraction ("-2.5").
         whole, frac = divmod(abs(entry.mtime_ns), 1_000_000_000)
-        sign = "-" if entry.mtime_ns < 0 else ""
-        pax["mtime"] = f"{sign}{whole}.{frac:09d}".rstrip("0")
-    for key, value in entry.xattrs.items():
-        pax["SCHILY.xattr." + key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pax["mtime"] = f"{'-' if entry.mtime_ns < 0 else ''}{whole}.{frac:09d}".rstrip("0")
+    for key in sorted(entry.xattrs):
+        pax["SCHILY.xattr." + key.decode("utf-8", "surrogateescape")] = \
+            entry.xattrs[key].decode("utf-8", "surrogateescape")
     info.pax_headers = pax
+    return info
+
+
+def _marker(name: str) -> tarfile.TarInfo:
+    """A whiteout or opaque marker: an empty regular file, every field zero."""
+    info = tarfile.TarInfo(name)
+    info.mode = 0
+    info.uname = info.gname = ""
     return info
 
 
 def export_tar(store: Store, root: fmt.Entry, dest: str,
                on_progress: Callable[[int], None] | None = None) -> None:
-    reader = FileReader(store)
     stream: IO[bytes]
     if dest == "-":
         stream = sys.stdout.buffer
@@ -149,10 +159,7 @@ def export_tar(store: Store, root: fmt.Entry, dest: str,
         except OSError as exc:
             raise CnpsfsError(f"cannot write {dest}: {exc.strerror}") from None
     try:
-        with tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                          errors="surrogateescape") as tf:
-            for parts, entry, opaque in walk(store, root):
-                _add_tar_member(tf, reader, parts, entry, opaque, on_progress)
+        write_tar(store, root, stream, on_progress=on_progress)
     finally:
         if dest != "-":
             stream.close()
@@ -160,38 +167,51 @@ def export_tar(store: Store, root: fmt.Entry, dest: str,
             stream.flush()
 
 
-def _add_tar_member(tf: tarfile.TarFile, reader: FileReader, parts: tuple[bytes, ...], entry: fmt.Entry,
-                    opaque: bool, on_progress: Callable[[int], None] | None) -> None:
-    name = "/".join(p.decode("utf-8", "surrogateescape") for p in parts)
-    kind = entry.kind
-    if kind is fmt.Kind.WHITEOUT:
-        parent, _, base = name.rpartition("/")
-        info = tarfile.TarInfo((parent + "/" if parent else "") + ".wh." + base)
-        tf.addfile(info)
-        return
-    info = _tarinfo(name or ".", entry)
-    fileobj: Any = None
-    if kind is fmt.Kind.DIR:
-        info.type = tarfile.DIRTYPE
-    elif entry.link is not None and entry.link[0] != b"/".join(parts):
-        info.type = tarfile.LNKTYPE
-        info.linkname = entry.link[0].decode("utf-8", "surrogateescape")
-    elif kind is fmt.Kind.FILE:
-        info.size = entry.size
-        fileobj = reader.open(entry)
-    elif kind is fmt.Kind.SYMLINK:
-        info.type = tarfile.SYMTYPE
-        info.linkname = entry.target.decode("utf-8", "surrogateescape")
-    elif kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV):
-        info.type = tarfile.CHRTYPE if kind is fmt.Kind.CHARDEV else tarfile.BLKTYPE
-        info.devmajor, info.devminor = entry.rdev
-    elif kind is fmt.Kind.FIFO:
-        info.type = tarfile.FIFOTYPE
-    else:
-        log.warning("skipping socket %s (tar cannot hold sockets)", name)
-        return
-    tf.addfile(info, fileobj)
-    if on_progress is not None and fileobj is not None:
-        on_progress(entry.size)
-    if opaque:
-        tf.addfile(tarfile.TarInfo((name + "/" if name else "") + ".wh..wh..opq"))
+def write_tar(store: Store, root: fmt.Entry, out: Any, *, at: tuple[bytes, ...] = (), whiteouts: bool = True,
+              reader: FileReader | None = None, on_progress: Callable[[int], None] | None = None) -> None:
+    """The tree at *root* as a PAX tar stream written to *out*, for ``export tar`` and OCI layers.
+
+    One member per entry in canonical order, placed under *at*; nanosecond mtimes and
+    xattrs (sorted) in PAX headers, no user or group names; hard links name the first
+    path; whiteouts and opaque directories become OCI markers (``.wh.NAME``,
+    ``.wh..wh..opq``: empty, every field zero), or are left out without *whiteouts*. The
+    bytes depend on the tree alone, so the same FileSet always gives the same tar.
+    """
+    reader = reader or FileReader(store)
+    prefix = _tar_name(at)
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        for parts, entry, opaque in walk(store, root):
+            name = "/".join(p for p in (prefix, _tar_name(parts)) if p) or "."
+            kind = entry.kind
+            if kind is fmt.Kind.WHITEOUT:
+                if whiteouts:
+                    parent, _, base = name.rpartition("/")
+                    tf.addfile(_marker(f"{parent}/.wh.{base}" if parent else f".wh.{base}"))
+                continue
+            info = _tarinfo(name, entry)
+            data: Any = None
+            if kind is fmt.Kind.DIR:
+                info.type = tarfile.DIRTYPE
+            elif entry.link is not None and entry.link[0] != b"/".join(parts):
+                info.type = tarfile.LNKTYPE
+                info.linkname = "/".join(p for p in (prefix, entry.link[0].decode("utf-8", "surrogateescape")) if p)
+            elif kind is fmt.Kind.FILE:
+                info.size = entry.size
+                data = reader.open(entry)
+            elif kind is fmt.Kind.SYMLINK:
+                info.type = tarfile.SYMTYPE
+                info.linkname = entry.target.decode("utf-8", "surrogateescape")
+            elif kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV):
+                info.type = tarfile.CHRTYPE if kind is fmt.Kind.CHARDEV else tarfile.BLKTYPE
+                info.devmajor, info.devminor = entry.rdev
+            elif kind is fmt.Kind.FIFO:
+                info.type = tarfile.FIFOTYPE
+            else:
+                log.warning("skipping socket /%s (tar cannot hold sockets)", name)
+                continue
+            tf.addfile(info, data)
+            if on_progress is not None and data is not None:
+                on_progress(entry.size)
+            if opaque and whiteouts:
+                tf.addfile(_marker(f"{name}/.wh..wh..opq" if name != "." else ".wh..wh..opq"))

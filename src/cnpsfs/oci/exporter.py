@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,9 +26,9 @@ import zstandard
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, UsageError
+from cnpsfs.export import write_tar
 from cnpsfs.image.manifest import active_layers
 from cnpsfs.image.reader import FileReader
-from cnpsfs.image.walk import walk
 from cnpsfs.oci.layout import LayoutWriter, parse_layout_reference
 from cnpsfs.oci.model import (
     LAYER_MEDIA_TYPE,
@@ -137,77 +136,6 @@ class _DigestWriter:
         pass
 
 
-def _text(parts: tuple[bytes, ...]) -> str:
-    return "/".join(p.decode("utf-8", "surrogateescape") for p in parts)
-
-
-def _header(name: str, entry: fmt.Entry) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.mode = entry.mode
-    info.uid, info.gid = entry.uid, entry.gid
-    info.uname = info.gname = ""
-    seconds, nanos = divmod(entry.mtime_ns, 1_000_000_000)
-    info.mtime = seconds
-    pax: dict[str, str] = {}
-    if nanos:
-        whole, frac = divmod(abs(entry.mtime_ns), 1_000_000_000)
-        pax["mtime"] = f"{'-' if entry.mtime_ns < 0 else ''}{whole}.{frac:09d}".rstrip("0")
-    for key in sorted(entry.xattrs):
-        pax["SCHILY.xattr." + key.decode("utf-8", "surrogateescape")] = \
-            entry.xattrs[key].decode("utf-8", "surrogateescape")
-    info.pax_headers = pax
-    return info
-
-
-def _marker(name: str) -> tarfile.TarInfo:
-    """A whiteout or opaque marker: an empty regular file, every field zero."""
-    info = tarfile.TarInfo(name)
-    info.mode = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def write_layer_tar(store: Store, root: fmt.Entry, at: tuple[bytes, ...], out: Any, *, whiteouts: bool,
-                    reader: FileReader) -> None:
-    """The FileSet rooted at *root*, placed at *at*, as a reproducible tar written to *out*."""
-    prefix = _text(at)
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                      errors="surrogateescape") as tf:
-        for parts, entry, opaque in walk(store, root):
-            rel = _text(parts)
-            name = "/".join(p for p in (prefix, rel) if p) or "."
-            kind = entry.kind
-            if kind is fmt.Kind.WHITEOUT:
-                if whiteouts:
-                    parent, _, base = name.rpartition("/")
-                    tf.addfile(_marker(f"{parent}/.wh.{base}" if parent else f".wh.{base}"))
-                continue
-            info = _header(name, entry)
-            data: Any = None
-            if kind is fmt.Kind.DIR:
-                info.type = tarfile.DIRTYPE
-            elif entry.link is not None and entry.link[0] != b"/".join(parts):
-                info.type = tarfile.LNKTYPE
-                info.linkname = "/".join(p for p in (prefix, entry.link[0].decode("utf-8", "surrogateescape")) if p)
-            elif kind is fmt.Kind.FILE:
-                info.size = entry.size
-                data = reader.open(entry)
-            elif kind is fmt.Kind.SYMLINK:
-                info.type = tarfile.SYMTYPE
-                info.linkname = entry.target.decode("utf-8", "surrogateescape")
-            elif kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV):
-                info.type = tarfile.CHRTYPE if kind is fmt.Kind.CHARDEV else tarfile.BLKTYPE
-                info.devmajor, info.devminor = entry.rdev
-            elif kind is fmt.Kind.FIFO:
-                info.type = tarfile.FIFOTYPE
-            else:
-                log.warning("skipping socket /%s (a tar layer cannot hold sockets)", name)
-                continue
-            tf.addfile(info, data)
-            if opaque and whiteouts:
-                tf.addfile(_marker(f"{name}/.wh..wh..opq" if name != "." else ".wh..wh..opq"))
-
-
 def _produce_layer(store: Store, sink: BlobSink, root: fmt.Entry, at: tuple[bytes, ...], whiteouts: bool,
                    fileset: bytes, options: ExportOptions) -> ExportedLayer:
     compression = options.compression
@@ -216,7 +144,7 @@ def _produce_layer(store: Store, sink: BlobSink, root: fmt.Entry, at: tuple[byte
     media_type = LAYER_MEDIA_TYPE[compression]
     with sink.new_blob() as (f, path):
         writer = _DigestWriter(f, compression, level)
-        write_layer_tar(store, root, at, writer, whiteouts=whiteouts, reader=reader)
+        write_tar(store, root, writer, at=at, whiteouts=whiteouts, reader=reader)
         writer.close()
         f.flush()
         os.fsync(f.fileno())
