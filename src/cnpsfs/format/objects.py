@@ -738,7 +738,8 @@ def decode_image(data: bytes) -> Image:
         if type(unlinked) is not bool or type(override) is not bool or type(label) is not str:
             raise FormatError(f"image layer {number}: unlinked, override or label has the wrong type")
         layers.append(Layer(_digest(raw.get(0), f"image layer {number}: FileSet"), at, unlinked, override, label))
-    return Image(name, version, mode, layers, _metadata(obj, 6, "image config"), _metadata(obj, 7, "image metadata"))
+    return Image(name, version, CompositionMode(mode), layers, _metadata(obj, 6, "image config"),
+                 _metadata(obj, 7, "image metadata"))
 
 
 def referenced_digests(data: bytes) -> list[tuple[bytes, bool]]:

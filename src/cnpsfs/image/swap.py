@@ -60,8 +60,8 @@ def prepare(old: Generation, new: Generation, *, held: Iterable[int] | None = No
         _check_files(new, new_children.values(), old_node)
         # Loaded before the walk (it loads old directories only to pair their children):
         # only what the kernel may have looked up needs invalidating.
-        old_children = old_node.children if old_node is not None else None
-        if old_children is not None:
+        if old_node is not None and old_node.children is not None:
+            old_children = old_node.children
             plan.dirs.append(old_node.ino)
             for name, old_child in old_children.items():
                 new_child = new_children.get(name)
