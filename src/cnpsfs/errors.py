@@ -44,6 +44,11 @@ class MissingObjectError(NotFoundError):
     """An object named by another object is absent from the store."""
 
 
+class UnavailableError(MissingObjectError):
+    """An object that lives on a remote could not be fetched in time: the remote is down, too
+    slow, or answers errors. A later attempt may succeed (the mount gives EIO meanwhile)."""
+
+
 class ImportRejected(CnpsfsError):
     """An archive or tree cannot be imported safely; nothing was stored."""
 

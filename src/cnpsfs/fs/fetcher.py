@@ -102,6 +102,10 @@ class ChunkFetcher:
             if event is not None:
                 await event.wait()
         jobs = len(groups) + (1 if unknown else 0)
+        if len(groups) > 1:
+            # A remote-backed store starts these blocks together now (merged, in parallel);
+            # a local store does nothing. It only queues work: safe on the loop.
+            self.store.prefetch(loc for loc, _w, _u in groups.values())
         if jobs == 1 and not unknown:
             ((key, (loc, wanted, upto)),) = groups.items()
             await self._load_block(key, loc, wanted, upto)
@@ -127,11 +131,18 @@ class ChunkFetcher:
             self._pending[digest] = key
             self._failed.pop(digest, None)
         stream = self._streams.pop(key, None)
+        relocate = False
         try:
             self.hops += 1
             members, stream = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=self.limiter)
             self._settle(key, loc, wanted, stream, members)
-        except (CorruptObjectError, MissingObjectError, OSError) as exc:
+        except MissingObjectError as exc:
+            # The block went away since we learnt where it is (a cache pack was evicted):
+            # forget the location and look the chunks up afresh, once.
+            relocate = stream is None and key in self._block_locs
+            for digest in wanted:
+                self._failed[digest] = exc
+        except (CorruptObjectError, OSError) as exc:
             for digest in wanted:
                 self._fail(digest, exc)
         finally:
@@ -139,6 +150,9 @@ class ChunkFetcher:
             for digest in wanted:
                 self._pending.pop(digest, None)
             event.set()
+        if relocate:
+            self._block_locs.pop(key, None)
+            await self._locate_and_load(wanted)
 
     async def _locate_and_load(self, digests: list[bytes]) -> None:
         """Locate *digests* and decode their blocks, in one worker call."""
@@ -230,6 +244,8 @@ class ChunkFetcher:
             first, wanted, upto = groups.get(loc.block, (loc, [], 0))
             wanted.append(digest)
             groups[loc.block] = (first, wanted, max(upto, loc.inner + loc.length))
+        if len(groups) > 1:
+            self.store.prefetch(loc for loc, _w, _u in groups.values())  # remote blocks: all at once
         loaded: list[_Loaded] = []
         for key, (loc, wanted, upto) in groups.items():
             try:

@@ -67,6 +67,21 @@ CREATE TABLE IF NOT EXISTS revisions(
 );
 """
 
+#: Tables a store gains when it first caches a remote's blocks or records a setting; a
+#: store without them has no cache (older readers ignore them).
+CACHE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cache_packs(
+    pack INTEGER PRIMARY KEY,
+    remote TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    last_used_ns INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings(
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
 _BATCH = 500
 _LOC_COLUMNS = "pack, offset, stored, raw, codec, type, inner, length, header"
 
@@ -261,12 +276,17 @@ class Index:
 
     def publish(self, packs: list[tuple[str, int]], rows: list[tuple[Any, ...]],
                 tags: Iterable[tuple[str, str, int, bytes]], *, replace: bool, retire_packs: Iterable[int],
-                attach: Iterable[tuple[bytes, bytes]] = ()) -> None:
+                attach: Iterable[tuple[bytes, bytes]] = (), cache: str | None = None,
+                adopt: Iterable[int] = ()) -> list[int]:
         """Make a writer's packs and rows visible, point tags at them, retire packs: one transaction.
 
         *rows* name packs by their position in *packs*: (digest, type, pack#, offset, stored,
-        raw, codec, inner, length, header).
+        raw, codec, inner, length, header). *cache* marks the new packs as cache packs of
+        that remote; *adopt* turns cache packs into ordinary ones. Returns the new pack ids.
         """
+        adopt = list(adopt)
+        if cache is not None or adopt:
+            self.ensure_cache_schema()
         with self.transaction() as db:
             ids: list[int] = []
             for name, size in packs:
@@ -287,6 +307,12 @@ class Index:
             if attach:
                 _trust_tables(db)
                 db.executemany("INSERT OR IGNORE INTO attachments(subject, digest) VALUES (?, ?)", attach)
+            if cache is not None:
+                now = time.time_ns()
+                db.executemany("INSERT OR REPLACE INTO cache_packs(pack, remote, bytes, last_used_ns) VALUES (?,?,?,?)",
+                               ((pack_id, cache, size, now) for pack_id, (_n, size) in zip(ids, packs, strict=True)))
+            db.executemany("DELETE FROM cache_packs WHERE pack=?", ((p,) for p in adopt))
+        return ids
 
     # ------------------------------------------------------------------ attachments and revisions
 
@@ -321,6 +347,56 @@ class Index:
                        "ON CONFLICT(name) DO UPDATE SET revision=excluded.revision, digest=excluded.digest, "
                        "accepted_ns=excluded.accepted_ns WHERE excluded.revision > revisions.revision",
                        (name, revision, digest, time.time_ns()))
+
+    # ------------------------------------------------------------------ the cache of remote blocks
+
+    def has_cache_schema(self) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='cache_packs'"
+                               ).fetchone() is not None
+
+    def ensure_cache_schema(self) -> None:
+        if not self.has_cache_schema():
+            self.db.executescript(CACHE_SCHEMA)
+
+    def cache_packs(self) -> list[tuple[int, str, int, int]]:
+        """(pack id, remote, bytes, last used ns) of every cache pack, least recently used first."""
+        if not self.has_cache_schema():
+            return []
+        return self.db.execute("SELECT pack, remote, bytes, last_used_ns FROM cache_packs"
+                               " ORDER BY last_used_ns, pack").fetchall()
+
+    def touch_cache_packs(self, used: dict[int, int]) -> None:
+        """Record when cache packs were last read (batched by the reader: pack id -> ns)."""
+        if not used or not self.has_cache_schema():
+            return
+        with self.transaction() as db:
+            db.executemany("UPDATE cache_packs SET last_used_ns=max(last_used_ns, ?) WHERE pack=?",
+                           ((ns, pack) for pack, ns in used.items()))
+
+    def pack_members(self, pack: int) -> list[tuple[bytes, int]]:
+        """(digest, type) of every row that points into *pack*."""
+        return self.db.execute("SELECT digest, type FROM objects WHERE pack=?", (pack,)).fetchall()
+
+    def drop_cache_pack(self, pack: int) -> None:
+        """Forget a cache pack: its rows, its cache mark, its pack row (the file goes after)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM objects WHERE pack=?", (pack,))
+            db.execute("DELETE FROM cache_packs WHERE pack=?", (pack,))
+            db.execute("DELETE FROM packs WHERE id=?", (pack,))
+
+    def setting(self, key: str) -> str | None:
+        if not self.has_cache_schema():
+            return None
+        row = self.db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        self.ensure_cache_schema()
+        with self.transaction() as db:
+            if value is None:
+                db.execute("DELETE FROM settings WHERE key=?", (key,))
+            else:
+                db.execute("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", (key, value))
 
     # ------------------------------------------------------------------ tags
 

@@ -250,6 +250,9 @@ class LocalStore:
         # threads: it gets its own, never the per-thread one.
         return BlockStream(loc, payload, members, zstandard.ZstdDecompressor(), self.describe(loc))
 
+    def prefetch(self, locs: Iterable[Location]) -> None:  # type: ignore[override]
+        """Nothing to start ahead: a local block is one pread away."""
+
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         d = getattr(self._local, "dctx", None)
         if d is None:

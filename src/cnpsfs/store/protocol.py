@@ -141,6 +141,11 @@ class Store(Protocol):
         """The block holding *loc*, ready to decode front to back (blocking I/O: call on a worker)."""
         ...
 
+    def prefetch(self, locs: Iterable[ChunkLocation]) -> None:
+        """A hint that these blocks are opened next: a remote-backed store starts fetching them
+        together (merged, in parallel). Must not block: the FUSE loop may call it. Local: no-op."""
+        ...
+
     def describe(self, loc: ChunkLocation) -> str:
         """Where a block is, for messages (``<pack>.pack offset <n>``, a blob and range, ...)."""
         ...

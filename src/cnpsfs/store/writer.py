@@ -147,6 +147,32 @@ class StoreWriter:
         while self._sealed:
             self._write_sealed()
 
+    def add_record(self, codec: int, payload: bytes, raw: int, members: list[tuple[bytes, int, int]]) -> None:
+        """Append a block record exactly as given (a block fetched from a remote, verified).
+
+        *members* are (digest, type code, length) in block order. The record's bytes are
+        the ones the remote holds, so nothing is recompressed; members already in the
+        store keep their existing rows at commit (``INSERT OR IGNORE``).
+        """
+        while self._sealed:
+            self._write_sealed()
+        if not self._packs or self._current_size >= PACK_ROLLOVER:
+            self._open_pack()
+        fd = self._packs[-1][1]
+        header = encode_record_header(codec, len(payload), raw, members)
+        header_at = self._current_size
+        write_all(fd, header)
+        offset = header_at + len(header)
+        write_all(fd, payload)
+        self._current_size = offset + len(payload)
+        self.bytes_written += len(header) + len(payload)
+        pack = len(self._packs) - 1
+        inner = 0
+        for digest, type_code, length in members:
+            if self._new.get(digest) is None:
+                self._new[digest] = (pack, offset, len(payload), raw, codec, type_code, inner, length, header_at)
+            inner += length
+
     def add(self, data: bytes, type_code: int) -> bytes:
         """Hash and queue *data*; returns its digest."""
         digest = fmt.digest_bytes(data)
@@ -158,12 +184,15 @@ class StoreWriter:
         return self.add(encoded, TYPE_CODES[fmt.object_type(encoded)])
 
     def commit(self, tags: Iterable[tuple[str, str, int, bytes]] = (), *, replace: bool = False,
-               retire_packs: Iterable[int] = (), attach: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        """Make everything written visible, then point *tags* at it, atomically.
+               retire_packs: Iterable[int] = (), attach: Iterable[tuple[bytes, bytes]] = (),
+               cache: str | None = None, adopt: Iterable[int] = ()) -> list[int]:
+        """Make everything written visible, then point *tags* at it, atomically; returns the new pack ids.
 
         *replace* re-points existing index rows at the new copies and *retire_packs* drops
         packs from the index in the same transaction (both for gc's repack). *attach* files
         detached objects (subject, object digest) under their subjects in that transaction.
+        *cache* marks the new packs as cache packs of that remote (refetchable, evictable);
+        *adopt* makes cache packs ordinary ones (a pull that completed).
         """
         self.flush()
         store = self.store
@@ -181,12 +210,13 @@ class StoreWriter:
             assert where is not None, "flush() wrote every block"
             pack, offset, stored, raw, codec, type_code, inner, length, header = where
             rows.append((digest, type_code, pack, offset, stored, raw, codec, inner, length, header))
-        store.index.publish([(name, size) for _i, name, size in published], rows, tags, replace=replace,
-                            retire_packs=retire_packs, attach=attach)
+        ids = store.index.publish([(name, size) for _i, name, size in published], rows, tags, replace=replace,
+                                  retire_packs=retire_packs, attach=attach, cache=cache, adopt=adopt)
         self._committed = True
         for _path, fd in self._packs:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        return ids
 
     def discard(self) -> None:
         """Remove uncommitted temporary packs (called on every exit path)."""

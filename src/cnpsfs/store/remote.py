@@ -1,0 +1,707 @@
+"""A remote store: pushed images read over HTTP, from a directory or from an OCI registry.
+
+:class:`RemoteStore` implements the read half of the :class:`~cnpsfs.store.Store`
+protocol over one remote (its mirrors are tried in order). An image becomes readable
+once its reference is resolved: the tag gives the manifest, the manifest the image index
+(docs/format.md, "Remote stores"), and from then on a digest is located through the
+index's shards (fetched once each, on first need) and read by fetching its block record
+with one Range request. Adjacent records wanted together are merged into one request, up
+to :data:`MERGE_MAX` bytes, and requests run in parallel on a bounded pool.
+
+The remote is untrusted. Everything fetched is verified before use: manifests' and index
+blobs' sha256 (the manifest names them), each block record's header against the index,
+and every member's BLAKE3 against its name. A record that fails is fetched once more from
+the next mirror (the same one when there is only one), then reported as corrupt, naming
+the remote, the blob and the byte range. A malformed manifest, index or shard is an error
+naming the remote and the object, never a crash. A fetch that cannot finish within the
+remote's timeout (default 30 s, retries and mirrors included) is an
+:class:`~cnpsfs.errors.UnavailableError`, which the mount turns into EIO.
+
+What was fetched of an index (manifests, index roots, shards) is kept in *state_dir*
+(``<store>/remote/`` for a cached store), named by sha256, so a remount reads it without
+the network, and the last answer for each tag is remembered for when the remote is down.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import zstandard
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import (
+    CorruptObjectError,
+    MissingObjectError,
+    NotFoundError,
+    RemoteDataError,
+    RemoteNotFoundError,
+    TransportError,
+    UnavailableError,
+    UsageError,
+)
+from cnpsfs.store.backends import Backend
+from cnpsfs.store.blocks import CODEC_RAW, CODEC_ZSTD
+from cnpsfs.store.packs import MEMBER_HEADER, RECORD_HEADER, atomic_write
+from cnpsfs.store.protocol import T_FILESET, TYPE_NAMES, NotCached, Tag
+from cnpsfs.store.wire import (
+    INDEX_BLOB_MAX,
+    BlobRef,
+    IndexRoot,
+    ManifestInfo,
+    Shard,
+    decode_index,
+    decode_manifest,
+    digest_tag,
+    parse_digest_tag,
+    parse_ref_tag,
+    ref_tag,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_PARALLEL = 8
+#: Records closer than this are fetched in one request (the gap is read and dropped).
+MERGE_GAP = 16 * 1024
+#: Longest merged request.
+MERGE_MAX = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLocation:
+    """Where a member is on a remote: its block record in a blob, and its slice of the block."""
+
+    blob: str
+    blob_size: int
+    header: int
+    count: int
+    stored: int
+    raw: int
+    codec: int
+    type: int
+    inner: int
+    length: int
+    #: The remote whose index gave this location, and the member it was asked for.
+    remote: str = ""
+    digest: bytes = b""
+
+    @property
+    def block(self) -> tuple[str, int]:
+        return (self.blob, self.header)
+
+    @property
+    def record_length(self) -> int:
+        return RECORD_HEADER.size + MEMBER_HEADER.size * self.count + self.stored
+
+
+Member = tuple[bytes, int, int, int]
+
+
+class DecodedBlock:
+    """A block fetched and verified whole: the BlockReader the fetcher gets for remote blocks.
+
+    A remote block is decoded completely before it is handed out (and before it may enter
+    a local cache), so a member is known good or bad at once and a bad block can be
+    fetched again from another mirror in one place.
+    """
+
+    def __init__(self, members: list[Member], data: dict[bytes, bytes | None], record: bytes | None = None) -> None:
+        self.members = members
+        self._data = data
+        self._given = False
+        #: The record as fetched (header and payload), for a cache to store verbatim; None if bad.
+        self.record = record
+
+    @property
+    def done(self) -> bool:
+        return self._given
+
+    @property
+    def decoded(self) -> int:
+        return sum(m[3] for m in self.members)
+
+    def advance(self, upto: int) -> dict[bytes, bytes | None]:
+        if self._given:
+            return {}
+        self._given = True
+        return dict(self._data)
+
+    def advance_all(self) -> dict[bytes, bytes | None]:
+        """Every member, whether or not handed out already (for another reader of the same block)."""
+        return dict(self._data)
+
+    @property
+    def intact(self) -> bool:
+        return all(v is not None for v in self._data.values())
+
+    def member(self, digest: bytes) -> bytes | None:
+        return self._data.get(digest)
+
+
+def parse_record(data: bytes, loc: RemoteLocation, where: str) -> tuple[list[Member], dict[bytes, bytes | None]]:
+    """Check a fetched block record against the index and verify every member.
+
+    Raises CorruptObjectError when the record header disagrees with the index or the
+    payload does not decode; a member whose BLAKE3 does not match is None.
+    """
+    if len(data) != loc.record_length:
+        raise CorruptObjectError(f"{where}: the record is {len(data)} bytes, not {loc.record_length}")
+    magic, codec, stored, raw, count = RECORD_HEADER.unpack_from(data, 0)
+    if (magic, codec, stored, raw, count) != (b"BLK1", loc.codec, loc.stored, loc.raw, loc.count):
+        raise CorruptObjectError(f"{where}: the record header does not match the index")
+    members: list[Member] = []
+    inner = 0
+    header_end = RECORD_HEADER.size + MEMBER_HEADER.size * count
+    for digest, type_code, length in MEMBER_HEADER.iter_unpack(data[RECORD_HEADER.size:header_end]):
+        members.append((digest, type_code, inner, length))
+        inner += length
+    if inner != raw:
+        raise CorruptObjectError(f"{where}: the record's member lengths do not add up")
+    payload = data[header_end:]
+    if codec == CODEC_ZSTD:
+        try:
+            block = zstandard.ZstdDecompressor().decompress(payload, max_output_size=raw)
+        except zstandard.ZstdError:
+            raise CorruptObjectError(f"{where}: the block does not decompress") from None
+    elif codec == CODEC_RAW:
+        block = payload
+    else:
+        raise CorruptObjectError(f"{where}: unknown codec {codec}")
+    if len(block) != raw:
+        raise CorruptObjectError(f"{where}: the block decodes to {len(block)} bytes, not {raw}")
+    view = memoryview(block)
+    out: dict[bytes, bytes | None] = {}
+    for digest, _type, start, length in members:
+        piece = bytes(view[start:start + length])
+        out[digest] = piece if fmt.digest_bytes(piece) == digest else None
+    view.release()
+    return members, out
+
+
+class ImageIndex:
+    """One pushed image's index: the root, and its shards loaded on first need."""
+
+    def __init__(self, remote: RemoteStore, manifest: ManifestInfo, root: IndexRoot) -> None:
+        self.remote = remote
+        self.manifest = manifest
+        self.root = root
+        self._shards: dict[tuple[bool, int], Shard] = {}
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[bool, int], threading.Lock] = {}
+
+    @property
+    def digest(self) -> bytes:
+        return self.root.root
+
+    def _shard(self, chunk: bool, number: int) -> Shard:
+        key = (chunk, number)
+        shard = self._shards.get(key)
+        if shard is not None:
+            return shard
+        with self._lock:
+            lock = self._loading.setdefault(key, threading.Lock())
+        with lock:  # one load per shard however many threads miss it
+            shard = self._shards.get(key)
+            if shard is None:
+                ref = (self.root.chunk_shards if chunk else self.root.object_shards)[number].blob
+                data = self.remote.index_blob(ref, "index shard")
+                shard = Shard(data, f"{self.remote.name}: index shard {ref.digest}", self.root)
+                self._shards[key] = shard
+            return shard
+
+    def find(self, digest: bytes, *, chunk_first: bool = True) -> RemoteLocation | None:
+        for chunk in ((True, False) if chunk_first else (False, True)):
+            number = self.root.shard_for(digest, chunk=chunk)
+            if number is None:
+                continue
+            row = self._shard(chunk, number).find(digest)
+            if row is not None:
+                return self.location(digest, *row)
+        return None
+
+    def location(self, digest: bytes, block_no: int, type_code: int, inner: int, length: int) -> RemoteLocation:
+        block = self.root.blocks[block_no]
+        blob = self.root.blobs[block.blob]
+        return RemoteLocation(blob.digest, blob.size, block.header, block.count, block.stored, block.raw,
+                              block.codec, type_code, inner, length, self.remote.name, digest)
+
+    def load_shards(self) -> None:
+        """Fetch every shard now (a push's catalogue needs them all)."""
+        for chunk, shards in ((False, self.root.object_shards), (True, self.root.chunk_shards)):
+            for number in range(len(shards)):
+                self._shard(chunk, number)
+
+    def entries(self) -> Iterator[tuple[bytes, RemoteLocation]]:
+        """Every member the image reaches, with its location (loads every shard)."""
+        for chunk, shards in ((False, self.root.object_shards), (True, self.root.chunk_shards)):
+            for number in range(len(shards)):
+                for digest, row in self._shard(chunk, number):
+                    yield digest, self.location(digest, *row)
+
+
+class RemoteStore:
+    """The read side of the Store protocol over one remote and its mirrors (*backends*, in order)."""
+
+    def __init__(self, name: str, backends: Sequence[Backend], *, state_dir: Path | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, parallel: int = DEFAULT_PARALLEL) -> None:
+        if not backends:
+            raise UsageError(f"remote {name}: no URL")
+        self.name = name
+        self.backends = list(backends)
+        self.state_dir = state_dir
+        self.timeout = timeout
+        self.parallel = max(1, parallel)
+        self.stats: Counter[str] = Counter()
+        self._indexes: dict[bytes, ImageIndex] = {}
+        self._lock = threading.Lock()
+        self._preferred = 0
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._checked: set[int] = set()
+        self._local = threading.local()
+        #: NAME and VERSION of the tag the last :meth:`resolve` went through (None for a digest).
+        self.last_ref: tuple[str, str] | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.name!r})"
+
+    def close(self) -> None:
+        """Release connections and threads; the store stays usable (they are made again on demand)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for backend in self.backends:
+            backend.close()
+
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.parallel, thread_name_prefix="cnpsfs-fetch")
+            return self._pool
+
+    def counters(self) -> dict[str, int]:
+        """Requests, bytes, errors and retries of every mirror, plus blocks fetched and corrupt."""
+        out: Counter[str] = Counter(self.stats)
+        for backend in self.backends:
+            out.update(backend.stats)
+            session = getattr(backend, "session", None) or getattr(getattr(backend, "client", None), "session", None)
+            if session is not None and hasattr(session, "stats"):
+                out["retries"] += session.stats.get("retries", 0)
+        return dict(out)
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    def _mirrors(self, t_end: float, what: str, call: Callable[[Backend, float], T], *,
+                 not_found_is_final: bool = False, start: int | None = None) -> T:
+        """*call(backend, seconds left)* on the preferred mirror, then the others, until one answers.
+
+        A switch to another mirror is logged. A 404 is final when the caller says so (a tag
+        that does not exist), else the next mirror may still have the object.
+        """
+        first = self._preferred if start is None else start % len(self.backends)
+        order = [(first + i) % len(self.backends) for i in range(len(self.backends))]
+        last: BaseException | None = None
+        for position, number in enumerate(order):
+            backend = self.backends[number]
+            left = t_end - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                if number not in self._checked:
+                    backend.check()
+                    self._checked.add(number)
+                result = call(backend, left)
+            except RemoteNotFoundError as exc:
+                if not_found_is_final:
+                    raise
+                last = exc
+            except (TransportError, CorruptObjectError) as exc:
+                last = exc
+            else:
+                if number != self._preferred and start is None:
+                    log.warning("%s: using mirror %s from now on", self.name, backend.url)
+                    self._preferred = number
+                    self.stats["mirror_switches"] += 1
+                return result
+            if position + 1 < len(order):
+                log.warning("%s: %s; trying mirror %s", self.name, last, self.backends[order[position + 1]].url)
+        if last is None:
+            raise UnavailableError(f"{self.name}: {what}: no answer within {self.timeout:g} s")
+        if isinstance(last, RemoteNotFoundError):
+            raise last
+        if isinstance(last, CorruptObjectError):
+            raise last
+        raise UnavailableError(f"{self.name}: {what}: {last}") from None
+
+    # ------------------------------------------------------------------ index blobs and refs
+
+    def _state_path(self, *parts: str) -> Path | None:
+        return self.state_dir.joinpath(*parts) if self.state_dir is not None else None
+
+    def index_blob(self, ref: BlobRef, what: str) -> bytes:
+        """A manifest-named blob (index root or shard), verified; kept in the state dir."""
+        if ref.size > INDEX_BLOB_MAX:
+            raise CorruptObjectError(f"{self.name}: {what} {ref.digest} claims {ref.size} bytes")
+        cached = self._state_path("blobs", "sha256", ref.digest.split(":", 1)[1])
+        if cached is not None:
+            with contextlib.suppress(FileNotFoundError):
+                data = cached.read_bytes()
+                if len(data) == ref.size and "sha256:" + hashlib.sha256(data).hexdigest() == ref.digest:
+                    return data
+                log.warning("%s: the kept copy of %s is damaged; fetching it again", cached, ref.digest)
+        try:
+            data = self._mirrors(self._deadline(), f"{what} {ref.digest}",
+                                 lambda b, left: b.get_blob(ref.digest, ref.size, deadline=left))
+        except RemoteDataError as exc:
+            raise CorruptObjectError(f"{self.name}: {what} {ref.digest}: {exc}") from None
+        self.stats["index_bytes"] += len(data)
+        if cached is not None:
+            self._keep(cached, data)
+        return data
+
+    @staticmethod
+    def _keep(path: Path, data: bytes) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data)
+        except OSError as exc:
+            log.warning("cannot keep %s: %s", path, exc.strerror)
+
+    def _ref_cache(self, tag: str) -> Path | None:
+        key = hashlib.sha256(self.name.encode()).hexdigest()[:16]
+        return self._state_path("refs", key, tag)
+
+    def _manifest_for_tag(self, tag: str, what: str) -> bytes | None:
+        """The manifest a tag names now; the last one seen when the remote cannot be reached."""
+        cached = self._ref_cache(tag)
+        try:
+            data = self._mirrors(self._deadline(), what, lambda b, left: b.get_tag(tag, deadline=left),
+                                 not_found_is_final=True)
+        except RemoteNotFoundError:
+            return None
+        except UnavailableError as exc:
+            if cached is not None and cached.exists():
+                age = time.time() - cached.stat().st_mtime
+                log.warning("%s (using the answer seen %.0f s ago)", exc, age)
+                return cached.read_bytes()
+            raise
+        if data is not None and cached is not None:
+            self._keep(cached, data)
+        return data
+
+    def open_manifest(self, data: bytes, what: str) -> ImageIndex:
+        """Parse a manifest, fetch and check its image index, and make the image readable."""
+        manifest = decode_manifest(data, f"{self.name}: {what}")
+        root = decode_index(self.index_blob(manifest.index, "image index"), f"{self.name}: image index "
+                            f"{manifest.index.digest}")
+        if root.root != manifest.root:
+            raise CorruptObjectError(f"{self.name}: {what}: the manifest names {fmt.format_digest(manifest.root)} "
+                                     f"but its index is for {fmt.format_digest(root.root)}")
+        listed = set(manifest.layers)
+        missing = [s.blob for s in (*root.object_shards, *root.chunk_shards) if s.blob not in listed]
+        missing += [b for b in root.blobs if b not in listed]
+        if missing:
+            raise CorruptObjectError(f"{self.name}: {what}: the index names blob {missing[0].digest}, which the "
+                                     "manifest does not list")
+        with self._lock:
+            index = self._indexes.get(root.root)
+            if index is None:
+                index = self._indexes[root.root] = ImageIndex(self, manifest, root)
+        return index
+
+    def open_image(self, digest: bytes) -> ImageIndex:
+        """The index of the pushed image (or FileSet) *digest*, through its digest tag."""
+        index = self._indexes.get(digest)
+        if index is not None:
+            return index
+        what = f"image {fmt.format_digest(digest)}"
+        data = self._manifest_for_tag(digest_tag(digest), what)
+        if data is None:
+            raise NotFoundError(f"{self.name}: no pushed image or FileSet {fmt.format_digest(digest)}")
+        return self.open_manifest(data, what)
+
+    def loaded(self) -> list[ImageIndex]:
+        with self._lock:
+            return list(self._indexes.values())
+
+    # ------------------------------------------------------------------ names
+
+    def resolve(self, ref: str, *, want: int | None = None) -> bytes:
+        """A reference's digest on this remote (``blake3:<hex>``, ``NAME@VERSION`` or ``NAME``)."""
+        if ref.startswith(fmt.DIGEST_PREFIX):
+            hexpart = ref[len(fmt.DIGEST_PREFIX):].lower()
+            if len(hexpart) != 64:
+                raise UsageError(f"{ref}: a remote needs the full 64 hex digits of a digest")
+            index = self.open_image(fmt.parse_digest(fmt.DIGEST_PREFIX + hexpart))
+            self.last_ref = None
+        else:
+            name, _, version = ref.partition("@")
+            if not version:
+                version = self._latest_version(name)
+            data = self._manifest_for_tag(ref_tag(name, version), f"tag {name}@{version}")
+            if data is None:
+                raise NotFoundError(f"unknown reference {name}@{version}: no such tag on {self.name}")
+            index = self.open_manifest(data, f"tag {name}@{version}")
+            if index.manifest.ref not in (None, f"{name}@{version}"):
+                raise CorruptObjectError(f"{self.name}: tag {name}@{version} names a manifest for "
+                                         f"{index.manifest.ref}")
+            self.last_ref = (name, version)
+        if want is not None and index.root.root_type != want:
+            if want == T_FILESET:
+                raise UsageError(f"{ref} is an image, not a FileSet")
+            raise UsageError(f"{ref} is a {TYPE_NAMES.get(index.root.root_type)}, not a {TYPE_NAMES.get(want)}")
+        return index.digest
+
+    def _latest_version(self, name: str) -> str:
+        """NAME alone: the version pushed last (by the manifests' creation time)."""
+        versions = [v for n, v in (parse_ref_tag(t) or ("", "") for t in self.list_tags()) if n == name]
+        if not versions:
+            raise NotFoundError(f"unknown reference {name!r}: no such tag on {self.name}")
+        best: tuple[str, str] | None = None
+        for version in versions:
+            data = self._manifest_for_tag(ref_tag(name, version), f"tag {name}@{version}")
+            if data is None:
+                continue
+            created = decode_manifest(data, f"{self.name}: tag {name}@{version}").created or ""
+            if best is None or (created, version) > best:
+                best = (created, version)
+        if best is None:
+            raise NotFoundError(f"unknown reference {name!r}: no such tag on {self.name}")
+        return best[1]
+
+    def list_tags(self) -> list[str]:
+        return self._mirrors(self._deadline(), "tags", lambda b, _left: b.list_tags())
+
+    def tags(self, type_code: int | None = None) -> list[Tag]:
+        """NAME@VERSION tags of the remote (each one's manifest is fetched)."""
+        out = []
+        for tag in self.list_tags():
+            parsed = parse_ref_tag(tag)
+            if parsed is None:
+                continue
+            data = self._manifest_for_tag(tag, f"tag {tag}")
+            if data is None:
+                continue
+            manifest = decode_manifest(data, f"{self.name}: tag {tag}")
+            out.append(Tag(parsed[0], parsed[1], manifest.root_type, manifest.root, 0))
+        return [t for t in out if type_code is None or t.type == type_code]
+
+    def tags_for(self, digest: bytes) -> list[Tag]:
+        return [t for t in self.tags() if t.digest == digest]
+
+    def image_digests(self) -> list[bytes]:
+        """Every image (and FileSet) pushed to this remote, from its digest tags."""
+        return [d for d in (parse_digest_tag(t) for t in self.list_tags()) if d is not None]
+
+    # ------------------------------------------------------------------ locating
+
+    def locate(self, digest: bytes, *, chunk_first: bool = True) -> RemoteLocation | None:
+        for index in self.loaded():
+            loc = index.find(digest, chunk_first=chunk_first)
+            if loc is not None:
+                return loc
+        return None
+
+    def locate_many(self, digests: Iterable[bytes]) -> dict[bytes, RemoteLocation]:
+        found = {}
+        for digest in digests:
+            loc = self.locate(digest)
+            if loc is not None:
+                found[digest] = loc
+        return found
+
+    def contains(self, digest: bytes) -> bool:
+        return self.locate(digest, chunk_first=False) is not None
+
+    def existing(self, digests: Iterable[bytes]) -> set[bytes]:
+        return {d for d in digests if self.contains(d)}
+
+    def object_type(self, digest: bytes) -> int | None:
+        loc = self.locate(digest, chunk_first=False)
+        return loc.type if loc is not None else None
+
+    def describe(self, loc: RemoteLocation) -> str:  # type: ignore[override]
+        end = loc.header + loc.record_length - 1
+        return f"{self.name}: blob {loc.blob} bytes {loc.header}-{end}"
+
+    # ------------------------------------------------------------------ fetching blocks
+
+    def start_fetch(self, locs: Iterable[RemoteLocation], *,
+                    futures: dict[Any, concurrent.futures.Future[Any]] | None = None
+                    ) -> dict[Any, concurrent.futures.Future[Any]]:
+        """Fetch the blocks of *locs* in the background: one future per block key.
+
+        Records of one blob that lie close together are merged into one request (up to
+        :data:`MERGE_MAX`); the requests run on the remote's pool (:attr:`parallel` at
+        once). A future's result is a :class:`DecodedBlock`, or the error that ended it.
+        *futures* may supply the future objects (by block key) the caller already holds.
+        """
+        blocks: dict[tuple[str, int], RemoteLocation] = {}
+        for loc in locs:
+            blocks.setdefault(loc.block, loc)
+        futures = dict(futures or {})
+        for key in blocks:
+            futures.setdefault(key, concurrent.futures.Future())
+        t_end = self._deadline()
+        pool = self._executor()
+        for run in merge_runs(blocks.values()):
+            pool.submit(self._fetch_run, run, {loc.block: futures[loc.block] for loc in run}, t_end)
+        return futures
+
+    def fetch_blocks(self, locs: Iterable[RemoteLocation]) -> dict[tuple[str, int], DecodedBlock]:
+        """The blocks of *locs*, fetched (merged, in parallel) and verified; raises the first failure."""
+        futures = self.start_fetch(locs)
+        return {key: fut.result() for key, fut in futures.items()}
+
+    def _fetch_run(self, run: list[RemoteLocation], futures: Mapping[tuple[str, int], concurrent.futures.Future[Any]],
+                   t_end: float) -> None:
+        """On a pool thread: one request for a run of records, then each record checked."""
+        first, last = run[0], run[-1]
+        start, end = first.header, last.header + last.record_length
+        what = f"blob {first.blob} bytes {start}-{end - 1}"
+        try:
+            data = self._mirrors(t_end, what, lambda b, left: b.read_range(first.blob, start, end - start,
+                                                                          blob_size=first.blob_size, deadline=left))
+        except BaseException as exc:  # every waiter must hear of it
+            err = exc if isinstance(exc, (CorruptObjectError, UnavailableError, NotFoundError)) else \
+                UnavailableError(f"{self.name}: {what}: {exc}")
+            for fut in futures.values():
+                fut.set_exception(err)
+            return
+        self.stats["requests_merged"] += 1
+        for loc in run:
+            record = data[loc.header - start:loc.header - start + loc.record_length]
+            try:
+                block = self._check(record, loc, t_end)
+            except BaseException as exc:
+                futures[loc.block].set_exception(exc)
+            else:
+                futures[loc.block].set_result(block)
+
+    def _check(self, record: bytes, loc: RemoteLocation, t_end: float) -> DecodedBlock:
+        """Verify a record; a bad one is fetched once more, from the next mirror."""
+        where = self.describe(loc)
+        try:
+            members, data = parse_record(record, loc, where)
+        except CorruptObjectError as exc:
+            problem: str = str(exc)
+        else:
+            if all(v is not None for v in data.values()):
+                self.stats["blocks"] += 1
+                self.stats["block_bytes"] += len(record)
+                return DecodedBlock(members, data, record)
+            bad = next(d for d, v in data.items() if v is None)
+            problem = f"{where}: member {fmt.format_digest(bad)} does not match its digest"
+        self.stats["corrupt"] += 1
+        retry_from = (self._preferred + 1) % len(self.backends)
+        log.warning("%s; fetching it again from %s", problem, self.backends[retry_from].url)
+        record = self._mirrors(t_end, f"blob {loc.blob} bytes {loc.header}-{loc.header + loc.record_length - 1}",
+                               lambda b, left: b.read_range(loc.blob, loc.header, loc.record_length,
+                                                            blob_size=loc.blob_size, deadline=left),
+                               start=retry_from)
+        members, data = parse_record(record, loc, where)
+        if all(v is not None for v in data.values()):
+            self.stats["blocks"] += 1
+            self.stats["block_bytes"] += len(record)
+            return DecodedBlock(members, data, record)
+        self.stats["corrupt"] += 1
+        return DecodedBlock(members, data, None)
+
+    def open_block(self, loc: RemoteLocation) -> DecodedBlock:  # type: ignore[override]
+        return self.fetch_blocks([loc])[loc.block]
+
+    def prefetch(self, locs: Iterable[Any]) -> None:
+        """Nothing is kept between calls here (a cached store in front keeps what is fetched)."""
+
+    # ------------------------------------------------------------------ reading by digest
+
+    def get(self, digest: bytes) -> bytes:
+        if getattr(self._local, "cache_only", False):
+            raise NotCached
+        loc = self.locate(digest, chunk_first=False)
+        if loc is None:
+            raise MissingObjectError(f"{fmt.format_digest(digest)} is not on {self.name}")
+        block = self.open_block(loc)
+        data = block.member(digest)
+        if data is None:
+            what = TYPE_NAMES.get(loc.type, "object")
+            raise CorruptObjectError(f"{what} {fmt.format_digest(digest)} is corrupt: its bytes do not match "
+                                     f"its digest (block at {self.describe(loc)})")
+        return data
+
+    def get_directory(self, digest: bytes) -> fmt.Directory:
+        return fmt.decode_directory(self.get(digest))
+
+    def get_fileset(self, digest: bytes) -> fmt.FileSet:
+        return fmt.decode_fileset(self.get(digest))
+
+    def get_image(self, digest: bytes) -> fmt.Image:
+        return fmt.decode_image(self.get(digest))
+
+    def file_extents(self, entry: fmt.Entry) -> tuple[fmt.Extent, ...]:
+        if entry.content is not None:
+            return fmt.decode_extents_object(self.get(entry.content))
+        return entry.extents or ()
+
+    @contextlib.contextmanager
+    def cache_only(self) -> Iterator[None]:
+        """Nothing of a remote is in memory to serve inline: on this thread every read says NotCached."""
+        self._local.cache_only = True
+        try:
+            yield
+        finally:
+            self._local.cache_only = False
+
+    # ------------------------------------------------------------------ not for a read-only store
+
+    def _read_only(self) -> UsageError:
+        return UsageError(f"{self.name} is read here: use `cnpsfs push` to write to a remote")
+
+    def set_tag(self, name: str, version: str, type_code: int, digest: bytes) -> None:
+        raise self._read_only()
+
+    def remove_tag(self, name: str, version: str) -> bool:
+        raise self._read_only()
+
+    def writer(self) -> Any:
+        raise self._read_only()
+
+    def scratch_dir(self) -> Path:
+        raise self._read_only()
+
+
+def merge_runs(locs: Iterable[RemoteLocation], *, gap: int = MERGE_GAP, limit: int = MERGE_MAX
+               ) -> list[list[RemoteLocation]]:
+    """Group records of the same blob into runs one request can fetch: sorted, close, bounded."""
+    by_blob: dict[str, list[RemoteLocation]] = {}
+    for loc in locs:
+        by_blob.setdefault(loc.blob, []).append(loc)
+    runs: list[list[RemoteLocation]] = []
+    for blob_locs in by_blob.values():
+        blob_locs.sort(key=lambda loc: loc.header)
+        run: list[RemoteLocation] = []
+        for loc in blob_locs:
+            if run:
+                run_end = run[-1].header + run[-1].record_length
+                if loc.header - run_end > gap or loc.header + loc.record_length - run[0].header > limit:
+                    runs.append(run)
+                    run = []
+            run.append(loc)
+        if run:
+            runs.append(run)
+    return runs
