@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from cnpsfs import format as fmt
-from cnpsfs.cli.context import App, emit_json, fileset_root, json_option, pass_app
+from cnpsfs.cli.context import App, emit_json, fileset_root, json_option, pass_app, remote_options
 from cnpsfs.errors import UsageError
 from cnpsfs.store import T_IMAGE, Store
 
@@ -72,6 +72,7 @@ def _ls_line(entry: fmt.Entry, name: str) -> str:
 
 
 @click.command("ls")
+@remote_options
 @click.argument("ref")
 @click.argument("path", default="/")
 @click.option("-l", "long", is_flag=True, help="Long listing: mode, links, owner, size, mtime.")
@@ -93,6 +94,7 @@ def ls_cmd(app: App, ref: str, path: str, long: bool, as_json: bool) -> None:
 
 
 @click.command("cat")
+@remote_options
 @click.argument("ref")
 @click.argument("path")
 @pass_app

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import click
 
-from cnpsfs.cli.context import App, pass_app, report_mounted
+from cnpsfs.cli.context import App, pass_app, remote_options, report_mounted
 from cnpsfs.errors import UsageError
 
 
 @click.command("bundle")
+@remote_options
 @click.argument("ref", metavar="REF")
 @click.argument("directory", metavar="DIR", required=False)
 @click.option("--remove", is_flag=True, help="Unmount DIR/rootfs and delete DIR/config.json (give only DIR).")

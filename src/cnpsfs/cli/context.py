@@ -35,17 +35,36 @@ if TYPE_CHECKING:  # importing these layers costs start-up time
 
 @dataclass
 class App:
-    """The root group's options; the store opens on first use."""
+    """The root group's options; the store opens on first use.
+
+    With ``--remote`` (:data:`remote_options`), the store is the local store in front of
+    those remotes (:class:`cnpsfs.store.cached.CachedStore`): what is not local is fetched,
+    verified, and kept.
+    """
 
     store_path: Path
     debug: bool
     _store: Store | None = None
     policy_arg: str | None = None  # --policy FILE
+    remotes: tuple[str, ...] = ()
+    remote_timeout: float | None = None
+    cache_size: int | None = None
 
     def store(self, *, create: bool = False) -> Store:
         if self._store is None:
-            self._store = LocalStore(self.store_path, create=create)
+            local = LocalStore(self.store_path, create=create or bool(self.remotes))
+            if self.remotes:
+                from cnpsfs.store.cached import open_cached
+
+                self._store = open_cached(local, self.remotes, timeout=self.remote_timeout,
+                                          cache_size=self.cache_size)
+            else:
+                self._store = local
         return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
 
     def checker(self) -> Checker | None:
         """Trust decisions under --policy, $CNPSFS_POLICY or /etc/cnpsfs/policy.toml (docs/trust.md);
@@ -68,6 +87,41 @@ def _merged_usr_derivation(store: Store, digest: bytes, fs: fmt.FileSet) -> byte
 
 
 pass_app = click.make_pass_decorator(App)
+
+
+def _set_app(field: str) -> Any:
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+        app = ctx.find_object(App)
+        if app is not None and value not in (None, ()):
+            if field == "cache_size":
+                from cnpsfs.store.cached import parse_size
+
+                value = parse_size(value)
+            setattr(app, field, tuple(value) if isinstance(value, (list, tuple)) else value)
+        return value
+    return callback
+
+
+def remote_options(func: Any) -> Any:
+    """``--remote`` (repeatable), ``--remote-timeout`` and ``--cache-size`` for commands that read images."""
+    options = [
+        click.option("--remote", "remotes", multiple=True, metavar="URL|NAME", expose_value=False,
+                     callback=_set_app("remotes"),
+                     help="Read what the local store lacks from this remote (docker://HOST/REPO, "
+                          "http(s)://HOST/PATH, file:///DIR, or a name from remotes.toml); repeatable, "
+                          "tried in order. Fetched blocks are kept in the local store."),
+        click.option("--remote-timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
+                     expose_value=False, callback=_set_app("remote_timeout"),
+                     help="How long a read may wait for a remote, retries included (default: the "
+                          "remote's timeout, 30)."),
+        click.option("--cache-size", default=None, metavar="SIZE", expose_value=False,
+                     callback=_set_app("cache_size"),
+                     help="Bound the cache of fetched blocks (e.g. 2G; default: the store's "
+                          "cache-size setting, else unbounded)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 class CnpsfsGroup(click.Group):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cnpsfs.cli.context import App, fileset_root, pass_app
+from cnpsfs.cli.context import App, fileset_root, pass_app, remote_options
 
 
 @click.group("export")
@@ -13,6 +13,7 @@ def export_group() -> None:
 
 
 @export_group.command("dir")
+@remote_options
 @click.argument("ref")
 @click.argument("dest", type=click.Path())
 @pass_app
@@ -30,6 +31,7 @@ def export_dir_cmd(app: App, ref: str, dest: str) -> None:
 
 
 @export_group.command("tar")
+@remote_options
 @click.argument("ref")
 @click.argument("dest", metavar="FILE|-")
 @pass_app

@@ -8,7 +8,7 @@ import os
 import click
 
 from cnpsfs import format as fmt
-from cnpsfs.cli.context import App, emit_json, json_option, jsonable, pass_app
+from cnpsfs.cli.context import App, emit_json, json_option, jsonable, pass_app, remote_options
 from cnpsfs.store import T_FILESET
 
 
@@ -40,6 +40,7 @@ def image_create(app: App, manifest: str, as_json: bool) -> None:
 
 
 @click.command("inspect")
+@remote_options
 @click.argument("ref")
 @json_option
 @pass_app

@@ -8,7 +8,16 @@ import time
 
 import click
 
-from cnpsfs.cli.context import App, control, emit_json, json_option, pass_app, report_mounted, report_swap
+from cnpsfs.cli.context import (
+    App,
+    control,
+    emit_json,
+    json_option,
+    pass_app,
+    remote_options,
+    report_mounted,
+    report_swap,
+)
 from cnpsfs.fs.options import (
     CACHE_MIB_RANGE,
     DEFAULT_CACHE_MIB,
@@ -20,6 +29,7 @@ from cnpsfs.fs.options import (
 
 
 @click.command("mount")
+@remote_options
 @click.argument("ref", metavar="REF|MANIFEST")
 @click.argument("mountpoint", type=click.Path())
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); log to stderr.")
@@ -95,6 +105,16 @@ def status_cmd(mountpoint: str, as_json: bool) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["time"]))
         click.echo(f"  {item['generation']:>3}. {when}  {item['image']}  ({item['reason']})")
     click.echo("requests    " + ", ".join(f"{k}={v}" for k, v in sorted(status["requests"].items())))
+    remote = status.get("remote")
+    if remote:
+        cache = remote["cache"]
+        limit = f"limit {cache['limit']}" if cache.get("limit") is not None else "no limit"
+        click.echo(f"cache       hits={cache.get('hits', 0)} misses={cache.get('misses', 0)} "
+                   f"bytes={cache.get('bytes', 0)} packs={cache.get('packs', 0)} ({limit})")
+        for r in remote["remotes"]:
+            click.echo(f"remote      {r['name']}: bytes={r.get('bytes', 0)} requests={r.get('requests', 0)} "
+                       f"errors={r.get('errors', 0)} retries={r.get('retries', 0)} blocks={r.get('blocks', 0)} "
+                       f"corrupt={r.get('corrupt', 0)}")
 
 
 @click.command("upgrade")

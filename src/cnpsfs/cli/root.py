@@ -22,6 +22,7 @@ from cnpsfs.cli import (
     importing,
     mounting,
     oci,
+    remote,
     service,
     store_cmds,
     trust,
@@ -89,9 +90,11 @@ full reference.
 def main(ctx: click.Context, store_path: Path | None, policy_arg: str | None, debug: bool, log_level: str) -> None:
     configure_logging("debug" if debug else log_level)
     ctx.obj = App(store_path or default_store_path(), debug, policy_arg=policy_arg)
+    ctx.call_on_close(ctx.obj.close)  # a cached store commits what it fetched
 
 
-for _module in (importing, browse, exporting, store_cmds, image, commit, mounting, service, bundle, build, oci, trust):
+for _module in (importing, browse, exporting, store_cmds, image, commit, mounting, service, bundle, build, oci, trust,
+                remote):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 for _command in oci.IMPORT_COMMANDS:

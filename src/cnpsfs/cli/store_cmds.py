@@ -95,11 +95,15 @@ def df_cmd(app: App, as_json: bool) -> None:
     """Show logical bytes (file data of all tagged FileSets and images), bytes stored on
     disk, and the resulting deduplication ratio."""
     from cnpsfs.image.usage import usage
+    from cnpsfs.store.cached import cache_summary
 
-    u = usage(app.store())
+    store = app.store()
+    u = usage(store)
+    cache = cache_summary(getattr(store, "local", store))
     data = {"filesets": u.filesets, "images": u.images, "logical_bytes": u.logical_bytes,
             "stored_bytes": u.stored_bytes, "dedup_ratio": round(u.dedup_ratio, 3), "chunks": u.chunks,
-            "objects": u.objects, "packs": u.packs}
+            "objects": u.objects, "packs": u.packs,
+            "cache": {"bytes": cache["bytes"], "packs": cache["packs"], "limit": cache["limit"]}}
     if as_json:
         emit_json(data)
         return
@@ -108,6 +112,10 @@ def df_cmd(app: App, as_json: bool) -> None:
     click.echo(f"logical      {human_size(u.logical_bytes)}")
     click.echo(f"stored       {human_size(u.stored_bytes)}   ({u.chunks} chunks, {u.objects} objects, {u.packs} packs)")
     click.echo(f"dedup ratio  {u.dedup_ratio:.2f}x")
+    if cache["packs"] or cache["limit"] is not None:
+        limit = human_size(cache["limit"]) if cache["limit"] is not None else "none"
+        click.echo(f"cache        {human_size(cache['bytes'])} fetched from remotes, refetchable   "
+                   f"({cache['packs']} packs, limit {limit})")
 
 
 @click.command("gc")
@@ -129,13 +137,16 @@ def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
         forget_dead_roots(store.run_dir)
     r = gc(store, dry_run=dry_run)
     data = {"removed_objects": r.removed_objects, "removed_packs": r.removed_packs, "repacked": r.repacked,
-            "removed_tmp": r.removed_tmp, "bytes_before": r.bytes_before, "bytes_after": r.bytes_after}
+            "removed_tmp": r.removed_tmp, "bytes_before": r.bytes_before, "bytes_after": r.bytes_after,
+            "cache_packs": r.cache_packs, "cache_bytes": r.cache_bytes}
     if as_json:
         emit_json(data)
     else:
         verb = "would remove" if dry_run else "removed"
         click.echo(f"{verb} {r.removed_objects} objects, {r.removed_packs} packs, {r.removed_tmp} temporary files;"
-                   f" repacked {r.repacked}; {human_size(r.bytes_before)} -> {human_size(r.bytes_after)}")
+                   f" repacked {r.repacked}; {human_size(r.bytes_before)} -> {human_size(r.bytes_after)}"
+                   + (f"; kept {human_size(r.cache_bytes)} of cache packs (refetchable: `cnpsfs cache evict`)"
+                      if r.cache_packs else ""))
 
 
 @click.group("tag")

@@ -351,6 +351,7 @@ class MountService:
             "uptime": round(time.time() - self.started, 3),
             "trust": self.decision.as_dict() if self.decision is not None else
             {"verified": False, "policy": None, "reason": "unverified: no trust policy"},
+            **({"remote": self.store.counters()} if hasattr(self.store, "counters") else {}),
         }
 
 

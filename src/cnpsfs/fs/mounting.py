@@ -171,3 +171,4 @@ class _Mount:
                 unmount_overlay(self.real, lazy=True)
             self.record.remove()
             unregister_roots(self.store)
+            self.store.close()  # a remote-backed store commits the blocks it fetched last

@@ -154,6 +154,7 @@ class CachedStore:
 
     def resolve(self, ref: str, *, want: int | None = None) -> bytes:
         """Locally first, else in the remotes in order; the image's remote index is kept open."""
+        local_error: NotFoundError | None = None
         try:
             digest = self.local.resolve(ref, want=want)
         except MissingObjectError:
@@ -161,12 +162,13 @@ class CachedStore:
         except NotFoundError as exc:
             if not self.remotes:
                 raise
-            local_error: NotFoundError | None = exc
-            return self._resolve_remote(ref, want, local_error)
+            local_error = exc
         else:
             self._remember_root(digest)
             return digest
-        return self._resolve_remote(ref, want, None)
+        # Outside the except clause: an exception being handled would become the context
+        # of every network error below (and confuse what their root cause was).
+        return self._resolve_remote(ref, want, local_error)
 
     def _resolve_remote(self, ref: str, want: int | None, local_error: NotFoundError | None) -> bytes:
         errors: list[str] = []
@@ -528,8 +530,8 @@ class CachedStore:
         return {"cache": cache, "remotes": [{"name": r.name, **r.counters()} for r in self.remotes]}
 
 
-def evict(local: LocalStore, limit: int, *, touched: Mapping[int, int] | None = None) -> int:
-    """Bring *local*'s cache packs down to *limit* bytes (EVICT_TO of it once over): LRU, skipping pins.
+def evict(local: LocalStore, limit: int, *, touched: Mapping[int, int] | None = None, to: float | None = None) -> int:
+    """Bring *local*'s cache packs down to *limit* bytes (to EVICT_TO of it, or *to*): LRU, skipping pins.
 
     Pinned: packs with a member a local tag reaches, with metadata an image served by a
     running mount reaches, or read within PIN_SECONDS (by the index's record, or *touched*
@@ -541,7 +543,7 @@ def evict(local: LocalStore, limit: int, *, touched: Mapping[int, int] | None = 
         return 0
     try:
         with flock(local.path / "lock", fcntl.LOCK_EX | fcntl.LOCK_NB):
-            return _evict_locked(local, packs, total, int(limit * EVICT_TO), touched or {})
+            return _evict_locked(local, packs, total, int(limit * (EVICT_TO if to is None else to)), touched or {})
     except BlockingIOError:
         log.debug("%s: the store is busy (gc or an import); evicting later", local.path)
         return 0
@@ -572,3 +574,29 @@ def _evict_locked(local: LocalStore, packs: list[tuple[int, str, int, int]], tot
         freed += size
         log.info("evicted cache pack %s (%d bytes from %s)", name, size, remote)
     return freed
+
+
+def cache_summary(local: LocalStore) -> dict[str, Any]:
+    """For ``cnpsfs df`` and ``cache show``: cache bytes and packs (total and per remote), and the bound."""
+    packs = local.index.cache_packs()
+    by_remote: Counter[str] = Counter()
+    for _pack, remote, size, _used in packs:
+        by_remote[remote] += size
+    setting = local.index.setting(SETTING_CACHE_SIZE)
+    return {"bytes": sum(by_remote.values()), "packs": len(packs), "by_remote": dict(by_remote),
+            "limit": parse_size(setting) if setting else None}
+
+
+def open_cached(local: LocalStore, remotes: Sequence[str], *, timeout: float | None = None,
+                cache_size: int | None = None) -> CachedStore:
+    """*local* in front of the remotes named (configured names or URLs), in order."""
+    from cnpsfs.errors import UsageError
+    from cnpsfs.store.remoteconf import load_remotes, remote_spec
+
+    configured = load_remotes()
+    specs = [remote_spec(text, configured, timeout=timeout) for text in remotes]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--remote {next(n for n in names if names.count(n) > 1)} is given twice")
+    state = local.path / "remote"
+    return CachedStore(local, [spec.open(state) for spec in specs], cache_size=cache_size)

@@ -311,7 +311,8 @@ class Index:
                 now = time.time_ns()
                 db.executemany("INSERT OR REPLACE INTO cache_packs(pack, remote, bytes, last_used_ns) VALUES (?,?,?,?)",
                                ((pack_id, cache, size, now) for pack_id, (_n, size) in zip(ids, packs, strict=True)))
-            db.executemany("DELETE FROM cache_packs WHERE pack=?", ((p,) for p in adopt))
+            if adopt:
+                db.executemany("DELETE FROM cache_packs WHERE pack=?", ((p,) for p in adopt))
         return ids
 
     # ------------------------------------------------------------------ attachments and revisions

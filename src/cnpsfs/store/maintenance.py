@@ -181,12 +181,18 @@ class GcReport:
     removed_tmp: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
+    #: Cache packs (blocks fetched from remotes): kept, since they can be refetched but need not be.
+    cache_packs: int = 0
+    cache_bytes: int = 0
 
 
 def gc(store: LocalStore, *, repack_below: float = 0.5, dry_run: bool = False) -> GcReport:
     """Delete everything no tag, image or live mount reaches; repack sparse packs.
 
-    Holds the store lock exclusively, so no import is half-way while it runs.
+    Holds the store lock exclusively, so no import is half-way while it runs. Cache packs
+    (blocks fetched from remotes, docs/format.md 2.5) are not garbage: gc keeps them and
+    their members whole and leaves them to the cache's bound (``cnpsfs cache evict``);
+    what running mounts serve from a remote may be partly absent locally, which is fine.
     """
     report = GcReport(bytes_before=store.disk_usage())
     with flock(store.path / "lock", fcntl.LOCK_EX):
@@ -204,7 +210,13 @@ def gc(store: LocalStore, *, repack_below: float = 0.5, dry_run: bool = False) -
                 report.removed_tmp += 1
                 if not dry_run:
                     orphan.unlink(missing_ok=True)
-        keep = with_attachments(store, reachable(store, tag_roots(store) | live_roots(store)))
+        keep = reachable(store, tag_roots(store))
+        keep |= reachable(store, live_roots(store), on_missing=lambda *_a: None)  # lazy remote mounts
+        keep = with_attachments(store, keep)
+        cache = {pack: size for pack, _remote, size, _used in index.cache_packs()}
+        report.cache_packs, report.cache_bytes = len(cache), sum(cache.values())
+        for pack in cache:
+            keep.update(d for d, _t in index.pack_members(pack))
         rows = index.all_objects()
         dead = [d for d, _p, _r, _l in rows if d not in keep]
         report.removed_objects = len(dead)
@@ -221,6 +233,8 @@ def gc(store: LocalStore, *, repack_below: float = 0.5, dry_run: bool = False) -
         if dead_attachments:
             index.detach(dead_attachments)
         for pack_id, name, _size in index.packs():
+            if pack_id in cache:
+                continue
             live = live_share.get(pack_id, 0.0)
             if live == 0:
                 index.delete_pack(pack_id)

@@ -42,7 +42,7 @@ import ssl
 import threading
 import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
@@ -423,6 +423,8 @@ class Session:
         self._lock = threading.Lock()
         self._redirects: OrderedDict[str, str] = OrderedDict()
         self._random = random.Random()
+        #: Retries made by this session's calls (``cnpsfs status`` shows them per remote).
+        self.stats: Counter[str] = Counter()
 
     def _ssl_context(self) -> ssl.SSLContext:
         cfg = self.config
@@ -519,6 +521,7 @@ class Session:
                 if delay is None:
                     raise
                 log.info("%s (attempt %d, retrying in %.2f s)", exc, attempt, delay)
+                self._count_retry()
                 time.sleep(delay)
                 continue
             if resp.status in retry_statuses and (idempotent or resp.status in NOT_PROCESSED_STATUSES):
@@ -538,6 +541,7 @@ class Session:
                 if delay is None:
                     raise err from None
                 log.info("%s (attempt %d, retrying in %.2f s)", err, attempt, delay)
+                self._count_retry()
                 time.sleep(delay)
                 continue
             try:
@@ -548,6 +552,7 @@ class Session:
                 if delay is None:
                     raise
                 log.info("%s (attempt %d, retrying in %.2f s)", exc, attempt, delay)
+                self._count_retry()
                 time.sleep(delay)
                 continue
             except BaseException:
@@ -556,6 +561,10 @@ class Session:
             if result is not resp:
                 resp.close()
             return result
+
+    def _count_retry(self) -> None:
+        with self._lock:
+            self.stats["retries"] += 1
 
     def _retry_delay(self, exc: TransportError, attempt: int, idempotent: bool, t_end: float,
                      retry_after: float | None) -> float | None:
