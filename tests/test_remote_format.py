@@ -111,7 +111,7 @@ def test_shards_find_and_reject_damage() -> None:
     assert shard.find(entries[70].digest) == (entries[70].block, T_CHUNK, 0, 100)
     assert shard.find(entries[10].digest) is None
     data = encode_shard(parts[1][1])
-    with pytest.raises(CorruptObjectError, match="^s: malformed index shard: bad header or length"):
+    with pytest.raises(CorruptObjectError, match=r"^s: malformed index shard: bad header or length"):
         Shard(data[:-1], "s", index)
     swapped = encode_shard([parts[1][1][1], parts[1][1][0]])
     with pytest.raises(CorruptObjectError, match="out of order"):

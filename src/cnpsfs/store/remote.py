@@ -316,7 +316,10 @@ class RemoteStore:
         first = self._preferred if start is None else start % len(self.backends)
         order = [(first + i) % len(self.backends) for i in range(len(self.backends))]
         last: BaseException | None = None
-        for position, number in enumerate(order):
+        position = 0
+        refetched = False
+        while position < len(order):
+            number = order[position]
             backend = self.backends[number]
             left = t_end - time.monotonic()
             if left <= 0:
@@ -338,14 +341,22 @@ class RemoteStore:
                     self._preferred = number
                     self.stats["mirror_switches"] += 1
                 return result
-            if position + 1 < len(order):
-                log.warning("%s: %s; trying mirror %s", self.name, last, self.backends[order[position + 1]].url)
+            if isinstance(last, RemoteDataError) and not refetched and position + 1 == len(order):
+                # Wrong bytes from the last mirror there is: fetch once more (a proxy's glitch
+                # heals; a damaged copy does not, and is then reported as corrupt).
+                refetched = True
+                self.stats["corrupt"] += 1
+                log.warning("%s: %s; fetching it again", self.name, last)
+                continue
+            position += 1
+            if position < len(order):
+                log.warning("%s: %s; trying mirror %s", self.name, last, self.backends[order[position]].url)
         if last is None:
             raise UnavailableError(f"{self.name}: {what}: no answer within {self.timeout:g} s")
-        if isinstance(last, RemoteNotFoundError):
+        if isinstance(last, (RemoteNotFoundError, CorruptObjectError)):
             raise last
-        if isinstance(last, CorruptObjectError):
-            raise last
+        if isinstance(last, RemoteDataError):
+            raise CorruptObjectError(f"{self.name}: {what}: {last}") from None
         raise UnavailableError(f"{self.name}: {what}: {last}") from None
 
     # ------------------------------------------------------------------ index blobs and refs
@@ -364,11 +375,8 @@ class RemoteStore:
                 if len(data) == ref.size and "sha256:" + hashlib.sha256(data).hexdigest() == ref.digest:
                     return data
                 log.warning("%s: the kept copy of %s is damaged; fetching it again", cached, ref.digest)
-        try:
-            data = self._mirrors(self._deadline(), f"{what} {ref.digest}",
-                                 lambda b, left: b.get_blob(ref.digest, ref.size, deadline=left))
-        except RemoteDataError as exc:
-            raise CorruptObjectError(f"{self.name}: {what} {ref.digest}: {exc}") from None
+        data = self._mirrors(self._deadline(), f"{what} {ref.digest}",
+                             lambda b, left: b.get_blob(ref.digest, ref.size, deadline=left))
         self.stats["index_bytes"] += len(data)
         if cached is not None:
             self._keep(cached, data)
