@@ -43,6 +43,7 @@ from cnpsfs.errors import (
     CorruptObjectError,
     MissingObjectError,
     NotFoundError,
+    RegistryError,
     RemoteDataError,
     RemoteNotFoundError,
     TransportError,
@@ -77,6 +78,12 @@ DEFAULT_PARALLEL = 8
 MERGE_GAP = 16 * 1024
 #: Longest merged request.
 MERGE_MAX = 4 * 1024 * 1024
+#: What :meth:`RemoteStore.counters` always reports (``cnpsfs status``).
+COUNTERS = ("requests", "bytes", "errors", "retries", "blocks", "block_bytes", "range_requests", "index_bytes",
+            "corrupt", "mirror_switches")
+#: After a mirror failed to answer, requests skip it for this long (every mirror down: they
+#: fail at once), so a dead server costs one timeout, not one per uncached read.
+DOWN_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +276,7 @@ class RemoteStore:
         self._preferred = 0
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._checked: set[int] = set()
+        self._down: dict[int, tuple[float, BaseException]] = {}  # mirror -> (until, why)
         self._local = threading.local()
         #: NAME and VERSION of the tag the last :meth:`resolve` went through (None for a digest).
         self.last_ref: tuple[str, str] | None = None
@@ -295,7 +303,8 @@ class RemoteStore:
 
     def counters(self) -> dict[str, int]:
         """Requests, bytes, errors and retries of every mirror, plus blocks fetched and corrupt."""
-        out: Counter[str] = Counter(self.stats)
+        out: Counter[str] = Counter({key: 0 for key in COUNTERS})
+        out.update(self.stats)
         for backend in self.backends:
             out.update(backend.stats)
             session = getattr(backend, "session", None) or getattr(getattr(backend, "client", None), "session", None)
@@ -315,6 +324,12 @@ class RemoteStore:
         """
         first = self._preferred if start is None else start % len(self.backends)
         order = [(first + i) % len(self.backends) for i in range(len(self.backends))]
+        now = time.monotonic()
+        up = [n for n in order if self._down.get(n, (0.0, None))[0] <= now]
+        if not up:
+            _until, why = self._down[order[0]]
+            raise UnavailableError(f"{self.name}: {what}: {why} (not retried for {DOWN_SECONDS:g} s)")
+        order = up
         last: BaseException | None = None
         position = 0
         refetched = False
@@ -335,7 +350,10 @@ class RemoteStore:
                 last = exc
             except (TransportError, CorruptObjectError) as exc:
                 last = exc
+                if isinstance(exc, TransportError) and not isinstance(exc, (RemoteDataError, RegistryError)):
+                    self._down[number] = (time.monotonic() + DOWN_SECONDS, exc)  # no answer at all
             else:
+                self._down.pop(number, None)
                 if number != self._preferred and start is None:
                     log.warning("%s: using mirror %s from now on", self.name, backend.url)
                     self._preferred = number
@@ -591,7 +609,7 @@ class RemoteStore:
             for fut in futures.values():
                 fut.set_exception(err)
             return
-        self.stats["requests_merged"] += 1
+        self.stats["range_requests"] += 1
         for loc in run:
             record = data[loc.header - start:loc.header - start + loc.record_length]
             try:

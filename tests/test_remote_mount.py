@@ -1,0 +1,317 @@
+"""Lazy mounts of pushed images (issue 12): from nginx serving a ``file://`` remote and from
+docker-registry, on fresh stores. A chroot runs python3 on the mount; a full tree walk
+matches the source; only the blocks read are fetched, each once; a remount reads
+locally, with the server gone too; a corrupt blob gives EIO and one log line naming it; a
+server stopped during reads gives EIO within the timeout and the same mount recovers when
+it returns; at 20 ms RTT (the fault proxy) fetches run in parallel and adjacent blocks are
+merged into one request.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import json
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mountutil import FUSE, Mount, compare_mount, file_digest, mount_image, needs_root, walk_lstat
+from remoteutil import (
+    IMAGE_V1,
+    IMAGE_V2,
+    NGINX_REMOTE_CONF,
+    PYTHON_CODE,
+    SourceStore,
+    build_rootfs_python,
+    make_source_store,
+    python_debs,
+)
+from servers import FaultProxy, NginxServer, RegistryServer, start_nginx, start_registry, stop_process, wait_http
+
+from cnpsfs.store import LocalStore
+from cnpsfs.store.remoteconf import RemoteSpec
+
+pytestmark = [*FUSE, needs_root, pytest.mark.timeout(900)]
+
+CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C", "HOME": "/root"}
+
+
+@pytest.fixture(scope="session")
+def debian_python(debian_rootfs: Path) -> Path:
+    return build_rootfs_python(debian_rootfs, python_debs())
+
+
+@pytest.fixture(scope="module")
+def source(debian_rootfs: Path, debian_python: Path, tmp_path_factory: pytest.TempPathFactory) -> SourceStore:
+    src = make_source_store(tmp_path_factory.mktemp("source"), debian_rootfs, debian_python)
+    return src
+
+
+@pytest.fixture(scope="module")
+def remote_dir(source: SourceStore, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("remote") / "r"
+    for image in (IMAGE_V1, IMAGE_V2):
+        source.cli.ok("push", image, f"file://{directory}")
+    return directory
+
+
+class Restartable:
+    """nginx that can be stopped and started again on the same port (the same mount's remote)."""
+
+    def __init__(self, server: NginxServer) -> None:
+        self.server = server
+        self.url = server.url
+
+    def stop(self) -> None:
+        stop_process(self.server.proc)
+
+    def start(self) -> None:
+        argv = list(self.server.proc.args)  # type: ignore[arg-type]
+        log = open(self.server.prefix / "stderr.log", "ab")  # noqa: SIM115 (handed to the child)
+        self.server.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        wait_http(f"{self.url}/", proc=self.server.proc)
+
+
+@pytest.fixture(scope="module")
+def served(remote_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restartable]:
+    server = Restartable(start_nginx(remote_dir, tmp_path_factory.mktemp("nginx"), server_conf=NGINX_REMOTE_CONF))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def chroot(root: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, env=CHROOT_ENV,
+                          timeout=timeout)
+
+
+def remote_counters(mount: Mount) -> dict:
+    status = mount.status()
+    assert "remote" in status, status
+    return status["remote"]["remotes"][0]
+
+
+def image_blocks(url: str, ref: str) -> tuple[int, int]:
+    """(blocks, their bytes) in the remote index of *ref*."""
+    remote = RemoteSpec(name=url, urls=(url,)).open()
+    try:
+        root = remote.resolve(ref)
+        index = remote.open_image(root)
+        return len(index.root.blocks), sum(b.length for b in index.root.blocks)
+    finally:
+        remote.close()
+
+
+# --------------------------------------------------------------------------- nginx
+
+
+def test_lazy_mount_over_http(source: SourceStore, served: Restartable, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    blocks, block_bytes = image_blocks(served.url, IMAGE_V2)
+    args = ["--remote", served.url]
+    start = time.monotonic()
+    with mount_image(store, IMAGE_V2, tmp_path / "mnt", args=args) as mnt:
+        mount_seconds = time.monotonic() - start
+        after_mount = remote_counters(mnt)
+        assert after_mount.get("block_bytes", 0) < 0.02 * block_bytes  # image, FileSet and root directory only
+        result = chroot(mnt.mountpoint, "python3", "-c", PYTHON_CODE)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == {"ok": True}
+        after_python = remote_counters(mnt)
+        # only what python read: a small part of the image, every block fetched once
+        assert after_python["block_bytes"] < 0.3 * block_bytes, (after_python, block_bytes)
+        assert after_python["errors"] == 0 and after_python.get("corrupt", 0) == 0
+        problems = compare_mount(source.v2_tree, mnt.mountpoint, source_stats=walk_lstat(source.v2_tree))
+        assert not problems, "\n".join(problems[:30])
+        walked = remote_counters(mnt)
+        assert walked["blocks"] == blocks, (walked, blocks)  # the whole image: each block exactly once
+        cache = mnt.status()["remote"]["cache"]
+    ranges = Counter((r["uri"], r["range"]) for r in served.server.access_log() if r["uri"].startswith("/blobs/")
+                     and r["range"].startswith("bytes="))
+    assert ranges and max(ranges.values()) == 1, ranges.most_common(3)  # single flight: no range twice
+    assert all(r["status"] == "206" for r in served.server.access_log() if r["range"].startswith("bytes="))
+    assert cache["hits"] > 0 and cache["misses"] == blocks
+    print(f"mount {mount_seconds:.2f}s; python fetched {after_python['block_bytes']} of {block_bytes} bytes")
+
+    # A remount reads locally: with the server stopped, everything is still there.
+    served.stop()
+    try:
+        with mount_image(store, IMAGE_V2, tmp_path / "mnt2", args=args,
+                         allow_log=[r"using the answer seen", r"Connection refused", r"retrying"]) as mnt:
+            result = chroot(mnt.mountpoint, "python3", "-c", PYTHON_CODE)
+            assert result.returncode == 0, result.stderr
+            for path in ("usr/bin/python3.11", "etc/os-release", "usr/lib/python3.11/json/__init__.py"):
+                assert file_digest(mnt.mountpoint / path) == file_digest(source.v2_tree / path)
+            assert remote_counters(mnt).get("blocks", 0) == 0
+    finally:
+        served.start()
+    verify = source.cli("verify", store=store)
+    assert verify.rc == 0, verify
+
+
+def test_server_stopped_during_reads_gives_eio_then_recovers(source: SourceStore, served: Restartable,
+                                                            tmp_path: Path) -> None:
+    args = ["--remote", served.url, "--remote-timeout", "5"]
+    allow = [r"Connection refused", r"retrying", r"is unavailable|Unavailable|no answer|cannot", r"reading /",
+             r"trying", r"connection"]
+    with mount_image(tmp_path / "store", IMAGE_V1, tmp_path / "mnt", args=args, allow_log=allow) as mnt:
+        a = mnt.mountpoint / "usr/bin/bash"
+        b = mnt.mountpoint / "usr/bin/perl"
+        assert a.read_bytes() == (source.v1_tree / "usr/bin/bash").read_bytes()
+        served.stop()
+        try:
+            start = time.monotonic()
+            with pytest.raises(OSError) as info:
+                b.read_bytes()
+            waited = time.monotonic() - start
+            assert info.value.errno == errno.EIO
+            assert waited < 5 + 4, waited  # the timeout, plus the kernel's retry of the read
+            assert a.read_bytes() == (source.v1_tree / "usr/bin/bash").read_bytes()  # cached: still served
+            lines = [line for line in mnt.log().splitlines() if "usr/bin/perl" in line and "ERROR" in line]
+            assert len(lines) == 1, mnt.log()[-3000:]  # one line per file and failure
+            assert served.url in lines[0] and "blob sha256:" in lines[0]
+        finally:
+            served.start()
+        # The same mount recovers by itself (within the few seconds a dead mirror is not retried).
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                data = b.read_bytes()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the mount did not recover"
+                time.sleep(0.5)
+        assert data == (source.v1_tree / "usr/bin/perl").read_bytes()
+
+
+def test_mount_fails_fast_when_the_metadata_cannot_be_fetched(tmp_path: Path) -> None:
+    import socket
+
+    from mountutil import cnpsfs, is_mounted
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "mnt").mkdir()
+    start = time.monotonic()
+    result = cnpsfs("mount", "--remote", f"http://127.0.0.1:{port}/r", "--remote-timeout", "3", IMAGE_V1,
+                    tmp_path / "mnt", store=tmp_path / "store")
+    assert result.returncode == 1 and time.monotonic() - start < 15
+    assert f"127.0.0.1:{port}" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not is_mounted(tmp_path / "mnt")
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@pytest.fixture(scope="module")
+def registry_repo(source: SourceStore, registry: RegistryServer) -> str:
+    repo = f"docker://{registry.host}/cnpsfs-mount/images"
+    for image in (IMAGE_V1, IMAGE_V2):
+        source.cli.ok("push", image, repo)
+    return repo
+
+
+def test_lazy_mount_from_the_registry(source: SourceStore, registry_repo: str, tmp_path: Path) -> None:
+    with mount_image(tmp_path / "store", IMAGE_V2, tmp_path / "mnt", args=["--remote", registry_repo]) as mnt:
+        result = chroot(mnt.mountpoint, "python3", "-c", PYTHON_CODE)
+        assert result.returncode == 0, result.stderr
+        for path in ("usr/bin/python3.11", "usr/lib/python3.11/asyncio/base_events.py", "usr/bin/bash"):
+            assert file_digest(mnt.mountpoint / path) == file_digest(source.v2_tree / path)
+        counters = remote_counters(mnt)
+        assert counters["blocks"] > 0 and counters["errors"] == 0
+
+
+@pytest.fixture
+def own_registry(tmp_path: Path) -> Iterator[RegistryServer]:
+    """A registry of this test's own: its blob files are shared by every repository in it."""
+    server = start_registry(tmp_path / "registry")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_corrupt_blob_on_the_registry_gives_eio_and_a_log_line(source: SourceStore, own_registry: RegistryServer,
+                                                               tmp_path: Path) -> None:
+    registry = own_registry
+    repo = f"docker://{registry.host}/cnpsfs-mount/corrupt"
+    source.cli.ok("push", IMAGE_V1, repo)
+    # the chunk at the start of /usr/bin/ls, and the block that holds it on the registry's disk
+    src = LocalStore(source.path)
+    remote = RemoteSpec(name=repo, urls=(repo,)).open()
+    try:
+        from cnpsfs.image.manifest import compose
+
+        generation = compose(src, src.get_image(src.resolve(IMAGE_V1)))
+        chunk = src.file_extents(generation.resolve("/usr/bin/ls").entry)[0].digest
+        remote.resolve(IMAGE_V1)
+        loc = remote.locate(chunk)
+        assert loc is not None
+    finally:
+        remote.close()
+        src.close()
+    path = registry.blob_path(loc.blob)
+    data = bytearray(path.read_bytes())
+    start = loc.header + loc.record_length - loc.stored
+    for i in range(start, start + loc.stored):  # the whole payload: whatever member, it is wrong now
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    allow = [r"does not decompress", r"fetching it again", r"reading /usr/bin/ls", r"corrupt"]
+    with mount_image(tmp_path / "store", IMAGE_V1, tmp_path / "mnt", args=["--remote", repo],
+                     allow_log=allow) as mnt:
+        with pytest.raises(OSError) as info:
+            (mnt.mountpoint / "usr/bin/ls").read_bytes()
+        assert info.value.errno == errno.EIO
+        errors = [line for line in mnt.log().splitlines() if "ERROR" in line]
+        assert len(errors) == 1, errors
+        assert repo in errors[0] and loc.blob in errors[0] and "usr/bin/ls" in errors[0]
+        # the rest of the image reads on
+        assert (mnt.mountpoint / "etc/os-release").read_bytes() == (source.v1_tree / "etc/os-release").read_bytes()
+    verify = source.cli("verify", store=tmp_path / "store")
+    assert verify.rc == 0, verify  # nothing bad entered the cache
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def test_latency_parallel_fetches_and_merged_ranges(source: SourceStore, served: Restartable,
+                                                    fault_proxy: type[FaultProxy], tmp_path: Path) -> None:
+    proxy = fault_proxy(served.url)
+    proxy.request_delay = 0.020  # 20 ms RTT: this kernel has no netem
+    args = ["--remote", proxy.url]
+    with mount_image(tmp_path / "store", IMAGE_V2, tmp_path / "mnt", args=args) as mnt:
+        start = time.monotonic()
+        result = chroot(mnt.mountpoint, "python3", "-c", PYTHON_CODE)
+        python_seconds = time.monotonic() - start
+        assert result.returncode == 0, result.stderr
+        # a large file python does not touch (perl), read front to back: read-ahead asks for blocks together
+        big = max((p for p in (source.v2_tree / "usr/bin").iterdir()
+                   if p.is_file() and not p.is_symlink() and not p.name.startswith("python")),
+                  key=lambda p: p.stat().st_size)
+        before = remote_counters(mnt)
+        proxy.max_in_flight = 0
+        start = time.monotonic()
+        data = (mnt.mountpoint / big.relative_to(source.v2_tree)).read_bytes()
+        read_seconds = time.monotonic() - start
+        assert data == big.read_bytes()
+        after = remote_counters(mnt)
+        blocks = after["blocks"] - before["blocks"]
+        requests = after["range_requests"] - before["range_requests"]
+        assert blocks > 2 and requests < blocks, (blocks, requests)  # adjacent blocks merged into one request
+        # four readers of large files python does not load: their fetches overlap
+        names = ["libgnutls.so.30.34.3", "libstdc++.so.6.0.30", "libapt-pkg.so.6.0.0", "libdb-5.3.so"]
+        proxy.max_in_flight = 0
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda n: (mnt.mountpoint / "usr/lib/x86_64-linux-gnu" / n).read_bytes(), names))
+        for name, content in zip(names, got, strict=True):
+            assert content == (source.v2_tree / "usr/lib/x86_64-linux-gnu" / name).read_bytes()
+        assert proxy.max_in_flight >= 2  # requests ran in parallel
+    print(f"20 ms RTT: python {python_seconds:.2f}s; {big.name} {len(data)} bytes in {read_seconds:.2f}s "
+          f"({blocks} blocks in {requests} requests)")
