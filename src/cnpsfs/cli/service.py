@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from cnpsfs.cli.context import App, control, json_option, report_swap, stream_is_journal
+from cnpsfs.cli.context import App, control, json_option, remote_options, report_swap, stream_is_journal
 from cnpsfs.errors import CnpsfsError, MountpointBusyError, UsageError
 from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
 
@@ -37,6 +37,9 @@ Run mounts as systemd services: cnpsfs@NAME.service reads /etc/cnpsfs/mounts/NAM
   fuse_mode = "auto"                   # or "stock"
   threads = {DEFAULT_THREADS}
   cache_mib = {DEFAULT_CACHE_MIB}
+  remotes = ["origin"]                 # read what the store lacks from these (remotes.toml)
+  remote_timeout = 30
+  cache_size = "20G"                   # bound on blocks kept from remotes
 
 See docs/systemd.md for installing the unit and boot ordering.
 """
@@ -59,6 +62,7 @@ def service_group(ctx: click.Context, config_dir: Path | None) -> None:
 
 @service_group.command("run")
 @click.argument("name")
+@remote_options
 @click.pass_context
 def service_run(ctx: click.Context, name: str) -> None:
     """Mount NAME in the foreground (ExecStart, Type=notify).
@@ -70,7 +74,7 @@ def service_run(ctx: click.Context, name: str) -> None:
     """
     from cnpsfs.fs.mounting import serve_image
     from cnpsfs.fs.unit import load_config
-    from cnpsfs.store import LocalStore
+    from cnpsfs.store import LocalStore, Store
 
     config = load_config(name, _config_dir(ctx))
     app = ctx.find_object(App)
@@ -83,7 +87,15 @@ def service_run(ctx: click.Context, name: str) -> None:
     _detach_dead(config.mountpoint)
     log.info("mount %s: %s at %s%s", name, config.image, config.mountpoint,
              f" (writable, upper {config.writable})" if config.writable else "")
-    store = LocalStore(Path(config.store)) if config.store else app.store()
+    remotes = config.remotes or app.remotes
+    if remotes:
+        from cnpsfs.store.cached import open_cached, parse_size
+
+        local = LocalStore(Path(config.store) if config.store else app.store_path, create=True)
+        store: Store = open_cached(local, remotes, timeout=config.remote_timeout or app.remote_timeout,
+                                   cache_size=parse_size(config.cache_size) if config.cache_size else app.cache_size)
+    else:
+        store = LocalStore(Path(config.store)) if config.store else app.store()
     serve_image(store, config.image, config.mountpoint, config.mount_options(), trust=app.checker())
 
 

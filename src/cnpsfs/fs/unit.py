@@ -10,6 +10,9 @@ The file says what ``cnpsfs mount`` would be told on its command line (docs/syst
     fuse_mode = "auto"                   # or "stock"
     threads = 4
     cache_mib = 128
+    remotes = ["origin"]                 # optional: remotes.toml names or URLs, tried in order
+    remote_timeout = 30                  # optional: seconds a read may wait for a remote
+    cache_size = "20G"                   # optional: bound on the blocks kept from remotes
 
 Unknown keys are errors, so a typo never silently means a default.
 """
@@ -36,7 +39,8 @@ from cnpsfs.image.manifest import looks_like_file
 
 DEFAULT_CONFIG_DIR = Path("/etc/cnpsfs/mounts")
 DEFAULT_MOUNTPOINT = "/var/lib/machines/%i"
-KEYS = {"image", "mountpoint", "writable", "allow_other", "store", "fuse_mode", "threads", "cache_mib"}
+KEYS = {"image", "mountpoint", "writable", "allow_other", "store", "fuse_mode", "threads", "cache_mib", "remotes",
+        "remote_timeout", "cache_size"}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -52,6 +56,9 @@ class ServiceConfig:
     fuse_mode: str = "auto"
     threads: int = DEFAULT_THREADS
     cache_mib: int = DEFAULT_CACHE_MIB
+    remotes: tuple[str, ...] = ()
+    remote_timeout: float | None = None
+    cache_size: str | None = None
 
     def mount_options(self) -> MountOptions:
         return MountOptions(allow_other=self.allow_other, use_extensions=self.fuse_mode == "auto",
@@ -127,5 +134,17 @@ def parse_config(text: str, name: str, source: Path) -> ServiceConfig:
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise fail(f"{key} must be an integer from {low} to {high}")
         numbers[key] = value
+    remotes = raw.get("remotes", [])
+    if not isinstance(remotes, list) or not all(isinstance(r, str) and r for r in remotes):
+        raise fail("remotes must be a list of remote names or URLs")
+    remote_timeout = raw.get("remote_timeout")
+    if remote_timeout is not None and (not isinstance(remote_timeout, (int, float)) or isinstance(remote_timeout, bool)
+                                       or remote_timeout <= 0):
+        raise fail("remote_timeout must be a positive number of seconds")
+    cache_size = raw.get("cache_size")
+    if cache_size is not None and not isinstance(cache_size, str):
+        raise fail('cache_size must be a size such as "20G"')
+    extra = {"remotes": tuple(remotes), "remote_timeout": float(remote_timeout) if remote_timeout else None,
+             "cache_size": cache_size}
     return ServiceConfig(name, source, image, os.path.normpath(mountpoint), absolute("writable"), allow_other,
-                         absolute("store"), fuse_mode, numbers["threads"], numbers["cache_mib"])
+                         absolute("store"), fuse_mode, numbers["threads"], numbers["cache_mib"], **extra)
