@@ -460,3 +460,40 @@ def test_unreachable_remote_fails_fast_and_clearly(tmp_path: Path) -> None:
     assert f"http://127.0.0.1:{port}/x" in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(NotFoundError):
         LocalStore(tmp_path / "store").resolve(IMAGE_V1)
+
+
+# --------------------------------------------------------------------------- signatures travel with the image
+
+
+def test_signatures_are_pushed_and_pulled_with_the_image(tmp_path: Path) -> None:
+    src = Cli(tmp_path / "src")
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/os-release").write_text("ID=test\n")
+    src.ok("import", "dir", tree, "--name", "example.org/files", "--version", "1")
+    for name in ("signed", "unsigned"):
+        (tmp_path / f"{name}.toml").write_text(f'name = "example.org/{name}"\nversion = "1"\n'
+                                               '[[layers]]\nfileset = "example.org/files@1"\n')
+        src.ok("image", "create", tmp_path / f"{name}.toml")
+    src.ok("key", "generate", tmp_path / "k")
+    src.ok("sign", "example.org/signed@1", "--key", tmp_path / "k.key")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'default = "reject"\n[[rule]]\nnames = "example.org/*"\nrequire = "signed"\n'
+                      f'keys = ["{tmp_path}/k.pub"]\n')
+    remote = f"file://{tmp_path}/remote"
+    for name in ("signed", "unsigned"):
+        src.ok("push", f"example.org/{name}@1", remote)
+
+    dst = Cli(tmp_path / "dst")
+    dst.ok("--policy", policy, "pull", "example.org/signed@1", remote)  # accepted: the signature came along
+    refused = dst("--policy", policy, "pull", "example.org/unsigned@1", remote)
+    assert refused.rc == 1 and len(refused.stderr.strip().splitlines()) == 1, refused
+    assert "example.org/unsigned@1" not in dst.ok("tag", "list").stdout  # refused: not tagged
+
+    # signed after it was pushed: the next push carries the signature
+    src.ok("sign", "example.org/unsigned@1", "--key", tmp_path / "k.key")
+    again = json.loads(src.ok("push", "example.org/unsigned@1", remote, "--json").stdout)
+    assert again["members_sent"] >= 1, again  # the signature object
+    dst.ok("--policy", policy, "pull", "example.org/unsigned@1", remote)
+    assert "example.org/unsigned@1" in dst.ok("tag", "list").stdout
+    assert dst.ok("verify").rc == 0

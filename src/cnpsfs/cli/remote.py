@@ -76,18 +76,29 @@ def pull_cmd(app: App, ref: str, remote: str, as_json: bool) -> None:
 
     Only blocks holding what the local store lacks are fetched (merged ranges, in
     parallel), each verified; the local tag NAME@VERSION is set once everything the
-    image reaches is present. A killed pull keeps what it had fetched (as cache). Prints
-    the bytes fetched and those already present.
+    image reaches is present — and, under a trust policy (--policy), accepted by it: the
+    image's signatures come with it. A killed pull keeps what it had fetched (as cache).
+    Prints the bytes fetched and those already present.
     """
     from cnpsfs.progress import byte_progress
     from cnpsfs.store.remoteconf import remote_spec
     from cnpsfs.store.sync import pull
+    from cnpsfs.trust.policy import policy_path
 
     local = _local(app, create=True)
     rs = remote_spec(remote).open(local.path / "remote")
+    policy = policy_path(app.policy_arg)
+    check = None
+    if policy is not None:
+        from cnpsfs.trust import check_image
+
+        def check(root: bytes, name: str | None) -> None:
+            # The same decision a mount makes, on what was pulled (signatures came with it).
+            check_image(local, policy, root, name)
+
     try:
         with byte_progress(f"pulling {ref}", None) as advance:
-            report = pull(local, ref, rs, progress=advance)
+            report = pull(local, ref, rs, progress=advance, check=check)
     finally:
         rs.close()
     if as_json:

@@ -208,6 +208,22 @@ class CachedStore:
     def remove_tag(self, name: str, version: str) -> bool:
         return self.local.remove_tag(name, version)
 
+    def attachments(self, subject: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """Local ones, and those the remote indexes of our images file (signatures pushed with them)."""
+        pairs = set(self.local.attachments(subject))
+        for remote in self.remotes:
+            pairs.update(remote.attachments(subject))
+        return sorted(pairs)
+
+    def detach(self, subject: bytes, digest: bytes) -> bool:
+        return self.local.detach(subject, digest)
+
+    def accepted_revision(self, name: str) -> tuple[int, bytes] | None:
+        return self.local.accepted_revision(name)
+
+    def record_revision(self, name: str, revision: int, digest: bytes) -> None:
+        self.local.record_revision(name, revision, digest)
+
     # ------------------------------------------------------------------ locating
 
     def _remote_locate(self, digest: bytes, *, chunk_first: bool = True, skip: Iterable[str] = ()

@@ -530,6 +530,11 @@ class RemoteStore:
     def tags_for(self, digest: bytes) -> list[Tag]:
         return [t for t in self.tags() if t.digest == digest]
 
+    def attachments(self, subject: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """Detached objects the loaded images' indexes file under *subject* (or all of them)."""
+        pairs = {p for index in self.loaded() for p in index.root.attachments}
+        return sorted(p for p in pairs if subject is None or p[0] == subject)
+
     def image_digests(self) -> list[bytes]:
         """Every image (and FileSet) pushed to this remote, from its digest tags."""
         return [d for d in (parse_digest_tag(t) for t in self.list_tags()) if d is not None]
@@ -702,6 +707,15 @@ class RemoteStore:
         raise self._read_only()
 
     def remove_tag(self, name: str, version: str) -> bool:
+        raise self._read_only()
+
+    def detach(self, subject: bytes, digest: bytes) -> bool:
+        raise self._read_only()
+
+    def accepted_revision(self, name: str) -> tuple[int, bytes] | None:
+        return None  # a client's memory of what it accepted is local (CachedStore keeps it)
+
+    def record_revision(self, name: str, revision: int, digest: bytes) -> None:
         raise self._read_only()
 
     def writer(self) -> Any:

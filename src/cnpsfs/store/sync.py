@@ -213,29 +213,40 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
     tag = _tag_of(local, ref, root)
     report = TransferReport(root=root, ref=f"{tag[0]}@{tag[1]}" if tag else None)
     remote = RemoteStore(remote_name, [backend], state_dir=state_dir, parallel=parallel)
+    # Detached objects (signatures, provenance) of what the image reaches travel with it.
+    pairs = _attachments(local, root)
+    extra_roots = sorted({d for _s, d in pairs})
 
-    # Level 0: the image itself. Pushed before (its digest tag exists): only the tag moves.
+    # Level 0: the image itself. Pushed before (its digest tag exists), with every
+    # signature we have: only the tag moves.
     existing = backend.get_tag(digest_tag(root))
+    pushed = None
     if existing is not None:
         try:
-            index = remote.open_manifest(existing, f"image {fmt.format_digest(root)}")
+            pushed = remote.open_manifest(existing, f"image {fmt.format_digest(root)}")
         except CnpsfsError as exc:
             log.warning("%s: the image pushed before is unusable (%s); pushing it again", remote_name, exc)
-        else:
-            report.members_skipped = sum(1 for _ in index.entries())
-            report.skipped = sum(b.size for b in index.root.blobs)
+        if pushed is not None and not set(pairs) <= set(pushed.root.attachments):
+            pushed = None  # signed since: push again, so the new index carries the signatures
+    if pushed is not None:
+        try:
+            report.members_skipped = sum(1 for _ in pushed.entries())
+            report.skipped = sum(b.size for b in pushed.root.blobs)
             manifest = existing
+            assert manifest is not None
             if tag is not None:
-                manifest = _retag(existing, f"{tag[0]}@{tag[1]}")
+                manifest = _retag(manifest, f"{tag[0]}@{tag[1]}")
                 backend.put_manifest(manifest)
                 backend.put_tag(ref_tag(*tag), manifest)
                 report.sent += len(manifest)
             report.manifest = sha256_name(manifest)
             report.seconds = time.monotonic() - started
             return report
+        finally:
+            remote.close()
 
     _load_catalogue(remote, parallel)
-    present, lacking = _walk(local, remote, root)
+    present, lacking = _walk(local, remote, [root, *extra_roots])
     report.members_skipped = len(present)
     report.members_sent = len(lacking)
 
@@ -279,7 +290,7 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
         report.sent += sum(b.size for b, f in zip(packs, uploads, strict=True) if f.result())
         report.skipped += sum(b.size for b, f in zip(packs, uploads, strict=True) if not f.result())
 
-        index, shard_blobs = _build_index(root, root_type, present, new_blocks, new_entries, packs)
+        index, shard_blobs = _build_index(root, root_type, present, new_blocks, new_entries, packs, pairs)
         for data in shard_blobs:
             report.sent += _put_once(backend, data, report)
         index_bytes = encode_index(index)
@@ -294,8 +305,8 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
                               f"than {MANIFEST_MAX}: push with a larger --pack-size")
         backend.put_manifest(manifest)
         report.sent += len(manifest)
-        if backend.get_tag(digest_tag(root)) is None:
-            backend.put_tag(digest_tag(root), manifest)
+        if existing is None or index.attachments != _index_attachments(remote, existing):
+            backend.put_tag(digest_tag(root), manifest)  # new, or now with more signatures
         if tag is not None:
             backend.put_tag(ref_tag(*tag), manifest)  # last: every object it names is there now
         report.manifest = sha256_name(manifest)
@@ -327,6 +338,23 @@ def _put_once(backend: Backend, data: bytes, report: TransferReport) -> int:
     return len(data)
 
 
+def _attachments(local: LocalStore, root: bytes) -> list[tuple[bytes, bytes]]:
+    """(subject, object) pairs of the detached objects filed under anything *root* reaches."""
+    from cnpsfs.store.maintenance import reachable, with_attachments
+
+    if not local.attachments():
+        return []
+    full = with_attachments(local, reachable(local, [root]))
+    return sorted((s, d) for s, d in local.attachments() if s in full and d in full)
+
+
+def _index_attachments(remote: RemoteStore, manifest: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    try:
+        return remote.open_manifest(manifest, "the image pushed before").root.attachments
+    except CnpsfsError:
+        return ()
+
+
 def _load_catalogue(remote: RemoteStore, parallel: int) -> None:
     """Open the index of every image on the remote, shards included (they are needed next)."""
     digests = remote.image_digests()
@@ -341,15 +369,16 @@ def _load_catalogue(remote: RemoteStore, parallel: int) -> None:
         list(pool.map(load, digests))
 
 
-def _walk(local: LocalStore, remote: RemoteStore, root: bytes) -> tuple[dict[bytes, RemoteLocation], dict[bytes, int]]:
-    """Level by level from *root*: what the remote has (with where) and what it lacks (with its type).
+def _walk(local: LocalStore, remote: RemoteStore, roots: list[bytes]
+          ) -> tuple[dict[bytes, RemoteLocation], dict[bytes, int]]:
+    """Level by level from *roots*: what the remote has (with where) and what it lacks (with its type).
 
     One has-many round per level decides which digests are there. Below a digest the
     remote has, everything is there too, so those subtrees are only located (no rounds).
     """
     present: dict[bytes, RemoteLocation] = {}
     lacking: dict[bytes, int] = {}
-    level: dict[bytes, bool] = {root: False}  # digest -> is a chunk
+    level: dict[bytes, bool] = dict.fromkeys(roots, False)  # digest -> is a chunk
     located_below: list[bytes] = []
     while level:
         found = {d: loc for d in level if (loc := remote.locate(d, chunk_first=level[d])) is not None}
@@ -439,8 +468,8 @@ def _pack_lacking(local: LocalStore, lacking: dict[bytes, int], emit: Emit) -> N
 
 def _build_index(root: bytes, root_type: int, present: dict[bytes, RemoteLocation],
                  new_blocks: list[tuple[int, int, int, int, int, int]],
-                 new_entries: dict[bytes, tuple[int, int, int, int]], packs: list[BlobRef]
-                 ) -> tuple[IndexRoot, list[bytes]]:
+                 new_entries: dict[bytes, tuple[int, int, int, int]], packs: list[BlobRef],
+                 attachments: list[tuple[bytes, bytes]]) -> tuple[IndexRoot, list[bytes]]:
     """The image index and its shards (encoded) for everything *root* reaches."""
     blobs: list[BlobRef] = []
     blob_no: dict[str, int] = {}
@@ -478,7 +507,8 @@ def _build_index(root: bytes, root_type: int, present: dict[bytes, RemoteLocatio
             data = encode_shard(part)
             shard_blobs.append(data)
             refs[kind].append(ShardRef(first, BlobRef(sha256_name(data), len(data)), len(part)))
-    index = IndexRoot(root, root_type, tuple(blobs), tuple(blocks), tuple(refs[0]), tuple(refs[1]))
+    index = IndexRoot(root, root_type, tuple(blobs), tuple(blocks), tuple(refs[0]), tuple(refs[1]),
+                      tuple(attachments))
     return index, shard_blobs
 
 
@@ -486,8 +516,14 @@ def _build_index(root: bytes, root_type: int, present: dict[bytes, RemoteLocatio
 
 
 def pull(local: LocalStore, ref: str, remote: RemoteStore, *, batch: int = PULL_BATCH,
-         progress: Callable[[int], object] | None = None) -> TransferReport:
-    """Fetch everything *ref* reaches that the local store lacks, then tag it (see the module doc)."""
+         progress: Callable[[int], object] | None = None,
+         check: Callable[[bytes, str | None], object] | None = None) -> TransferReport:
+    """Fetch everything *ref* reaches that the local store lacks, then tag it (see the module doc).
+
+    The image's detached objects (signatures, provenance) come with it and are filed under
+    their subjects. *check(root, name)* runs once everything is stored and before the tag
+    is set (the trust policy's decision: raising leaves the data untagged, as cache).
+    """
     from cnpsfs.store.maintenance import reachable
 
     started = time.monotonic()
@@ -546,10 +582,17 @@ def pull(local: LocalStore, ref: str, remote: RemoteStore, *, batch: int = PULL_
         commit()
     # The remote's index must have been complete: check before the tag makes it count.
     missing: list[str] = []
-    reachable(local, [root], on_missing=lambda d, _p, _c: missing.append(fmt.format_digest(d)))
+    attach = [(s, d) for s, d in index.root.attachments if s in entries and d in entries]
+    reachable(local, [root, *(d for _s, d in attach)],
+              on_missing=lambda d, _p, _c: missing.append(fmt.format_digest(d)))
     if missing:
         raise CorruptObjectError(f"{remote.name}: the index of {fmt.format_digest(root)} is incomplete: "
                                  f"{missing[0]} is missing ({len(missing)} in all); nothing was tagged")
+    if attach:
+        with local.writer() as writer:
+            writer.commit(attach=attach)  # filed before the decision, which reads them
+    if check is not None:
+        check(root, tag[0] if tag else None)
     tags = [(tag[0], tag[1], index.root.root_type, root)] if tag else []
     commit(tags, final=True)
     report.blobs_sent = len({loc.blob for loc in blocks})

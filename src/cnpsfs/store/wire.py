@@ -37,7 +37,7 @@ import cbor2
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CorruptObjectError
-from cnpsfs.store.protocol import T_CHUNK, T_FILESET, T_IMAGE
+from cnpsfs.store.protocol import T_CHUNK, T_FILESET, T_IMAGE, TYPE_NAMES
 
 REMOTE_MARKER = "cnpsfs-remote"
 REMOTE_LAYOUT = "cnpsfs remote layout 1\n"
@@ -59,6 +59,7 @@ SHARD_HEADER = struct.Struct("<8sI")  # magic, entry count
 SHARD_ENTRY = struct.Struct("<32sIBII")  # digest, block number, type code, inner offset, length
 BLOB_ENTRY = struct.Struct("<32sQ")  # sha256, size
 BLOCK_ENTRY = struct.Struct("<IQIIIB")  # blob number, header offset, member count, stored, raw, codec
+ATTACHMENT_ENTRY = struct.Struct("<32s32s")  # subject digest, detached object digest
 RECORD_HEADER_SIZE = 17
 MEMBER_HEADER_SIZE = 37
 
@@ -187,6 +188,8 @@ class IndexRoot:
     blocks: tuple[BlockEntry, ...]
     object_shards: tuple[ShardRef, ...]
     chunk_shards: tuple[ShardRef, ...]
+    #: Detached objects (signatures, provenance) filed under subjects the root reaches.
+    attachments: tuple[tuple[bytes, bytes], ...] = ()
 
     def shard_for(self, digest: bytes, *, chunk: bool) -> int | None:
         """Position of the shard that would hold *digest* in the chunk or object list."""
@@ -209,6 +212,7 @@ def encode_index(index: IndexRoot) -> bytes:
         5: b"".join(BLOCK_ENTRY.pack(b.blob, b.header, b.count, b.stored, b.raw, b.codec) for b in index.blocks),
         6: [[s.first, _sha_bytes(s.blob.digest), s.blob.size, s.count] for s in index.object_shards],
         7: [[s.first, _sha_bytes(s.blob.digest), s.blob.size, s.count] for s in index.chunk_shards],
+        8: b"".join(ATTACHMENT_ENTRY.pack(s, d) for s, d in sorted(set(index.attachments))),
     }
     return fmt.encode_canonical(obj)
 
@@ -255,7 +259,11 @@ def decode_index(data: bytes, where: str) -> IndexRoot:
         if any(a.first >= b.first for a, b in itertools.pairwise(shards)):
             raise bad("shards out of order")
         shard_lists.append(tuple(shards))
-    return IndexRoot(root, root_type, blobs, blocks, shard_lists[0], shard_lists[1])
+    attached = obj.get(8, b"")
+    if not isinstance(attached, bytes) or len(attached) % ATTACHMENT_ENTRY.size:
+        raise bad("attachment table")
+    attachments = tuple(ATTACHMENT_ENTRY.iter_unpack(attached))
+    return IndexRoot(root, root_type, blobs, blocks, shard_lists[0], shard_lists[1], attachments)
 
 
 def _sha_bytes(name: str) -> bytes:
@@ -296,7 +304,10 @@ class Shard:
         for digest, block, type_code, inner, length in SHARD_ENTRY.iter_unpack(data[SHARD_HEADER.size:]):
             if digests and digest <= digests[-1]:
                 raise CorruptObjectError(f"{where}: malformed index shard: digests out of order")
-            if block >= len(blocks) or type_code > T_IMAGE or inner + length > blocks[block].raw:
+            if type_code not in TYPE_NAMES:
+                raise CorruptObjectError(f"{where}: malformed index shard: entry {fmt.format_digest(digest)} "
+                                         f"has the unknown type code {type_code}")
+            if block >= len(blocks) or inner + length > blocks[block].raw:
                 raise CorruptObjectError(f"{where}: malformed index shard: entry "
                                          f"{fmt.format_digest(digest)} does not fit its block")
             digests.append(digest)
