@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import logging
 import threading
 import time
@@ -410,7 +411,7 @@ class CachedStore:
         if not fresh:
             return
         for loc, fut in fresh.values():
-            fut.add_done_callback(lambda f, loc=loc: self._fetched(loc, f))
+            fut.add_done_callback(functools.partial(self._fetched, loc))
         self.stats["misses"] += len(fresh)
         remote.start_fetch([loc for loc, _f in fresh.values()], futures={k: f for k, (_l, f) in fresh.items()})
 
