@@ -160,3 +160,15 @@ def test_limits_are_documented() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
     for value in (fmt.MAX_OBJECT_SIZE, fmt.MAX_DIR_ENTRIES, fmt.MAX_EXTENTS, fmt.MAX_LAYERS, fmt.MAX_DEPTH):
         assert f"{value:,}" in doc, value
+
+
+def test_manifest_metadata_depth_matches_the_image_encoder() -> None:
+    """What the manifest parser accepts as [metadata], the image encoder can write (one level down)."""
+    def manifest(depth: int) -> str:
+        return layers_manifest(1) + "[metadata]\nk = " + "[" * depth + "1" + "]" * depth + "\n"
+
+    deepest = fmt.MAX_DEPTH - 2  # the image object, its metadata map, then the arrays
+    spec = parse_manifest(manifest(deepest), "m.toml")
+    fmt.encode_image(fmt.Image("example.org/many", "1", "layers", [fmt.Layer(D)], {}, spec["metadata"]))
+    with pytest.raises(UsageError, match=f"m.toml: metadata: .*limit of {fmt.MAX_DEPTH} levels"):
+        parse_manifest(manifest(deepest + 1), "m.toml")

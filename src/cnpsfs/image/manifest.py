@@ -115,7 +115,7 @@ def parse_manifest(text: str, source: str = "manifest") -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise _fail(source, "[metadata] must be a table")
     try:
-        fmt.encode_canonical(metadata)
+        fmt.encode_canonical({"metadata": metadata})  # one level down, where the image object holds it
     except fmt.FormatError as exc:
         raise _fail(source, f"metadata: {exc}") from None
     return {"name": raw["name"], "version": raw["version"], "mode": fmt.CompositionMode(mode), "layers": parsed_layers,
