@@ -489,7 +489,7 @@ BASE_MANIFEST = 'name = "example.org/m"\nversion = "1"\n'
     (BASE_MANIFEST + 'mode = "stack"\n[[layers]]\nfileset = "x"\n', r"mode must be one of layers, union.*'stack'"),
     (BASE_MANIFEST, r"needs at least one \[\[layers\]\] entry"),
     (BASE_MANIFEST + "layers = []\n", r"needs at least one \[\[layers\]\] entry"),
-    (BASE_MANIFEST + '[[layers]]\nat = "/opt"\n', r"layers\[1\]\.fileset is required"),
+    (BASE_MANIFEST + '[[layers]]\nat = "/opt"\n', r"layers\[1\]\.fileset or layers\[1\]\.image is required"),
     (BASE_MANIFEST + '[[layers]]\nfileset = "x"\nat = "opt"\n', r"layers\[1\]\.at must be an absolute path"),
     (BASE_MANIFEST + '[[layers]]\nfileset = "x"\nat = "/opt/../etc"\n', r"layers\[1\]\.at must be an absolute"),
     # Issue 15 bug 6: the format's name rules apply to every component of `at`.

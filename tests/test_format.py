@@ -353,6 +353,66 @@ def test_fileset_and_image_encoding_by_hand() -> None:
     assert fmt.encode_image(image).hex() == expected_img
 
 
+def test_image_layer_encoding_by_hand() -> None:
+    """A layer naming an image has key 5 instead of key 0; FileSet layers encode as before."""
+    fs, img = bytes(32), bytes(range(32))
+    image = fmt.Image("example.org/app", "1", "layers",
+                      [fmt.Layer(None, image=img), fmt.Layer(fs, at="/opt/app"),
+                       fmt.Layer(None, at="/srv", unlinked=True, label="B", image=img)])
+    expected = (
+        "a6" "00" "6c" + b"cnpsfs/image".hex() + "01" "01"
+        "02" "6f" + b"example.org/app".hex()
+        + "03" "61" "31" "04" "66" + b"layers".hex()
+        + "05" "83"
+        "a1" "05" "5820" + img.hex()
+        + "a2" "00" "5820" + fs.hex() + "01" "68" + b"/opt/app".hex()
+        + "a4" "01" "64" + b"/srv".hex() + "02" "f5" "04" "61" "42" "05" "5820" + img.hex()
+    )
+    data = fmt.encode_image(image)
+    assert data.hex() == expected
+    decoded = fmt.decode_image(data)
+    assert decoded == image and decoded.layers[0].digest == img and decoded.layers[1].digest == fs
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({0: bytes(32), 5: bytes(32)}, "names both a FileSet"),
+    ({1: "/opt"}, "FileSet"),
+    ({5: b"short"}, "image"),
+])
+def test_image_layer_decoding_refuses(layer: dict[int, Any], message: str) -> None:
+    data = cbor2.dumps({0: fmt.TYPE_IMAGE, 1: 1, 2: "example.org/x", 3: "1", 4: "layers", 5: [layer]},
+                       canonical=True)
+    with pytest.raises(FormatError, match=message):
+        fmt.decode_image(data)
+
+
+def test_image_layer_encoder_needs_exactly_one_digest() -> None:
+    for layer in (fmt.Layer(None), fmt.Layer(bytes(32), image=bytes(32))):
+        with pytest.raises(FormatError, match="exactly one"):
+            fmt.encode_image(fmt.Image("example.org/x", "1", "layers", [layer]))
+
+
+def test_golden_nested_images() -> None:
+    """tests/golden/nested.json: a base image of the golden FileSet and an app image nesting it.
+
+    The base image has FileSet layers only, so its digest is what it was before images
+    could nest: pinning it here pins that nesting changed no existing digest.
+    """
+    golden = json.loads((GOLDEN / "nested.json").read_text())
+    fileset = fmt.parse_digest(json.loads((GOLDEN / "expected.json").read_text())["fileset"])
+    base = fmt.Image("example.org/golden-base", "1", "layers", [fmt.Layer(fileset)], {"cmd": ["/hello.txt"]})
+    base_bytes = fmt.encode_image(base)
+    assert base_bytes.hex() == golden["base_cbor_hex"]
+    assert fmt.format_digest(blake3.blake3(base_bytes).digest()) == golden["base"]
+    app = fmt.Image("example.org/golden-app", "1", "layers",
+                    [fmt.Layer(None, image=fmt.parse_digest(golden["base"])),
+                     fmt.Layer(fileset, at="/opt/app", label="app")], {"cmd": ["/opt/app/hello.txt"]})
+    app_bytes = fmt.encode_image(app)
+    assert app_bytes.hex() == golden["app_cbor_hex"]
+    assert fmt.format_digest(blake3.blake3(app_bytes).digest()) == golden["app"]
+    assert fmt.decode_image(app_bytes) == app
+
+
 def test_composition_mode_is_an_enum_and_nothing_else_is_a_mode() -> None:
     tree = bytes(32)
     image = fmt.Image("example.org/img", "1", "layers", [fmt.Layer(tree)])
@@ -480,6 +540,8 @@ def test_referenced_digests() -> None:
         (d, True)]
     image = fmt.Image("a.b/i", "1", "layers", [fmt.Layer(a), fmt.Layer(b)])
     assert fmt.referenced_digests(fmt.encode_image(image)) == [(a, False), (b, False)]
+    nesting = fmt.Image("a.b/j", "1", "layers", [fmt.Layer(None, image=c), fmt.Layer(d)])
+    assert fmt.referenced_digests(fmt.encode_image(nesting)) == [(c, False), (d, False)]  # gc keeps nested images
 
 
 # --------------------------------------------------------------------------- hypothesis: the codec
@@ -575,8 +637,10 @@ def test_fileset_roundtrip(name: str, version: str, root: fmt.Entry, meta: dict[
     assert fmt.encode_fileset(fmt.decode_fileset(data)) == data
 
 
-layers = st.builds(fmt.Layer, digests, st.sampled_from(["/", "/opt", "/usr/local"]), st.booleans(), st.booleans(),
-                   st.text(max_size=10))
+_placements = st.sampled_from(["/", "/opt", "/usr/local"])
+layers = st.one_of(
+    st.builds(fmt.Layer, digests, _placements, st.booleans(), st.booleans(), st.text(max_size=10)),
+    st.builds(fmt.Layer, st.none(), _placements, st.booleans(), st.booleans(), st.text(max_size=10), digests))
 
 
 @settings(max_examples=100)

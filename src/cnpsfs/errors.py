@@ -49,6 +49,11 @@ class UnavailableError(MissingObjectError):
     slow, or answers errors. A later attempt may succeed (the mount gives EIO meanwhile)."""
 
 
+class NestingError(CnpsfsError):
+    """Images that nest images in a way that cannot compose: a cycle, nesting too deep,
+    too many layers in all. The message names the images on the way."""
+
+
 class ImportRejected(CnpsfsError):
     """An archive or tree cannot be imported safely; nothing was stored."""
 

@@ -30,8 +30,10 @@ def bundle_cmd(app: App, ref: str, directory: str | None, remove: bool, upperdir
                allow_other: bool) -> None:
     """Make DIR an OCI runtime bundle of image REF: `runc run --bundle DIR ID`.
 
-    Mounts REF at DIR/rootfs (read-only, or overlayfs over it with --writable) and writes
-    DIR/config.json from the image's run config: args = entrypoint + cmd, env (PATH by
+    Mounts REF at DIR/rootfs (read-only, or overlayfs over it with --writable), with an
+    init layer giving config.json's mount destinations (/proc, /dev, /sys, ...) and
+    /etc/hostname, /etc/hosts, /etc/resolv.conf and /etc/mtab a place where the image lacks
+    them, and writes DIR/config.json from the image's run config: args = entrypoint + cmd, env (PATH by
     default), cwd = workdir, user resolved through the image's /etc/passwd and
     /etc/group, and runc's default namespaces (a network namespace with loopback only),
     mounts and capabilities. `cnpsfs bundle --remove DIR` undoes it; it refuses a
@@ -70,8 +72,12 @@ def _create_bundle(app: App, ref: str, directory: str, upperdir: str | None, all
         raise UsageError(f"{image.name}@{image.version} runs as uid {user.uid}, but a FUSE mount admits only "
                          "root without --allow-other (or use --writable: overlayfs reads it as root)")
     (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
+    # The init layer gives every mount destination of config.json a place to land, so an
+    # image without /proc or /dev (FROM scratch) runs on the read-only rootfs.
+    destinations = tuple(mount["destination"] for mount in config["mounts"])
     mounted = mount_image(app.store(), ref, str(bundle / "rootfs"),
-                          MountOptions(allow_other=allow_other, writable=upperdir), trust=trust)
+                          MountOptions(allow_other=allow_other, writable=upperdir, init_layer=destinations),
+                          trust=trust)
     report_mounted(mounted)
     try:
         tmp = config_path.with_suffix(".tmp")

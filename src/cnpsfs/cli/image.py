@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import click
 
@@ -42,13 +43,15 @@ def image_create(app: App, manifest: str, as_json: bool) -> None:
 @click.command("inspect")
 @remote_options
 @click.argument("ref")
+@click.option("--tree", "as_tree", is_flag=True,
+              help="Show the image's DAG: nested images with their own layers, down to the FileSets.")
 @json_option
 @pass_app
-def inspect_cmd(app: App, ref: str, as_json: bool) -> None:
+def inspect_cmd(app: App, ref: str, as_tree: bool, as_json: bool) -> None:
     """Show an image's layers and run config, or a FileSet's name, version and metadata,
     with the signatures (and, for packages, provenance records) filed under it.
     REF may also be a manifest file."""
-    from cnpsfs.image.manifest import describe_layers, load_image
+    from cnpsfs.image.manifest import describe_layers, image_tree, load_image
     from cnpsfs.trust.inspect import attachment_lines, describe_attachments
 
     store = app.store()
@@ -72,9 +75,16 @@ def inspect_cmd(app: App, ref: str, as_json: bool) -> None:
                     click.echo(f"{key}: {json.dumps(jsonable(value))[:200]}")
             return
         image = store.get_image(digest)
+    if as_tree:
+        tree = image_tree(store, image, digest)
+        if as_json:
+            emit_json(tree)
+        else:
+            _print_tree(tree)
+        return
     attached = describe_attachments(store, digest) if digest else {"signatures": [], "provenance": []}
     data = {"type": "image", "digest": fmt.format_digest(digest) if digest else None, "name": image.name,
-            "version": image.version, "mode": image.mode, "layers": describe_layers(store, image.layers),
+            "version": image.version, "mode": image.mode, "layers": describe_layers(store, image.layers, image),
             "config": image.config, "metadata": jsonable(image.metadata), "signatures": attached["signatures"]}
     if as_json:
         emit_json(data)
@@ -88,7 +98,8 @@ def inspect_cmd(app: App, ref: str, as_json: bool) -> None:
     for number, layer in enumerate(data["layers"], 1):
         flags = [f for f in ("unlinked", "override") if layer[f]]
         place = f" at {layer['at']}" if layer["at"] != "/" else ""
-        click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}  {layer['fileset'][:23]}{place}"
+        named = f"image {layer['image'][:23]}" if "image" in layer else layer["fileset"][:23]
+        click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}  {named}{place}"
                    + (f"  [{', '.join(flags)}]" if flags else ""))
     if image.config:
         click.echo("config")
@@ -98,6 +109,30 @@ def inspect_cmd(app: App, ref: str, as_json: bool) -> None:
 
     for line in provenance_lines(image.metadata):
         click.echo(line)
+
+
+def _print_tree(tree: dict[str, Any]) -> None:
+    """One line per node, indented like tree(1); a nested image shown once, then "(see above)"."""
+    digest = f"  {tree['digest'][:23]}" if tree["digest"] else "  (from manifest)"
+    click.echo(f"{tree['name']}@{tree['version']}  ({tree['mode']}){digest}")
+
+    def lines(node: dict[str, Any], prefix: str) -> None:
+        layers = node["layers"]
+        for number, layer in enumerate(layers):
+            last = number == len(layers) - 1
+            notes = [f"at {layer['at']}"] if layer["at"] != "/" else []
+            notes += [f for f in ("unlinked", "override") if layer[f]]
+            if layer.get("label"):
+                notes.append(repr(layer["label"]))
+            what = f"image ({layer['mode']})  " if layer["type"] == "image" else ""
+            seen = "  (see above)" if layer.get("seen") else ""
+            extra = f"  [{', '.join(notes)}]" if notes else ""
+            click.echo(f"{prefix}{'└── ' if last else '├── '}{layer['name']}@{layer['version']}  {what}"
+                       f"{layer['digest'][:23]}{extra}{seen}")
+            if layer["type"] == "image" and not layer.get("seen"):
+                lines(layer, prefix + ("    " if last else "│   "))
+
+    lines(tree, "")
 
 
 COMMANDS = [image_group, inspect_cmd]

@@ -45,9 +45,17 @@ from cnpsfs.fs.options import (
                    "(kept across remounts; `cnpsfs commit UPPERDIR` makes a FileSet of it).")
 @click.option("--allow-downgrade", is_flag=True,
               help="Serve a signed revision older than one accepted before (rollback protection off, once).")
+@click.option("--init-layer", is_flag=True,
+              help="Add an init layer on top: empty /proc, /sys, /dev, /etc/hostname, /etc/hosts, "
+                   "/etc/resolv.conf and /etc/mtab -> /proc/mounts where the image lacks them, so a container "
+                   "runtime (podman run --rootfs, runc) can mount over them. The image itself is unchanged.")
+@click.option("--init-dir", "init_dirs", multiple=True, metavar="PATH",
+              help="Another directory the init layer provides where the image lacks it (a volume's mount "
+                   "destination); implies --init-layer. Repeatable.")
 @pass_app
 def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other: bool, fuse_mode: str,
-              threads: int, cache_mib: int, upperdir: str | None, allow_downgrade: bool) -> None:
+              threads: int, cache_mib: int, upperdir: str | None, allow_downgrade: bool, init_layer: bool,
+              init_dirs: tuple[str, ...]) -> None:
     """Mount the image REF (or a manifest file) read-only at MOUNTPOINT.
 
     Returns once the mount answers, with the daemon in the background (its log and
@@ -57,11 +65,14 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
 
     With a trust policy (--policy, docs/trust.md) the image must pass it first; the
     refusal names the image, the rule and the reason, and nothing is mounted.
+    Without --init-layer the mount shows the image exactly as stored.
     """
     from cnpsfs.fs.mounting import mount_image, serve_image
+    from cnpsfs.image.initlayer import check_destination
 
+    init = tuple(check_destination(d) for d in init_dirs) if init_layer or init_dirs else None
     options = MountOptions(allow_other=allow_other, use_extensions=fuse_mode == "auto", threads=threads,
-                           cache_mib=cache_mib, writable=upperdir)
+                           cache_mib=cache_mib, writable=upperdir, init_layer=init)
     trust = app.checker()
     if foreground:
         serve_image(app.store(), ref, mountpoint, options, trust=trust, allow_downgrade=allow_downgrade)
@@ -99,7 +110,11 @@ def status_cmd(mountpoint: str, as_json: bool) -> None:
                + (f"  [policy {trust['policy']}]" if trust.get("policy") else ""))
     for number, layer in enumerate(status["layers"], 1):
         mark = " [unlinked]" if layer["unlinked"] else ""
-        click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}{mark}")
+        kind = "  (image)" if "image" in layer else ""
+        click.echo(f"  {number:>3}. {layer['name']}@{layer['version']}{kind}{mark}")
+    init = status.get("init_layer")
+    if init is not None:
+        click.echo(f"init layer  {init['fileset']}  adds {', '.join(init['added']) or 'nothing'}")
     click.echo("history")
     for item in status["history"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(item["time"]))

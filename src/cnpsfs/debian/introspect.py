@@ -14,7 +14,7 @@ from typing import Any
 from cnpsfs import format as fmt
 from cnpsfs.debian.version import compare_versions, parse_constraint
 from cnpsfs.errors import NotFoundError, UsageError
-from cnpsfs.image.manifest import compose
+from cnpsfs.image.manifest import compose, nested_image
 from cnpsfs.image.view import Generation, Node
 from cnpsfs.image.walk import changed_dirs
 from cnpsfs.store import T_IMAGE, Store
@@ -36,12 +36,36 @@ class PackageInfo:
 
 
 def image_packages(store: Store, image: fmt.Image) -> list[PackageInfo]:
+    """The packages of *image* and of every image it nests (each FileSet once)."""
+    out: dict[str, PackageInfo] = {}
+    seen: set[bytes] = set()
+
+    def visit(img: fmt.Image) -> None:
+        for pkg in _own_packages(store, img):
+            out.setdefault(pkg.fileset, pkg)
+        for layer in img.layers:
+            if layer.image is not None and layer.image not in seen:
+                seen.add(layer.image)
+                try:
+                    nested = nested_image(store, image, layer.image)
+                except NotFoundError:
+                    continue
+                visit(nested)
+
+    visit(image)
+    return sorted(out.values(), key=lambda p: (p.package, p.arch, p.version, p.fileset))
+
+
+def _own_packages(store: Store, image: fmt.Image) -> list[PackageInfo]:
+    """The packages of *image*'s own FileSet layers (nested images aside)."""
     recorded = image.metadata.get("debian", {}).get("packages") if isinstance(image.metadata, dict) else None
     if isinstance(recorded, list):
         return [PackageInfo(p["package"], p["version"], p["arch"], p.get("source", p["package"]), p["fileset"],
                             p.get("sha256", ""), p.get("origin", "")) for p in recorded]
     out = []
     for layer in image.layers:
+        if layer.fileset is None:
+            continue
         try:
             fs = store.get_fileset(layer.fileset)
         except NotFoundError:
@@ -53,7 +77,7 @@ def image_packages(store: Store, image: fmt.Image) -> list[PackageInfo]:
         out.append(PackageInfo(str(control["Package"]), str(control["Version"]), str(control["Architecture"]),
                                str(control.get("Source", control["Package"])).split(" ")[0],
                                fmt.format_digest(layer.fileset), deb.get("archive", {}).get("sha256", "")))
-    return sorted(out, key=lambda p: (p.package, p.arch))
+    return out
 
 
 def query(store: Store, spec: str) -> list[dict[str, Any]]:
@@ -140,15 +164,17 @@ def why(store: Store, ref: str, path: str) -> dict[str, Any]:
     """The layer (FileSet, and package if it is one) that provides *path* in an image."""
     if not path.startswith("/"):
         raise UsageError(f"path must be absolute: {path}")
-    image = store.get_image(store.resolve(ref, want=T_IMAGE))
-    node, layer = compose(store, image).layer_for(path)
+    digest = store.resolve(ref, want=T_IMAGE)
+    image = store.get_image(digest)
+    node, layer = compose(store, image, digest=digest).layer_for(path)
     out: dict[str, Any] = {"image": f"{image.name}@{image.version}", "path": path,
                            "kind": node.entry.kind.name.lower(), "fileset": None, "package": None}
     if layer is None:
         return out
     fs = store.get_fileset(layer.fileset)
+    # layer: the position in the image's own list; via: the nested images on the way to it.
     out.update(fileset=fmt.format_digest(layer.fileset), name=f"{fs.name}@{fs.version}",
-               layer=layer.index + 1, override=layer.override, label=image.layers[layer.index].label)
+               layer=layer.index + 1, override=layer.override, label=layer.label, via=list(layer.via))
     deb = fs.metadata.get("debian")
     if isinstance(deb, dict) and "control" in deb:
         out["package"] = f"{deb['control']['Package']} {deb['control']['Version']}"

@@ -44,6 +44,9 @@ MAX_OBJECT_SIZE = 32 << 20
 MAX_DIR_ENTRIES = 1 << 18
 MAX_EXTENTS = 1 << 19
 MAX_LAYERS = 4096
+#: How deep images may nest images (an image layer naming an image that names an image
+#: ...). The flattened composition is bounded by MAX_LAYERS FileSet layers as well.
+MAX_NESTING = 16
 #: How deep maps and arrays may nest in an object (metadata and config included).
 MAX_DEPTH = 64
 #: No chunk is longer than the chunker's maximum (§1.9, CDC_MAX), so no data extent
@@ -187,11 +190,23 @@ class FileSet:
 
 @dataclass(slots=True)
 class Layer:
-    fileset: bytes
+    """One entry of an image's layer list: a FileSet, or another image whose layers are
+    placed here (``image``; then ``fileset`` is None). Exactly one of the two is set."""
+
+    fileset: bytes | None
     at: str = "/"
     unlinked: bool = False
     override: bool = False
     label: str = ""
+    image: bytes | None = None
+
+    @property
+    def digest(self) -> bytes:
+        """What the layer names: its FileSet, or its nested image."""
+        named = self.image if self.image is not None else self.fileset
+        if named is None:
+            raise FormatError("a layer names neither a FileSet nor an image")
+        return named
 
 
 class CompositionMode(enum.StrEnum):
@@ -218,6 +233,10 @@ class Image:
     layers: list[Layer]
     config: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Nested images this one names that are not in a store (yet): images read from
+    #: manifest files, by digest, at any depth. Not part of the encoding; storing the
+    #: image stores them first (cnpsfs.image.manifest.store_image).
+    unstored: dict[bytes, Image] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.mode = CompositionMode.parse(self.mode)
@@ -392,7 +411,7 @@ def encode_fileset(fs: FileSet) -> bytes:
 
 
 def layer_to_cbor(layer: Layer) -> dict[int, Any]:
-    out: dict[int, Any] = {0: layer.fileset}
+    out: dict[int, Any] = {0: layer.fileset} if layer.image is None else {5: layer.image}
     if layer.at != "/":
         out[1] = layer.at
     if layer.unlinked:
@@ -410,8 +429,10 @@ def encode_image(image: Image) -> bytes:
     for layer in image.layers:
         if normalize_at(layer.at) != layer.at:
             raise FormatError(f"layer placement {layer.at[:80]!r} is not normalised")
-        if len(layer.fileset) != DIGEST_SIZE:
-            raise FormatError("a layer's FileSet is not a digest")
+        if (layer.fileset is None) == (layer.image is None):
+            raise FormatError("a layer names exactly one of a FileSet and an image")
+        if len(layer.digest) != DIGEST_SIZE:
+            raise FormatError("a layer's FileSet or image is not a digest")
     obj: dict[int, Any] = {
         0: TYPE_IMAGE,
         1: FORMAT_VERSION,
@@ -737,7 +758,12 @@ def decode_image(data: bytes) -> Image:
             raise FormatError(f"image layer {number}: placement is not a normalised absolute path")
         if type(unlinked) is not bool or type(override) is not bool or type(label) is not str:
             raise FormatError(f"image layer {number}: unlinked, override or label has the wrong type")
-        layers.append(Layer(_digest(raw.get(0), f"image layer {number}: FileSet"), at, unlinked, override, label))
+        if 5 in raw:
+            if 0 in raw:
+                raise FormatError(f"image layer {number} names both a FileSet (key 0) and an image (key 5)")
+            layers.append(Layer(None, at, unlinked, override, label, _digest(raw[5], f"image layer {number}: image")))
+        else:
+            layers.append(Layer(_digest(raw.get(0), f"image layer {number}: FileSet"), at, unlinked, override, label))
     return Image(name, version, CompositionMode(mode), layers, _metadata(obj, 6, "image config"),
                  _metadata(obj, 7, "image metadata"))
 
@@ -758,7 +784,7 @@ def referenced_digests(data: bytes) -> list[tuple[bytes, bool]]:
     elif kind == TYPE_FILESET:
         _entry_refs(decode_fileset(data).root, out)
     elif kind == TYPE_IMAGE:
-        out.extend((layer.fileset, False) for layer in decode_image(data).layers)
+        out.extend((layer.digest, False) for layer in decode_image(data).layers)
     elif kind == TYPE_PROVENANCE:  # the FileSet holding the signed archive index (docs/trust.md)
         out.append((_digest(decode_object(data).get(10), "provenance index (key 10)"), False))
     return out  # a signature names its subject but does not reach it

@@ -31,7 +31,8 @@ from cnpsfs.fs.daemon import mounted_device
 from cnpsfs.fs.notify import Notifier
 from cnpsfs.fs.operations import Operations
 from cnpsfs.fs.options import MountOptions
-from cnpsfs.image.manifest import compose, describe_layers, load_image, looks_like_file
+from cnpsfs.image.initlayer import added_paths, find_init_layer
+from cnpsfs.image.manifest import compose, describe_layers, load_image, looks_like_file, root_digests
 from cnpsfs.image.swap import SwapPlan, prepare
 from cnpsfs.image.view import Generation
 from cnpsfs.store import Store
@@ -71,6 +72,8 @@ class MountService:
     ops: Operations | None = None
     started: float = field(default_factory=time.time)
     notifier: Notifier = field(default_factory=Notifier.from_environment)  # systemd, when it started us
+    # The current generation's init layer for `status` (computed off the loop: it looks paths up).
+    init_status: dict[str, Any] | None = None
     ready: bool = False
     device: int | None = None  # st_dev of our mount, once it answered
     #: Trust decisions for every swap (mounting decided on the first image before anything was mounted).
@@ -89,9 +92,11 @@ class MountService:
 
     def build(self) -> Generation:
         label = f"{self.image.name}@{self.image.version}"
-        generation = compose(self.store, self.image, number=1, label=label)
+        generation = compose(self.store, self.image, number=1, label=label, digest=self.image_digest,
+                             init=self.options.init_layer)
         self.history.append(HistoryItem(1, label, fmt.format_digest(self.image_digest) if self.image_digest else None,
                                         time.time(), "mount"))
+        self.init_status = describe_init_layer(generation)
         return generation
 
     def run(self, generation: Generation, on_ready: Callable[[], None]) -> None:
@@ -272,9 +277,10 @@ class MountService:
             digest = self.store.resolve(which)
         except CnpsfsError:
             digest = None
-        matches = [i for i, layer in enumerate(image.layers) if layer.fileset == digest or layer.label == which]
+        matches = [i for i, layer in enumerate(image.layers) if layer.digest == digest or layer.label == which]
         if not matches:
-            raise CnpsfsError(f"unknown layer {which!r}: no layer of the mounted image is that FileSet or label")
+            raise CnpsfsError(f"unknown layer {which!r}: no layer of the mounted image is that FileSet, image "
+                              "or label")
         if len(matches) > 1:
             raise CnpsfsError(f"layer {which!r} is ambiguous: it is layers {', '.join(str(i + 1) for i in matches)}")
         return matches[0]
@@ -300,10 +306,15 @@ class MountService:
         held = list(self.ops.lookups) if self.ops.generation.inodes.sweep_due() else None
 
         def build(old: Generation) -> tuple[Generation, SwapPlan]:
-            new = compose(self.store, image, old.inodes, number=old.number + 1, label=label, previous=old)
-            return new, prepare(old, new, held=held)
+            new = compose(self.store, image, old.inodes, number=old.number + 1, label=label, previous=old,
+                          digest=digest, init=self.options.init_layer)
+            plan = prepare(old, new, held=held)
+            init_status.append(describe_init_layer(new))
+            return new, plan
 
+        init_status: list[dict[str, Any] | None] = []
         generation, plan = await self.ops.swap(build)
+        self.init_status = init_status[-1]
         seconds = time.monotonic() - started
         self.rollback_image = (self.image, self.image_digest)
         self.image, self.image_digest = image, digest
@@ -326,8 +337,7 @@ class MountService:
         pinned = [(self.image, self.image_digest)]
         if self.rollback_image is not None:
             pinned.append(self.rollback_image)
-        roots = {layer.fileset for image, _d in pinned for layer in image.layers}
-        roots |= {d for _i, d in pinned if d is not None}
+        roots = set().union(*(root_digests(image, digest) for image, digest in pinned))
         register_roots(self.store, sorted(roots))
 
     def status(self) -> dict[str, Any]:
@@ -341,7 +351,8 @@ class MountService:
             "generation": gen.number,
             "image": {"name": gen.image.name, "version": gen.image.version, "mode": gen.image.mode,
                       "digest": fmt.format_digest(self.image_digest) if self.image_digest else None},
-            "layers": describe_layers(self.store, gen.image.layers),
+            "layers": describe_layers(self.store, gen.image.layers, gen.image),
+            "init_layer": self.init_status,
             "history": [vars(h) if not hasattr(h, "__slots__") else {k: getattr(h, k) for k in h.__slots__}
                         for h in self.history],
             "requests": dict(self.ops.requests),
@@ -378,6 +389,14 @@ class _StderrTail:
                 return f.read(limit).decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+def describe_init_layer(generation: Generation) -> dict[str, Any] | None:
+    """The init layer of *generation* for `status` (reads directories: not on the loop)."""
+    layer = find_init_layer(generation)
+    if layer is None:
+        return None
+    return {"fileset": fmt.format_digest(layer.fileset), "added": added_paths(generation)}
 
 
 #: Young-generation threshold of the cyclic GC in the daemon (CPython's default is 700).

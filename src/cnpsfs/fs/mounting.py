@@ -112,13 +112,13 @@ class _Mount:
         from cnpsfs.fs.control import control_path_for
         from cnpsfs.fs.daemon import check_mountpoint, mount_key, runtime_dir
         from cnpsfs.fs.mount import MountService
-        from cnpsfs.image.manifest import compose, load_image
+        from cnpsfs.image.manifest import compose, load_image, root_digests
 
         self.options = options
         self.store = store
         self.real = real = check_mountpoint(mountpoint)
         image, digest = load_image(store, ref)
-        if digest is None and image.mode is fmt.CompositionMode.UNION:
+        if digest is None and any(i.mode is fmt.CompositionMode.UNION for i in (image, *image.unstored.values())):
             compose(store, image).check()  # stored images were checked when created
         decision = trust.check(store, image, digest, allow_downgrade=allow_downgrade) if trust is not None else None
         key = mount_key(real)
@@ -137,7 +137,7 @@ class _Mount:
         self.service = MountService(store, image, digest, self.fuse_at, options, control, ref, trust=trust,
                                     decision=decision)
         self.generation = self.service.build()
-        self.roots = [layer.fileset for layer in image.layers] + ([digest] if digest else [])
+        self.roots = sorted(root_digests(image, digest))
         self.record = MountRecord(real, os.getpid(), str(store.path), ref, str(rt / f"{key}.log"), control,
                                   self.fuse_at if self.upperdir else "", self.upperdir or "")
 

@@ -33,6 +33,9 @@ class MountOptions:
     threads: int = DEFAULT_THREADS
     cache_mib: int = DEFAULT_CACHE_MIB
     writable: str | None = None  # UPPERDIR of a kernel overlayfs on top, or None for read-only
+    #: Compose an init layer on top (cnpsfs.image.initlayer): None for none (the image
+    #: exactly as stored), else the mount destinations beyond the defaults.
+    init_layer: tuple[str, ...] | None = None
     ready_timeout: float = READY_TIMEOUT
 
     @property

@@ -1,25 +1,30 @@
 """Manifests (human-written TOML) and images (their stored, content-addressed form).
 
-A manifest names FileSets by reference; an image names them by digest. Turning one into
-the other resolves every reference against the store, so an image never changes meaning
-when a tag moves. See docs/manifest.md.
+A manifest names FileSets and images by reference; an image names them by digest.
+Turning one into the other resolves every reference against the store, so an image never
+changes meaning when a tag moves. A layer may name an image (``image = "REF"``, a stored
+image or another manifest file): composing flattens nested images into FileSet layers
+(:func:`active_layers`), keeping a nested image of the other mode together as a
+:class:`~cnpsfs.image.view.Group`. See docs/manifest.md.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cnpsfs import format as fmt
-from cnpsfs.errors import NotFoundError, UsageError
-from cnpsfs.image.view import Generation, InodeTable, LayerInfo, split_at
+from cnpsfs.errors import NestingError, NotFoundError, UsageError
+from cnpsfs.image.view import Generation, Group, InodeTable, LayerInfo, split_at
 from cnpsfs.store import T_FILESET, T_IMAGE, Store, check_tag_name, check_tag_version
 
 TOP_KEYS = {"name", "version", "mode", "layers", "config", "metadata"}
-LAYER_KEYS = {"fileset", "at", "unlinked", "override", "label"}
+LAYER_KEYS = {"fileset", "image", "at", "unlinked", "override", "label"}
 CONFIG_KEYS = {"entrypoint", "cmd", "env", "workdir", "user", "labels", "stop_signal"}
 MODES = tuple(fmt.CompositionMode)
 
@@ -94,8 +99,12 @@ def parse_manifest(text: str, source: str = "manifest") -> dict[str, Any]:
         if not isinstance(layer, dict):
             raise _fail(source, f"layers[{number}] must be a table")
         _check_keys(layer, LAYER_KEYS, where, source)
-        if not isinstance(layer.get("fileset"), str):
-            raise _fail(source, f"{where}fileset is required (a FileSet reference)")
+        if ("fileset" in layer) == ("image" in layer):
+            raise _fail(source, f"{where}fileset or {where}image is required, not both (a FileSet reference, "
+                                "or an image reference or manifest file)")
+        kind = "fileset" if "fileset" in layer else "image"
+        if not isinstance(layer[kind], str):
+            raise _fail(source, f"{where}{kind} must be a string (a reference)")
         at = layer.get("at", "/")
         if not isinstance(at, str) or not at.startswith("/") or any(p in ("..", ".") for p in at.split("/")):
             raise _fail(source, f"{where}at must be an absolute path without '.' or '..', not {at!r}")
@@ -109,8 +118,9 @@ def parse_manifest(text: str, source: str = "manifest") -> dict[str, Any]:
         label = layer.get("label", "")
         if not isinstance(label, str):
             raise _fail(source, f"{where}label must be a string")
-        parsed_layers.append({"fileset": layer["fileset"], "at": normalized, "unlinked": layer.get("unlinked", False),
-                              "override": layer.get("override", False), "label": label})
+        parsed_layers.append({"fileset": layer.get("fileset"), "image": layer.get("image"), "at": normalized,
+                              "unlinked": layer.get("unlinked", False), "override": layer.get("override", False),
+                              "label": label})
     metadata = raw.get("metadata", {})
     if not isinstance(metadata, dict):
         raise _fail(source, "[metadata] must be a table")
@@ -122,23 +132,57 @@ def parse_manifest(text: str, source: str = "manifest") -> dict[str, Any]:
             "config": parse_config(raw.get("config", {}), source), "metadata": metadata}
 
 
-def image_from_manifest(store: Store, spec: Mapping[str, Any], source: str = "manifest") -> fmt.Image:
+def image_from_manifest(store: Store, spec: Mapping[str, Any], source: str = "manifest", *,
+                        base_dir: str | Path | None = None, chain: Sequence[str] = ()) -> fmt.Image:
+    """The image a parsed manifest describes, every reference resolved to a digest.
+
+    An ``image`` layer naming a manifest file (relative to *base_dir*, the manifest's
+    directory) loads that file too; its image is not stored but kept in
+    :attr:`fmt.Image.unstored` under its digest. *chain* holds the manifest files being
+    loaded, outermost first, so a file that names itself again is a cycle.
+    """
     layers = []
+    unstored: dict[bytes, fmt.Image] = {}
     for number, layer in enumerate(spec["layers"], 1):
-        try:
-            digest = store.resolve(layer["fileset"], want=T_FILESET)
-        except (NotFoundError, UsageError) as exc:
-            raise _fail(source, f"layers[{number}].fileset: {exc}") from None
-        layers.append(fmt.Layer(digest, layer["at"], layer["unlinked"], layer["override"], layer["label"]))
+        if layer.get("image") is None:
+            try:
+                digest = store.resolve(layer["fileset"], want=T_FILESET)
+            except (NotFoundError, UsageError) as exc:
+                if store.object_type(store.resolve(layer["fileset"])) == T_IMAGE:
+                    raise _fail(source, f"layers[{number}].fileset: {layer['fileset']} is an image: nest it with "
+                                        f"image = {json.dumps(layer['fileset'])}") from None
+                raise _fail(source, f"layers[{number}].fileset: {exc}") from None
+            layers.append(fmt.Layer(digest, layer["at"], layer["unlinked"], layer["override"], layer["label"]))
+            continue
+        ref = layer["image"]
+        path = Path(base_dir or ".", ref) if not os.path.isabs(ref) else Path(ref)
+        if looks_like_file(ref) or looks_like_file(str(path)):
+            nested = load_manifest_file(store, path, chain=chain)
+            digest = fmt.digest_bytes(fmt.encode_image(nested))
+            unstored.update(nested.unstored)
+            unstored[digest] = nested
+        else:
+            try:
+                digest = store.resolve(ref, want=T_IMAGE)
+            except (NotFoundError, UsageError) as exc:
+                raise _fail(source, f"layers[{number}].image: {exc}") from None
+        layers.append(fmt.Layer(None, layer["at"], layer["unlinked"], layer["override"], layer["label"], digest))
     return fmt.Image(spec["name"], spec["version"], spec["mode"], layers, dict(spec["config"]),
-                     dict(spec["metadata"]))
+                     dict(spec["metadata"]), unstored)
 
 
 #: A manifest is a few KiB; one with the most layers allowed is well under 1 MiB.
 MANIFEST_MAX = 16 << 20
 
 
-def load_manifest_file(store: Store, path: str | Path) -> fmt.Image:
+def load_manifest_file(store: Store, path: str | Path, *, chain: Sequence[str] = ()) -> fmt.Image:
+    real = os.path.realpath(path)
+    if real in chain:
+        cycle = [*chain[chain.index(real):], real]
+        raise UsageError(f"manifest cycle: {' -> '.join(cycle)}")
+    if len(chain) > fmt.MAX_NESTING:
+        raise UsageError(f"{path}: manifests nest deeper than the limit of {fmt.MAX_NESTING} images "
+                         f"({' -> '.join([*chain, real])})")
     try:
         with open(path, "rb") as f:
             data = f.read(MANIFEST_MAX + 1)
@@ -150,7 +194,8 @@ def load_manifest_file(store: Store, path: str | Path) -> fmt.Image:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(f"{path}: not valid TOML: not UTF-8 at byte {exc.start}") from None
-    return image_from_manifest(store, parse_manifest(text, str(path)), str(path))
+    return image_from_manifest(store, parse_manifest(text, str(path)), str(path), base_dir=os.path.dirname(real),
+                               chain=[*chain, real])
 
 
 def looks_like_file(ref: str) -> bool:
@@ -173,43 +218,203 @@ def load_image(store: Store, ref: str) -> tuple[fmt.Image, bytes | None]:
 
 
 def store_image(store: Store, image: fmt.Image, *, tag: bool = True) -> bytes:
-    """Store an image object (after checking it composes) and tag it NAME@VERSION."""
+    """Store an image object (after checking it composes) and tag it NAME@VERSION.
+
+    Nested images read from manifest files (``image.unstored``) are stored and tagged
+    with it, in the same commit.
+    """
     with store.writer() as writer:
+        tags = []
+        for nested_digest, nested in image.unstored.items():
+            added = writer.add_object(fmt.encode_image(nested))
+            assert added == nested_digest
+            tags.append((nested.name, nested.version, T_IMAGE, added))
         digest = writer.add_object(fmt.encode_image(image))
-        writer.commit([(image.name, image.version, T_IMAGE, digest)] if tag else [])
+        if tag:
+            tags.append((image.name, image.version, T_IMAGE, digest))
+        writer.commit(tags if tag else [])
     return digest
 
 
-def active_layers(store: Store, image: fmt.Image) -> list[LayerInfo]:
-    out = []
-    for index, layer in enumerate(image.layers):
-        if layer.unlinked:
-            continue
-        fileset = store.get_fileset(layer.fileset)
-        out.append(LayerInfo(index, layer.fileset, f"{fileset.name}@{fileset.version}", fileset.root,
-                             split_at(layer.at), layer.override))
-    return out
+def nested_image(store: Store, top: fmt.Image, digest: bytes) -> fmt.Image:
+    """A nested image: from *top*'s unstored images (manifest files), else the store."""
+    found = top.unstored.get(digest)
+    return found if found is not None else store.get_image(digest)
+
+
+def _join_at(outer: str, inner: str) -> str:
+    if outer == "/":
+        return inner
+    return fmt.normalize_at(outer + inner) if inner != "/" else outer
+
+
+@dataclass(slots=True)
+class _Expansion:
+    store: Store
+    top: fmt.Image
+    layers: list[LayerInfo] = field(default_factory=list)
+    filesets: dict[bytes, fmt.FileSet] = field(default_factory=dict)
+
+    def visit(self, image: fmt.Image, *, names: tuple[str, ...], digests: tuple[bytes, ...], key: tuple[int, ...],
+              at: str, groups: tuple[Group, ...], mode: fmt.CompositionMode, top_index: int | None) -> None:
+        for position, layer in enumerate(image.layers):
+            if layer.unlinked:
+                continue
+            index = position if top_index is None else top_index
+            try:
+                placed = _join_at(at, layer.at)
+            except fmt.FormatError as exc:
+                raise NestingError(f"{' -> '.join(names)}: layer {position + 1}: {exc}") from None
+            if layer.image is None:
+                assert layer.fileset is not None
+                fileset = self.filesets.get(layer.fileset)
+                if fileset is None:
+                    fileset = self.filesets[layer.fileset] = self.store.get_fileset(layer.fileset)
+                if len(self.layers) >= fmt.MAX_LAYERS:
+                    raise NestingError(f"{names[0]}: its nested images compose more than the limit of "
+                                       f"{fmt.MAX_LAYERS} layers per image")
+                self.layers.append(LayerInfo(index, layer.fileset, f"{fileset.name}@{fileset.version}", fileset.root,
+                                             split_at(placed), layer.override, order=len(self.layers), groups=groups,
+                                             via=names[1:], label=layer.label))
+                continue
+            nested = nested_image(self.store, self.top, layer.image)
+            label = f"{nested.name}@{nested.version}"
+            if layer.image in digests:
+                cycle = [*names[digests.index(layer.image):], label]
+                raise NestingError(f"image cycle: {' -> '.join(cycle)}")
+            if len(names) > fmt.MAX_NESTING:
+                raise NestingError(f"{' -> '.join([*names, label])}: images nest deeper than the limit of "
+                                   f"{fmt.MAX_NESTING} levels")
+            inner_groups = groups
+            if nested.mode is not mode or (mode is fmt.CompositionMode.UNION and layer.override):
+                inner_groups = (*groups, Group((*key, position), nested.mode, layer.override, label))
+            self.visit(nested, names=(*names, label), digests=(*digests, layer.image), key=(*key, position),
+                       at=placed, groups=inner_groups, mode=nested.mode, top_index=index)
+
+
+def active_layers(store: Store, image: fmt.Image, digest: bytes | None = None) -> list[LayerInfo]:
+    """The FileSet layers *image* composes, bottom to top, nested images flattened.
+
+    A nested image of the same mode places its layers where it is named; one of the
+    other mode (or an override in a union) becomes a group around its layers. Cycles,
+    nesting past ``fmt.MAX_NESTING`` and more than ``fmt.MAX_LAYERS`` layers in all are
+    errors naming the images on the way.
+    """
+    expansion = _Expansion(store, image)
+    expansion.visit(image, names=(f"{image.name}@{image.version}",), digests=(digest,) if digest else (), key=(),
+                    at="/", groups=(), mode=image.mode, top_index=None)
+    return expansion.layers
+
+
+def stacking_order(image: fmt.Image, layers: Sequence[LayerInfo]) -> list[tuple[LayerInfo, bool]]:
+    """*layers* as one ordered stack (for OCI export), each with whether its whiteouts mean
+    anything: a union's layers first, its override layers above them, group by group."""
+
+    def order(items: Sequence[LayerInfo], depth: int, mode: fmt.CompositionMode) -> list[tuple[LayerInfo, bool]]:
+        units: list[tuple[bool, list[tuple[LayerInfo, bool]]]] = []
+        index = 0
+        while index < len(items):
+            layer = items[index]
+            if len(layer.groups) > depth:
+                group = layer.groups[depth]
+                end = index
+                while end < len(items) and len(items[end].groups) > depth and items[end].groups[depth] == group:
+                    end += 1
+                units.append((group.override, order(items[index:end], depth + 1, group.mode)))
+                index = end
+                continue
+            units.append((layer.override, [(layer, mode is fmt.CompositionMode.LAYERS or layer.override)]))
+            index += 1
+        if mode is fmt.CompositionMode.UNION:
+            units = [u for u in units if not u[0]] + [u for u in units if u[0]]
+        return [pair for _override, members in units for pair in members]
+
+    return order(layers, 0, image.mode)
+
+
+def root_digests(image: fmt.Image, digest: bytes | None) -> set[bytes]:
+    """What a mount of *image* registers as gc roots: the image, what its layers name and,
+    for nested images not in the store, what theirs name (gc walks the rest)."""
+    roots = {layer.digest for layer in image.layers}
+    for nested in image.unstored.values():
+        roots.update(layer.digest for layer in nested.layers)
+    roots -= set(image.unstored)
+    if digest is not None:
+        roots.add(digest)
+    return roots
 
 
 def compose(store: Store, image: fmt.Image, inodes: InodeTable | None = None, *, number: int = 1,
-            label: str = "", previous: Generation | None = None) -> Generation:
-    """A generation for *image*: reads the image's FileSet objects and root directories only."""
+            label: str = "", previous: Generation | None = None, digest: bytes | None = None,
+            init: Sequence[str] | None = None) -> Generation:
+    """A generation for *image*: reads the image's FileSet objects and root directories only.
+
+    *init* (mount destinations) adds an init layer on top (:mod:`cnpsfs.image.initlayer`):
+    what a container runtime mounts over or binds onto, where the image lacks it.
+    """
+    layers = active_layers(store, image, digest)
+    if init is not None:
+        from cnpsfs.image.initlayer import init_layer
+
+        extra = init_layer(Generation(store, image, layers, InodeTable()), init)
+        if extra is not None:
+            layers = [*layers, extra]
     table = inodes if inodes is not None else InodeTable()  # an empty table is falsy (len 0)
-    return Generation(store, image, active_layers(store, image), table, number=number, label=label,
-                      previous=previous)
+    return Generation(store, image, layers, table, number=number, label=label, previous=previous)
 
 
-def describe_layers(store: Store, layers: Sequence[fmt.Layer]) -> list[dict[str, Any]]:
+def describe_layers(store: Store, layers: Sequence[fmt.Layer], top: fmt.Image | None = None) -> list[dict[str, Any]]:
+    """The layers for inspect and status; *top* finds nested images not in the store."""
     out = []
     for layer in layers:
-        item: dict[str, Any] = {"fileset": fmt.format_digest(layer.fileset), "at": layer.at,
-                                "unlinked": layer.unlinked, "override": layer.override}
+        item: dict[str, Any] = {"at": layer.at, "unlinked": layer.unlinked, "override": layer.override}
+        if layer.image is not None:
+            item["image"] = fmt.format_digest(layer.image)
+        else:
+            item["fileset"] = fmt.format_digest(layer.digest)
         if layer.label:
             item["label"] = layer.label
         try:
-            fs = store.get_fileset(layer.fileset)
-            item["name"], item["version"] = fs.name, fs.version
+            if layer.image is not None:
+                named: fmt.Image | fmt.FileSet = (nested_image(store, top, layer.image) if top is not None
+                                                  else store.get_image(layer.image))
+            else:
+                named = store.get_fileset(layer.digest)
+            item["name"], item["version"] = named.name, named.version
         except NotFoundError:
             item["name"] = item["version"] = None
         out.append(item)
     return out
+
+
+def image_tree(store: Store, image: fmt.Image, digest: bytes | None = None) -> dict[str, Any]:
+    """The DAG below an image, for ``inspect --tree``: each node its layers, a nested image
+    named a second time only by reference (``"seen": true``)."""
+    seen: set[bytes] = set()
+
+    def node(img: fmt.Image, img_digest: bytes | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "image", "name": img.name, "version": img.version, "mode": img.mode,
+                               "digest": fmt.format_digest(img_digest) if img_digest else None, "layers": []}
+        for layer in img.layers:
+            item: dict[str, Any] = {"at": layer.at, "unlinked": layer.unlinked, "override": layer.override}
+            if layer.label:
+                item["label"] = layer.label
+            if layer.image is None:
+                item["type"] = "fileset"
+                item["digest"] = fmt.format_digest(layer.digest)
+                try:
+                    fs = store.get_fileset(layer.digest)
+                    item["name"], item["version"] = fs.name, fs.version
+                except NotFoundError:
+                    item["name"] = item["version"] = None
+            elif layer.image in seen:
+                nested = nested_image(store, image, layer.image)
+                item.update(type="image", name=nested.name, version=nested.version, mode=nested.mode,
+                            digest=fmt.format_digest(layer.image), seen=True)
+            else:
+                seen.add(layer.image)
+                item.update(node(nested_image(store, image, layer.image), layer.image))
+            out["layers"].append(item)
+        return out
+
+    return node(image, digest)

@@ -34,9 +34,15 @@ def usage(store: Store) -> Usage:
     """Logical bytes: file data of every tagged FileSet (each counted once)."""
     filesets = {t.digest for t in store.tags(T_FILESET)}
     images = {t.digest for t in store.tags(T_IMAGE)}
-    for image in images:
+    pending, seen = list(images), set(images)
+    while pending:  # nested images too
         with contextlib.suppress(CnpsfsError):
-            filesets.update(layer.fileset for layer in store.get_image(image).layers)
+            for layer in store.get_image(pending.pop()).layers:
+                if layer.image is None:
+                    filesets.add(layer.digest)
+                elif layer.image not in seen:
+                    seen.add(layer.image)
+                    pending.append(layer.image)
     logical = 0
     for digest in filesets:
         with contextlib.suppress(CnpsfsError):

@@ -17,6 +17,10 @@ Composition rules (docs/manifest.md):
   gid). Layers marked ``override`` are then stacked on top, in list order, with layers
   semantics (that is where a build puts its dpkg database and configure output).
 * an unlinked layer is ignored as if absent.
+* nested images (docs/manifest.md, "Images that nest images") arrive here flattened
+  into FileSet layers; a nested image whose mode differs from the image that includes
+  it (or that is an override in a union) is a :class:`Group`: its layers are merged by
+  its own mode first, and the result takes part in the enclosing merge as one layer.
 
 Inode numbers come from an :class:`InodeTable` shared by every generation of a mount:
 the same path with the same object keeps its number across a generation swap, so the
@@ -28,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,15 +48,36 @@ DIR_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
-class LayerInfo:
-    """One active layer of a generation, with what is needed to present and name it."""
+class Group:
+    """A nested image composed as one unit: merged by its own mode, then taking part in
+    the image that includes it as one layer would. Nested images of the same mode are
+    not groups: their layers are simply placed in the enclosing list."""
 
-    index: int  # position in the image's layer list
+    key: tuple[int, ...]  # layer positions from the top image down to the layer naming it
+    mode: fmt.CompositionMode
+    override: bool  # in an enclosing union: stacked on top of it
+    name: str  # NAME@VERSION for messages
+
+
+@dataclass(frozen=True, slots=True)
+class LayerInfo:
+    """One active FileSet layer of a generation, with what is needed to present and name it."""
+
+    index: int  # position in the top image's layer list (what link and unlink name)
     fileset: bytes
     name: str  # NAME@VERSION for messages
     root: fmt.Entry
     at: tuple[bytes, ...]
     override: bool
+    order: int = 0  # position in the flattened composition, bottom to top
+    groups: tuple[Group, ...] = ()  # the groups around it, outermost first
+    via: tuple[str, ...] = ()  # NAME@VERSION of every nested image on the way from the top image
+    label: str = ""
+    #: The init layer: its directories never give a merged directory its metadata, so
+    #: adding a name to /etc leaves /etc as the image has it.
+    weak: bool = False
+    #: Directory objects held in memory instead of the store (the init layer's).
+    directories: Mapping[bytes, fmt.Directory] | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass(slots=True)
@@ -66,6 +91,25 @@ class Source:
     @property
     def is_synthetic(self) -> bool:
         return self.synthetic is not None
+
+
+@dataclass(slots=True)
+class _Unit:
+    """The sources of one :class:`Group` met while merging a directory."""
+
+    group: Group
+    depth: int  # how many groups deep its own members sit
+    sources: list[Source]
+
+
+_Item = Source | _Unit
+#: What merging a directory yields per name: the entry, the layer providing it and, for
+#: a directory, the sources it will be composed from.
+_Merged = dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]]
+
+
+def _item_override(item: _Item) -> bool:
+    return item.layer.override if isinstance(item, Source) else item.group.override
 
 
 @dataclass(slots=True)
@@ -208,6 +252,7 @@ class Generation:
         # Only this generation's: nodes of earlier ones that the kernel still holds are
         # kept by the FUSE layer until the kernel forgets them, not copied forward here.
         self.nodes: dict[int, Node] = {}
+        self._nested = any(layer.groups for layer in self.layers)
         root_sources = [self._layer_root_source(layer, ()) for layer in self.layers]
         root_entry = self._dir_metadata([s for s in root_sources if s is not None], b"")
         self.root = Node(ROOT_INODE, root_entry, ROOT_INODE, (), None,
@@ -230,8 +275,10 @@ class Generation:
     def _source_children(self, source: Source) -> tuple[list[fmt.Entry], bool]:
         if source.synthetic is not None:
             return list(source.synthetic.values()), False
-        assert source.entry.tree is not None
-        directory = self.store.get_directory(source.entry.tree)
+        tree = source.entry.tree
+        assert tree is not None
+        held = source.layer.directories
+        directory = held[tree] if held is not None else self.store.get_directory(tree)
         return directory.entries, directory.opaque
 
     def _child_source(self, parent: Source, entry: fmt.Entry, path: tuple[bytes, ...]) -> Source:
@@ -244,14 +291,50 @@ class Generation:
 
     # ------------------------------------------------------------------ composition
 
-    def _merge(self, node: Node) -> dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]]:
+    def _items(self, sources: Sequence[Source], depth: int) -> list[_Item]:
+        """*sources* as the members of one merge: FileSet layers, and the groups *depth*
+        levels down gathered into one item each (a group's layers are contiguous)."""
+        if not self._nested:
+            return list(sources)
+        items: list[_Item] = []
+        for source in sorted(sources, key=lambda s: s.layer.order):
+            groups = source.layer.groups
+            if len(groups) > depth:
+                last = items[-1] if items else None
+                if isinstance(last, _Unit) and last.group == groups[depth]:
+                    last.sources.append(source)
+                else:
+                    items.append(_Unit(groups[depth], depth + 1, [source]))
+            else:
+                items.append(source)
+        return items
+
+    def _merge(self, node: Node) -> _Merged:
         """Children of a composed directory: name -> (entry, providing layer, dir sources)."""
-        union = [s for s in node.sources if self.mode is fmt.CompositionMode.UNION and not s.layer.override]
-        stacked = [s for s in node.sources if not (self.mode is fmt.CompositionMode.UNION and not s.layer.override)]
-        result: dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]] = {}
+        return self._merge_items(node.path, self.mode, self._items(node.sources, 0))
+
+    def _merge_unit(self, path: tuple[bytes, ...], unit: _Unit) -> _Merged:
+        return self._merge_items(path, unit.group.mode, self._items(unit.sources, unit.depth))
+
+    def _merge_items(self, path: tuple[bytes, ...], mode: fmt.CompositionMode, items: list[_Item]) -> _Merged:
+        in_union = mode is fmt.CompositionMode.UNION
+        union = [it for it in items if in_union and not _item_override(it)]
+        stacked = [it for it in items if not (in_union and not _item_override(it))]
+        result: _Merged = {}
         if union:
-            result = self._merge_union(node, union)
-        for source in stacked:
+            result = self._merge_union(path, union)
+        for item in stacked:
+            if isinstance(item, _Unit):
+                # A group's merged result: no whiteouts or opaque markers are left in it.
+                for name, (entry, layer, sources) in self._merge_unit(path, item).items():
+                    if entry.kind is fmt.Kind.DIR:
+                        current = result.get(name)
+                        below = current[2] if current is not None and current[0].kind is fmt.Kind.DIR else []
+                        result[name] = (entry, layer, [*below, *sources])
+                    else:
+                        result[name] = (entry, layer, [])
+                continue
+            source = item
             entries, opaque = self._source_children(source)
             if opaque:
                 result = {}
@@ -260,7 +343,7 @@ class Generation:
                 if entry.kind is fmt.Kind.WHITEOUT:
                     result.pop(name, None)
                     continue
-                child_path = (*node.path, name)
+                child_path = (*path, name)
                 if entry.kind is fmt.Kind.DIR:
                     current = result.get(name)
                     sources = current[2] if current is not None and current[0].kind is fmt.Kind.DIR else []
@@ -270,33 +353,43 @@ class Generation:
                     result[name] = (entry, source.layer, [])
         return result
 
-    def _merge_union(self, node: Node, sources: list[Source]) -> dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]]:
-        by_name: dict[bytes, list[tuple[fmt.Entry, Source]]] = {}
-        for source in sources:
-            entries, _opaque = self._source_children(source)
+    def _merge_union(self, path: tuple[bytes, ...], items: list[_Item]) -> _Merged:
+        # name -> [(entry, layer, the leaf source it came from, or a group's sources for it)]
+        by_name: dict[bytes, list[tuple[fmt.Entry, LayerInfo, Source | list[Source]]]] = {}
+        for item in items:
+            if isinstance(item, _Unit):
+                for name, (entry, layer, sources) in self._merge_unit(path, item).items():
+                    by_name.setdefault(name, []).append((entry, layer, sources))
+                continue
+            entries, _opaque = self._source_children(item)
             for entry in entries:
                 if entry.kind is fmt.Kind.WHITEOUT:
                     continue  # whiteouts only have meaning between stacked layers
-                by_name.setdefault(entry.name, []).append((entry, source))
-        result: dict[bytes, tuple[fmt.Entry, LayerInfo, list[Source]]] = {}
+                by_name.setdefault(entry.name, []).append((entry, item.layer, item))
+        result: _Merged = {}
         for name, provided in by_name.items():
-            child_path = (*node.path, name)
-            dirs = [(e, s) for e, s in provided if e.kind is fmt.Kind.DIR]
-            others = [(e, s) for e, s in provided if e.kind is not fmt.Kind.DIR]
+            child_path = (*path, name)
+            dirs = [p for p in provided if p[0].kind is fmt.Kind.DIR]
+            others = [p for p in provided if p[0].kind is not fmt.Kind.DIR]
             if dirs and others:
-                raise self._conflict(child_path, dirs[0][1].layer, others[0][1].layer, "a directory and a file")
+                raise self._conflict(child_path, dirs[0][1], others[0][1], "a directory and a file")
             if dirs:
-                child_sources = sorted((self._child_source(s, e, child_path) for e, s in dirs),
-                                       key=lambda src: src.layer.fileset)
-                winner = max(dirs, key=lambda es: _dir_rank(es[0]))
-                result[name] = (winner[0], winner[1].layer, child_sources)
+                child_sources: list[Source] = []
+                for entry, _layer, origin in dirs:
+                    if isinstance(origin, Source):
+                        child_sources.append(self._child_source(origin, entry, child_path))
+                    else:
+                        child_sources.extend(origin)
+                child_sources.sort(key=lambda src: src.layer.fileset)
+                winner = max(dirs, key=lambda p: _dir_rank(p[0]))
+                result[name] = (winner[0], winner[1], child_sources)
                 continue
-            first, first_source = others[0]
-            for entry, source in others[1:]:
+            first, first_layer, _origin = others[0]
+            for entry, layer, _origin in others[1:]:
                 if not entry.same_content(first):
-                    raise self._conflict(child_path, first_source.layer, source.layer, "different content")
-            winner_entry, winner_source = max(others, key=lambda es: (es[0].mtime_ns, es[1].layer.fileset))
-            result[name] = (winner_entry, winner_source.layer, [])
+                    raise self._conflict(child_path, first_layer, layer, "different content")
+            winner_entry, winner_layer, _origin = max(others, key=lambda p: (p[0].mtime_ns, p[1].fileset))
+            result[name] = (winner_entry, winner_layer, [])
         return result
 
     @staticmethod
@@ -305,17 +398,34 @@ class Generation:
                              ConflictingLayer(b.fileset, b.name), what)
 
     def _dir_metadata(self, sources: list[Source], name: bytes) -> fmt.Entry:
-        real = [s for s in sources if not s.is_synthetic]
-        if not real:
+        entry = self._pick_metadata(self.mode, self._items(sources, 0))
+        if entry is None:
             return _synthetic_dir(name)
-        if self.mode is fmt.CompositionMode.UNION:
-            stacked = [s for s in real if s.layer.override]
-            pick = stacked[-1] if stacked else max(real, key=lambda s: _dir_rank(s.entry))
-        else:
-            pick = real[-1]
-        entry = pick.entry
         return fmt.Entry(name, fmt.Kind.DIR, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
                          tree=entry.tree)
+
+    def _pick_metadata(self, mode: fmt.CompositionMode, items: list[_Item]) -> fmt.Entry | None:
+        """The directory entry whose metadata a merged directory shows (None: all synthetic).
+
+        layers: the topmost real source; union: the topmost override, else the greatest
+        by (mtime, mode, uid, gid, xattrs); a group counts as the entry it picks itself.
+        Weak (init layer) sources count only where nothing else is real.
+        """
+        candidates: list[tuple[fmt.Entry, bool, bool]] = []  # (entry, override, weak)
+        for item in items:
+            if isinstance(item, _Unit):
+                picked = self._pick_metadata(item.group.mode, self._items(item.sources, item.depth))
+                if picked is not None:
+                    candidates.append((picked, item.group.override, False))
+            elif not item.is_synthetic:
+                candidates.append((item.entry, item.layer.override, item.layer.weak))
+        strong = [c for c in candidates if not c[2]] or candidates
+        if not strong:
+            return None
+        if mode is fmt.CompositionMode.UNION:
+            stacked = [c for c in strong if c[1]]
+            return stacked[-1][0] if stacked else max(strong, key=lambda c: _dir_rank(c[0]))[0]
+        return strong[-1][0]
 
     # ------------------------------------------------------------------ nodes
 
@@ -474,7 +584,8 @@ class Generation:
         node = self.resolve(path)
         if node.is_dir:
             real = [s for s in node.sources if not s.is_synthetic]
-            return node, real[-1].layer if real else None
+            strong = [s for s in real if not s.layer.weak] or real
+            return node, strong[-1].layer if strong else None
         return node, node.layer
 
 
@@ -483,11 +594,16 @@ def signature(node: Node, mode: str) -> tuple[Any, ...]:
 
     Directory objects are named by content, so equal tree digests in the same layers
     under the same rules compose to the same subtree: a swap skips it without reading.
+    Sources of groups are taken in composition order: a union keeps its sources sorted
+    by FileSet, but inside a layers-mode group their order decides.
     """
-    return (mode, tuple((s.layer.fileset, s.layer.at, s.layer.override, s.entry.tree,
+    sources = node.sources
+    if any(s.layer.groups for s in sources):
+        sources = sorted(sources, key=lambda s: s.layer.order)
+    return (mode, tuple((s.layer.fileset, s.layer.at, s.layer.override, s.layer.groups, s.layer.weak, s.entry.tree,
                          tuple(sorted(s.synthetic)) if s.synthetic is not None else None,
                          s.entry.mode, s.entry.uid, s.entry.gid, s.entry.mtime_ns)
-                        for s in node.sources))
+                        for s in sources))
 
 
 def _dir_rank(entry: fmt.Entry) -> tuple[Any, ...]:

@@ -27,7 +27,7 @@ import zstandard
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, UsageError
 from cnpsfs.export import write_tar
-from cnpsfs.image.manifest import active_layers
+from cnpsfs.image.manifest import active_layers, stacking_order
 from cnpsfs.image.reader import FileReader
 from cnpsfs.oci.layout import LayoutWriter, parse_layout_reference
 from cnpsfs.oci.model import (
@@ -213,20 +213,18 @@ def export_oci(store: Store, image: fmt.Image, sink: BlobSink, options: ExportOp
     """Write *image* to *sink*: every layer, the config, then the manifest."""
     if options.compression not in DEFAULT_LEVEL:
         raise UsageError(f"unknown compression {options.compression!r}")
-    infos = active_layers(store, image)
-    if image.mode == "union":
-        # Union layers are unordered; their override layers go on top, as they compose.
-        infos = [i for i in infos if not i.override] + [i for i in infos if i.override]
-    if not infos:
+    # Nested images flattened into one stack; union layers are unordered, so their
+    # override layers go on top, as they compose (group by group for nested images).
+    stack = stacking_order(image, active_layers(store, image))
+    if not stack:
         raise CnpsfsError(f"{image.name}@{image.version} has no linked layers to export")
-    whiteouts = image.mode == "layers"
     oci = image.metadata.get("oci")
     if hasattr(sink, "set_sources") and isinstance(oci, dict) and isinstance(oci.get("source"), str):
         sink.set_sources([oci["source"]])
-    jobs = max(1, min(options.jobs, len(infos)))
+    jobs = max(1, min(options.jobs, len(stack)))
     with concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="cnpsfs-export") as pool:
-        futures = [pool.submit(_produce_layer, store, sink, info.root, info.at, whiteouts or info.override,
-                               info.fileset, options) for info in infos]
+        futures = [pool.submit(_produce_layer, store, sink, info.root, info.at, whiteouts, info.fileset, options)
+                   for info, whiteouts in stack]
         layers = []
         for future in futures:
             layers.append(future.result())
