@@ -75,3 +75,31 @@ def test_cli(built: Store, tmp_path: Path) -> None:
     assert cli("query", "hello>>99").rc == 1
     assert "package hello" in cli("why", "example.org/intro@2", "/usr/bin/hello").stdout
     assert "+ hello" in cli("diff", "example.org/intro@1", "example.org/intro@2").stdout
+
+
+def test_packages_query_and_why_see_through_nesting(built: Store, tmp_path: Path) -> None:
+    """An app image nesting the built image (union, nested in layers mode as a group)."""
+    from cnpsfs_testlib import Cli
+
+    from cnpsfs.ingest.directory import import_directory
+    from cnpsfs.ingest.tree import ImportOptions
+
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "run").write_text("#!/bin/sh\necho app\n")
+    import_directory(built, str(tmp_path / "code"), ImportOptions(name="example.org/intro-code", version="1"))
+    (tmp_path / "app.toml").write_text('name = "example.org/intro-app"\nversion = "1"\n'
+                                       '[[layers]]\nimage = "example.org/intro@2"\n'
+                                       '[[layers]]\nfileset = "example.org/intro-code@1"\nat = "/opt/app"\n')
+    cli = Cli(built.path)
+    cli.ok("image", "create", tmp_path / "app.toml")
+    app = built.get_image(built.resolve("example.org/intro-app@1"))
+    base = built.get_image(built.resolve("example.org/intro@2"))
+    assert image_packages(built, app) == image_packages(built, base)
+    assert [h["image"] for h in query(built, "hello")] == ["example.org/intro-app@1", "example.org/intro@2"]
+    answer = why(built, "example.org/intro-app@1", "/usr/bin/hello")
+    assert answer["package"].startswith("hello ") and answer["via"] == ["example.org/intro@2"]
+    assert answer["layer"] == 1
+    answer = why(built, "example.org/intro-app@1", "/opt/app/run")
+    assert answer["package"] is None and answer["name"] == "example.org/intro-code@1" and answer["via"] == []
+    assert "hello" in cli.ok("packages", "example.org/intro-app@1").stdout
+    assert "layer 1 in example.org/intro@2 " in cli.ok("why", "example.org/intro-app@1", "/usr/bin/hello").stdout

@@ -158,7 +158,8 @@ def test_nesting_depth_limit() -> None:
 
 def test_limits_are_documented() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "format.md").read_text()
-    for value in (fmt.MAX_OBJECT_SIZE, fmt.MAX_DIR_ENTRIES, fmt.MAX_EXTENTS, fmt.MAX_LAYERS, fmt.MAX_DEPTH):
+    for value in (fmt.MAX_OBJECT_SIZE, fmt.MAX_DIR_ENTRIES, fmt.MAX_EXTENTS, fmt.MAX_LAYERS, fmt.MAX_DEPTH,
+                  fmt.MAX_NESTING):
         assert f"{value:,}" in doc, value
 
 

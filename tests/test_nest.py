@@ -10,6 +10,7 @@ there" is checked against the flat composition it must equal.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 
 import pytest
 from cnpsfs_testlib import Cli
-from mountutil import manifest_text
+from mountutil import compare_mount, manifest_text, mount_image
+from ociimages import busybox_image  # noqa: F401 (fixture)
 from test_compose import WH, D, F, kind, make_fileset, missing, names, read, tree
 
 from cnpsfs import format as fmt
@@ -392,3 +394,79 @@ def test_gc_keeps_nested_images(nested_store: tuple[Cli, Path], store: Store) ->
     cli.ok("gc")
     assert store.tags() == []
     assert store.counts()[:2] == (0, 0), "nothing is left once the app's tag is gone"
+
+
+# --------------------------------------------------------------------------- real mounts and the OCI tools
+
+
+@pytest.fixture
+def busybox_app(cli: Cli, tmp_path: Path, busybox_image: Path) -> dict[str, Any]:  # noqa: F811
+    """The busybox OCI image (3 layers, whiteouts, an opaque directory) imported as the base
+    of an app image that adds its code at /opt/app and a union image of two packages."""
+    cli.ok("import", "oci", f"oci:{busybox_image}:full", "--name", "example.org/busybox", "--version", "1")
+    for name, body in (("code", "echo app v1"), ("pkg-a", "a"), ("pkg-b", "b")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.txt").write_text(body + "\n")
+        cli.ok("import", "dir", tmp_path / name, "--name", f"example.org/{name}", "--version", "1")
+    (tmp_path / "pkgs.toml").write_text(manifest_text(
+        "example.org/pkgs", [{"fileset": "example.org/pkg-a@1", "at": "/usr/share/a"},
+                             {"fileset": "example.org/pkg-b@1", "at": "/usr/share/b"}], mode="union"))
+    (tmp_path / "app.toml").write_text(manifest_text(
+        "example.org/app", [{"image": "example.org/busybox@1"}, {"image": "pkgs.toml"},
+                            {"fileset": "example.org/code@1", "at": "/opt/app"}],
+        extra='[config]\ncmd = ["/bin/cat", "/opt/app/code.txt"]\n'))
+    cli.ok("image", "create", tmp_path / "app.toml")
+    return {"cli": cli, "store": tmp_path / "store", "dir": tmp_path, "layout": busybox_image}
+
+
+@pytest.mark.fuse
+def test_nested_image_mount_upgrade_swaps_only_what_changed(busybox_app: dict[str, Any], tmp_path: Path) -> None:
+    cli = busybox_app["cli"]
+    (tmp_path / "code2").mkdir()
+    (tmp_path / "code2/code.txt").write_text("echo app v1\n")
+    # The base is upgraded: a new version of one of the union's packages.
+    (tmp_path / "pkg-b2").mkdir()
+    (tmp_path / "pkg-b2/pkg-b.txt").write_text("b2\n")
+    cli.ok("import", "dir", tmp_path / "pkg-b2", "--name", "example.org/pkg-b", "--version", "2")
+    pkgs2 = (tmp_path / "pkgs.toml").read_text().replace("pkg-b@1", "pkg-b@2").replace('version = "1"',
+                                                                                     'version = "2"')
+    (tmp_path / "pkgs2.toml").write_text(pkgs2)
+    (tmp_path / "app2.toml").write_text((tmp_path / "app.toml").read_text().replace("pkgs.toml", "pkgs2.toml")
+                                        .replace('version = "1"', 'version = "2"'))
+    cli.ok("image", "create", tmp_path / "app2.toml")
+    with mount_image(busybox_app["store"], "example.org/app@1", tmp_path / "mnt") as mnt:
+        root = mnt.mountpoint
+        before = {p: os.lstat(root / p).st_ino for p in ("bin/busybox", "opt/app/code.txt", "usr/share/a/pkg-a.txt")}
+        assert (root / "usr/share/b/pkg-b.txt").read_text() == "b\n"
+        status = json.loads(cli.ok("status", root, "--json").stdout)
+        assert [layer.get("image") is not None for layer in status["layers"]] == [True, True, False]
+        assert status["init_layer"] is None and not (root / "proc").exists()
+        swap = json.loads(cli.ok("upgrade", root, "example.org/app@2", "--json").stdout)
+        assert (root / "usr/share/b/pkg-b.txt").read_text() == "b2\n"
+        after = {p: os.lstat(root / p).st_ino for p in before}
+        assert after == before  # unchanged files keep their inodes (and kernel caches)
+        # /, /usr, /usr/share, /usr/share/b changed; /bin, /etc, /opt and the rest shared unread.
+        assert swap["changed_dirs"] == 4, swap
+        assert swap["shared_dirs"] >= 8, swap
+        cli.ok("rollback", root)
+        assert (root / "usr/share/b/pkg-b.txt").read_text() == "b\n"
+
+
+@pytest.mark.fuse
+def test_nested_image_exports_flattened_and_umoci_unpacks_the_mount(busybox_app: dict[str, Any],
+                                                                     tmp_path: Path) -> None:
+    from ociimages import run, skopeo_config
+    from test_oci import BUSYBOX_NLINK, root_differences
+
+    cli = busybox_app["cli"]
+    out = json.loads(cli.ok("export", "oci", "example.org/app@1", f"oci:{tmp_path / 'out'}:app", "--json").stdout)
+    assert len(out["layers"]) == 3 + 2 + 1  # busybox's three, the union's two, the app's code
+    config = skopeo_config(f"oci:{tmp_path / 'out'}:app")
+    assert config["config"]["Cmd"] == ["/bin/cat", "/opt/app/code.txt"]  # type: ignore[index]
+    run("umoci", "unpack", "--image", f"{tmp_path / 'out'}:app", tmp_path / "bundle")
+    with mount_image(busybox_app["store"], "example.org/app@1", tmp_path / "mnt") as mnt:
+        problems = set(root_differences(compare_mount(tmp_path / "bundle/rootfs", mnt.mountpoint)))
+        # umoci makes the parents of /opt/app and /usr/share/{a,b} at unpack time, with the
+        # time of the unpack: the export writes no entry for a parent no layer has.
+        problems = {p for p in problems if not re.match(r"b'(opt|usr|usr/share)': st_mtime_ns", p)}
+        assert problems == BUSYBOX_NLINK, "\n".join(sorted(problems ^ BUSYBOX_NLINK)[:40])

@@ -128,7 +128,8 @@ def why_cmd(app: App, ref: str, path: str, as_json: bool) -> None:
         click.echo(f"{path}: synthesised directory (no layer provides it)")
         return
     who = f"package {result['package']}, " if result["package"] else ""
-    click.echo(f"{path}: {who}layer {result['layer']} {result['name']} ({result['fileset'][:23]})")
+    via = f" in {' -> '.join(result['via'])}" if result.get("via") else ""
+    click.echo(f"{path}: {who}layer {result['layer']}{via} {result['name']} ({result['fileset'][:23]})")
 
 
 COMMANDS = [build_cmd, packages_cmd, query_cmd, diff_cmd, why_cmd]

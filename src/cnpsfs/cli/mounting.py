@@ -46,9 +46,11 @@ from cnpsfs.fs.options import (
 @click.option("--allow-downgrade", is_flag=True,
               help="Serve a signed revision older than one accepted before (rollback protection off, once).")
 @click.option("--init-layer", is_flag=True,
-              help="Add an init layer on top: empty /proc, /sys, /dev, /etc/hostname, /etc/hosts, "
-                   "/etc/resolv.conf and /etc/mtab -> /proc/mounts where the image lacks them, so a container "
-                   "runtime (podman run --rootfs, runc) can mount over them. The image itself is unchanged.")
+              help="Add an init layer on top: empty /proc, /sys, /dev, /run, /tmp, /var/tmp, /etc/hostname, "
+                   "/etc/hosts, /etc/resolv.conf, /run/.containerenv and /etc/mtab -> /proc/mounts where the image "
+                   "lacks them, so a "
+                   "container runtime (podman run --rootfs, runc) can mount over them. The image itself is "
+                   "unchanged.")
 @click.option("--init-dir", "init_dirs", multiple=True, metavar="PATH",
               help="Another directory the init layer provides where the image lacks it (a volume's mount "
                    "destination); implies --init-layer. Repeatable.")
@@ -68,11 +70,12 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     Without --init-layer the mount shows the image exactly as stored.
     """
     from cnpsfs.fs.mounting import mount_image, serve_image
-    from cnpsfs.image.initlayer import check_destination
+    from cnpsfs.image.initlayer import CONTAINER_FILES, CONTAINER_TMPFS, check_destination
 
-    init = tuple(check_destination(d) for d in init_dirs) if init_layer or init_dirs else None
+    init = (*CONTAINER_TMPFS, *(check_destination(d) for d in init_dirs)) if init_layer or init_dirs else None
     options = MountOptions(allow_other=allow_other, use_extensions=fuse_mode == "auto", threads=threads,
-                           cache_mib=cache_mib, writable=upperdir, init_layer=init)
+                           cache_mib=cache_mib, writable=upperdir, init_layer=init,
+                           init_files=CONTAINER_FILES if init is not None else ())
     trust = app.checker()
     if foreground:
         serve_image(app.store(), ref, mountpoint, options, trust=trust, allow_downgrade=allow_downgrade)

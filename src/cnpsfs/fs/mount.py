@@ -93,7 +93,7 @@ class MountService:
     def build(self) -> Generation:
         label = f"{self.image.name}@{self.image.version}"
         generation = compose(self.store, self.image, number=1, label=label, digest=self.image_digest,
-                             init=self.options.init_layer)
+                             init=self.options.init_layer, init_files=self.options.init_files)
         self.history.append(HistoryItem(1, label, fmt.format_digest(self.image_digest) if self.image_digest else None,
                                         time.time(), "mount"))
         self.init_status = describe_init_layer(generation)
@@ -307,7 +307,7 @@ class MountService:
 
         def build(old: Generation) -> tuple[Generation, SwapPlan]:
             new = compose(self.store, image, old.inodes, number=old.number + 1, label=label, previous=old,
-                          digest=digest, init=self.options.init_layer)
+                          digest=digest, init=self.options.init_layer, init_files=self.options.init_files)
             plan = prepare(old, new, held=held)
             init_status.append(describe_init_layer(new))
             return new, plan

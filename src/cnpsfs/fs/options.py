@@ -36,6 +36,7 @@ class MountOptions:
     #: Compose an init layer on top (cnpsfs.image.initlayer): None for none (the image
     #: exactly as stored), else the mount destinations beyond the defaults.
     init_layer: tuple[str, ...] | None = None
+    init_files: tuple[str, ...] = ()  # bind targets (files) beyond the defaults
     ready_timeout: float = READY_TIMEOUT
 
     @property

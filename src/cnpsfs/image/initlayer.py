@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 #: Mount points of the kernel filesystems every runtime mounts (runc's default spec,
 #: podman, Docker's init layer).
 RUNTIME_DIRS = ("/proc", "/sys", "/dev")
+#: Where ``podman run --read-only`` mounts a tmpfs (its --read-only-tmpfs, on by default):
+#: ``cnpsfs mount --init-layer`` provides them too, having no config.json to read.
+CONTAINER_TMPFS = ("/run", "/tmp", "/var/tmp")
+#: podman binds its own file onto this one (its marker, as Docker's init layer holds
+#: /.dockerenv): ``cnpsfs mount --init-layer`` provides it, ``cnpsfs bundle`` does not.
+CONTAINER_FILES = ("/run/.containerenv",)
 #: Files runtimes bind-mount their own versions onto.
 BIND_FILES = ("/etc/hostname", "/etc/hosts", "/etc/resolv.conf")
 #: Symlinks: programs read the mount table from /etc/mtab.
@@ -48,6 +54,12 @@ class _Wanted:
     kind: fmt.Kind
     children: dict[bytes, _Wanted] = field(default_factory=dict)
     target: bytes = b""
+    created: bool = True  # False: a directory the image has, passed through on the way
+
+    def prune(self) -> bool:
+        """Drop passed-through directories that end up adding nothing; True if anything is left."""
+        self.children = {name: child for name, child in self.children.items() if child.prune()}
+        return self.created or bool(self.children)
 
 
 def check_destination(path: str) -> str:
@@ -58,29 +70,31 @@ def check_destination(path: str) -> str:
         raise UsageError(f"init layer: mount destination {path!r}: {exc}") from None
 
 
-def wanted_paths(destinations: Iterable[str]) -> list[tuple[str, fmt.Kind, bytes]]:
-    """Everything an init layer provides for *destinations*: (path, kind, symlink target)."""
+def wanted_paths(destinations: Iterable[str], files: Iterable[str] = ()) -> list[tuple[str, fmt.Kind, bytes]]:
+    """Everything an init layer provides for *destinations* (directories) and *files*
+    beyond the defaults: (path, kind, symlink target)."""
     out: list[tuple[str, fmt.Kind, bytes]] = [(p, fmt.Kind.DIR, b"") for p in RUNTIME_DIRS]
     out += [(check_destination(p), fmt.Kind.DIR, b"") for p in destinations]
     out += [(p, fmt.Kind.FILE, b"") for p in BIND_FILES]
+    out += [(check_destination(p), fmt.Kind.FILE, b"") for p in files]
     out += [(p, fmt.Kind.SYMLINK, target.encode()) for p, target in SYMLINKS]
     return out
 
 
-def init_layer(image: Generation, destinations: Iterable[str]) -> LayerInfo | None:
+def init_layer(image: Generation, destinations: Iterable[str], files: Iterable[str] = ()) -> LayerInfo | None:
     """The init layer for the composed *image* (None when the image lacks nothing).
 
     *destinations* are the mount destinations beyond the defaults (a config.json's, or
-    ``--init-dir``). A destination the image has as a file stays a file: a bind mount of
-    a file needs a file, which only the runtime's config can tell apart.
+    ``--init-dir``), *files* bind targets beyond the defaults. A destination the image has
+    as a file stays a file, and the reverse: only the image knows what it means there.
     """
-    root = _Wanted(fmt.Kind.DIR)
-    for path, kind, target in wanted_paths(destinations):
+    root = _Wanted(fmt.Kind.DIR, created=False)
+    for path, kind, target in wanted_paths(destinations, files):
         parts = tuple(p.encode("utf-8") for p in path.split("/") if p)
         if not parts:
             continue
         _add_missing(image, root, parts, kind, target)
-    if not root.children:
+    if not root.prune():
         return None
     directories: dict[bytes, fmt.Directory] = {}
     root_entry = fmt.Entry(b"", fmt.Kind.DIR, 0o755, tree=_encode(root, directories))
@@ -102,7 +116,7 @@ def _add_missing(image: Generation, root: _Wanted, parts: tuple[bytes, ...], kin
                 if last or not child.is_dir:
                     return  # there already, or below something that is not a directory
                 node = child
-                wanted = wanted.children.setdefault(name, _Wanted(fmt.Kind.DIR))
+                wanted = wanted.children.setdefault(name, _Wanted(fmt.Kind.DIR, created=False))
                 continue
             node = None
         if last:

@@ -346,17 +346,18 @@ def root_digests(image: fmt.Image, digest: bytes | None) -> set[bytes]:
 
 def compose(store: Store, image: fmt.Image, inodes: InodeTable | None = None, *, number: int = 1,
             label: str = "", previous: Generation | None = None, digest: bytes | None = None,
-            init: Sequence[str] | None = None) -> Generation:
+            init: Sequence[str] | None = None, init_files: Sequence[str] = ()) -> Generation:
     """A generation for *image*: reads the image's FileSet objects and root directories only.
 
-    *init* (mount destinations) adds an init layer on top (:mod:`cnpsfs.image.initlayer`):
-    what a container runtime mounts over or binds onto, where the image lacks it.
+    *init* (mount destinations; *init_files*: bind targets) adds an init layer on top
+    (:mod:`cnpsfs.image.initlayer`): what a container runtime mounts over or binds onto,
+    where the image lacks it.
     """
     layers = active_layers(store, image, digest)
     if init is not None:
         from cnpsfs.image.initlayer import init_layer
 
-        extra = init_layer(Generation(store, image, layers, InodeTable()), init)
+        extra = init_layer(Generation(store, image, layers, InodeTable()), init, init_files)
         if extra is not None:
             layers = [*layers, extra]
     table = inodes if inodes is not None else InodeTable()  # an empty table is falsy (len 0)

@@ -56,7 +56,9 @@ class Group:
     key: tuple[int, ...]  # layer positions from the top image down to the layer naming it
     mode: fmt.CompositionMode
     override: bool  # in an enclosing union: stacked on top of it
-    name: str  # NAME@VERSION for messages
+    # NAME@VERSION for messages; not part of what it composes (an upgraded nested image
+    # keeps the subtrees it did not change).
+    name: str = field(compare=False)
 
 
 @dataclass(frozen=True, slots=True)
