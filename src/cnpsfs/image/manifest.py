@@ -148,7 +148,7 @@ def image_from_manifest(store: Store, spec: Mapping[str, Any], source: str = "ma
             try:
                 digest = store.resolve(layer["fileset"], want=T_FILESET)
             except (NotFoundError, UsageError) as exc:
-                if store.object_type(store.resolve(layer["fileset"])) == T_IMAGE:
+                if _is_image(store, layer["fileset"]):
                     raise _fail(source, f"layers[{number}].fileset: {layer['fileset']} is an image: nest it with "
                                         f"image = {json.dumps(layer['fileset'])}") from None
                 raise _fail(source, f"layers[{number}].fileset: {exc}") from None
@@ -169,6 +169,13 @@ def image_from_manifest(store: Store, spec: Mapping[str, Any], source: str = "ma
         layers.append(fmt.Layer(None, layer["at"], layer["unlinked"], layer["override"], layer["label"], digest))
     return fmt.Image(spec["name"], spec["version"], spec["mode"], layers, dict(spec["config"]),
                      dict(spec["metadata"]), unstored)
+
+
+def _is_image(store: Store, ref: str) -> bool:
+    try:
+        return store.object_type(store.resolve(ref)) == T_IMAGE
+    except (NotFoundError, UsageError):
+        return False
 
 
 #: A manifest is a few KiB; one with the most layers allowed is well under 1 MiB.
