@@ -284,7 +284,7 @@ def check_images(store: Store, refs: Sequence[str], *, keyrings: Sequence[str] =
     import time
 
     from cnpsfs.debian.apt import DEFAULT_CACHE
-    from cnpsfs.image.manifest import load_image
+    from cnpsfs.image.manifest import all_filesets, load_image
     from cnpsfs.trust.provenance import ChainVerifier
 
     start = time.monotonic()
@@ -293,12 +293,12 @@ def check_images(store: Store, refs: Sequence[str], *, keyrings: Sequence[str] =
     skipped: list[str] = []
     for ref in refs:
         image, _digest = load_image(store, ref)
-        for layer in image.layers:
-            fs = store.get_fileset(layer.fileset)
+        for fileset in all_filesets(store, image):  # nested images seen through
+            fs = store.get_fileset(fileset)
             if not verifier.is_package(fs):
                 skipped.append(f"{fs.name}@{fs.version}")
                 continue
-            results.append(verifier.verify(store, layer.fileset))
+            results.append(verifier.verify(store, fileset))
     refetched = refetch([r for r in results if r.ok], cache or DEFAULT_CACHE, on_step=on_step) if refetch_debs \
         else {}
     rows = []

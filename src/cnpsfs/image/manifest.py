@@ -313,6 +313,24 @@ def active_layers(store: Store, image: fmt.Image, digest: bytes | None = None) -
     return expansion.layers
 
 
+def all_filesets(store: Store, image: fmt.Image) -> list[bytes]:
+    """Every FileSet *image* names, nested images seen through and unlinked layers included,
+    each once, bottom to top (for checks over everything an image holds, not what it shows)."""
+    out: dict[bytes, None] = {}
+    seen: set[bytes] = set()
+
+    def visit(img: fmt.Image) -> None:
+        for layer in img.layers:
+            if layer.image is None:
+                out.setdefault(layer.digest, None)
+            elif layer.image not in seen:
+                seen.add(layer.image)
+                visit(nested_image(store, image, layer.image))
+
+    visit(image)
+    return list(out)
+
+
 def stacking_order(image: fmt.Image, layers: Sequence[LayerInfo]) -> list[tuple[LayerInfo, bool]]:
     """*layers* as one ordered stack (for OCI export), each with whether its whiteouts mean
     anything: a union's layers first, its override layers above them, group by group."""

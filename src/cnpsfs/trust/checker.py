@@ -128,7 +128,7 @@ def subject_of(store: Store, image: fmt.Image, digest: bytes | None) -> tuple[by
     if (len(image.layers) == 1 and image.mode == "layers" and not image.config and not image.metadata):
         layer = image.layers[0]
         if layer.at == "/" and not layer.unlinked and not layer.override and not layer.label \
-                and store.object_type(layer.fileset) == T_FILESET:
+                and layer.fileset is not None and store.object_type(layer.fileset) == T_FILESET:
             fs = store.get_fileset(layer.fileset)
             if (fs.name, fs.version) == (image.name, image.version):
                 return layer.fileset, "fileset", fs.name, fs.version
@@ -247,17 +247,18 @@ class _Context:
             return base._replace(accepted=True, verified=True,
                                  reason=f"provenance from {result.record.archive if result.record else '?'}"
                                         f"{signer} ({base.rule}: debian-provenance)")
-        if depth > 0:  # an image inside an image does not exist; guard anyway
+        if depth > 0:  # decisions recurse into FileSets only (nested images are flattened below)
             return base._replace(reason="nested image")
         if image is None:
             image = self.store.get_image(digest)
+        from cnpsfs.image.manifest import active_layers
+
         count = 0
-        for layer in image.layers:
-            if layer.unlinked:
-                continue
-            fs = self.store.get_fileset(layer.fileset)
-            layer_label = f"{fs.name}@{fs.version} ({fmt.format_digest(layer.fileset)[:23]})"
-            inner = self.decide(layer.fileset, "fileset", fs.name, fs.version, layer_label, depth=1)
+        # What the image serves: its FileSet layers, nested images flattened, unlinked ones left out.
+        for info in active_layers(self.store, image, digest):
+            layer_label = f"{info.name} ({fmt.format_digest(info.fileset)[:23]})"
+            name, _, version = info.name.partition("@")
+            inner = self.decide(info.fileset, "fileset", name, version, layer_label, depth=1)
             if not inner.accepted:
                 where = "the default" if inner.rule == "default" else inner.rule
                 return base._replace(reason=f"layer {layer_label} refused by {where} "
