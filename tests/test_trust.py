@@ -897,3 +897,29 @@ def test_sbom_valid_against_published_schemas(built: Built) -> None:
     # a function of the image: the same bytes twice
     assert built.cli.ok("sbom", built.ref, "--format", "cyclonedx-json").stdout == json.dumps(cdx, indent=2) + "\n"
 
+
+
+def test_policy_sees_through_nested_images(built: Built, keys: dict[str, KeyPair], tmp_path: Path) -> None:
+    """An app image nesting the built image: every FileSet it serves, nested ones too,
+    passes its own rule (docs/manifest.md, nested images)."""
+    cli = _copy_store(built, tmp_path / "store")
+    policy = _provenance_policy(tmp_path / "policy.toml", keys)
+    write_tree(tmp_path / "code", {"run": "#!/bin/sh\n"})
+    cli.ok("import", "dir", tmp_path / "code", "--name", "cnpsfs.org/app-code", "--version", "1")
+    (tmp_path / "app.toml").write_text(f'name = "example.org/app"\nversion = "1"\n[[layers]]\nimage = "{built.ref}"\n'
+                                       '[[layers]]\nfileset = "cnpsfs.org/app-code@1"\nat = "/opt/app"\n')
+    app = digest_of(cli.ok("image", "create", tmp_path / "app.toml"))
+    (tmp_path / "mnt").mkdir()
+    line = one_line_error(cli("--policy", policy, "mount", app, tmp_path / "mnt"))
+    assert ("refused by policy rule 2 \"example.org/*\" (require = debian-provenance): layer "
+            "example.org/hello/dpkg-database@1") in line and line.endswith(": unsigned"), line
+    cli.ok("sign", "example.org/hello/dpkg-database@1", "--key", keys["a"].key)
+    store = LocalStore(cli.store_path)
+    try:
+        image = store.get_image(fmt.parse_digest(app))
+        decision = Checker(policy, DERIVATIONS).check(store, image, fmt.parse_digest(app))
+        assert decision.accepted and decision.verified, decision
+        count = len(built.image.layers) + 1
+        assert decision.reason.startswith(f"{count} layers each accepted by their own rule"), decision.reason
+    finally:
+        store.close()
