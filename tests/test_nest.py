@@ -470,3 +470,18 @@ def test_nested_image_exports_flattened_and_umoci_unpacks_the_mount(busybox_app:
         # time of the unpack: the export writes no entry for a parent no layer has.
         problems = {p for p in problems if not re.match(r"b'(opt|usr|usr/share)': st_mtime_ns", p)}
         assert problems == BUSYBOX_NLINK, "\n".join(sorted(problems ^ BUSYBOX_NLINK)[:40])
+
+
+def test_push_and_pull_carry_nested_images(nested_store: tuple[Cli, Path], tmp_path: Path) -> None:
+    """A remote holds what an image reaches, nested images included (docs/remote.md)."""
+    cli, base = nested_store
+    cli.ok("image", "create", base / "app.toml")
+    remote = f"file://{tmp_path / 'remote'}"
+    cli.ok("push", "example.org/app@1", remote)
+    other = Cli(tmp_path / "other")
+    other.ok("pull", "example.org/app@1", remote)
+    other.ok("verify")
+    assert other.ok("cat", "example.org/app@1", "usr/lib/libx.so").stdout == "x"
+    tree_lines = other.ok("inspect", "--tree", "example.org/app@1").stdout.splitlines()
+    assert [re.findall(r"example\.org/[a-z-]+@1", line)[0] for line in tree_lines][:4] == [
+        "example.org/app@1", "example.org/base@1", "example.org/os@1", "example.org/libs@1"]
