@@ -450,6 +450,14 @@ def test_nested_image_mount_upgrade_swaps_only_what_changed(busybox_app: dict[st
         assert swap["shared_dirs"] >= 8, swap
         cli.ok("rollback", root)
         assert (root / "usr/share/b/pkg-b.txt").read_text() == "b\n"
+        # A nested image is one layer of the mounted image: unlink and link address it
+        # by position, digest or label, and take all of its layers with it.
+        cli.ok("unlink", root, "2")
+        assert not (root / "usr/share").exists() and (root / "bin/busybox").exists()
+        cli.ok("link", root, "2")
+        assert (root / "usr/share/a/pkg-a.txt").read_text() == "a\n"
+        cli.ok("unlink", root, status["layers"][0]["image"])
+        assert not (root / "bin").exists() and (root / "opt/app/code.txt").exists()
 
 
 @pytest.mark.fuse
