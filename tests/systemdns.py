@@ -18,10 +18,13 @@ cnpsfs inside
     and libraries, as on the host), and pyfuse3 links libfuse3-3 (fuse3). When the venv
     was made from Debian's own /usr/bin/python3 nothing is bound: ROOT's python3 is the same
     interpreter at the same path. ``/usr/local/bin/cnpsfs`` is the symlink docs/systemd.md
-    tells a host to make, and the shipped units are copied to /etc/systemd/system as they are.
+    tells a host to make; the shipped units are copied to /etc/systemd/system and the
+    generator to /etc/systemd/system-generators, as they are.
 the store
     A directory of the test's, bound at /var/lib/cnpsfs (root's default store), so the host
-    side can import images into it while the namespace runs.
+    side can import images into it while the namespace runs; and a host directory at
+    /var/lib/cnpsfs-upper for writable mounts' upper directories, since overlayfs refuses
+    an upper directory on overlayfs (the namespace's root).
 boot
     A fresh cgroup v2 directory under this process's own cgroup, then ``unshare --cgroup
     --uts --ipc --fork --pid --mount --mount-proc --propagation private``, in which a small
@@ -84,6 +87,8 @@ MASKED = (
     "getty.target", "console-getty.service",
 )
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty", "fuse")
+STORE = "/var/lib/cnpsfs"  # root's default store
+UPPERDIRS = "/var/lib/cnpsfs-upper"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
@@ -150,10 +155,15 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval:
 
 @dataclass(frozen=True)
 class Bind:
-    """A host path bound at the same path inside."""
+    """A host path bound inside, at *inside* (default: the same path)."""
 
     path: Path
     read_only: bool = True
+    inside: str | None = None
+
+    @property
+    def target(self) -> str:
+        return self.inside or str(self.path)
 
 
 class SystemdNamespace:
@@ -175,7 +185,7 @@ class SystemdNamespace:
 
     def prepare(self) -> None:
         """Lay the session's files into the upper directory (only while nothing is mounted on it)."""
-        for d in (self.upper, self.work, self.merged, self.store):
+        for d in (self.upper, self.work, self.merged):
             d.mkdir(parents=True, exist_ok=True)
         etc = self.upper / "etc"
         (etc / "systemd" / "system").mkdir(parents=True, exist_ok=True)
@@ -187,14 +197,26 @@ class SystemdNamespace:
             if not link.is_symlink():
                 link.symlink_to("/dev/null")
         for unit in (REPO / "systemd").iterdir():
-            shutil.copy(unit, etc / "systemd" / "system" / unit.name)
+            if unit.suffix in (".service", ".target"):
+                shutil.copy(unit, etc / "systemd" / "system" / unit.name)
+        generators = etc / "systemd" / "system-generators"
+        generators.mkdir(exist_ok=True)
+        shutil.copy(REPO / "systemd" / "cnpsfs-generator", generators / "cnpsfs-generator")
         (etc / "cnpsfs" / "mounts").mkdir(parents=True, exist_ok=True)
         local_bin = self.upper / "usr" / "local" / "bin"
         local_bin.mkdir(parents=True, exist_ok=True)
         if not (local_bin / "cnpsfs").is_symlink():
             (local_bin / "cnpsfs").symlink_to(REPO / ".venv" / "bin" / "cnpsfs")
-        for bind in [*self.binds, Bind(Path("/var/lib/cnpsfs"))]:
-            (self.upper / str(bind.path).lstrip("/")).mkdir(parents=True, exist_ok=True)
+        for bind in self.all_binds():
+            (self.upper / bind.target.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            if not bind.read_only:
+                bind.path.mkdir(parents=True, exist_ok=True)
+
+    def all_binds(self) -> list[Bind]:
+        """The binds, and the two of every namespace: the store, and a place for writable mounts'
+        upper directories (overlayfs refuses an upper directory on overlayfs, as the root is here)."""
+        return [*self.binds, Bind(self.store, read_only=False, inside=STORE),
+                Bind(self.base / "upperdirs", read_only=False, inside=UPPERDIRS)]
 
     def _inner_script(self) -> str:
         """What runs inside the new namespaces, as their PID 1, before it becomes systemd."""
@@ -220,9 +242,8 @@ class SystemdNamespace:
             f"ln -s /proc/self/fd {m}/dev/fd",
             f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {m}/dev/shm",
         ]
-        for bind in [*self.binds, Bind(self.store, read_only=False)]:
-            inside = "/var/lib/cnpsfs" if bind.path == self.store else str(bind.path)
-            target = q(str(self.merged) + inside)
+        for bind in self.all_binds():
+            target = q(str(self.merged) + bind.target)
             lines.append(f"mount --bind {q(str(bind.path))} {target}")
             if bind.read_only:
                 lines.append(f"mount -o remount,bind,ro {target}")

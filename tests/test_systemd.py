@@ -26,7 +26,7 @@ from mountutil import IN_CI, is_mounted
 
 from cnpsfs.errors import NotFoundError, UsageError
 from cnpsfs.fs.notify import Notifier
-from cnpsfs.fs.unit import load_config, parse_config
+from cnpsfs.fs.unit import load_config, missing_capabilities, parse_config, sandbox_dropin
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT_DIR = REPO / "systemd"
@@ -128,6 +128,33 @@ def test_service_config_names(tmp_path: Path) -> None:
         load_config("absent", tmp_path)
 
 
+def test_sandbox_dropin_by_mount_kind(tmp_path: Path) -> None:
+    read_only = parse_config('image = "x@1"\n', "web", tmp_path / "web.toml")
+    writable = parse_config('image = "x@1"\nwritable = "/var/lib/cnpsfs/upper/%i"\n', "web", tmp_path / "web.toml")
+    text = sandbox_dropin(read_only)
+    assert "\n[Service]\nCapabilityBoundingSet=CAP_SYS_ADMIN\n" in text and str(tmp_path / "web.toml") in text
+    assert "CapabilityBoundingSet" not in sandbox_dropin(writable).replace("# ", "")
+    full = "CapBnd:\t000001ffffffffff\n"
+    admin_only = f"CapBnd:\t{1 << 21:016x}\n"
+    assert missing_capabilities(writable, full) == [] and missing_capabilities(read_only, admin_only) == []
+    assert missing_capabilities(writable, admin_only) == ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER",
+                                                          "CAP_FSETID", "CAP_MKNOD", "CAP_SETFCAP"]
+
+
+def test_service_generate_writes_a_dropin_per_good_file(tmp_path: Path) -> None:
+    confdir, out = tmp_path / "mounts", tmp_path / "generator"
+    confdir.mkdir()
+    (confdir / "web.toml").write_text('image = "x@1"\n')
+    (confdir / "rw.toml").write_text('image = "x@1"\nwritable = "/var/lib/cnpsfs/upper/%i"\n')
+    (confdir / "bad.toml").write_text('image = "x@1"\nmountpoit = "/m"\n')
+    result = Cli(tmp_path / "store").ok("service", "--config-dir", confdir, "generate", out, out / "early",
+                                        out / "late")
+    made = sorted(str(p.relative_to(out)) for p in out.rglob("*.conf"))
+    assert made == ["cnpsfs@rw.service.d/50-cnpsfs-sandbox.conf", "cnpsfs@web.service.d/50-cnpsfs-sandbox.conf"]
+    assert "CapabilityBoundingSet=CAP_SYS_ADMIN" in (out / made[1]).read_text()
+    assert "cnpsfs@bad.service: no sandbox drop-in" in result.stderr and "mountpoit" in result.stderr
+
+
 # --------------------------------------------------------------------------- the unit files
 
 
@@ -161,6 +188,10 @@ def test_unit_keeps_the_mount_visible_on_the_host() -> None:
     assert not settings & private_ns
     assert {"Type", "NotifyAccess", "ExecReload", "ExecStop", "ExecStopPost", "DeviceAllow"} <= settings
     assert "Type=notify\n" in text and "NotifyAccess=main\n" in text and "DeviceAllow=/dev/fuse rwm\n" in text
+    # What tests/test_systemd_real.py showed a mount lives with (docs/systemd.md, "Hardening").
+    assert {"MemoryDenyWriteExecute", "ProtectClock", "SystemCallFilter", "SystemCallErrorNumber",
+            "RestrictAddressFamilies", "NoNewPrivileges", "RestartPreventExitStatus"} <= settings
+    assert "CapabilityBoundingSet" not in settings  # per mount, from systemd/cnpsfs-generator
 
 
 # --------------------------------------------------------------------------- real mounts
@@ -373,8 +404,9 @@ def test_service_run_recovers_from_a_killed_daemon(app: tuple[Cli, Path], tmp_pa
 
 @pytest.mark.fuse
 def test_service_stop_detaches_a_mount_in_use_lazily(app: tuple[Cli, Path], tmp_path: Path) -> None:
-    """ExecStop always completes: a mount a process still uses (the unmount raises
-    MountpointBusyError) is detached lazily with a warning, and its user keeps reading."""
+    """ExecStop always completes, at once: a mount a process still uses (the unmount raises
+    MountpointBusyError) is detached lazily with a warning and its daemon stopped; the user's
+    next request that needs the daemon fails with ENOTCONN (docs/systemd.md, "Stopping")."""
     cli, _manifest = app
     confdir = tmp_path / "mounts"
     confdir.mkdir()
@@ -388,23 +420,25 @@ def test_service_stop_detaches_a_mount_in_use_lazily(app: tuple[Cli, Path], tmp_
         with foreground([*CNPSFS, *service, "run", "held"], mnt, env) as proc:
             assert messages.next()[0] == "READY=1", messages.seen
             # Its working directory is the mount: a plain unmount is refused while it lives.
-            holder = subprocess.Popen(["sh", "-c", "cat hello.txt; sleep 4; cat hello.txt"], cwd=mnt,
-                                      stdout=subprocess.PIPE)
+            holder = subprocess.Popen(["sh", "-c", "cat hello.txt; read x; cat never-looked-up; echo rc=$?"],
+                                      cwd=mnt, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
             try:
                 assert holder.stdout is not None
                 assert holder.stdout.readline() == b"v1\n"
+                started = time.monotonic()
                 stop = cli.ok(*service, "stop", "held")
-                assert "is busy" in stop.stderr and "detaching it lazily" in stop.stderr, stop.stderr
+                assert time.monotonic() - started < 10, "a busy stop waited for a daemon that cannot exit"
+                assert "is busy" in stop.stderr and "detaching it lazily and stopping the daemon" in stop.stderr
                 assert "unmounted" in stop.stderr
                 assert not is_mounted(mnt)
-                assert holder.stdout.readline() == b"v1\n", "the detached mount still serves its user"
-                assert holder.wait(30) == 0
+                assert proc.wait(30) == 0
+                out, err = holder.communicate(b"\n", timeout=30)
+                assert out == b"rc=1\n" and b"Transport endpoint is not connected" in err, (out, err)
             finally:
-                holder.kill()
-                holder.wait()
-                if holder.stdout:
-                    holder.stdout.close()
-            assert proc.wait(30) == 0
+                if holder.poll() is None:
+                    holder.kill()
+                    holder.wait()
     finally:
         cli(*service, "stop", "held")
         messages.sock.close()

@@ -16,7 +16,6 @@ import selectors
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +25,6 @@ from systemdns import SystemdNamespace, message, wait_for
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(240)]
 
 UNIT = "cnpsfs@app.service"
-IDENT = "cnpsfs-app"  # SyslogIdentifier=cnpsfs-%i
 MP = "/var/lib/machines/app"  # the default mountpoint
 CONFIG = "/etc/cnpsfs/mounts/app.toml"
 LIBDIR = "usr/lib/x86_64-linux-gnu"
@@ -63,6 +61,7 @@ def ns(systemd_ns: SystemdNamespace, tmp_path_factory: pytest.TempPathFactory) -
                         '[config]\ncmd = ["/bin/sh", "-c", "cat /hello.txt"]\n')
     cli.ok("image", "create", manifest)
     set_image(systemd_ns, "test.example/app@1")
+    systemd_ns.daemon_reload()  # a new mount file: the generator writes its sandbox drop-in
     yield systemd_ns
     systemd_ns.systemctl("stop", UNIT, check=False)
 
@@ -89,16 +88,18 @@ def hello(ns: SystemdNamespace) -> str:
     return ns.path(f"{MP}/hello.txt").read_text()
 
 
-def daemon_lines(ns: SystemdNamespace, after: str, count: int | None = None,
-                 timeout: float = 15.0) -> list[tuple[str, str]]:
-    """(priority, message) of the lines cnpsfs (daemon and helpers) wrote to the unit's journal.
+def daemon_lines(ns: SystemdNamespace, after: str, count: int | None = None, timeout: float = 15.0,
+                 unit: str = UNIT) -> list[tuple[str, str]]:
+    """(priority, message) of the lines cnpsfs (daemon and helpers) wrote to *unit*'s journal.
 
     journald takes stream lines asynchronously: with *count*, wait (bounded) until that
     many are there, then a moment more, so a line too many is seen too.
     """
+    ident = "cnpsfs-" + unit.removeprefix("cnpsfs@").removesuffix(".service")  # SyslogIdentifier=cnpsfs-%i
+
     def lines() -> list[tuple[str, str]]:
-        return [(e.get("PRIORITY", ""), message(e)) for e in ns.journal("-u", UNIT, after=after)
-                if e.get("SYSLOG_IDENTIFIER") == IDENT]
+        return [(e.get("PRIORITY", ""), message(e)) for e in ns.journal("-u", unit, after=after)
+                if e.get("SYSLOG_IDENTIFIER") == ident]
 
     if count is not None:
         wait_for(f"{count} cnpsfs journal lines (have {lines()})", lambda: len(lines()) >= count, timeout)
@@ -167,6 +168,23 @@ def test_start_is_active_only_once_the_mount_answers(ns: SystemdNamespace) -> No
         f"INFO cnpsfs.fs.mounting: mounted at {MP}: {status(ns)}",
     ], lines
     assert {p for p, _text in lines} == {"6"}  # info
+
+
+def test_the_daemon_runs_in_the_sandbox(ns: SystemdNamespace) -> None:
+    """The unit's hardening and the generated drop-in are in force in the running daemon."""
+    props = show(ns, "CapabilityBoundingSet", "DropInPaths", "MainPID", "RestrictAddressFamilies",
+                 "SystemCallFilter", "MemoryDenyWriteExecute", "ProtectClock", "NoNewPrivileges")
+    assert props["CapabilityBoundingSet"] == "cap_sys_admin", props  # read-only: generated
+    assert props["DropInPaths"].split() == ["/run/systemd/generator/cnpsfs@app.service.d/50-cnpsfs-sandbox.conf"]
+    assert props["RestrictAddressFamilies"] == "AF_UNIX"
+    assert (props["MemoryDenyWriteExecute"], props["ProtectClock"], props["NoNewPrivileges"]) == ("yes",) * 3
+    assert " mount " in f" {props['SystemCallFilter']} " and " reboot " not in f" {props['SystemCallFilter']} "
+    status_lines = dict(line.split(":\t", 1) for line in
+                        ns.path(f"/proc/{props['MainPID']}/status").read_text().splitlines() if ":\t" in line)
+    assert int(status_lines["CapBnd"], 16) == 1 << 21  # CAP_SYS_ADMIN
+    assert status_lines["NoNewPrivs"].strip() == "1" and status_lines["Seccomp"].strip() == "2"
+    # Nothing of that hides the mount: it is in PID 1's mount namespace, where containers see it.
+    assert_serving(ns, "1")
 
 
 # --------------------------------------------------------------------------- reload
@@ -320,6 +338,88 @@ def test_stop_with_a_file_held_open(ns: SystemdNamespace) -> None:
     assert err.count("Transport endpoint is not connected") == 2, err
 
 
+# --------------------------------------------------------------------------- writable mounts and bad files
+
+
+def test_writable_mount_under_the_unit(ns: SystemdNamespace) -> None:
+    """Copy-up, whiteouts, chown and mknod in a writable mount; a mount file made writable
+    without daemon-reload is refused with the reason (its sandbox is still the read-only one)."""
+    unit, mnt, upper = "cnpsfs@rw.service", "/var/lib/machines/rw", "/var/lib/cnpsfs-upper/rw"
+    ns.write("/etc/cnpsfs/mounts/rw.toml", 'image = "test.example/app@1"\n')
+    ns.daemon_reload()
+    assert ns.show(unit, "CapabilityBoundingSet")["CapabilityBoundingSet"] == "cap_sys_admin"
+    ns.write("/etc/cnpsfs/mounts/rw.toml", f'image = "test.example/app@1"\nwritable = "{upper}"\n')
+    try:
+        cursor = ns.cursor()
+        assert ns.systemctl("start", unit, check=False).returncode != 0
+        assert ns.show(unit, "ActiveState", "NRestarts") == {"ActiveState": "failed", "NRestarts": "0"}
+        errors = daemon_lines(ns, cursor, 1, unit=unit)
+        assert errors == [("3", "cnpsfs: error: mount rw is writable (/etc/cnpsfs/mounts/rw.toml) but this process "
+                                "may not use CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID, CAP_MKNOD, "
+                                "CAP_SETFCAP: the unit's sandbox was generated for a read-only mount; run `systemctl "
+                                "daemon-reload` after changing writable (docs/systemd.md)")], errors
+        ns.systemctl("reset-failed", unit)
+        ns.daemon_reload()
+        assert ns.show(unit, "CapabilityBoundingSet")["CapabilityBoundingSet"].count("cap_") > 30
+        ns.systemctl("start", unit)
+        assert ns.state(unit) == "active"
+        assert [m for m in ns.mounts() if m[0] == mnt] == [(mnt, "overlay")]
+        done = ns.run("sh", "-c", f"cd {mnt} && echo more >> hello.txt && echo new > new.txt && chmod 600 big.bin "
+                      "&& chown 5:5 big.bin && rm usr/bin/true && mknod null c 1 3 && mkdir d && chown 7:7 d "
+                      "&& cat hello.txt")
+        assert done.stdout == "v1\nmore\n"
+        on_disk = ns.path(f"{upper}/upper")
+        assert (on_disk / "hello.txt").read_text() == "v1\nmore\n" and (on_disk / "new.txt").exists()
+        assert (on_disk / "big.bin").stat().st_uid == 5 and (on_disk / "d").stat().st_uid == 7
+        assert (on_disk / "usr/bin/true").is_char_device()  # the whiteout
+        ns.systemctl("stop", unit)
+        assert [m for m in ns.mounts() if m[0] == mnt or m[0].startswith("/run/cnpsfs/")] == []
+        assert ns.state(unit) == "inactive"
+    finally:
+        ns.systemctl("stop", unit, check=False)
+        ns.remove("/etc/cnpsfs/mounts/rw.toml")
+        ns.daemon_reload()
+
+
+def test_a_bad_mount_file_fails_the_start_naming_the_file(ns: SystemdNamespace) -> None:
+    unit = "cnpsfs@bad.service"
+    ns.write("/etc/cnpsfs/mounts/bad.toml", 'image = "test.example/app@1"\nmountpoit = "/srv/x"\n')
+    try:
+        ns.daemon_reload()  # the generator skips it (no drop-in)
+        assert ns.show(unit, "DropInPaths")["DropInPaths"] == ""
+        cursor = ns.cursor()
+        assert ns.systemctl("start", unit, check=False).returncode != 0
+        # Exit 2 (RestartPreventExitStatus=2): failed at once, not restarted until the start limit.
+        assert ns.show(unit, "ActiveState", "NRestarts") == {"ActiveState": "failed", "NRestarts": "0"}
+        lines = daemon_lines(ns, cursor, 1, unit=unit)
+        assert lines == [("3", "cnpsfs: error: /etc/cnpsfs/mounts/bad.toml: unknown key 'mountpoit' (allowed: "
+                               "allow_other, cache_mib, fuse_mode, image, mountpoint, store, threads, writable)")
+                         ], lines
+        assert ns.systemctl("start", "cnpsfs@nothing.service", check=False).returncode != 0
+        assert ns.show("cnpsfs@nothing.service", "AssertResult")["AssertResult"] == "no"  # AssertPathExists=
+    finally:
+        ns.remove("/etc/cnpsfs/mounts/bad.toml")
+        ns.systemctl("reset-failed", unit, "cnpsfs@nothing.service", check=False)
+        ns.daemon_reload()
+
+
+def test_stop_takes_down_the_running_mount_whatever_the_file_says_now(ns: SystemdNamespace) -> None:
+    """The file edited while mounted (another mountpoint, then a typo): stop still unmounts MP."""
+    assert_serving(ns, "1")
+    for edited in ('image = "test.example/app@1"\nmountpoint = "/srv/elsewhere"\n',
+                   'image = "test.example/app@1"\nmountpoit = "/srv/elsewhere"\n'):
+        ns.write(CONFIG, edited)
+        cursor = ns.cursor()
+        try:
+            ns.systemctl("stop", UNIT)
+        finally:
+            set_image(ns, "test.example/app@1")
+        assert daemon_lines(ns, cursor, 1) == [("6", f"mount app: unmounted {MP}")]
+        assert cnpsfs_mounts(ns) == [] and show(ns, "Result")["Result"] == "success"
+        ns.systemctl("start", UNIT)
+        assert_serving(ns, "1")
+
+
 # --------------------------------------------------------------------------- boot order
 
 
@@ -450,11 +550,11 @@ def test_mount_from_a_remote_store(ns: SystemdNamespace) -> None:
     raise AssertionError("not written yet")
 
 
-def test_journal_priorities_of_helpers(ns: SystemdNamespace, tmp_path: Path) -> None:
-    """ExecStopPost after a clean stop says nothing; an error line is priority err (journalctl -p err)."""
+def test_a_clean_stop_is_one_journal_line(ns: SystemdNamespace) -> None:
+    """ExecStop unmounts and says so; ExecStopPost, which runs after every stop, finds nothing to do."""
     cursor = ns.cursor()
     ns.systemctl("stop", UNIT)
-    lines = daemon_lines(ns, cursor, 1)
-    assert lines == [("6", f"mount app: unmounted {MP}")], lines  # ExecStop; ExecStopPost found nothing to do
+    assert daemon_lines(ns, cursor, 1) == [("6", f"mount app: unmounted {MP}")]
+    assert cnpsfs_mounts(ns) == []
     ns.systemctl("start", UNIT)
     assert_serving(ns, "1")

@@ -73,10 +73,15 @@ def service_run(ctx: click.Context, name: str) -> None:
     manifest-file image; SIGUSR1 dumps the threads' stacks to the journal.
     """
     from cnpsfs.fs.mounting import serve_image
-    from cnpsfs.fs.unit import load_config
+    from cnpsfs.fs.unit import load_config, missing_capabilities
     from cnpsfs.store import LocalStore, Store
 
     config = load_config(name, _config_dir(ctx))
+    missing = missing_capabilities(config)
+    if missing:
+        raise UsageError(f"mount {name} is writable ({config.source}) but this process may not use "
+                          f"{', '.join(missing)}: the unit's sandbox was generated for a read-only mount; "
+                          "run `systemctl daemon-reload` after changing writable (docs/systemd.md)")
     app = ctx.find_object(App)
     assert app is not None
     if not app.debug:
@@ -96,7 +101,42 @@ def service_run(ctx: click.Context, name: str) -> None:
                                    cache_size=parse_size(config.cache_size) if config.cache_size else app.cache_size)
     else:
         store = LocalStore(Path(config.store)) if config.store else app.store()
-    serve_image(store, config.image, config.mountpoint, config.mount_options(), trust=app.checker())
+    state = _state_path(config.source)
+    _write_state(state, {"name": name, "mountpoint": os.path.realpath(config.mountpoint), "pid": os.getpid()})
+    try:
+        serve_image(store, config.image, config.mountpoint, config.mount_options(), trust=app.checker())
+    finally:
+        state.unlink(missing_ok=True)  # a killed daemon leaves it: ExecStopPost or the restart use it
+
+
+def _state_path(source: Path) -> Path:
+    """Where ``service run`` notes what it mounted, for ``service stop``: keyed by the mount file.
+
+    Stop acts on what runs, not on what the file says now: the file may have been edited
+    since (another mountpoint, a typo) while the old mount still has to come down.
+    """
+    import hashlib
+
+    from cnpsfs.fs.daemon import runtime_dir
+
+    key = hashlib.blake2b(os.fsencode(os.path.realpath(source)), digest_size=8).hexdigest()
+    directory = runtime_dir() / "services"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory / f"{source.stem}-{key}.json"
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("mountpoint"), str) else None
 
 
 def _detach_dead(mountpoint: str) -> None:
@@ -162,19 +202,35 @@ def service_reload(ctx: click.Context, name: str, as_json: bool) -> None:
 def service_stop(ctx: click.Context, name: str) -> None:
     """Unmount NAME and wait for its daemon (ExecStop and ExecStopPost).
 
-    Not mounted is success (ExecStopPost runs after a clean stop too); a dead mount is
-    detached; a mount still in use is detached lazily, with a warning, and its daemon
-    stopped, so a stop always completes at once: what its users still hold open there
-    fails with ENOTCONN from then on (a service's daemon has to exit for the unit to stop).
+    Acts on the mount `service run` made (its mountpoint is noted in /run/cnpsfs), even
+    when the file changed since; without one, on the file's mountpoint. Not mounted is
+    success (ExecStopPost runs after a clean stop too), and so is a file that does not
+    parse when nothing was mounted from it (its error was ExecStart's to report); a dead
+    mount is detached; a mount still in use is detached lazily, with a warning, and its
+    daemon stopped, so a stop always completes at once: what its users still hold open
+    there fails with ENOTCONN from then on (a service's daemon has to exit for the unit
+    to stop).
     """
     from cnpsfs.fs.daemon import MountRecord, mounted_fstype, unmount
-    from cnpsfs.fs.unit import load_config
+    from cnpsfs.fs.unit import check_name, load_config
 
-    config = load_config(name, _config_dir(ctx))
-    real = os.path.realpath(config.mountpoint)
+    check_name(name)
+    state_path = _state_path(_config_dir(ctx) / f"{name}.toml")
+    state = _read_state(state_path)
+    quiet = stream_is_journal(sys.stderr)  # ExecStopPost after a clean stop: nothing to say
+    if state is not None:
+        real = state["mountpoint"]
+    else:
+        try:
+            real = os.path.realpath(load_config(name, _config_dir(ctx)).mountpoint)
+        except CnpsfsError as exc:
+            if not quiet:
+                click.echo(f"mount {name}: not running ({exc})", err=True)
+            return
     if MountRecord.load(real) is None and mounted_fstype(real) is None:
-        if not stream_is_journal(sys.stderr):  # ExecStopPost after a clean stop: nothing to say
-            click.echo(f"mount {name}: {config.mountpoint} is not mounted", err=True)
+        state_path.unlink(missing_ok=True)
+        if not quiet:
+            click.echo(f"mount {name}: {real} is not mounted", err=True)
         return
     try:
         unmount(real)
@@ -182,7 +238,35 @@ def service_stop(ctx: click.Context, name: str) -> None:
         log.warning("mount %s: %s; detaching it lazily and stopping the daemon (files still open there "
                     "fail with ENOTCONN)", name, exc)
         unmount(real, lazy=True, terminate=True)
-    click.echo(f"mount {name}: unmounted {config.mountpoint}", err=True)
+    state_path.unlink(missing_ok=True)
+    click.echo(f"mount {name}: unmounted {real}", err=True)
+
+
+@service_group.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("unused", nargs=-1, type=click.Path(), metavar="[EARLY LATE]")
+@click.pass_context
+def service_generate(ctx: click.Context, directory: Path, unused: tuple[str, ...]) -> None:
+    """Write each mount's sandbox drop-in into DIRECTORY (a systemd generator).
+
+    systemd runs systemd/cnpsfs-generator (this command) at boot and at every
+    `systemctl daemon-reload`, with its generator directories; for every NAME.toml a
+    cnpsfs@NAME.service.d/50-cnpsfs-sandbox.conf says what that mount needs and the unit
+    cannot know: a read-only mount keeps only CAP_SYS_ADMIN. A file that does not parse is
+    skipped with a warning (its unit then fails to start, naming the file).
+    """
+    from cnpsfs.fs.unit import DROPIN_NAME, load_config, sandbox_dropin
+
+    config_dir = _config_dir(ctx)
+    for path in sorted(config_dir.glob("*.toml")) if config_dir.is_dir() else []:
+        try:
+            config = load_config(path.stem, config_dir)
+        except CnpsfsError as exc:
+            log.warning("cnpsfs@%s.service: no sandbox drop-in: %s", path.stem, exc)
+            continue
+        dropin_dir = directory / f"cnpsfs@{config.name}.service.d"
+        dropin_dir.mkdir(parents=True, exist_ok=True)
+        (dropin_dir / DROPIN_NAME).write_text(sandbox_dropin(config))
 
 
 @service_group.command("show")

@@ -114,6 +114,15 @@ class MountService:
             raise CnpsfsError(f"cannot mount at {self.mountpoint}: {cause or exc}") from None
         try:
             trio.run(self._main, on_ready)
+        except BaseExceptionGroup as group:
+            # A failure in the nursery (e.g. the overlay of a writable mount refused in
+            # on_ready) arrives wrapped: our own error is the one line the user should see.
+            ours = group.subgroup(CnpsfsError)
+            if ours is None:
+                raise
+            while isinstance(ours, BaseExceptionGroup):
+                ours = ours.exceptions[0]
+            raise ours from None
         finally:
             self.notifier.stopping()
             # Unmount: trio.run also returns normally after SIGTERM/SIGINT
