@@ -247,6 +247,8 @@ class SystemdNamespace:
             lines.append(f"mount --bind {q(str(bind.path))} {target}")
             if bind.read_only:
                 lines.append(f"mount -o remount,bind,ro {target}")
+        # Shared, as systemd makes / on a host: mount propagation inside is then the host's.
+        lines.append(f"mount --make-rshared {m}")
         lines.append(f"exec chroot {m} /lib/systemd/systemd --system")
         return "\n".join(lines)
 
