@@ -141,6 +141,19 @@ def test_sandbox_dropin_by_mount_kind(tmp_path: Path) -> None:
                                                           "CAP_FSETID", "CAP_MKNOD", "CAP_SETFCAP"]
 
 
+def test_sandbox_dropin_opens_the_network_only_for_network_remotes(tmp_path: Path) -> None:
+    def dropin(remotes: str) -> str:
+        return sandbox_dropin(parse_config(f'image = "x@1"\nremotes = {remotes}\n', "web", tmp_path / "web.toml"))
+
+    assert "AF_INET" not in dropin("[]") and "AF_INET" not in dropin('["file:///srv/remote"]')
+    for remotes in ('["http://127.0.0.1:8080/r"]', '["file:///srv/r", "docker://127.0.0.1:5000/x/y"]',
+                    '["no-such-configured-remote"]'):
+        text = dropin(remotes)
+        assert "\nRestrictAddressFamilies=AF_INET AF_INET6\n" in text, remotes
+        assert text.index("[Unit]\nWants=network-online.target\nAfter=network-online.target\n") < text.index(
+            "[Service]")
+
+
 def test_service_generate_writes_a_dropin_per_good_file(tmp_path: Path) -> None:
     confdir, out = tmp_path / "mounts", tmp_path / "generator"
     confdir.mkdir()
