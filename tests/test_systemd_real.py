@@ -3,9 +3,11 @@
 The shipped units run unchanged, with this checkout's cnpsfs at /usr/local/bin/cnpsfs, on
 a store the host fills. The tests share one booted namespace and run in file order, each
 leaving ``cnpsfs@app`` active on test.example/app@1 (the mount file's image) for the next:
-start, live reloads (under an exec loop), a refused reload, kill -9, a watchdog timeout,
-stop with a file held open, and boot ordering of consumers across isolate, daemon-reexec
-and a reboot of the namespace. docs/systemd.md describes what these tests show.
+start, the sandbox in force, live reloads (under an exec loop), reloads refused (a missing
+image, the trust policy), kill -9, a watchdog timeout, stop with a file held open, writable
+mounts, wrong and edited mount files, boot ordering of consumers across isolate,
+daemon-reexec and a reboot of the namespace, and mounts from remote stores (nginx and
+docker-registry on 127.0.0.1). docs/systemd.md describes what these tests show.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from remoteutil import NGINX_REMOTE_CONF
 from servers import RegistryServer, start_nginx, stop_process
 from systemdns import SystemdNamespace, message, wait_for
 
-pytestmark = [pytest.mark.fuse, pytest.mark.timeout(240)]
+# Each test bounds its own waits; the first one may also build ROOT (debootstrap, minutes).
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(900)]
 
 UNIT = "cnpsfs@app.service"
 MP = "/var/lib/machines/app"  # the default mountpoint
