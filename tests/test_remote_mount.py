@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import json
+import os
 import subprocess
 import time
 from collections import Counter
@@ -315,3 +316,54 @@ def test_latency_parallel_fetches_and_merged_ranges(source: SourceStore, served:
         assert proxy.max_in_flight >= 2  # requests ran in parallel
     print(f"20 ms RTT: python {python_seconds:.2f}s; {big.name} {len(data)} bytes in {read_seconds:.2f}s "
           f"({blocks} blocks in {requests} requests)")
+
+
+# --------------------------------------------------------------------------- crashes and the bound
+
+
+def test_killed_daemon_leaves_a_consistent_cache(source: SourceStore, served: Restartable, tmp_path: Path) -> None:
+    import signal
+
+    from cnpsfs_testlib import wait_until
+    from mountutil import cnpsfs, finish_mount, pid_alive, start_mount
+
+    store = tmp_path / "store"
+    mnt = start_mount(store, IMAGE_V2, tmp_path / "mnt", args=["--remote", served.url])
+    try:
+        result = chroot(mnt.mountpoint, "python3", "-c", PYTHON_CODE)
+        assert result.returncode == 0, result.stderr
+        (mnt.mountpoint / "usr/bin/perl").read_bytes()  # the last blocks fetched may still be in memory
+        mnt.expect_exit = True
+        os.kill(mnt.pid, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(mnt.pid), timeout=10, what="the killed daemon to be gone")
+        assert cnpsfs("umount", mnt.mountpoint).returncode == 0
+    finally:
+        finish_mount(mnt)
+    verify = source.cli("verify", "--json", store=store)
+    assert verify.rc == 0, verify
+    assert json.loads(verify.stdout)["checked"] > 100  # it cached a good part, consistently
+    with mount_image(store, IMAGE_V2, tmp_path / "mnt2", args=["--remote", served.url]) as again:
+        result = chroot(again.mountpoint, "python3", "-c", PYTHON_CODE)
+        assert result.returncode == 0, result.stderr
+        assert file_digest(again.mountpoint / "usr/bin/perl") == file_digest(source.v2_tree / "usr/bin/perl")
+
+
+def test_the_cache_bound_holds_under_a_mount(source: SourceStore, served: Restartable, tmp_path: Path) -> None:
+    from cnpsfs_testlib import wait_until
+
+    store = tmp_path / "store"
+    limit = 24 << 20
+    with mount_image(store, IMAGE_V1, tmp_path / "mnt", args=["--remote", served.url, "--cache-size", "24M"],
+                     allow_log=[r"evicted cache pack"]) as mnt:
+        problems = compare_mount(source.v1_tree, mnt.mountpoint, source_stats=walk_lstat(source.v1_tree))
+        assert not problems, "\n".join(problems[:20])
+
+        def cache_bytes() -> int:
+            return int(json.loads(source.cli.ok("df", "--json", store=store).stdout)["cache"]["bytes"])
+
+        # the 80 MB image went through a 24 MB cache: what was read 10 s ago or more is evicted
+        wait_until(lambda: cache_bytes() <= limit, timeout=60, what="the cache to shrink to its bound")
+        assert mnt.status()["remote"]["cache"]["limit"] == limit
+        # and what was evicted comes back from the remote on the next read, verified
+        assert file_digest(mnt.mountpoint / "usr/bin/bash") == file_digest(source.v1_tree / "usr/bin/bash")
+    assert source.cli("verify", store=store).rc == 0

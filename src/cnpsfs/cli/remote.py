@@ -194,7 +194,7 @@ def cache_evict(app: App, everything: bool, as_json: bool) -> None:
     """Evict least recently used cache packs down to the bound (or all with --all).
 
     Never evicts a pack holding anything a local tag reaches, the metadata of an image
-    a running mount serves, or a pack read in the last minute.
+    a running mount serves, or a pack read in the last 10 seconds.
     """
     from cnpsfs.store.cached import cache_summary, evict
 

@@ -20,7 +20,8 @@ everything that was committed.
 ``cache-size``), the least recently used cache packs are evicted when the cache grows past
 it, never a pack holding anything a local tag reaches, nor the metadata (directories,
 extents, FileSets, images) of an image a running mount serves, nor a pack read in the last
-:data:`PIN_SECONDS` by any process (the mount's working set). Cache packs are whole
+:data:`PIN_SECONDS` by any process (the mount's working set, so a read does not evict
+what the read before it fetched). Cache packs are whole
 commit batches of blocks fetched together, so they are evicted whole and the space comes
 back at once; metadata blocks and data blocks are committed into separate packs.
 """
@@ -55,8 +56,10 @@ log = logging.getLogger(__name__)
 COMMIT_BYTES = 8 << 20
 COMMIT_SECONDS = 1.0
 #: A cache pack read this recently is not evicted (flushed to the index every TOUCH_SECONDS).
-PIN_SECONDS = 60.0
+PIN_SECONDS = 10.0
 TOUCH_SECONDS = 5.0
+#: Eviction (a walk of what tags and mounts reach) runs at most this often.
+EVICT_EVERY = 5.0
 #: Eviction brings the cache down to this share of its size.
 EVICT_TO = 0.9
 SETTING_CACHE_SIZE = "cache-size"
@@ -118,6 +121,7 @@ class CachedStore:
         self._stop = False
         self._commit_lock = threading.Lock()
         self._last_touch_flush = time.monotonic()
+        self._last_evict = 0.0
 
     # ------------------------------------------------------------------ what the mount needs of a local store
 
@@ -481,6 +485,7 @@ class CachedStore:
                 if due:
                     self.commit()
                 self._flush_touches()
+                self._maybe_evict()
             except Exception:  # the thread must survive a full disk; the next round tries again
                 log.exception("committing fetched blocks to %s failed", self.local.path)
                 time.sleep(self.commit_seconds)
@@ -512,8 +517,14 @@ class CachedStore:
                     self._committed[item.loc.block] = None
                 self._pending_bytes = sum(len(p.record) for p in self._pending.values())
                 self._pending_since = time.monotonic()
-        if self.cache_size is not None:
-            self.evict(self.cache_size)
+        self._maybe_evict()
+
+    def _maybe_evict(self) -> None:
+        """Keep the bound: after commits, and now and then while reads have stopped."""
+        if self.cache_size is None or time.monotonic() - self._last_evict < EVICT_EVERY:
+            return
+        self._last_evict = time.monotonic()
+        self.evict(self.cache_size)
 
     def _touch(self, pack: int) -> None:
         self._touched[pack] = time.time_ns()

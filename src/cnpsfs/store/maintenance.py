@@ -190,7 +190,7 @@ def gc(store: LocalStore, *, repack_below: float = 0.5, dry_run: bool = False) -
     """Delete everything no tag, image or live mount reaches; repack sparse packs.
 
     Holds the store lock exclusively, so no import is half-way while it runs. Cache packs
-    (blocks fetched from remotes, docs/format.md 2.5) are not garbage: gc keeps them and
+    (blocks fetched from remotes, docs/format.md 2.6) are not garbage: gc keeps them and
     their members whole and leaves them to the cache's bound (``cnpsfs cache evict``);
     what running mounts serve from a remote may be partly absent locally, which is fine.
     """
