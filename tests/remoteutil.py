@@ -109,3 +109,78 @@ def python_debs() -> list[Path]:
     from test_import_deb import fetch_debs
 
     return fetch_debs(PYTHON_PACKAGES)
+
+
+# --------------------------------------------------------------------------- squid
+
+
+#: A regional cache in front of an origin: keeps what the origin says is cacheable, answers
+#: a Range request from the whole object it fetches once (range_offset_limit -1), and
+#: collapses concurrent misses for one object into one origin request.
+SQUID_CONF = """
+http_port 127.0.0.1:{port}
+pid_filename {dir}/squid.pid
+cache_log {dir}/cache.log
+access_log stdio:{dir}/access.log squid
+cache_store_log none
+coredump_dir {dir}
+cache_mem 1024 MB
+maximum_object_size 512 MB
+maximum_object_size_in_memory 256 MB
+range_offset_limit -1
+collapsed_forwarding on
+quick_abort_min -1 KB
+acl localnet src 127.0.0.0/8
+http_access allow localnet
+http_access deny all
+refresh_pattern . 0 20% 4320
+shutdown_lifetime 1 seconds
+pinger_enable off
+"""
+
+
+@dataclass
+class SquidServer:
+    url: str
+    directory: Path
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        from servers import stop_process
+
+        stop_process(self.proc)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_squid() -> SquidServer:
+    """squid in the foreground (``-N``) on a free loopback port, memory cache only."""
+    import socket
+    import tempfile
+    import time
+
+    from servers import free_port, require_program
+
+    program = require_program("squid", "squid")
+    # squid drops to its own user: its directory must not be under pytest's 0700 temp dirs
+    directory = Path(tempfile.mkdtemp(prefix="cnpsfs-squid-"))
+    directory.chmod(0o777)
+    port = free_port()
+    (directory / "squid.conf").write_text(SQUID_CONF.format(port=port, dir=directory))
+    log = open(directory / "stdout.log", "wb")  # noqa: SIM115 (the child's)
+    proc = subprocess.Popen([program, "-N", "-f", str(directory / "squid.conf")], stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=directory)
+    log.close()
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            text = (directory / "stdout.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"squid exited with {proc.returncode}:\n{text}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("squid did not listen within 30 s") from None
+            time.sleep(0.1)
+    return SquidServer(f"http://127.0.0.1:{port}", directory, proc)
