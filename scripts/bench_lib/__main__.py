@@ -23,6 +23,7 @@ from .corpus import DEFAULT_CACHE, Corpus, ensure_corpus
 from .import_section import run_import
 from .mount_section import MEASURES, run_mount
 from .oci_section import oci_table, run_oci
+from .remote_section import remote_table, run_remote
 from .report import consistency_notes, import_table, mount_table, requests_table, write_json
 from .scale_section import run_scale, scale_table
 from .swap_section import run_swap, swap_table
@@ -31,7 +32,7 @@ from .trust_section import run_trust, trust_summary, trust_table
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("import", "mount", "swap", "build", "scale", "oci", "trust")
+SECTIONS = ("import", "mount", "swap", "build", "scale", "oci", "trust", "remote")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -138,7 +139,7 @@ def _run_sections(args: argparse.Namespace, started: float) -> tuple[list[str], 
     """Every requested section, in order: the markdown lines and the run's metadata."""
     umount_all_under(args.work)  # leftovers of an interrupted run
     # The swap section builds its own synthetic image: no Debian corpus needed for it alone.
-    corpus = ensure_corpus(args.cache) if {"import", "mount", "oci"} & set(args.sections) else None
+    corpus = ensure_corpus(args.cache) if {"import", "mount", "oci", "remote"} & set(args.sections) else None
     cli = CnpsfsCli(REPO)
     systems = _split(args.systems)
     meta: dict[str, Any] = {
@@ -195,6 +196,13 @@ def _run_sections(args: argparse.Namespace, started: float) -> tuple[list[str], 
         trusted = run_trust(args.work, args.cache, max(args.reps, 5) if not args.quick else 1, cli)
         sections["trust"] = trust_summary(trusted)
         out += ["## trust (signature and provenance checks)", "", trust_table(trusted), ""]
+    if "remote" in args.sections:
+        assert corpus is not None
+        remote_rows, remote_info = run_remote(corpus, args.cache, args.work, args.reps, cli, systems)
+        sections["remote"] = {"rows": remote_rows, "info": remote_info,
+                              "summary": {r.name: r.summary() for r in remote_rows if not r.skipped}}
+        out += ["## remote (lazy mounts from a registry and nginx, at 0 and 20 ms RTT)", "",
+                remote_table(remote_rows, remote_info), ""]
     meta["elapsed_seconds"] = round(time.monotonic() - started, 1)
     meta["loadavg_end"] = _loadavg()
     result_file = args.out / "bench-results.json"

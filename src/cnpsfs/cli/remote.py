@@ -24,11 +24,15 @@ def _local(app: App, *, create: bool = False) -> LocalStore:
 @click.argument("remote", metavar="REMOTE")
 @click.option("--pack-size", default="32M", show_default=True, metavar="SIZE",
               help="Cut new pack blobs at this size (smaller: finer resumption; larger: fewer blobs).")
+@click.option("--block-size", default=None, metavar="SIZE",
+              help="Re-block what is sent into blocks of this size (a lazy reader fetches whole blocks; "
+                   "default: the blocks of the local store, 1 MiB).")
 @click.option("--parallel", type=click.IntRange(1, 64), default=None, metavar="N",
               help="Uploads at once (default: the remote's parallel setting, 8).")
 @json_option
 @pass_app
-def push_cmd(app: App, ref: str, remote: str, pack_size: str, parallel: int | None, as_json: bool) -> None:
+def push_cmd(app: App, ref: str, remote: str, pack_size: str, block_size: str | None, parallel: int | None,
+             as_json: bool) -> None:
     """Push image (or FileSet) REF to REMOTE, sending only what the remote lacks.
 
     REMOTE is docker://HOST/REPO, file:///DIR or a name from remotes.toml (http(s)://
@@ -52,6 +56,7 @@ def push_cmd(app: App, ref: str, remote: str, pack_size: str, parallel: int | No
     try:
         with byte_progress(f"pushing {ref}", None) as advance:
             report = push(local, ref, backend, name=spec.name, pack_size=max(1 << 20, parse_size(pack_size)),
+                          block_size=max(16 << 10, parse_size(block_size)) if block_size else None,
                           parallel=parallel or spec.parallel, state_dir=local.path / "remote", progress=advance)
     finally:
         backend.close()

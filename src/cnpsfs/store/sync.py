@@ -167,8 +167,10 @@ class _PackSpool:
 class _Reblocker:
     """Members of partly wanted blocks, grouped into new blocks (data and metadata apart)."""
 
-    def __init__(self, emit: Emit) -> None:
+    def __init__(self, emit: Emit, block_size: int | None = None) -> None:
         self.emit = emit
+        self.targets = {False: block_size or BLOCK_TARGET, True: min(block_size or META_BLOCK_TARGET,
+                                                                      META_BLOCK_TARGET)}
         self.cctx = zstandard.ZstdCompressor(level=DEFAULT_ZSTD_LEVEL)
         self.open: dict[bool, list[tuple[bytes, int, bytes]]] = {False: [], True: []}
         self.size = {False: 0, True: 0}
@@ -177,7 +179,7 @@ class _Reblocker:
         meta = type_code != T_CHUNK
         self.open[meta].append((digest, type_code, data))
         self.size[meta] += len(data)
-        if self.size[meta] >= (META_BLOCK_TARGET if meta else BLOCK_TARGET):
+        if self.size[meta] >= self.targets[meta]:
             self.seal(meta)
 
     def seal(self, meta: bool) -> None:
@@ -197,7 +199,7 @@ class _Reblocker:
 
 
 def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = None, pack_size: int = PACK_TARGET,
-         parallel: int = 8, state_dir: Path | None = None,
+         block_size: int | None = None, parallel: int = 8, state_dir: Path | None = None,
          progress: Callable[[int], object] | None = None) -> TransferReport:
     """Push everything *ref* reaches that the remote lacks, then its tags (see the module doc)."""
     started = time.monotonic()
@@ -278,7 +280,7 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
                     new_entries.setdefault(digest, (block_no, type_code, inner, length))
                 inner += length
 
-        _pack_lacking(local, lacking, emit)
+        _pack_lacking(local, lacking, emit, block_size)
         spool.close()
         for fut in uploads:
             if fut.result():
@@ -431,8 +433,12 @@ def _object_type(data: bytes) -> int:
     return TYPE_CODES[fmt.object_type(data)]
 
 
-def _pack_lacking(local: LocalStore, lacking: dict[bytes, int], emit: Emit) -> None:
-    """Read the blocks holding *lacking* members in a fixed order, verify them, and emit records."""
+def _pack_lacking(local: LocalStore, lacking: dict[bytes, int], emit: Emit, block_size: int | None = None) -> None:
+    """Read the blocks holding *lacking* members in a fixed order, verify them, and emit records.
+
+    With *block_size*, every member is re-blocked into blocks of that target (a remote read
+    lazily fetches whole blocks: smaller ones mean fewer bytes per cold read).
+    """
     locs = local.locate_many(lacking)
     absent = [d for d in lacking if d not in locs]
     if absent:
@@ -445,7 +451,7 @@ def _pack_lacking(local: LocalStore, lacking: dict[bytes, int], emit: Emit) -> N
         blocks.setdefault(loc.block, []).append(digest)
         first.setdefault(loc.block, loc)
     dctx = zstandard.ZstdDecompressor()
-    reblock = _Reblocker(emit)
+    reblock = _Reblocker(emit, block_size)
     for key in sorted(blocks, key=lambda k: (names.get(k[0], ""), k[1])):
         loc = first[key]
         payload, members = local.packs.read_record(loc)
@@ -456,7 +462,7 @@ def _pack_lacking(local: LocalStore, lacking: dict[bytes, int], emit: Emit) -> N
             if digest in wanted and fmt.digest_bytes(raw[inner:inner + length]) != digest:
                 raise CorruptObjectError(f"{TYPE_NAMES.get(type_code, 'object')} {fmt.format_digest(digest)} is "
                                          f"corrupt in the local store (block at {where}): not pushing it")
-        if all(m[0] in wanted for m in members):
+        if block_size is None and all(m[0] in wanted for m in members):
             # Every member is wanted (and verified): the record travels as it is on disk.
             emit(loc.codec, payload, loc.raw, [(d, t, n) for d, t, _i, n in members])
             continue
