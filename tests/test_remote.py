@@ -497,3 +497,27 @@ def test_signatures_are_pushed_and_pulled_with_the_image(tmp_path: Path) -> None
     dst.ok("--policy", policy, "pull", "example.org/unsigned@1", remote)
     assert "example.org/unsigned@1" in dst.ok("tag", "list").stdout
     assert dst.ok("verify").rc == 0
+
+
+def test_push_can_reblock_into_smaller_blocks(source: SourceStore, tmp_path: Path) -> None:
+    directory = tmp_path / "small-blocks"
+    report = push_cli(source, IMAGE_V1, f"file://{directory}", "--block-size", "256K")
+    assert report["members_sent"] > 3000
+    remote = remote_store(f"file://{directory}")
+    try:
+        index = remote.open_image(remote.resolve(IMAGE_V1))
+        assert max(b.raw for b in index.root.blocks) < (256 << 10) + (256 << 10)  # target plus one member
+        assert len(index.root.blocks) > 300  # the store's 1 MiB blocks cut about four ways
+    finally:
+        remote.close()
+    cli = Cli(tmp_path / "store")
+    cli.ok("pull", IMAGE_V1, f"file://{directory}")
+    assert cli.ok("verify").rc == 0
+    src = LocalStore(source.path)
+    dst = LocalStore(tmp_path / "store")
+    try:
+        _root, want = digests_of(src, IMAGE_V1)
+        assert all(dst.get(d) == src.get(d) for d in sorted(want)[:500])
+    finally:
+        src.close()
+        dst.close()
