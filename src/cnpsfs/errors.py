@@ -130,3 +130,19 @@ class RemoteNotFoundError(RegistryError, NotFoundError):
 
 class AuthError(RegistryError):
     """Credentials are missing or wrong, or the token server refused them (401/403)."""
+
+
+class StoreError(CnpsfsError):
+    """The store's files cannot be read or written: an I/O error, a full disk, a lock.
+
+    The message names the store file and the cause (``No space left on device``), so
+    the user knows it is the machine, not the input; nothing half-written is left.
+    """
+
+
+class StoreDamagedError(StoreError):
+    """The store's index or a pack does not read back as written; ``cnpsfs store repair`` rebuilds the index."""
+
+
+class StoreReadOnlyError(StoreError):
+    """A command that writes was given a store on read-only media (or one this user cannot write)."""

@@ -161,6 +161,8 @@ class CnpsfsGroup(click.Group):
             sys.exit(1)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except OSError as exc:  # the machine's state (a full disk, EIO, a permission): not a bug
+            fail(ctx, f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc), 1)
         except Exception as exc:
             fail(ctx, f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)", 70)
 

@@ -24,6 +24,7 @@ from cnpsfs.cli import (
     oci,
     remote,
     service,
+    store,
     store_cmds,
     trust,
 )
@@ -93,8 +94,8 @@ def main(ctx: click.Context, store_path: Path | None, policy_arg: str | None, de
     ctx.call_on_close(ctx.obj.close)  # a cached store commits what it fetched
 
 
-for _module in (importing, browse, exporting, store_cmds, image, commit, mounting, service, bundle, build, oci, trust,
-                remote):
+for _module in (importing, browse, exporting, store_cmds, store, image, commit, mounting, service, bundle, build, oci,
+                trust, remote):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 for _command in oci.IMPORT_COMMANDS:

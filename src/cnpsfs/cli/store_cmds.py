@@ -50,12 +50,15 @@ def verify_cmd(app: App, refs: tuple[str, ...], provenance: bool, refetch: bool,
     with byte_progress("verifying", None) as advance:
         report = verify(store, roots, on_progress=advance)
     if as_json:
-        emit_json({"checked": report.checked, "problems": report.problems})
+        emit_json({"checked": report.checked, "problems": report.problems, "repairable": report.repairable})
     else:
         for problem in report.problems:
             click.echo(problem)
         click.echo(f"checked {report.checked} records: "
                    f"{len(report.problems) or 'no'} problem{'s' if len(report.problems) != 1 else ''}", err=True)
+        if report.repairable:
+            click.echo("the index is damaged or disagrees with packs/: `cnpsfs store repair` rebuilds it from the"
+                       " packs, keeping what verifies and naming what is lost", err=True)
     if report.problems:
         sys.exit(1)
 
@@ -125,17 +128,22 @@ def df_cmd(app: App, as_json: bool) -> None:
 def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
     """Remove every object no tag, image or running mount reaches, leftovers of
     killed imports, and repack packs that are mostly garbage. Waits for running imports."""
-    from cnpsfs.fs.daemon import forget_dead_mounts, forget_dead_roots
-    from cnpsfs.store.maintenance import gc
+    from cnpsfs.fs.daemon import forget_dead_mounts, forget_dead_roots, runtime_dir
+    from cnpsfs.store.maintenance import gc, roots_dirs
 
     store = app.store()
+    store.check_writable("gc")
+    runtime = None
+    with contextlib.suppress(CnpsfsError):  # an unsafe runtime dir is for mount to refuse
+        runtime = runtime_dir()
     if not dry_run:
         # Killed daemons leave their roots behind (and a zombie nobody reaps still answers
         # kill(pid, 0)): what only they served is garbage now.
-        with contextlib.suppress(CnpsfsError):  # an unsafe runtime dir is for mount to refuse
+        with contextlib.suppress(CnpsfsError):
             forget_dead_mounts()
-        forget_dead_roots(store.run_dir)
-    r = gc(store, dry_run=dry_run)
+        for directory in roots_dirs(store, runtime):
+            forget_dead_roots(directory)
+    r = gc(store, dry_run=dry_run, runtime=runtime)
     data = {"removed_objects": r.removed_objects, "removed_packs": r.removed_packs, "repacked": r.repacked,
             "removed_tmp": r.removed_tmp, "bytes_before": r.bytes_before, "bytes_after": r.bytes_after,
             "cache_packs": r.cache_packs, "cache_bytes": r.cache_bytes}

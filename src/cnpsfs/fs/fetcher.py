@@ -22,6 +22,10 @@ Costs of a miss, and why they are what they are:
   (Two first-ever misses in one block, not located yet, can each open the block once:
   the price of locating and decoding in one hop; the second finds the first's reader.)
 
+A load that fails (a corrupt block, a pack that cannot be read, a damaged index: any
+:class:`~cnpsfs.errors.CnpsfsError` or OSError) fails the chunks it was for, and only
+those: the read that wanted them gets EIO from the FUSE layer, the mount goes on.
+
 Everything here runs on the trio loop except the functions handed to
 ``trio.to_thread.run_sync``; state is touched only on the loop, so the code between two
 awaits is atomic, which the single-flight bookkeeping relies on.
@@ -37,7 +41,7 @@ from collections.abc import Hashable, Iterable
 import trio
 
 from cnpsfs import format as fmt
-from cnpsfs.errors import CorruptObjectError, MissingObjectError
+from cnpsfs.errors import CnpsfsError, CorruptObjectError, MissingObjectError
 from cnpsfs.image.reader import ChunkCache
 from cnpsfs.store import BlockReader, ChunkLocation, Store
 
@@ -142,7 +146,7 @@ class ChunkFetcher:
             relocate = stream is None and key in self._block_locs
             for digest in wanted:
                 self._failed[digest] = exc
-        except (CorruptObjectError, OSError) as exc:
+        except (CnpsfsError, OSError) as exc:
             for digest in wanted:
                 self._fail(digest, exc)
         finally:
@@ -174,7 +178,7 @@ class ChunkFetcher:
                         self._fail(digest, stream)
                     continue
                 self._settle(key, loc, wanted, stream, members)
-        except (CorruptObjectError, MissingObjectError, OSError) as exc:
+        except (CnpsfsError, OSError) as exc:
             for digest in digests:
                 self._fail(digest, exc)
         finally:
@@ -250,7 +254,7 @@ class ChunkFetcher:
         for key, (loc, wanted, upto) in groups.items():
             try:
                 members, stream = self._advance(None, loc, upto)
-            except (CorruptObjectError, MissingObjectError, OSError) as exc:
+            except (CnpsfsError, OSError) as exc:
                 loaded.append((key, loc, wanted, exc, {}))
                 continue
             loaded.append((key, loc, wanted, stream, members))

@@ -341,13 +341,14 @@ class MountService:
                 "invalidated_dirs": len(plan.dirs)}
 
     def _register_roots(self) -> None:
+        from cnpsfs.fs.daemon import runtime_dir
         from cnpsfs.store.maintenance import register_roots
 
         pinned = [(self.image, self.image_digest)]
         if self.rollback_image is not None:
             pinned.append(self.rollback_image)
         roots = set().union(*(root_digests(image, digest) for image, digest in pinned))
-        register_roots(self.store, sorted(roots))
+        register_roots(self.store, sorted(roots), runtime=runtime_dir())
 
     def status(self) -> dict[str, Any]:
         assert self.ops is not None

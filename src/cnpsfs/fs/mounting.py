@@ -147,13 +147,14 @@ class _Mount:
 
     def serve(self, ready: Callable[[], None]) -> None:
         """Mount, call *ready* once the mount answers, serve until unmounted, then clean up."""
-        from cnpsfs.fs.daemon import mounted_fstype
+        from cnpsfs.fs.daemon import mounted_fstype, runtime_dir
         from cnpsfs.store.maintenance import register_roots, unregister_roots
 
         upperdir = self.upperdir
         self.record.pid = os.getpid()
         self.record.save()
-        register_roots(self.store, self.roots)
+        runtime = runtime_dir()
+        register_roots(self.store, self.roots, runtime=runtime)
 
         def on_ready() -> None:
             if upperdir is not None:
@@ -170,5 +171,5 @@ class _Mount:
 
                 unmount_overlay(self.real, lazy=True)
             self.record.remove()
-            unregister_roots(self.store)
+            unregister_roots(self.store, runtime=runtime)
             self.store.close()  # a remote-backed store commits the blocks it fetched last

@@ -9,23 +9,32 @@ directory listings and symlink targets are served by the kernel without asking u
 
 State kept per inode only, never per open file: in no-open mode the kernel sends
 handle 0 and the inode, so the read path must not depend on what open returned.
+
+Errors are translated here and nowhere else. A request that meets a store error (a
+damaged index, a pack that cannot be read, a corrupt chunk: any CnpsfsError or OSError)
+gets EIO and one log line naming the culprit; the mount keeps serving everything else.
+pyfuse3 ends its main loop on any exception other than FUSEError, which would take the
+whole mount down (every reader then gets ENOTCONN), so every handler is wrapped by
+:func:`_boundary`, which also turns an unexpected exception (a bug) into EIO with its
+traceback in the log.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
 from cnpsfs import format as fmt
-from cnpsfs.errors import CnpsfsError, CorruptObjectError, FormatError, MissingObjectError
+from cnpsfs.errors import CnpsfsError
 from cnpsfs.fs.fetcher import ChunkFetcher
 from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
 from cnpsfs.image.reader import ChunkCache, past_the_end
@@ -41,6 +50,31 @@ REPORTED_MAX = 4096  # distinct (file, failure) pairs remembered to log each onc
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
+
+_H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
+
+
+def _boundary(handler: _H) -> _H:
+    """EIO for whatever a handler lets escape except FUSEError (see the module docstring).
+
+    Handlers catch the errors they can name more precisely ("reading /x at offset n"); this
+    is the net under them, so no store error and no bug ever ends the mount.
+    """
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapped(self: Operations, *args: Any) -> Any:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except (CnpsfsError, OSError) as exc:
+            raise self._io_error(f"{name} (inode {args[0] if args else '-'})", exc) from None
+        except Exception:
+            log.exception("internal error in %s%r: answered EIO", name, args[:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapped  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +214,7 @@ class Operations(pyfuse3.Operations):
                     await self._in_thread(gen.listing, node)
             elif node.children is None and not gen.from_cache(gen.load_children, node):
                 await self._in_thread(gen.load_children, node)
-        except (CorruptObjectError, MissingObjectError, FormatError) as exc:
-            raise self._io_error(f"directory {fmt.show_path(node.path)}", exc) from None
-        except CnpsfsError as exc:  # a union conflict found lazily
+        except (CnpsfsError, OSError) as exc:  # a damaged object or store, a union conflict found lazily
             raise self._io_error(f"directory {fmt.show_path(node.path)}", exc) from None
         finally:
             self._loads_in_flight -= 1
@@ -212,6 +244,7 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ metadata
 
+    @_boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.requests["lookup"] += 1
         parent = self.node(parent_inode)
@@ -242,6 +275,7 @@ class Operations(pyfuse3.Operations):
         self._count(child)
         return self.attributes(child)
 
+    @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         self.requests["getattr"] += 1
         node = self.node(inode)
@@ -251,6 +285,7 @@ class Operations(pyfuse3.Operations):
             node = await self._children_loaded(node)
         return self.attributes(node)
 
+    @_boundary
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         self.requests["readlink"] += 1
         node = self.node(inode)
@@ -258,6 +293,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.entry.target
 
+    @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         self.requests["getxattr"] += 1
         value = self.node(inode).entry.xattrs.get(name)
@@ -265,16 +301,19 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
+    @_boundary
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         self.requests["listxattr"] += 1
         return sorted(self.node(inode).entry.xattrs)
 
+    @_boundary
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         # default_permissions makes the kernel check modes; only writes remain to refuse.
         self.requests["access"] += 1
         self.node(inode)
         return not mode & os.W_OK
 
+    @_boundary
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         self.requests["statfs"] += 1
         st = pyfuse3.StatvfsData()
@@ -288,6 +327,7 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ directories
 
+    @_boundary
     async def opendir(self, inode: int, ctx: Any) -> Any:
         self.requests["opendir"] += 1
         if self.no_opendir:
@@ -299,6 +339,7 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=inode, cache_readdir=True, keep_cache=True)
         return inode
 
+    @_boundary
     async def readdir(self, fh: int, start_id: int, token: Any, inode: int = 0) -> None:
         self.requests["readdir"] += 1
         node = await self._children_loaded(self.node(fh or inode), listing=True)
@@ -320,11 +361,13 @@ class Operations(pyfuse3.Operations):
                 return
             self._count(child)
 
+    @_boundary
     async def releasedir(self, fh: int, inode: int = 0) -> None:
         self.requests["releasedir"] += 1
 
     # ------------------------------------------------------------------ files
 
+    @_boundary
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         self.requests["open"] += 1
         if flags & _WRITE_FLAGS:
@@ -336,6 +379,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    @_boundary
     async def read(self, fh: int, off: int, size: int, inode: int = 0) -> bytes:
         self.requests["read"] += 1
         ino = fh or inode
@@ -351,14 +395,14 @@ class Operations(pyfuse3.Operations):
                         emap = self.generation.extent_map(node)
                 except NotCached:
                     emap = await self._in_thread(self.generation.extent_map, node)
-            except (CorruptObjectError, MissingObjectError, FormatError) as exc:
+            except (CnpsfsError, OSError) as exc:
                 raise self._io_error(f"file {fmt.show_path(node.path)}", exc) from None
         pieces = list(emap.pieces(off, size))
         missing = [e.digest for e, _i, _n in pieces if e.digest is not None and not self.fetcher.cached(e.digest)]
-        if len(missing) > 1:
-            await self.fetcher.fetch(missing)  # their blocks in parallel, each once
         out = []
         try:
+            if len(missing) > 1:
+                await self.fetcher.fetch(missing)  # their blocks in parallel, each once
             for ext, inner, n in pieces:
                 if ext.digest is None:
                     out.append(bytes(n))
@@ -369,7 +413,7 @@ class Operations(pyfuse3.Operations):
                 if len(piece) != n:
                     raise past_the_end(ext, len(chunk))
                 out.append(piece)
-        except (CorruptObjectError, MissingObjectError, OSError) as exc:
+        except (CnpsfsError, OSError) as exc:
             raise self._io_error(f"reading {fmt.show_path(node.path)} at offset {off}", exc, node=node) from None
         end = off + size
         sequential = off == 0 or self._read_end.get(ino) == off
@@ -384,9 +428,12 @@ class Operations(pyfuse3.Operations):
         """Warm the chunk cache; errors are left for the read that needs the chunk to report."""
         try:
             await self.fetcher.fetch(digests)
-        except (CorruptObjectError, MissingObjectError, OSError):
+        except (CnpsfsError, OSError):
             pass
+        except Exception:  # a bug: it must not end the nursery, and with it the mount
+            log.exception("internal error in read-ahead")
 
+    @_boundary
     async def release(self, fh: int, inode: int = 0) -> None:
         self.requests["release"] += 1
 

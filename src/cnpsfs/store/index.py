@@ -13,15 +13,20 @@ from the standard library. S3QL keeps its metadata in SQLite for the same reason
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+from cnpsfs.errors import CnpsfsError, StoreDamagedError, StoreError, StoreReadOnlyError
 from cnpsfs.store.protocol import T_CHUNK, T_FILESET, T_IMAGE, Tag
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS packs(
@@ -85,6 +90,94 @@ CREATE TABLE IF NOT EXISTS settings(
 _BATCH = 500
 _LOC_COLUMNS = "pack, offset, stored, raw, codec, type, inner, length, header"
 
+#: What the repair command is called, for messages that suggest it.
+REPAIR_HINT = "run `cnpsfs store repair` to rebuild it from the packs"
+
+
+def index_error(path: Path, exc: sqlite3.Error) -> CnpsfsError:
+    """The typed store error for an SQLite failure on the index at *path*.
+
+    SQLite's primary result code says whose fault it is: a malformed page (CORRUPT,
+    NOTADB, or a schema that no longer reads) is damage the user can repair; a full disk,
+    an I/O error, read-only media or a lock held too long are the machine's state, to be
+    fixed there. Each message names the index file, so one log line is enough.
+    """
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code == sqlite3.SQLITE_FULL:
+        return StoreError(f"cannot write the store index {path}: No space left on device")
+    if code == sqlite3.SQLITE_IOERR:
+        return StoreError(f"I/O error on the store index {path} ({exc})")
+    if code == sqlite3.SQLITE_READONLY:
+        return StoreReadOnlyError(f"the store index {path} is read-only ({exc})")
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreError(f"the store index {path} stayed locked by another process for 60 s ({exc})")
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
+        return StoreError(f"cannot open the store index {path} ({exc})")
+    return StoreDamagedError(f"the store index {path} is damaged ({exc}): {REPAIR_HINT}")
+
+
+def _mapped(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn SQLite's exceptions into the store's typed errors (see :func:`index_error`).
+
+    Every query goes through a method wrapped by this, so no ``sqlite3`` exception leaves
+    the module: the CLI prints them as one line and the mount answers EIO.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            index = args[0]
+            assert isinstance(index, Index)
+            raise index_error(index.path, exc) from exc
+
+    return wrapper
+
+
+def _damaged(path: Path, what: str) -> StoreDamagedError:
+    return StoreDamagedError(f"the store index {path} is damaged ({what}): {REPAIR_HINT}")
+
+
+def _location(path: Path, row: tuple[Any, ...]) -> Location:
+    """A Location from an index row, refusing values a damaged page can decode to.
+
+    SQLite checks its pages' structure, not the values in them: a page overwritten with
+    plausible bytes reads back as rows of the wrong types or out of range, and those must
+    not reach ``pread`` as offsets.
+    """
+    for value in row[:8]:
+        if type(value) is not int or value < 0:
+            raise _damaged(path, f"an objects row holds {value!r}")
+    header = row[8]
+    if header is not None and (type(header) is not int or not 0 <= header <= row[1]):
+        raise _damaged(path, f"an objects row holds {header!r}")
+    return Location(*row)
+
+
+def readonly_query(path: Path) -> str:
+    """The URI query that opens the index at *path* without writing anything beside it.
+
+    SQLite can read a WAL-mode database read-only when its -wal and -shm files exist
+    (then ``mode=ro`` reads the WAL too: committed transactions a writer has not yet
+    checkpointed are seen), or when it is opened ``immutable`` (no locks, no -shm, and the
+    -wal is ignored). A store closed cleanly has neither file (the last connection
+    checkpoints and removes them), so ``immutable=1`` reads all of it. A -wal without its
+    -shm cannot be read without creating the -shm, which read-only media forbid; and
+    ``immutable`` would silently drop its transactions.
+    """
+    wal = path.with_name(path.name + "-wal")
+    shm = path.with_name(path.name + "-shm")
+    wal_size = wal.stat().st_size if wal.exists() else 0
+    if wal_size and shm.exists():
+        return "mode=ro"
+    if wal_size:
+        raise StoreReadOnlyError(
+            f"the store index {path} is read-only and its last changes are still in {wal.name} without"
+            f" {shm.name}: open the store once where it is writable (any reading command) to checkpoint them")
+    return "mode=ro&immutable=1"
+
+
 
 @dataclass(frozen=True, slots=True)
 class Location:
@@ -121,29 +214,38 @@ class BlockRow:
 class Index:
     """Per-thread connections to ``index.sqlite`` and every query the store makes."""
 
-    def __init__(self, path: Path, *, readonly: bool = False, immutable: bool = False) -> None:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
-        self._immutable = immutable
+        # Decided once: every thread's connection must see the same database.
+        self._query = readonly_query(path) if readonly else ""
         self._local = threading.local()
 
     @staticmethod
     def create(path: Path) -> None:
-        db = sqlite3.connect(path)
-        with db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA + TRUST_SCHEMA)
-        db.close()
+        try:
+            db = sqlite3.connect(path)
+            with db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(SCHEMA + TRUST_SCHEMA)
+            db.close()
+        except sqlite3.DatabaseError as exc:
+            raise index_error(path, exc) from exc
 
     @property
     def db(self) -> sqlite3.Connection:
-        """This thread's connection (sqlite3 connections are not shared across threads)."""
+        """This thread's connection (sqlite3 connections are not shared across threads).
+
+        Callers are methods wrapped by :func:`_mapped`: a failure to open is a store error.
+        """
         conn = getattr(self._local, "db", None)
         if conn is None:
+            if not self.path.exists():
+                # sqlite3.connect would create an empty database in its place.
+                raise _damaged(self.path, "the file is missing")
             if self.readonly:
-                query = "mode=ro&immutable=1" if self._immutable else "mode=ro"
-                conn = sqlite3.connect(f"file:{self.path}?{query}", uri=True, timeout=60, isolation_level=None,
-                                       check_same_thread=True)
+                conn = sqlite3.connect(f"file:{self.path}?{self._query}", uri=True, timeout=60,
+                                       isolation_level=None)
             else:
                 conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
                 conn.execute("PRAGMA synchronous=NORMAL")
@@ -159,50 +261,81 @@ class Index:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
+        """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any error (SQLite errors mapped)."""
+        if self.readonly:
+            raise StoreReadOnlyError(f"the store index {self.path} is on read-only media")
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db = self.db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (a full disk) may leave the transaction open, or SQLite
+                # may have rolled it back already.
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            raise index_error(self.path, exc) from exc
 
     # ------------------------------------------------------------------ schema versions
 
+    @_mapped
     def has_header_column(self) -> bool:
         return any(row[1] == "header" for row in self.db.execute("PRAGMA table_info(objects)"))
 
+    @_mapped
     def add_header_column(self) -> None:
         self.db.execute("ALTER TABLE objects ADD COLUMN header INTEGER")
 
+    @_mapped
     def set_block_header(self, pack: int, offset: int, header: int) -> None:
         self.db.execute("UPDATE objects SET header=? WHERE pack=? AND offset=?", (header, pack, offset))
 
+    @_mapped
     def blocks_without_header(self) -> list[Location]:
         rows = self.db.execute(
             "SELECT pack, offset, stored, raw, codec, min(type), 0, raw, header FROM objects"
             " WHERE header IS NULL GROUP BY pack, offset").fetchall()
-        return [Location(*row) for row in rows]
+        return [_location(self.path, row) for row in rows]
+
+    # ------------------------------------------------------------------ checks
+
+    @_mapped
+    def integrity_check(self, limit: int = 20) -> list[str]:
+        """SQLite's own check of every page, index and constraint: its complaints, or none."""
+        rows = [row[0] for row in self.db.execute(f"PRAGMA integrity_check({int(limit)})")]
+        return [] if rows == ["ok"] else [str(r) for r in rows]
+
+    @_mapped
+    def rows_per_pack(self) -> dict[int, int]:
+        """Pack id -> number of objects rows naming it (ids with no packs row included)."""
+        return dict(self.db.execute("SELECT pack, count(*) FROM objects GROUP BY pack").fetchall())
 
     # ------------------------------------------------------------------ objects
 
+    @_mapped
     def locate(self, digest: bytes) -> Location | None:
         row = self.db.execute(f"SELECT {_LOC_COLUMNS} FROM objects WHERE digest=?", (digest,)).fetchone()
-        return Location(*row) if row else None
+        return _location(self.path, row) if row else None
 
+    @_mapped
     def locate_many(self, digests: Iterable[bytes]) -> dict[bytes, Location]:
         found: dict[bytes, Location] = {}
         for part in _batches(digests):
             marks = ",".join("?" * len(part))
             for row in self.db.execute(f"SELECT digest, {_LOC_COLUMNS} FROM objects WHERE digest IN ({marks})",
                                        part):
-                found[row[0]] = Location(*row[1:])
+                found[row[0]] = _location(self.path, row[1:])
         return found
 
+    @_mapped
     def contains(self, digest: bytes) -> bool:
         return self.db.execute("SELECT 1 FROM objects WHERE digest=?", (digest,)).fetchone() is not None
 
+    @_mapped
     def existing(self, digests: Iterable[bytes]) -> set[bytes]:
         found: set[bytes] = set()
         for part in _batches(digests):
@@ -211,16 +344,19 @@ class Index:
                 f"SELECT digest FROM objects WHERE digest IN ({marks})", part))
         return found
 
+    @_mapped
     def object_type(self, digest: bytes) -> int | None:
         row = self.db.execute("SELECT type FROM objects WHERE digest=?", (digest,)).fetchone()
         return row[0] if row else None
 
+    @_mapped
     def digests_from(self, low: bytes, limit: int) -> list[bytes]:
         """FileSet and image digests >= *low*, in order (for prefix references)."""
         return [r[0] for r in self.db.execute(
             "SELECT digest FROM objects WHERE digest >= ? AND type IN (?, ?) ORDER BY digest LIMIT ?",
             (low, T_FILESET, T_IMAGE, limit))]
 
+    @_mapped
     def counts(self) -> tuple[int, int, int]:
         """(chunks, other objects, packs)."""
         db = self.db
@@ -229,6 +365,7 @@ class Index:
         packs = db.execute("SELECT count(*) FROM packs").fetchone()[0]
         return chunks, objects, packs
 
+    @_mapped
     def blocks(self, pack: int | None = None) -> list[BlockRow]:
         """Every block (or those of *pack*) with its members, in pack order."""
         sql = f"SELECT digest, {_LOC_COLUMNS} FROM objects"
@@ -237,52 +374,52 @@ class Index:
             sql += " WHERE pack=?"
             args = (pack,)
         blocks: dict[tuple[int, int], BlockRow] = {}
-        for digest, pack_id, offset, stored, raw, codec, type_code, inner, length, header in self.db.execute(
-                sql, args):
-            key = (pack_id, offset)
-            row = blocks.get(key)
-            if row is None:
-                row = blocks[key] = BlockRow(Location(pack_id, offset, stored, raw, codec, T_CHUNK, 0, raw, header),
-                                             [])
-            row.members.append((digest, type_code, inner, length))
-        for row in blocks.values():
-            row.members.sort(key=lambda m: m[2])
+        for row in self.db.execute(sql, args):
+            loc = _location(self.path, row[1:])
+            key = loc.block
+            block = blocks.get(key)
+            if block is None:
+                block = blocks[key] = BlockRow(Location(loc.pack, loc.offset, loc.stored, loc.raw, loc.codec,
+                                                        T_CHUNK, 0, loc.raw, loc.header), [])
+            block.members.append((row[0], loc.type, loc.inner, loc.length))
+        for block in blocks.values():
+            block.members.sort(key=lambda m: m[2])
         return [blocks[k] for k in sorted(blocks)]
 
-    def all_objects(self) -> list[tuple[bytes, int, int, int]]:
-        """(digest, pack, raw, length) of every row (gc's accounting)."""
-        return self.db.execute("SELECT digest, pack, raw, length FROM objects").fetchall()
-
-    def blocks_per_pack(self) -> dict[int, int]:
-        return dict(self.db.execute("SELECT pack, count(DISTINCT offset) FROM objects GROUP BY pack").fetchall())
-
-    def delete_objects(self, digests: Iterable[bytes]) -> None:
+    @_mapped
+    def retire(self, digests: Iterable[bytes], packs: Iterable[int] = ()) -> None:
+        """Delete objects rows and packs rows in one transaction (gc's sweep)."""
         with self.transaction() as tx:
             tx.executemany("DELETE FROM objects WHERE digest=?", ((d,) for d in digests))
+            tx.executemany("DELETE FROM packs WHERE id=?", ((p,) for p in packs))
 
     # ------------------------------------------------------------------ packs
 
+    @_mapped
     def pack_name(self, pack: int) -> str | None:
         row = self.db.execute("SELECT name FROM packs WHERE id=?", (pack,)).fetchone()
         return row[0] if row else None
 
+    @_mapped
+    def has_pack(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM packs WHERE name=?", (name,)).fetchone() is not None
+
+    @_mapped
     def packs(self) -> list[tuple[int, str, int]]:
         """(id, name, size) of every pack."""
         return self.db.execute("SELECT id, name, size FROM packs").fetchall()
 
-    def delete_pack(self, pack: int) -> None:
-        with self.transaction() as tx:
-            tx.execute("DELETE FROM packs WHERE id=?", (pack,))
-
+    @_mapped
     def publish(self, packs: list[tuple[str, int]], rows: list[tuple[Any, ...]],
-                tags: Iterable[tuple[str, str, int, bytes]], *, replace: bool, retire_packs: Iterable[int],
+                tags: Iterable[tuple[str, str, int, bytes, int]], *, replace: bool, retire_packs: Iterable[int],
                 attach: Iterable[tuple[bytes, bytes]] = (), cache: str | None = None,
                 adopt: Iterable[int] = ()) -> list[int]:
         """Make a writer's packs and rows visible, point tags at them, retire packs: one transaction.
 
         *rows* name packs by their position in *packs*: (digest, type, pack#, offset, stored,
-        raw, codec, inner, length, header). *cache* marks the new packs as cache packs of
-        that remote; *adopt* turns cache packs into ordinary ones. Returns the new pack ids.
+        raw, codec, inner, length, header). *tags* are (name, version, type, digest,
+        created_ns). *cache* marks the new packs as cache packs of that remote; *adopt*
+        turns cache packs into ordinary ones. Returns the new pack ids.
         """
         adopt = list(adopt)
         if cache is not None or adopt:
@@ -299,8 +436,8 @@ class Index:
                 " VALUES (?,?,?,?,?,?,?,?,?,?)",
                 ((d, t, ids[p], *rest) for d, t, p, *rest in rows),
             )
-            for name, version, type_code, digest in tags:
-                _insert_tag(db, name, version, type_code, digest)
+            for tag in tags:
+                _insert_tag(db, *tag)
             for pack in retire_packs:
                 db.execute("DELETE FROM packs WHERE id=?", (pack,))
             attach = list(attach)
@@ -315,6 +452,15 @@ class Index:
                 db.executemany("DELETE FROM cache_packs WHERE pack=?", ((p,) for p in adopt))
         return ids
 
+    @_mapped
+    def checkpoint(self) -> None:
+        """Move the WAL's transactions into the database file and empty the WAL.
+
+        Left to itself SQLite does this when the last connection closes; a store that
+        is about to be copied or exported read-only wants it now (see readonly_query).
+        """
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
     # ------------------------------------------------------------------ attachments and revisions
 
     def _trust_rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -325,22 +471,26 @@ class Index:
                 return []  # a store written before detached objects existed
             raise
 
+    @_mapped
     def attachments(self, subject: bytes | None = None) -> list[tuple[bytes, bytes]]:
         if subject is None:
             return [(s, d) for s, d in self._trust_rows("SELECT subject, digest FROM attachments ORDER BY subject")]
         return [(s, d) for s, d in self._trust_rows(
             "SELECT subject, digest FROM attachments WHERE subject=? ORDER BY digest", (subject,))]
 
+    @_mapped
     def detach(self, pairs: Iterable[tuple[bytes, bytes]]) -> int:
         with self.transaction() as db:
             _trust_tables(db)
             return sum(db.execute("DELETE FROM attachments WHERE subject=? AND digest=?", pair).rowcount
                        for pair in pairs)
 
+    @_mapped
     def accepted_revision(self, name: str) -> tuple[int, bytes] | None:
         rows = self._trust_rows("SELECT revision, digest FROM revisions WHERE name=?", (name,))
         return (rows[0][0], rows[0][1]) if rows else None
 
+    @_mapped
     def record_revision(self, name: str, revision: int, digest: bytes) -> None:
         with self.transaction() as db:
             _trust_tables(db)
@@ -351,14 +501,17 @@ class Index:
 
     # ------------------------------------------------------------------ the cache of remote blocks
 
+    @_mapped
     def has_cache_schema(self) -> bool:
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='cache_packs'"
                                ).fetchone() is not None
 
+    @_mapped
     def ensure_cache_schema(self) -> None:
         if not self.has_cache_schema():
             self.db.executescript(CACHE_SCHEMA)
 
+    @_mapped
     def cache_packs(self) -> list[tuple[int, str, int, int]]:
         """(pack id, remote, bytes, last used ns) of every cache pack, least recently used first."""
         if not self.has_cache_schema():
@@ -366,6 +519,7 @@ class Index:
         return self.db.execute("SELECT pack, remote, bytes, last_used_ns FROM cache_packs"
                                " ORDER BY last_used_ns, pack").fetchall()
 
+    @_mapped
     def touch_cache_packs(self, used: dict[int, int]) -> None:
         """Record when cache packs were last read (batched by the reader: pack id -> ns)."""
         if not used or not self.has_cache_schema():
@@ -374,10 +528,12 @@ class Index:
             db.executemany("UPDATE cache_packs SET last_used_ns=max(last_used_ns, ?) WHERE pack=?",
                            ((ns, pack) for pack, ns in used.items()))
 
+    @_mapped
     def pack_members(self, pack: int) -> list[tuple[bytes, int]]:
         """(digest, type) of every row that points into *pack*."""
         return self.db.execute("SELECT digest, type FROM objects WHERE pack=?", (pack,)).fetchall()
 
+    @_mapped
     def drop_cache_pack(self, pack: int) -> None:
         """Forget a cache pack: its rows, its cache mark, its pack row (the file goes after)."""
         with self.transaction() as db:
@@ -385,12 +541,14 @@ class Index:
             db.execute("DELETE FROM cache_packs WHERE pack=?", (pack,))
             db.execute("DELETE FROM packs WHERE id=?", (pack,))
 
+    @_mapped
     def setting(self, key: str) -> str | None:
         if not self.has_cache_schema():
             return None
         row = self.db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 
+    @_mapped
     def set_setting(self, key: str, value: str | None) -> None:
         self.ensure_cache_schema()
         with self.transaction() as db:
@@ -401,14 +559,17 @@ class Index:
 
     # ------------------------------------------------------------------ tags
 
-    def set_tag(self, name: str, version: str, type_code: int, digest: bytes) -> None:
+    @_mapped
+    def set_tag(self, name: str, version: str, type_code: int, digest: bytes, created_ns: int) -> None:
         with self.transaction() as db:
-            _insert_tag(db, name, version, type_code, digest)
+            _insert_tag(db, name, version, type_code, digest, created_ns)
 
+    @_mapped
     def remove_tag(self, name: str, version: str) -> bool:
         with self.transaction() as db:
             return db.execute("DELETE FROM tags WHERE name=? AND version=?", (name, version)).rowcount > 0
 
+    @_mapped
     def tags(self, type_code: int | None = None) -> list[Tag]:
         sql = "SELECT name, version, type, digest, created_ns FROM tags"
         args: tuple[int, ...] = ()
@@ -417,12 +578,25 @@ class Index:
             args = (type_code,)
         return [Tag(*row) for row in self.db.execute(sql + " ORDER BY name, created_ns, version", args)]
 
+    @_mapped
+    def tag_rows(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Tag]:
+        """The current tags among (name, version) *keys* (what a failed change reverts to)."""
+        found: dict[tuple[str, str], Tag] = {}
+        for name, version in keys:
+            row = self.db.execute("SELECT name, version, type, digest, created_ns FROM tags"
+                                  " WHERE name=? AND version=?", (name, version)).fetchone()
+            if row is not None:
+                found[(name, version)] = Tag(*row)
+        return found
+
+    @_mapped
     def tags_for(self, digest: bytes) -> list[Tag]:
         rows = self.db.execute(
             "SELECT name, version, type, digest, created_ns FROM tags WHERE digest=? ORDER BY name, version",
             (digest,))
         return [Tag(*row) for row in rows]
 
+    @_mapped
     def tag(self, name: str, version: str | None) -> bytes | None:
         """The digest NAME@VERSION names; NAME alone: its most recently tagged version."""
         if version:
@@ -442,10 +616,11 @@ def _trust_tables(db: sqlite3.Connection) -> None:
             db.execute(statement)
 
 
-def _insert_tag(db: sqlite3.Connection, name: str, version: str, type_code: int, digest: bytes) -> None:
+def _insert_tag(db: sqlite3.Connection, name: str, version: str, type_code: int, digest: bytes,
+                created_ns: int) -> None:
     db.execute(
         "INSERT OR REPLACE INTO tags(name, version, type, digest, created_ns) VALUES (?,?,?,?,?)",
-        (name, version, type_code, digest, time.time_ns()),
+        (name, version, type_code, digest, created_ns),
     )
 
 

@@ -4,6 +4,7 @@ Layout of a store directory (docs/format.md, "Store layout")::
 
     cnpsfs-store        marker with the layout version
     index.sqlite        digest -> block record (pack, offsets, lengths, codec); tags; WAL mode
+    tags.log            every tag change, appended before it is committed (repair restores tags)
     packs/<id>.pack     immutable files of block records, written once, never modified
     tmp/                packs and spools being written; removed by gc when abandoned
     run/                roots registered by live mounts (gc keeps what they reach)
@@ -33,15 +34,24 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import zstandard
 
 from cnpsfs import format as fmt
-from cnpsfs.errors import CnpsfsError, CorruptObjectError, MissingObjectError, NotFoundError, UsageError
+from cnpsfs.errors import (
+    CnpsfsError,
+    CorruptObjectError,
+    MissingObjectError,
+    NotFoundError,
+    StoreReadOnlyError,
+    UsageError,
+)
 from cnpsfs.store.blocks import BlockCache, BlockStream, decompress_block
 from cnpsfs.store.index import Index, Location
+from cnpsfs.store.journal import JOURNAL_NAME, TagJournal
 from cnpsfs.store.packs import Member, PackFiles, atomic_write, flock
 from cnpsfs.store.protocol import TYPE_NAMES, NotCached, Tag
 from cnpsfs.store.writer import DEFAULT_ZSTD_LEVEL, StoreWriter
@@ -69,8 +79,27 @@ def default_store_path() -> Path:
     return Path(data_home) / "cnpsfs"
 
 
+def _read_only_reason(path: Path) -> str | None:
+    """Why this process cannot write the store at *path* (read-only media, permissions), or None."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "on a read-only file system"
+    except OSError:
+        pass
+    for target in (path, path / "index.sqlite"):
+        if target.exists() and not os.access(target, os.W_OK):
+            return f"{target} is not writable by this user"
+    return None
+
+
 class LocalStore:
-    """A content store in a directory. Thread-safe for readers; writers use :meth:`writer`."""
+    """A content store in a directory. Thread-safe for readers; writers use :meth:`writer`.
+
+    A store this process cannot write (read-only media such as a read-only NFS export or
+    bind mount, or another user's store) opens read-only: the index with SQLite's
+    ``mode=ro`` (``immutable=1`` when no WAL is pending), nothing is created or locked
+    inside it, and every writing operation raises :class:`StoreReadOnlyError`.
+    """
 
     def __init__(self, path: Path | str, *, create: bool = False, block_cache_bytes: int = 32 << 20) -> None:
         self.path = Path(path)
@@ -79,21 +108,33 @@ class LocalStore:
             if not create:
                 raise NotFoundError(f"no cnpsfs store at {self.path} (import something first, or pass --store)")
             self._initialise()
-        layout = marker.read_text()
+        try:
+            layout = marker.read_text()
+        except OSError as exc:
+            raise CnpsfsError(f"cannot read the store marker {marker}: {exc.strerror}") from None
         if layout != STORE_LAYOUT and layout not in OLD_LAYOUTS:
             raise CnpsfsError(f"{self.path}: unsupported store layout {layout.strip()!r}")
         self.packs_dir = self.path / "packs"
         self.tmp_dir = self.path / "tmp"
         self.run_dir = self.path / "run"
-        self.index = Index(self.path / "index.sqlite")
+        #: Why the store cannot be written (None: it can); see :meth:`check_writable`.
+        self.read_only = _read_only_reason(self.path)
+        self.index = Index(self.path / "index.sqlite", readonly=self.read_only is not None)
+        self.journal = TagJournal(self.path / JOURNAL_NAME)
         self.packs = PackFiles(self.packs_dir, self.index.pack_name)
         self._local = threading.local()
         self.blocks = BlockCache(block_cache_bytes)
         # Where the members of blocks read through block() live, from their record
         # headers: a directory's neighbours then need no index lookup.
         self._locations: dict[bytes, Location] = {}
-        if layout != STORE_LAYOUT:
-            self._migrate(marker)
+        if layout != STORE_LAYOUT and self.read_only is None:
+            self._migrate(marker)  # a read-only layout 1 store is read as it is (headers found by search)
+
+    def check_writable(self, what: str = "this command") -> None:
+        """Raise StoreReadOnlyError naming why, when the store cannot be written."""
+        if self.read_only is not None:
+            raise StoreReadOnlyError(f"the store {self.path} is read-only ({self.read_only}): {what} needs a"
+                                     " writable store")
 
     def _initialise(self) -> None:
         try:
@@ -127,6 +168,7 @@ class LocalStore:
         self.packs.close()
 
     def scratch_dir(self) -> Path:
+        self.check_writable("writing")
         self.tmp_dir.mkdir(exist_ok=True)
         return self.tmp_dir
 
@@ -276,10 +318,34 @@ class LocalStore:
     # ------------------------------------------------------------------ tags & refs
 
     def set_tag(self, name: str, version: str, type_code: int, digest: bytes) -> None:
-        self.index.set_tag(name, version, type_code, digest)
+        """Point NAME@VERSION at *digest*: journalled first (tags.log), then committed."""
+        self.check_writable("setting a tag")
+        tag = Tag(name, version, type_code, digest, time.time_ns())
+        with self.shared_lock():
+            previous = self.index.tag_rows([(name, version)])
+            self.journal.record_set([tag], seed=self._journal_seed())
+            try:
+                self.index.set_tag(name, version, type_code, digest, tag.created_ns)
+            except BaseException:
+                self.journal.revert([(name, version)], previous)
+                raise
 
     def remove_tag(self, name: str, version: str) -> bool:
-        return self.index.remove_tag(name, version)
+        self.check_writable("removing a tag")
+        with self.shared_lock():
+            previous = self.index.tag_rows([(name, version)])
+            if not previous:
+                return False
+            self.journal.record_remove(name, version, time.time_ns(), seed=self._journal_seed())
+            try:
+                return self.index.remove_tag(name, version)
+            except BaseException:
+                self.journal.revert([(name, version)], previous)
+                raise
+
+    def _journal_seed(self) -> list[Tag]:
+        """The index's tags, to start a missing journal from (read only when it is missing)."""
+        return [] if self.journal.path.exists() else self.index.tags()
 
     def tags(self, type_code: int | None = None) -> list[Tag]:
         return self.index.tags(type_code)
@@ -350,6 +416,7 @@ class LocalStore:
     @contextlib.contextmanager
     def shared_lock(self) -> Iterator[None]:
         """Held by writers so gc (which takes it exclusively) never sweeps under them."""
+        self.check_writable()
         with flock(self.path / "lock", fcntl.LOCK_SH):
             yield
 
@@ -357,6 +424,7 @@ class LocalStore:
     def writer(self, *, level: int = DEFAULT_ZSTD_LEVEL,
                pool: concurrent.futures.Executor | None = None) -> Iterator[StoreWriter]:
         """A writer whose objects become visible only when :meth:`StoreWriter.commit` runs."""
+        self.check_writable("writing")
         with self.shared_lock():
             w = StoreWriter(self, level, pool)
             try:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cnpsfs.errors import CorruptObjectError, MissingObjectError
+from cnpsfs.errors import CorruptObjectError, MissingObjectError, StoreError
 from cnpsfs.store.index import Location
 
 PACK_MAGIC = b"CNPSPK01"
@@ -92,19 +92,35 @@ class PackFiles:
             os.close(fd)
 
     def fd(self, pack: int) -> int:
+        """An fd of the pack file; FileNotFoundError when it is gone (gc repacked it: look again)."""
         fd = self._fds.get(pack)
         if fd is not None:
             return fd
         with self._lock:
             fd = self._fds.get(pack)
             if fd is None:
-                fd = os.open(self.dir / f"{self.name(pack)}.pack", os.O_RDONLY | os.O_CLOEXEC)
+                path = self.dir / f"{self.name(pack)}.pack"
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    raise
+                except OSError as exc:
+                    raise StoreError(f"cannot open pack {path}: {exc.strerror or exc}") from exc
                 self._fds[pack] = fd
             return fd
 
+    def pread(self, pack: int, size: int, offset: int) -> bytes:
+        """Bytes of a pack; an I/O error is a StoreError naming the pack and the offset."""
+        fd = self.fd(pack)
+        try:
+            return os.pread(fd, size, offset)
+        except OSError as exc:
+            raise StoreError(f"cannot read pack {self.dir / self.name(pack)}.pack at offset {offset}:"
+                             f" {exc.strerror or exc}") from exc
+
     def read_payload(self, loc: Location) -> bytes:
         """The stored payload of the block at *loc*, as on disk (maybe compressed)."""
-        payload = os.pread(self.fd(loc.pack), loc.stored, loc.offset)
+        payload = self.pread(loc.pack, loc.stored, loc.offset)
         if len(payload) != loc.stored:
             raise CorruptObjectError(f"pack {self.name(loc.pack)} is truncated at offset {loc.offset}")
         return payload
@@ -120,7 +136,7 @@ class PackFiles:
         """
         if loc.header is not None:
             size = loc.offset + loc.stored - loc.header
-            data = os.pread(self.fd(loc.pack), size, loc.header)
+            data = self.pread(loc.pack, size, loc.header)
             if len(data) != size:
                 raise CorruptObjectError(f"pack {self.name(loc.pack)} is truncated at offset {loc.offset}")
             members = parse_record(data, 0, loc)
@@ -128,13 +144,13 @@ class PackFiles:
                 raise CorruptObjectError(f"block at {self.label(loc)}: its record header does not match the index")
             return data[loc.offset - loc.header :], members
         _header, members = self.find_header(loc)
-        return os.pread(self.fd(loc.pack), loc.stored, loc.offset), members
+        return self.pread(loc.pack, loc.stored, loc.offset), members
 
     def find_header(self, loc: Location) -> tuple[int, list[Member]]:
         """(file offset of the record header, members) of the block whose payload is at *loc*."""
         window = min(loc.offset, 8192)
         while True:
-            data = os.pread(self.fd(loc.pack), window, loc.offset - window)
+            data = self.pread(loc.pack, window, loc.offset - window)
             if len(data) != window:
                 raise CorruptObjectError(f"pack {self.name(loc.pack)} is truncated at offset {loc.offset}")
             for count in range((window - RECORD_HEADER.size) // MEMBER_HEADER.size + 1):
@@ -185,8 +201,18 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
+def store_io(what: str) -> Iterator[None]:
+    """Turn an OSError into a StoreError: ``<what>: <cause>`` (``No space left on device``)."""
+    try:
+        yield
+    except OSError as exc:
+        raise StoreError(f"{what}: {exc.strerror or exc}") from exc
+
+
+@contextlib.contextmanager
 def flock(path: Path, how: int) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    with store_io(f"cannot open the store lock {path}"):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, how)
         yield

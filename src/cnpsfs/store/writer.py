@@ -5,6 +5,10 @@ Write protocol (docs/format.md 2.3, crash safety): records are appended to
 renames it into ``packs/``, fsyncs the directory, and only then inserts the index rows
 and tags in one SQLite transaction. A process killed at any point leaves either nothing
 visible or everything; an orphaned temporary pack is invisible and gc deletes it.
+
+A failure (a full disk, an I/O error) is a :class:`~cnpsfs.errors.StoreError` naming the
+file and the cause, and leaves nothing behind: temporary packs are removed, and so is a
+pack already renamed into ``packs/`` whose index commit then failed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import fcntl
 import os
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,9 +29,10 @@ from typing import TYPE_CHECKING
 import zstandard
 
 from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError
 from cnpsfs.store.blocks import compress_block
-from cnpsfs.store.packs import PACK_MAGIC, PACK_ROLLOVER, encode_record_header, fsync_dir, write_all
-from cnpsfs.store.protocol import T_CHUNK, TYPE_CODES
+from cnpsfs.store.packs import PACK_MAGIC, PACK_ROLLOVER, encode_record_header, fsync_dir, store_io, write_all
+from cnpsfs.store.protocol import T_CHUNK, TYPE_CODES, Tag
 
 if TYPE_CHECKING:
     from cnpsfs.store.local import LocalStore
@@ -80,13 +86,15 @@ class StoreWriter:
         return digest in self._new or self.store.contains(digest)
 
     def _open_pack(self) -> int:
-        self.store.tmp_dir.mkdir(exist_ok=True)
         path = self.store.tmp_dir / f"{secrets.token_hex(16)}.pack"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        # The lock tells gc this temporary pack belongs to a live writer.
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        write_all(fd, PACK_MAGIC)
-        self._packs.append((path, fd))
+        with store_io(f"cannot create a pack in {self.store.tmp_dir}"):
+            self.store.tmp_dir.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self._packs.append((path, fd))  # from here on discard() removes it
+        with store_io(f"cannot write pack {path}"):
+            # The lock tells gc this temporary pack belongs to a live writer.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            write_all(fd, PACK_MAGIC)
         self._current_size = len(PACK_MAGIC)
         return fd
 
@@ -127,12 +135,13 @@ class StoreWriter:
         codec, payload, raw_len = future.result()
         if not self._packs or self._current_size >= PACK_ROLLOVER:
             self._open_pack()
-        fd = self._packs[-1][1]
+        path, fd = self._packs[-1]
         header = encode_record_header(codec, len(payload), raw_len, [(d, t, len(data)) for d, t, data in members])
         header_at = self._current_size
-        write_all(fd, header)
+        with store_io(f"cannot write pack {path}"):
+            write_all(fd, header)
+            write_all(fd, payload)
         offset = header_at + len(header)
-        write_all(fd, payload)
         self._current_size = offset + len(payload)
         self.bytes_written += len(header) + len(payload)
         pack = len(self._packs) - 1
@@ -196,27 +205,78 @@ class StoreWriter:
         """
         self.flush()
         store = self.store
-        published: list[tuple[int, str, int]] = []  # (writer pack#, name, size)
-        for index, (path, fd) in enumerate(self._packs):
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-            name = path.stem
-            os.rename(path, store.packs_dir / f"{name}.pack")
-            published.append((index, name, size))
-        if published:
-            fsync_dir(store.packs_dir)
-        rows = []
-        for digest, where in self._new.items():
-            assert where is not None, "flush() wrote every block"
-            pack, offset, stored, raw, codec, type_code, inner, length, header = where
-            rows.append((digest, type_code, pack, offset, stored, raw, codec, inner, length, header))
-        ids = store.index.publish([(name, size) for _i, name, size in published], rows, tags, replace=replace,
-                                  retire_packs=retire_packs, attach=attach, cache=cache, adopt=adopt)
+        published: list[tuple[str, int]] = []  # (name, size), in writer pack order
+        renamed: list[Path] = []
+        try:
+            for path, fd in self._packs:
+                with store_io(f"cannot write pack {path}"):
+                    os.fsync(fd)
+                    size = os.fstat(fd).st_size
+                final = store.packs_dir / path.name
+                with store_io(f"cannot move pack {path} into {store.packs_dir}"):
+                    os.rename(path, final)
+                renamed.append(final)
+                published.append((path.stem, size))
+            if published:
+                with store_io(f"cannot write {store.packs_dir}"):
+                    fsync_dir(store.packs_dir)
+            rows = []
+            for digest, where in self._new.items():
+                assert where is not None, "flush() wrote every block"
+                pack, offset, stored, raw, codec, type_code, inner, length, header = where
+                rows.append((digest, type_code, pack, offset, stored, raw, codec, inner, length, header))
+            now = time.time_ns()
+            stamped = [Tag(name, version, type_code, digest, now) for name, version, type_code, digest in tags]
+            keys = [(t.name, t.version) for t in stamped]
+            if stamped:
+                previous = store.index.tag_rows(keys)
+                store.journal.record_set(stamped, seed=store._journal_seed())
+            try:
+                ids = store.index.publish(published, rows, [(t.name, t.version, t.type, t.digest, t.created_ns)
+                                                            for t in stamped],
+                                          replace=replace, retire_packs=retire_packs, attach=attach, cache=cache,
+                                          adopt=adopt)
+            except BaseException:
+                if stamped and not self._tags_committed(stamped):
+                    store.journal.revert(keys, previous)
+                raise
+        except BaseException:
+            self._remove_unpublished(renamed)
+            raise
         self._committed = True
         for _path, fd in self._packs:
             with contextlib.suppress(OSError):
                 os.close(fd)
         return ids
+
+    def _tags_committed(self, stamped: list[Tag]) -> bool:
+        """Whether the index holds exactly these tags (a failure after COMMIT); False if it cannot say."""
+        try:
+            now = self.store.index.tag_rows([(t.name, t.version) for t in stamped])
+        except CnpsfsError:
+            return False
+        return all(now.get((t.name, t.version)) == t for t in stamped)
+
+    def _remove_unpublished(self, renamed: list[Path]) -> None:
+        """After a failed commit: remove the packs renamed into packs/ that no index row names.
+
+        Asked of the index rather than assumed: an interrupt can land after the COMMIT
+        itself succeeded, and then the packs are the store's. When the index cannot say
+        (it is damaged too), the packs stay, for gc.
+        """
+        removed = False
+        for final in renamed:
+            try:
+                if self.store.index.has_pack(final.stem):
+                    continue
+            except CnpsfsError:
+                continue
+            with contextlib.suppress(OSError):
+                final.unlink()
+                removed = True
+        if removed:
+            with contextlib.suppress(OSError):
+                fsync_dir(self.store.packs_dir)
 
     def discard(self) -> None:
         """Remove uncommitted temporary packs (called on every exit path)."""
