@@ -208,7 +208,10 @@ def repair(store: LocalStore, *, dry_run: bool = False,
         if dry_run:
             return report
         report.backup = _replace_index(store, packs, rows, tags)
-        store.journal.rewrite(tags)
+        if report.tag_source != store.journal.path.name:
+            # Start the journal from what was restored. An existing journal stays as it is:
+            # it still names the tags dropped now, for a repair after their packs come back.
+            store.journal.rewrite(tags)
     _check_tags(store, report)
     return report
 

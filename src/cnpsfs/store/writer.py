@@ -236,9 +236,17 @@ class StoreWriter:
                                                             for t in stamped],
                                           replace=replace, retire_packs=retire_packs, attach=attach, cache=cache,
                                           adopt=adopt)
+            except CnpsfsError:
+                # The index refused the transaction (a full disk, damage): nothing committed.
+                if stamped:
+                    store.journal.revert(keys, previous)
+                raise
             except BaseException:
+                # An interrupt may land after COMMIT succeeded: ask the index what it holds.
                 if stamped and not self._tags_committed(stamped):
                     store.journal.revert(keys, previous)
+                self._remove_unpublished(renamed, ask=True)
+                renamed = []
                 raise
         except BaseException:
             self._remove_unpublished(renamed)
@@ -257,20 +265,20 @@ class StoreWriter:
             return False
         return all(now.get((t.name, t.version)) == t for t in stamped)
 
-    def _remove_unpublished(self, renamed: list[Path]) -> None:
-        """After a failed commit: remove the packs renamed into packs/ that no index row names.
+    def _remove_unpublished(self, renamed: list[Path], *, ask: bool = False) -> None:
+        """After a failed commit: remove the packs renamed into packs/, which no index row names.
 
-        Asked of the index rather than assumed: an interrupt can land after the COMMIT
-        itself succeeded, and then the packs are the store's. When the index cannot say
-        (it is damaged too), the packs stay, for gc.
+        With *ask*, the index is asked first: an interrupt can land after the COMMIT itself
+        succeeded, and then the packs are the store's. When it cannot say, they stay, for gc.
         """
         removed = False
         for final in renamed:
-            try:
-                if self.store.index.has_pack(final.stem):
+            if ask:
+                try:
+                    if self.store.index.has_pack(final.stem):
+                        continue
+                except CnpsfsError:
                     continue
-            except CnpsfsError:
-                continue
             with contextlib.suppress(OSError):
                 final.unlink()
                 removed = True
