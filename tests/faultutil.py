@@ -8,9 +8,12 @@ system, and system calls that fail or kill at the n-th call.
 * :func:`trace` runs a command under ``strace -f -y`` and lists the calls it makes of some
   system calls, with the file each fd names; :func:`inject` runs it again with one call
   failing (``error=ENOSPC``) or killing the process (``signal=KILL``). strace counts calls
-  per system call and per thread (``when=N``), so a point is "the N-th ``fsync`` of a
-  thread"; the command's own threads rarely make the same calls, which keeps a seeded
-  point reproducible. No LD_PRELOAD, no code in cnpsfs that knows it is being tested.
+  per system call and per thread (``when=N``), and with ``-P FILE`` only the calls about
+  that file, so :func:`points` names each call as "the N-th ``pwrite64`` on
+  ``index.sqlite-wal``" (files with stable names) or "the N-th ``write``" (temporary
+  packs, whose names are random), keeping only calls one thread alone makes: then the
+  same point is hit on every run. No LD_PRELOAD, no code in cnpsfs that knows it is
+  being tested.
 * :func:`leftovers` lists what a failed or killed writer may have left in a store.
 """
 
@@ -155,6 +158,19 @@ class Call:
     name: str
     path: str  # the file the call is about ("" when strace could not tell)
     nth: int  # 1-based: the how-many-th call of *name* by thread *tid*
+    nth_on_path: int  # ... of *name* on *path* by thread *tid*
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where a fault lands: the *nth* call of *call* (on *path*, when given)."""
+
+    call: str
+    nth: int
+    path: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.call} #{self.nth}" + (f" on {os.path.basename(self.path)}" if self.path else "")
 
 
 _LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)$")
@@ -173,6 +189,7 @@ def trace(argv: Sequence[str], calls: Sequence[str], *, env: Mapping[str, str] |
         lines = Path(out.name).read_text(errors="replace").splitlines()
     found: list[Call] = []
     counts: dict[tuple[int, str], int] = {}
+    on_path: dict[tuple[int, str, str], int] = {}
     for line in lines:
         m = _LINE.match(line)
         if m is None or m[2] not in calls:
@@ -183,31 +200,47 @@ def trace(argv: Sequence[str], calls: Sequence[str], *, env: Mapping[str, str] |
         if not fd:
             s = _STR_ARG.match(args)
             path = s[1] if s else ""
+        if path and not path.startswith("/") and cwd is None:
+            path = os.path.abspath(path)
         counts[(tid, name)] = counts.get((tid, name), 0) + 1
-        found.append(Call(tid, name, path, counts[(tid, name)]))
+        on_path[(tid, name, path)] = on_path.get((tid, name, path), 0) + 1
+        found.append(Call(tid, name, path, counts[(tid, name)], on_path[(tid, name, path)]))
     return proc, found
 
 
-def inject(argv: Sequence[str], call: str, nth: int, action: str, *, env: Mapping[str, str] | None = None,
+def points(calls: Sequence[Call], store: Path) -> list[Point]:
+    """Every call on a file of *store* that :func:`inject` can hit again exactly (see the module doc)."""
+    root = os.path.realpath(store)
+    by_name: dict[str, set[int]] = {}
+    by_path: dict[tuple[str, str], set[int]] = {}
+    for c in calls:
+        by_name.setdefault(c.name, set()).add(c.tid)
+        by_path.setdefault((c.name, c.path), set()).add(c.tid)
+    found = []
+    for c in calls:
+        if not (c.path == root or c.path.startswith(root + "/")):
+            continue
+        rel = c.path[len(root) + 1:]
+        if not rel.startswith(("tmp/", "packs/")) and len(by_path[(c.name, c.path)]) == 1:
+            found.append(Point(c.name, c.nth_on_path, c.path.replace(root, "{store}", 1)))
+        elif len(by_name[c.name]) == 1:
+            found.append(Point(c.name, c.nth))
+    return found
+
+
+def inject(argv: Sequence[str], point: Point, action: str, *, store: Path, env: Mapping[str, str] | None = None,
            cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
-    """Run *argv* with the *nth* call of *call* (per thread) doing *action*: ``error=ENOSPC``, ``signal=KILL``."""
+    """Run *argv* with the call at *point* (in *store*) doing *action*: ``error=ENOSPC``, ``signal=KILL``."""
     strace = require_strace()
-    return subprocess.run([strace, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={call}",
-                           "-e", f"inject={call}:{action}:when={nth}", "--", *argv],
+    where = ["-P", point.path.replace("{store}", os.path.realpath(store), 1)] if point.path else []
+    return subprocess.run([strace, "-f", "-qq", "-o", "/dev/null", *where, "-e", f"trace={point.call}",
+                           "-e", f"inject={point.call}:{action}:when={point.nth}", "--", *argv],
                           capture_output=True, env=_env(env), cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
     # No byte-code writes: the same command makes the same calls every time.
     return {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(extra or {})}
-
-
-def store_calls(calls: Iterable[Call], store: Path, main_tid: int | None = None) -> list[Call]:
-    """The calls about files inside *store* (by the main thread only, when given)."""
-    root = os.path.realpath(store)
-    return [c for c in calls if (c.path == root or c.path.startswith(root + "/") or
-                                 (c.path and not c.path.startswith("/") and c.path.startswith(store.name)))
-            and (main_tid is None or c.tid == main_tid)]
 
 
 # --------------------------------------------------------------------------- what a writer leaves
