@@ -1,6 +1,6 @@
 """``cnpsfs store``: operations on the store as a whole that are not part of daily use.
 
-``store repair`` rebuilds the index from the packs (docs/format.md 2.6) when ``verify``
+``store repair`` rebuilds the index from the packs (docs/format.md 2.8) when ``verify``
 reports a damaged index. Like every command module it shares only
 :mod:`cnpsfs.cli.context`; :mod:`cnpsfs.cli.root` registers it.
 """

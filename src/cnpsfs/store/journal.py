@@ -3,7 +3,7 @@
 Packs describe their records, so the objects table can be rebuilt from them; tags live
 only in the index, and a damaged index would take them along. Every change of a tag is
 therefore appended here (and fsynced) before the transaction that makes it, so
-``cnpsfs store repair`` can restore the tags too. Format (docs/format.md 2.5): one JSON
+``cnpsfs store repair`` can restore the tags too. Format (docs/format.md 2.7): one JSON
 object per line, ``{"op": "set", "name", "version", "type", "digest", "ns"}`` or ``{"op":
 "rm", "name", "version", "ns"}``; replaying the lines in order gives the tags.
 

@@ -354,7 +354,7 @@ def gc(store: LocalStore, *, repack_below: float = 0.5, dry_run: bool = False,
     report = GcReport(bytes_before=store.disk_usage())
     with flock(store.path / "lock", fcntl.LOCK_EX):
         index = store.index
-        problems = index.integrity_check(limit=1)
+        problems = index.integrity_check(limit=1, quick=True)
         if problems:
             raise StoreError(f"gc refuses to run on a damaged index ({index.path}: {problems[0]}):"
                              " run `cnpsfs store repair` first")

@@ -1,4 +1,4 @@
-"""Rebuilding a store's index from its packs (``cnpsfs store repair``; docs/format.md 2.6).
+"""Rebuilding a store's index from its packs (``cnpsfs store repair``; docs/format.md 2.8).
 
 Packs describe themselves: every block record carries the digest, type and length of
 each member, so the objects and packs tables can be rebuilt by reading the packs front to
@@ -77,7 +77,7 @@ class RepairReport:
 
 def scan_pack(path: Path, on_progress: Callable[[int], None] | None = None
               ) -> Iterator[ScannedRecord | str]:
-    """The records of one pack, as docs/format.md 2.6 reads them: a ScannedRecord for each
+    """The records of one pack, as docs/format.md 2.8 reads them: a ScannedRecord for each
     record that frames, a message for each stretch of bytes that does not."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
