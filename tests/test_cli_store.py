@@ -221,7 +221,8 @@ def test_verify_gc_df_reports(tmp_path: Path, cli: Cli, two_versions: tuple[str,
     result = cli.ok("verify")
     assert result.stdout == "" and "no problems" in result.stderr
     report = json.loads(cli.ok("verify", "--json").stdout)
-    assert report == {"checked": index_counts(cli.store_path)["objects"], "problems": [], "repairable": False}
+    assert report == {"checked": index_counts(cli.store_path)["objects"], "problems": [], "repairable": False,
+                      "leftovers": []}
     scoped = json.loads(cli.ok("verify", "--json", d1).stdout)
     assert 0 < scoped["checked"] < report["checked"]
     df = json.loads(cli.ok("df", "--json").stdout)

@@ -50,10 +50,13 @@ def verify_cmd(app: App, refs: tuple[str, ...], provenance: bool, refetch: bool,
     with byte_progress("verifying", None) as advance:
         report = verify(store, roots, on_progress=advance)
     if as_json:
-        emit_json({"checked": report.checked, "problems": report.problems, "repairable": report.repairable})
+        emit_json({"checked": report.checked, "problems": report.problems, "repairable": report.repairable,
+                   "leftovers": report.leftovers})
     else:
         for problem in report.problems:
             click.echo(problem)
+        for leftover in report.leftovers:
+            click.echo(f"note: {leftover}", err=True)
         click.echo(f"checked {report.checked} records: "
                    f"{len(report.problems) or 'no'} problem{'s' if len(report.problems) != 1 else ''}", err=True)
         if report.repairable:
