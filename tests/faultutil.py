@@ -35,7 +35,9 @@ import pytest
 
 #: Calls that change a store: each is a point where a fault or a kill can land.
 WRITE_CALLS = ("write", "pwrite64", "fsync", "fdatasync")
-KILL_CALLS = (*WRITE_CALLS, "rename", "unlink", "link", "ftruncate")
+#: Kill points add the calls that create, name, lock or open files (openat, reads included:
+#: a process can die anywhere).
+KILL_CALLS = (*WRITE_CALLS, "rename", "unlink", "link", "ftruncate", "openat", "mkdir", "flock")
 
 STRACE = shutil.which("strace")
 needs_strace = pytest.mark.skipif(STRACE is None and os.environ.get("CI", "") not in ("true", "1"),

@@ -22,15 +22,17 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import subprocess
 import tarfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cnpsfs_testlib import Cli, Node, build_tree
-from faultutil import KILL_CALLS, inject, leftovers, needs_strace, points, trace
+from faultutil import KILL_CALLS, Point, inject, leftovers, needs_strace, points, trace
 from mountutil import write_manifest
 
 from cnpsfs.store import LocalStore
@@ -141,6 +143,24 @@ def settle(store: Path) -> tuple[int, int, int]:
         s.close()
 
 
+def kill_after(argv: list[str], delay: float) -> int:
+    """Run *argv*, SIGKILL it after *delay* seconds; its exit status (0 if it finished first)."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+    return proc.wait(timeout=60)
+
+
+def counts(store: Path) -> tuple[int, int, int]:
+    s = LocalStore(store)
+    try:
+        return s.counts()
+    finally:
+        s.close()
+
+
 def problems(store: Path) -> list[str]:
     s = LocalStore(store)
     try:
@@ -162,25 +182,44 @@ def _crash_matrix(tmp_path: Path, name: str, count: int) -> None:
     expected = settle(rehearsal)
     every = points(calls, rehearsal)
     rng = random.Random(f"crash/{name}")
-    chosen = rng.sample(every, min(count, len(every)))
+    chosen: list[Point | float] = list(rng.sample(every, min(count, len(every))))
     assert chosen, f"{name} writes nothing?"
+    if len(chosen) < count:
+        # Fewer calls than kills asked for: every call is a point, and the rest are kills
+        # after a seeded delay, which also land between calls (in computation).
+        timed = tmp_path / "timed"
+        shutil.copytree(pristine, timed)
+        started = time.monotonic()
+        Cli(timed).ok(*op.args)
+        duration = time.monotonic() - started
+        chosen += [rng.uniform(0, duration) for _ in range(count - len(chosen))]
     store = tmp_path / "store"
     cli = Cli(store)
     failures = []
-    outcome = {"before": 0, "after": 0}
+    outcome = {"before": 0, "after": 0, "finished": 0}
     for point in chosen:
         if store.exists():
             shutil.rmtree(store)
         shutil.copytree(pristine, store)
-        killed = inject(cli.argv(*op.args), point, "signal=KILL", store=store)
-        where = f"{name} killed at {point} (of {len(every)} points)"
+        if isinstance(point, Point):
+            killed = inject(cli.argv(*op.args), point, "signal=KILL", store=store).returncode
+            where = f"{name} killed at {point} (of {len(every)} points)"
+        else:
+            killed = kill_after(cli.argv(*op.args), point)
+            where = f"{name} killed after {point:.3f} s"
         try:
-            assert killed.returncode == -9, f"not killed: rc {killed.returncode} {killed.stderr[-500:]!r}"
+            if killed == 0 and not isinstance(point, Point):
+                outcome["finished"] += 1  # it was done before the signal came
+            else:
+                assert killed == -9, f"not killed: rc {killed}"
             found = problems(store)
             assert found == [], found
             now = tags(store)
             assert now in (before, after), f"partial tags: {now}"
-            outcome["before" if now == before and before != after else "after"] += 1
+            if before != after:
+                outcome["before" if now == before else "after"] += 1
+            else:  # gc: did the killed run finish its work, or is it left for the next?
+                outcome["after" if counts(store) == expected and not leftovers(store) else "before"] += 1
             if now != after:
                 again = cli(*op.args)
                 assert again.rc == 0, again
@@ -191,8 +230,12 @@ def _crash_matrix(tmp_path: Path, name: str, count: int) -> None:
         except AssertionError as exc:
             failures.append(f"{where}: {exc}")
     # For docs/reliability.md (pytest -s shows it): how many points there were and how the kills ended.
-    print(f"\ncrash matrix: {name}: {len(chosen)} kills of {len(every)} points; {outcome['before']} left the"
-          f" store as before, {outcome['after']} as after; {len(failures)} failed")
+    left, done = ("left work for the next gc", "had finished") if before == after else ("left the store as before",
+                                                                                       "as after")
+    timed_kills = sum(1 for p in chosen if not isinstance(p, Point))
+    print(f"\ncrash matrix: {name}: {len(chosen) - timed_kills} kills of {len(every)} points and {timed_kills}"
+          f" after a delay ({outcome['finished']} finished first); {outcome['before']} {left},"
+          f" {outcome['after']} {done}; {len(failures)} failed")
     assert not failures, "\n".join(failures)
 
 

@@ -250,6 +250,7 @@ def _fault_matrix(tmp_path: Path, cli: Cli, operation: str, error: str, count: i
     chosen = _fault_points(calls, rehearsal, f"{operation}/{error}", count)
     assert chosen, "the operation writes the store"
     failures = []
+    completed = 0
     for point in chosen:
         shutil.rmtree(cli.store_path)
         shutil.copytree(pristine, cli.store_path)
@@ -260,6 +261,7 @@ def _fault_matrix(tmp_path: Path, cli: Cli, operation: str, error: str, count: i
             if result.rc == 0:
                 # The failure landed where it does not matter (SQLite retries, a checkpoint at
                 # exit): the operation must then be complete.
+                completed += 1
                 after = state(cli.store_path)
                 assert after["tags"].keys() == expected["tags"].keys(), after
             else:
@@ -271,6 +273,10 @@ def _fault_matrix(tmp_path: Path, cli: Cli, operation: str, error: str, count: i
             assert_clean(cli.store_path)
         except AssertionError as exc:
             failures.append(f"{where}: {exc}\n{result}")
+    # For docs/reliability.md (pytest -s shows it).
+    print(f"\nfault injection: {operation}, {error}: {len(chosen)} points of {len(points(calls, rehearsal))};"
+          f" {len(chosen) - completed} failed with one line and left nothing, {completed} completed anyway;"
+          f" {len(failures)} broke")
     assert not failures, "\n\n".join(failures)
 
 

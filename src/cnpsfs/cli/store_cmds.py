@@ -11,7 +11,7 @@ import click
 from cnpsfs import format as fmt
 from cnpsfs.cli.context import App, emit_json, human_size, json_option, pass_app
 from cnpsfs.errors import CnpsfsError, NotFoundError, UsageError
-from cnpsfs.store import T_FILESET, T_IMAGE, TYPE_NAMES, check_tag_name, check_tag_version
+from cnpsfs.store import T_FILESET, T_IMAGE, TYPE_NAMES, LocalStore, check_tag_name, check_tag_version
 
 
 @click.command("verify")
@@ -135,6 +135,7 @@ def gc_cmd(app: App, dry_run: bool, as_json: bool) -> None:
     from cnpsfs.store.maintenance import gc, roots_dirs
 
     store = app.store()
+    assert isinstance(store, LocalStore)
     store.check_writable("gc")
     runtime = None
     with contextlib.suppress(CnpsfsError):  # an unsafe runtime dir is for mount to refuse
