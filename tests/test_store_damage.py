@@ -359,3 +359,25 @@ def test_read_errors_on_packs_are_eio_and_pass(tmp_path: Path) -> None:
         assert cat(m / "two.bin") == files["two.bin"]
         m.assert_alive()
         assert "Input/output error" in m.log() or "disk I/O error" in m.log()
+
+
+def test_repair_files_signatures_under_their_subjects_again(tmp_path: Path, cli: Cli) -> None:
+    """Attachments live only in the index; a signature names its subject, so repair refiles it."""
+    tree = build_tree(tmp_path / "t", [Node(b"f", "file", data=b"signed\n", mtime_ns=MTIME)])
+    ref = digest_of(cli.ok("import", "dir", tree, "--name", "example.org/signed", "--version", "1"))
+    cli.ok("key", "generate", tmp_path / "k")
+    signature = cli.ok("sign", "--key", tmp_path / "k.key", "example.org/signed@1").last_line
+    (cli.store_path / "index.sqlite").write_bytes(b"\0" * 8192)  # nothing of the old index reads
+    result = cli("store", "repair", "--json")
+    report = json.loads(result.stdout)
+    assert "example.org/signed@1" in report["tags_restored"], report
+    assert any("revisions table does not read" in line for line in report["unread"]), report
+    assert result.rc == 0, "nothing was lost: every pack read"
+    s = LocalStore(cli.store_path)
+    try:
+        from cnpsfs import format as fmt
+
+        assert s.attachments(fmt.parse_digest(ref)) == [(fmt.parse_digest(ref), fmt.parse_digest(signature))]
+    finally:
+        s.close()
+    cli.ok("verify")

@@ -47,10 +47,10 @@ def repair_cmd(app: App, dry_run: bool, as_json: bool) -> None:
         emit_json({"packs": report.packs, "records": report.records, "objects": report.objects,
                    "duplicates": report.duplicates, "lost": report.lost, "lost_members": report.lost_members,
                    "tag_source": report.tag_source, "tags_restored": report.tags_restored,
-                   "tags_dropped": report.tags_dropped, "incomplete": report.incomplete,
+                   "tags_dropped": report.tags_dropped, "incomplete": report.incomplete, "unread": report.unread,
                    "backup": report.backup, "dry_run": dry_run})
     else:
-        for line in report.lost + report.tags_dropped + report.incomplete:
+        for line in report.lost + report.tags_dropped + report.incomplete + report.unread:
             click.echo(line)
         verb = "would rebuild" if dry_run else "rebuilt"
         click.echo(f"{verb} the index from {report.packs} packs: {report.objects} objects in {report.records}"

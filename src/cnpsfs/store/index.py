@@ -507,6 +507,42 @@ class Index:
     # ------------------------------------------------------------------ the cache of remote blocks
 
     @_mapped
+    def revisions(self) -> list[tuple[str, int, bytes, int]]:
+        """(name, revision, digest, accepted_ns) of every accepted revision."""
+        return list(self._trust_rows("SELECT name, revision, digest, accepted_ns FROM revisions"))  # type: ignore[arg-type]
+
+    @_mapped
+    def cache_marks(self) -> list[tuple[str, str, int]]:
+        """(pack name, remote, last used ns) of every cache pack (repair moves them to a new index)."""
+        if not self.has_cache_schema():
+            return []
+        return self.db.execute("SELECT p.name, c.remote, c.last_used_ns FROM cache_packs c JOIN packs p"
+                               " ON p.id = c.pack").fetchall()
+
+    @_mapped
+    def settings(self) -> list[tuple[str, str]]:
+        return self.db.execute("SELECT key, value FROM settings").fetchall() if self.has_cache_schema() else []
+
+    @_mapped
+    def restore(self, *, revisions: Iterable[tuple[str, int, bytes, int]] = (),
+                cache: Iterable[tuple[str, str, int]] = (), settings: Iterable[tuple[str, str]] = ()) -> None:
+        """Put back what a repair salvaged from the old index: revisions, cache marks (by pack
+        name), settings; one transaction."""
+        cache, settings = list(cache), list(settings)
+        if cache or settings:
+            self.ensure_cache_schema()
+        with self.transaction() as db:
+            _trust_tables(db)
+            db.executemany("INSERT OR REPLACE INTO revisions(name, revision, digest, accepted_ns) VALUES (?,?,?,?)",
+                           revisions)
+            if cache:
+                db.executemany("INSERT OR REPLACE INTO cache_packs(pack, remote, bytes, last_used_ns)"
+                               " SELECT id, ?, size, ? FROM packs WHERE name=?",
+                               ((remote, used, name) for name, remote, used in cache))
+            if settings:
+                db.executemany("INSERT OR REPLACE INTO settings(key, value) VALUES (?, ?)", settings)
+
+    @_mapped
     def has_cache_schema(self) -> bool:
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='cache_packs'"
                                ).fetchone() is not None

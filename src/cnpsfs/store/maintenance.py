@@ -18,7 +18,17 @@ from cnpsfs.store.blocks import decompress_block
 from cnpsfs.store.index import BlockRow
 from cnpsfs.store.local import LocalStore
 from cnpsfs.store.packs import flock, header_size, is_locked, store_io
-from cnpsfs.store.protocol import T_CHUNK, T_DIR, T_EXTENTS, T_FILESET, T_IMAGE, TYPE_NAMES, Store
+from cnpsfs.store.protocol import (
+    T_CHUNK,
+    T_DIR,
+    T_EXTENTS,
+    T_FILESET,
+    T_IMAGE,
+    T_PROVENANCE,
+    T_SIGNATURE,
+    TYPE_NAMES,
+    Store,
+)
 from cnpsfs.store.writer import DEFAULT_ZSTD_LEVEL, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -166,7 +176,7 @@ class VerifyReport:
 
 
 _PLURALS = {T_CHUNK: "chunks", T_DIR: "directories", T_EXTENTS: "extents objects", T_FILESET: "FileSets",
-            T_IMAGE: "images"}
+            T_IMAGE: "images", T_SIGNATURE: "signatures", T_PROVENANCE: "provenance objects"}
 
 
 def _count_types(types: Iterable[int]) -> str:

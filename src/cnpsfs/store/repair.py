@@ -2,9 +2,11 @@
 
 Packs describe themselves: every block record carries the digest, type and length of
 each member, so the objects and packs tables can be rebuilt by reading the packs front to
-back. Tags cannot be read from packs; they come from the tags journal (``tags.log``, see
+back, and the attachments too (a signature or provenance object names its subject). Tags
+cannot be read from packs; they come from the tags journal (``tags.log``, see
 :mod:`cnpsfs.store.journal`), or, for a store without one, from whatever of the old
-index's tags table still reads.
+index's tags table still reads. What only the index knew besides (accepted revisions,
+cache marks, settings) is taken from the old index as far as it reads, and named when not.
 
 Only what verifies is kept: a record whose header does not parse is skipped (the scan
 resynchronises at the next record magic), a block that does not decode loses its
@@ -42,7 +44,7 @@ from cnpsfs.store.packs import (
     header_size,
     store_io,
 )
-from cnpsfs.store.protocol import T_CHUNK, T_IMAGE, TYPE_CODES, TYPE_NAMES, Tag
+from cnpsfs.store.protocol import T_CHUNK, T_PROVENANCE, T_SIGNATURE, TYPE_CODES, TYPE_NAMES, Tag
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ class ScannedRecord:
     loc: Location  # type and member fields unused
     members: list[tuple[bytes, int, int, int]]  # (digest, type, inner, length), verified
     lost: int = 0  # members that did not verify
+    attachments: list[tuple[bytes, bytes]] = field(default_factory=list)  # (subject, digest) of detached objects
 
 
 @dataclass(slots=True)
@@ -72,6 +75,8 @@ class RepairReport:
     tags_restored: list[str] = field(default_factory=list)
     tags_dropped: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
+    #: Tables of the old index that did not read (what only the index knew: revisions, cache marks, settings).
+    unread: list[str] = field(default_factory=list)
     backup: str | None = None
 
 
@@ -122,6 +127,9 @@ def _scan(name: str, data: mmap.mmap, size: int, on_progress: Callable[[int], No
                 piece = block[inner : inner + length]
                 if _verifies(digest, type_code, piece):
                     record.members.append((digest, type_code, inner, length))
+                    subject = _subject(type_code, piece)
+                    if subject is not None:
+                        record.attachments.append((subject, digest))
                 else:
                     record.lost += 1
                 inner += length
@@ -145,7 +153,7 @@ def _frame(data: mmap.mmap, pos: int, size: int) -> tuple[int, int, int, list[tu
     if codec == CODEC_RAW and stored != raw:
         return None
     members = list(MEMBER_HEADER.iter_unpack(data[pos + RECORD_HEADER.size : pos + header_size(count)]))
-    if sum(length for _d, _t, length in members) != raw or any(t > T_IMAGE for _d, t, _l in members):
+    if sum(length for _d, _t, length in members) != raw or any(t not in TYPE_NAMES for _d, t, _l in members):
         return None
     return codec, stored, raw, members
 
@@ -160,6 +168,22 @@ def _verifies(digest: bytes, type_code: int, data: bytes) -> bool:
         return TYPE_CODES.get(fmt.object_type(data)) == type_code
     except (FormatError, CnpsfsError):
         return False
+
+
+def _subject(type_code: int, data: bytes) -> bytes | None:
+    """The subject a detached object is filed under (docs/trust.md: key 2 of a provenance
+    object; key 2 of a signature's payload), or None for other objects."""
+    try:
+        if type_code == T_PROVENANCE:
+            subject = fmt.decode_object(data).get(2)
+        elif type_code == T_SIGNATURE:
+            payload = fmt.decode_object(data).get(2)
+            subject = fmt.decode_cbor(payload).get(2) if isinstance(payload, bytes) else None
+        else:
+            return None
+    except (FormatError, AttributeError):
+        return None
+    return subject if isinstance(subject, bytes) and len(subject) == 32 else None
 
 
 def _old_tags(store: LocalStore) -> list[Tag] | None:
@@ -179,6 +203,7 @@ def repair(store: LocalStore, *, dry_run: bool = False,
         packs: list[tuple[str, int]] = []
         rows: list[tuple[object, ...]] = []
         seen: dict[bytes, int] = {}  # digest -> type
+        attachments: set[tuple[bytes, bytes]] = set()
         for path in sorted(store.packs_dir.glob("*.pack")):
             number = len(packs)
             try:
@@ -195,6 +220,7 @@ def repair(store: LocalStore, *, dry_run: bool = False,
                     continue
                 report.records += 1
                 report.lost_members += item.lost
+                attachments.update(item.attachments)
                 loc = item.loc
                 for digest, type_code, inner, length in item.members:
                     if digest in seen:
@@ -205,9 +231,10 @@ def repair(store: LocalStore, *, dry_run: bool = False,
                                  length, loc.header))
         report.objects = len(rows)
         tags = _restore_tags(store, seen, report)
+        extras = _salvage(store, attachments, report)
         if dry_run:
             return report
-        report.backup = _replace_index(store, packs, rows, tags)
+        report.backup = _replace_index(store, packs, rows, tags, extras)
         if report.tag_source != store.journal.path.name:
             # Start the journal from what was restored. An existing journal stays as it is:
             # it still names the tags dropped now, for a repair after their packs come back.
@@ -246,8 +273,44 @@ def _restore_tags(store: LocalStore, present: dict[bytes, int], report: RepairRe
     return kept
 
 
+@dataclass(slots=True)
+class _Extras:
+    """What the new index gets besides packs, objects and tags."""
+
+    attachments: list[tuple[bytes, bytes]]
+    revisions: list[tuple[str, int, bytes, int]]
+    cache: list[tuple[str, str, int]]
+    settings: list[tuple[str, str]]
+
+
+def _salvage(store: LocalStore, attachments: set[tuple[bytes, bytes]], report: RepairReport) -> _Extras:
+    """Attachments from the packs (and the old index); revisions, cache marks and settings
+    from the old index, each as far as it reads. Every table that does not is named."""
+    extras = _Extras(sorted(attachments), [], [], [])
+    old = store.index
+    with contextlib.suppress(CnpsfsError):  # every detached object names its subject: nothing is lost
+        extras.attachments = sorted(attachments | set(old.attachments()))
+    for what, read, consequence in (
+            ("revisions", old.revisions, "if it had any, rollback protection restarts from the next revision a"
+             " policy accepts"),
+            ("cache_packs", old.cache_marks, "if the store cached remote blocks, they are ordinary packs now"),
+            ("settings", old.settings, "if the cache size was set, it is back to its default")):
+        try:
+            rows = read()
+        except CnpsfsError:
+            report.unread.append(f"the old index's {what} table does not read: {consequence}")
+            continue
+        if what == "revisions":
+            extras.revisions = rows
+        elif what == "cache_packs":
+            extras.cache = rows
+        else:
+            extras.settings = rows
+    return extras
+
+
 def _replace_index(store: LocalStore, packs: list[tuple[str, int]], rows: list[tuple[object, ...]],
-                   tags: list[Tag]) -> str:
+                   tags: list[Tag], extras: _Extras) -> str:
     """Write the new index beside the old, then swap it in; returns where the old one went.
 
     The old file is hard-linked to its backup name first and the new one renamed over it,
@@ -259,6 +322,10 @@ def _replace_index(store: LocalStore, packs: list[tuple[str, int]], rows: list[t
     new_path = index_path.with_name(index_path.name + ".new")
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     backup = index_path.with_name(f"{index_path.name}.damaged-{stamp}")
+    number = 1
+    while backup.exists():  # a second repair within the same second
+        number += 1
+        backup = index_path.with_name(f"{index_path.name}.damaged-{stamp}.{number}")
     with store_io(f"cannot write the new index {new_path}"):
         for leftover in (new_path, *_sidecars(new_path)):
             leftover.unlink(missing_ok=True)
@@ -266,7 +333,8 @@ def _replace_index(store: LocalStore, packs: list[tuple[str, int]], rows: list[t
         fresh = Index(new_path)
         try:
             fresh.publish(packs, rows, [(t.name, t.version, t.type, t.digest, t.created_ns) for t in tags],
-                          replace=False, retire_packs=())
+                          replace=False, retire_packs=(), attach=extras.attachments)
+            fresh.restore(revisions=extras.revisions, cache=extras.cache, settings=extras.settings)
             fresh.checkpoint()
         finally:
             fresh.close()
