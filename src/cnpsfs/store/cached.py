@@ -133,6 +133,14 @@ class CachedStore:
     def run_dir(self) -> Path:
         return self.local.run_dir
 
+    @property
+    def read_only(self) -> str | None:
+        """Why the local store cannot be written (where a mount registers its roots then)."""
+        return self.local.read_only
+
+    def check_writable(self, what: str = "this command") -> None:
+        self.local.check_writable(what)
+
     def close(self) -> None:
         """Commit what was fetched, stop the committer, release connections; usable again after."""
         with self._lock:
