@@ -371,7 +371,7 @@ def test_mount_from_read_only_media_and_gc_through_the_writable_path(tmp_path: P
         assert report["removed_objects"] == 0, "the mount's roots kept its image"
         assert len(cat(m / "big")) == 700_000
         assert m.status()["store"] == str(ro)
-    assert not (roots / f"{m.pid}.roots").exists()
+    assert not (roots / f"{m.pid}.roots").exists() and not roots.exists(), "nothing left in the runtime dir"
     assert json.loads(Cli(store).ok("gc", "--json").stdout)["removed_objects"] > 0, "unmounted: collected"
 
 

@@ -100,7 +100,10 @@ def register_roots(store: LocalStore, digests: Iterable[bytes], runtime: Path | 
 
 def unregister_roots(store: LocalStore, runtime: Path | None = None) -> None:
     with contextlib.suppress(OSError, CnpsfsError):
-        (_own_roots_dir(store, runtime) / f"{os.getpid()}.roots").unlink()
+        directory = _own_roots_dir(store, runtime)
+        (directory / f"{os.getpid()}.roots").unlink()
+        if directory != store.run_dir:
+            directory.rmdir()  # the last mount of this read-only store: no empty directory left (ENOTEMPTY else)
 
 
 # --------------------------------------------------------------------------- traversal
