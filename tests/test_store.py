@@ -594,3 +594,23 @@ def test_block_stream_never_hands_out_wrong_bytes(tmp_path: Path, store: Store) 
     assert failed is None or "does not decompress" in failed
     for digest, data in handed.items():
         assert data is None or fmt.digest_bytes(data) == digest
+
+
+def test_live_roots_forget_a_zombie_daemon(tmp_path: Path) -> None:
+    """A killed daemon nobody reaped is a zombie: its gc roots must not keep anything alive."""
+    from cnpsfs.store.maintenance import live_roots
+
+    store = LocalStore(tmp_path / "s", create=True)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        wait_until(lambda: Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z",
+                   timeout=10, what="the child to become a zombie")
+        store.run_dir.mkdir(exist_ok=True)
+        roots = store.run_dir / f"{pid}.roots"
+        roots.write_text(fmt.format_digest(b"\x07" * 32) + "\n")
+        assert live_roots(store) == set()
+        assert not roots.exists(), "the zombie's roots file was kept"
+    finally:
+        os.waitpid(pid, 0)

@@ -36,6 +36,7 @@ from typing import Any
 
 from cnpsfs.errors import CnpsfsError, MountpointBusyError, UsageError
 from cnpsfs.fs.options import READY_TIMEOUT, UNMOUNT_TIMEOUT
+from cnpsfs.process import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -477,22 +478,6 @@ def _unmount_fuse(real: str, record: MountRecord | None, *, lazy: bool) -> None:
             umount = subprocess.run(["umount", "-l", real], capture_output=True, text=True)
             if umount.returncode != 0:
                 raise CnpsfsError(f"cannot unmount {mountpoint}: {stderr or umount.stderr.strip()}")
-
-
-def pid_alive(pid: int) -> bool:
-    """True while *pid* runs; a zombie counts as gone (the daemon is not our child to reap)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            # The state follows the command name, which is in parentheses and may hold spaces.
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _stop_daemon(pid: int, timeout: float, *, terminate: bool = False) -> None:

@@ -14,6 +14,7 @@ import zstandard
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, CorruptObjectError, FormatError, MissingObjectError, StoreError
+from cnpsfs.process import pid_alive
 from cnpsfs.store.blocks import decompress_block
 from cnpsfs.store.index import BlockRow
 from cnpsfs.store.local import LocalStore
@@ -59,15 +60,10 @@ def live_roots(store: LocalStore, runtime: Path | None = None) -> set[bytes]:
         if not directory.is_dir():
             continue
         for path in directory.glob("*.roots"):
-            try:
-                pid = int(path.stem)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError):
+            if not path.stem.isdigit() or not pid_alive(int(path.stem)):
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue
-            except PermissionError:
-                pass  # alive, owned by someone else
             with contextlib.suppress(FileNotFoundError):
                 for line in path.read_text().split():
                     with contextlib.suppress(FormatError):
