@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +314,27 @@ def report_swap(mountpoint: str, result: dict[str, Any], as_json: bool) -> None:
     click.echo(f"{mountpoint}: generation {result['generation']} in {result['seconds'] * 1000:.1f} ms "
                f"({result['changed_dirs']} changed, {result['shared_dirs']} shared directories; "
                f"{result['invalidated_entries']} names invalidated)")
+
+
+def profile_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The profiles of an image (image.profiles.describe_profiles), one line each: ``profile ls``, ``inspect``."""
+    lines = []
+    for row in rows:
+        if "problem" in row:
+            lines.append(f"profile  {row['digest'][:23]}  unreadable: {row['problem']}")
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created_ns"] / 1e9))
+        lines.append(f"profile  {row['name']}  {row['entries']} paths ({row['files']} files, "
+                     f"{human_size(row['bytes'])}), recorded {when}  ({row['digest'][:23]})")
+    return lines
+
+
+def recorded_line(result: dict[str, Any]) -> str:
+    """What a recording stored (fs.record.record_profile's result), in one line."""
+    return (f"recorded profile {result['name']} of {result['label']}: {result['entries']} paths "
+            f"({result['directories']} directories, {result['files']} files, {human_size(result['bytes'])} in "
+            f"{result['ranges']} ranges) in {result['seconds']:.1f} s"
+            + (" (truncated at the format's limits)" if result["truncated"] else ""))
 
 
 def report_mounted(mounted: Mounted) -> None:

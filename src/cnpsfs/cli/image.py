@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from cnpsfs import format as fmt
-from cnpsfs.cli.context import App, emit_json, json_option, jsonable, pass_app, remote_options
+from cnpsfs.cli.context import App, emit_json, json_option, jsonable, pass_app, profile_lines, remote_options
 from cnpsfs.store import T_FILESET
 
 
@@ -49,9 +49,11 @@ def image_create(app: App, manifest: str, as_json: bool) -> None:
 @pass_app
 def inspect_cmd(app: App, ref: str, as_tree: bool, as_json: bool) -> None:
     """Show an image's layers and run config, or a FileSet's name, version and metadata,
-    with the signatures (and, for packages, provenance records) filed under it.
+    with the signatures (and, for packages, provenance records) filed under it, and an
+    image's prefetch profiles.
     REF may also be a manifest file."""
     from cnpsfs.image.manifest import describe_layers, image_tree, load_image
+    from cnpsfs.image.profiles import describe_profiles
     from cnpsfs.trust.inspect import attachment_lines, describe_attachments
 
     store = app.store()
@@ -83,16 +85,18 @@ def inspect_cmd(app: App, ref: str, as_tree: bool, as_json: bool) -> None:
             _print_tree(tree)
         return
     attached = describe_attachments(store, digest) if digest else {"signatures": [], "provenance": []}
+    profiles = describe_profiles(store, digest) if digest else []
     data = {"type": "image", "digest": fmt.format_digest(digest) if digest else None, "name": image.name,
             "version": image.version, "mode": image.mode, "layers": describe_layers(store, image.layers, image),
-            "config": image.config, "metadata": jsonable(image.metadata), "signatures": attached["signatures"]}
+            "config": image.config, "metadata": jsonable(image.metadata), "signatures": attached["signatures"],
+            "profiles": jsonable(profiles)}
     if as_json:
         emit_json(data)
         return
     click.echo(f"image    {image.name}@{image.version}  ({image.mode} mode)")
     if digest:
         click.echo(f"digest   {data['digest']}")
-    for line in attachment_lines(attached):
+    for line in attachment_lines(attached) + profile_lines(profiles):
         click.echo(line)
     click.echo("layers")
     for number, layer in enumerate(data["layers"], 1):

@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import click
 
+from cnpsfs import format as fmt
 from cnpsfs.cli.context import (
     App,
     control,
     emit_json,
+    human_size,
     json_option,
     pass_app,
     remote_options,
     report_mounted,
     report_swap,
 )
+from cnpsfs.errors import CnpsfsError, UsageError
 from cnpsfs.fs.options import (
     CACHE_MIB_RANGE,
     DEFAULT_CACHE_MIB,
     DEFAULT_THREADS,
     FUSE_MODES,
+    PREFETCH_MIB_RANGE,
     THREADS_RANGE,
     MountOptions,
 )
@@ -54,10 +59,16 @@ from cnpsfs.fs.options import (
 @click.option("--init-dir", "init_dirs", multiple=True, metavar="PATH",
               help="Another directory the init layer provides where the image lacks it (a volume's mount "
                    "destination); implies --init-layer. Repeatable.")
+@click.option("--profile", "profile_name", default=None, metavar="NAME",
+              help="Prefetch the image's profile NAME (it must exist); default: its profile 'default', if any.")
+@click.option("--no-prefetch", is_flag=True, help="Replay no profile (for measuring and debugging).")
+@click.option("--prefetch-mib", type=click.IntRange(*PREFETCH_MIB_RANGE), default=None, metavar="MIB",
+              help="Stop a replay after MIB of pages (default: a quarter of the available memory).")
 @pass_app
 def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other: bool, fuse_mode: str,
               threads: int, cache_mib: int, upperdir: str | None, allow_downgrade: bool, init_layer: bool,
-              init_dirs: tuple[str, ...]) -> None:
+              init_dirs: tuple[str, ...], profile_name: str | None, no_prefetch: bool,
+              prefetch_mib: int | None) -> None:
     """Mount the image REF (or a manifest file) read-only at MOUNTPOINT.
 
     Returns once the mount answers, with the daemon in the background (its log and
@@ -68,14 +79,27 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     With a trust policy (--policy, docs/trust.md) the image must pass it first; the
     refusal names the image, the rule and the reason, and nothing is mounted.
     Without --init-layer the mount shows the image exactly as stored.
+
+    The image's prefetch profile (`cnpsfs profile record`) is replayed in the
+    background, on mount and after every live upgrade: directories composed, chunks
+    decoded and verified, pages stored in the kernel's cache, always after the
+    program's own requests (`cnpsfs status` shows the progress and the hits).
     """
     from cnpsfs.fs.mounting import mount_image, serve_image
     from cnpsfs.image.initlayer import CONTAINER_FILES, CONTAINER_TMPFS, check_destination
 
+    if profile_name is not None:
+        if no_prefetch:
+            raise UsageError("--profile and --no-prefetch exclude each other")
+        try:
+            fmt.check_profile_name(profile_name)
+        except CnpsfsError as exc:
+            raise UsageError(str(exc)) from None
     init = (*CONTAINER_TMPFS, *(check_destination(d) for d in init_dirs)) if init_layer or init_dirs else None
     options = MountOptions(allow_other=allow_other, use_extensions=fuse_mode == "auto", threads=threads,
                            cache_mib=cache_mib, writable=upperdir, init_layer=init,
-                           init_files=CONTAINER_FILES if init is not None else ())
+                           init_files=CONTAINER_FILES if init is not None else (), prefetch=not no_prefetch,
+                           profile=profile_name, prefetch_mib=prefetch_mib)
     trust = app.checker()
     if foreground:
         serve_image(app.store(), ref, mountpoint, options, trust=trust, allow_downgrade=allow_downgrade)
@@ -133,6 +157,22 @@ def status_cmd(mountpoint: str, as_json: bool) -> None:
             click.echo(f"remote      {r['name']}: bytes={r.get('bytes', 0)} requests={r.get('requests', 0)} "
                        f"errors={r.get('errors', 0)} retries={r.get('retries', 0)} blocks={r.get('blocks', 0)} "
                        f"corrupt={r.get('corrupt', 0)}")
+    click.echo("prefetch    " + prefetch_line(status.get("prefetch") or {}))
+    recording = status.get("recording")
+    if recording:
+        state = f"abandoned: {recording['aborted']}" if recording["aborted"] else "running"
+        click.echo(f"recording   {state}: {recording['entries']} paths, {recording['events']} requests in "
+                   f"{recording['seconds']:.1f} s")
+
+
+def prefetch_line(p: dict[str, Any]) -> str:
+    """What `cnpsfs status` says of the replay of a profile."""
+    if p.get("state", "none") in ("none", "loading"):
+        return f"{p.get('state', 'none')} ({p.get('reason') or 'no profile'})"
+    why = f" ({p['reason']})" if p.get("reason") else ""
+    pushed = f", {human_size(p['pushed_bytes'])} of pages in the kernel" if p.get("pushed_bytes") else ""
+    return (f"profile {p['profile']} {p['state']}{why}: {p['walked']} of {p['entries']} paths, {p['chunks']} chunks "
+            f"({human_size(p['bytes'])}){pushed}; {p['hits']} hits, {p['demand_misses']} chunks loaded on demand")
 
 
 @click.command("upgrade")

@@ -1,7 +1,7 @@
 """The root ``cnpsfs`` group: its options, and every command group registered on it.
 
 Each command group is a module of its own (browse, importing, exporting, store_cmds,
-image, commit, mounting, service, bundle, build); they share only
+image, commit, mounting, profile, service, bundle, build); they share only
 :mod:`cnpsfs.cli.context`, so this is the one module that knows them all.
 """
 
@@ -22,6 +22,7 @@ from cnpsfs.cli import (
     importing,
     mounting,
     oci,
+    profile,
     remote,
     service,
     store,
@@ -94,8 +95,8 @@ def main(ctx: click.Context, store_path: Path | None, policy_arg: str | None, de
     ctx.call_on_close(ctx.obj.close)  # a cached store commits what it fetched
 
 
-for _module in (importing, browse, exporting, store_cmds, store, image, commit, mounting, service, bundle, build, oci,
-                trust, remote):
+for _module in (importing, browse, exporting, store_cmds, store, image, commit, mounting, profile, service, bundle,
+                build, oci, trust, remote):
     for _command in _module.COMMANDS:
         main.add_command(_command)
 for _command in oci.IMPORT_COMMANDS:

@@ -1,7 +1,7 @@
 """The canonical object format (docs/format.md is normative).
 
 The lowest layer: digests, the CBOR encoding rules, the object types (directory,
-extents, FileSet, image) and the chunker's cut rules. It knows nothing of where objects
+extents, FileSet, image; the detached profile) and the chunker's cut rules. It knows nothing of where objects
 are stored; everything above imports it as ``from cnpsfs import format as fmt``.
 """
 
@@ -63,6 +63,21 @@ from cnpsfs.format.objects import (
     referenced_digests,
     show_path,
 )
+from cnpsfs.format.profile import (
+    DEFAULT_PROFILE,
+    PROFILE_MAX_ENTRIES,
+    PROFILE_MAX_PATH_BYTES,
+    PROFILE_MAX_RANGES,
+    TYPE_PROFILE,
+    Profile,
+    ProfileEntry,
+    Touch,
+    check_profile_name,
+    check_profile_path,
+    decode_profile,
+    encode_profile,
+    merge_ranges,
+)
 
 __all__ = [
     'CDC_AVG',
@@ -70,6 +85,7 @@ __all__ = [
     'CDC_MIN',
     'CDC_NORMALIZATION',
     'CHUNK_MAX',
+    'DEFAULT_PROFILE',
     'DIGEST_PREFIX',
     'DIGEST_SIZE',
     'FORMAT_VERSION',
@@ -85,10 +101,14 @@ __all__ = [
     'MAX_OBJECT_SIZE',
     'NAME_MAX',
     'PATH_MAX',
+    'PROFILE_MAX_ENTRIES',
+    'PROFILE_MAX_PATH_BYTES',
+    'PROFILE_MAX_RANGES',
     'TYPE_DIR',
     'TYPE_EXTENTS',
     'TYPE_FILESET',
     'TYPE_IMAGE',
+    'TYPE_PROFILE',
     'TYPE_PROVENANCE',
     'TYPE_SIGNATURE',
     'XATTR_NAME_MAX',
@@ -102,24 +122,32 @@ __all__ = [
     'Image',
     'Kind',
     'Layer',
+    'Profile',
+    'ProfileEntry',
+    'Touch',
     'check_entry',
     'check_name',
+    'check_profile_name',
+    'check_profile_path',
     'decode_cbor',
     'decode_directory',
     'decode_extents_object',
     'decode_fileset',
     'decode_image',
     'decode_object',
+    'decode_profile',
     'digest_bytes',
     'encode_canonical',
     'encode_directory',
     'encode_extents_object',
     'encode_fileset',
     'encode_image',
+    'encode_profile',
     'entry_from_cbor',
     'entry_to_cbor',
     'format_digest',
     'layer_to_cbor',
+    'merge_ranges',
     'new_chunker',
     'normalize_at',
     'object_type',

@@ -67,6 +67,8 @@ TYPE_IMAGE = "cnpsfs/image"
 #: cnpsfs.trust (docs/trust.md); here only what gc and verify need to walk them.
 TYPE_SIGNATURE = "cnpsfs/signature"
 TYPE_PROVENANCE = "cnpsfs/provenance"
+#: Also detached: a prefetch profile (§1.13, format/profile.py), about an image.
+TYPE_PROFILE = "cnpsfs/profile"
 
 
 class Kind(enum.IntEnum):
@@ -537,7 +539,8 @@ def decode_cbor(data: bytes) -> Any:
     return obj
 
 
-_TYPE_NAMES = frozenset((TYPE_DIR, TYPE_EXTENTS, TYPE_FILESET, TYPE_IMAGE, TYPE_SIGNATURE, TYPE_PROVENANCE))
+_TYPE_NAMES = frozenset((TYPE_DIR, TYPE_EXTENTS, TYPE_FILESET, TYPE_IMAGE, TYPE_SIGNATURE, TYPE_PROVENANCE,
+                         TYPE_PROFILE))
 
 
 def object_type(data: bytes) -> str:
@@ -787,7 +790,7 @@ def referenced_digests(data: bytes) -> list[tuple[bytes, bool]]:
         out.extend((layer.digest, False) for layer in decode_image(data).layers)
     elif kind == TYPE_PROVENANCE:  # the FileSet holding the signed archive index (docs/trust.md)
         out.append((_digest(decode_object(data).get(10), "provenance index (key 10)"), False))
-    return out  # a signature names its subject but does not reach it
+    return out  # a signature names its subject but does not reach it; a profile names paths
 
 
 def _entry_refs(entry: Entry, out: list[tuple[bytes, bool]]) -> None:

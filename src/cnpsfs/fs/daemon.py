@@ -284,9 +284,10 @@ def mounted_device(path: str, device: int) -> bool:
     """Whether a filesystem with device number *device* (an ``st_dev``) is mounted at *path*.
 
     From /proc/self/mountinfo, so it never asks a FUSE daemon anything (the daemon asking
-    may be the one that would have to answer).
+    may be the one that would have to answer, after its loop stopped): *path* must already
+    be real, as resolving it (realpath) would stat the mount's root through FUSE.
     """
-    real = os.path.realpath(path)
+    real = os.path.normpath(os.path.abspath(path))
     wanted = f"{os.major(device)}:{os.minor(device)}".encode()
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
@@ -438,6 +439,8 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = UNMOUNT_TIM
 
 def _unmount(mountpoint: str, real: str, record: MountRecord | None, *, lazy: bool, timeout: float,
              terminate: bool) -> None:
+    if record is not None and pid_alive(record.pid):
+        _quiesce(record)
     if record is not None and record.lower:
         from cnpsfs.fs.overlay import unmount_overlay
 
@@ -460,6 +463,17 @@ def _unmount(mountpoint: str, real: str, record: MountRecord | None, *, lazy: bo
     if record is not None:
         _stop_daemon(record.pid, timeout, terminate=terminate and lazy)
         record.remove()
+
+
+def _quiesce(record: MountRecord) -> None:
+    """Ask the daemon to stop its prefetch first: the lookups it makes through the mount
+    would make a plain umount fail as busy. Best effort: an old or hung daemon is unmounted anyway."""
+    from cnpsfs.fs.control import control_request
+
+    try:
+        control_request(record.control, {"op": "quiesce"}, timeout=10.0)
+    except (CnpsfsError, OSError, ValueError) as exc:
+        log.debug("quiesce %s: %s", record.mountpoint, exc)
 
 
 def _unmount_fuse(real: str, record: MountRecord | None, *, lazy: bool) -> None:

@@ -80,8 +80,15 @@ class ChunkFetcher:
     def cached(self, digest: bytes) -> bool:
         return self.cache.contains(digest)
 
-    async def fetch(self, digests: Iterable[bytes]) -> None:
-        """Load the blocks holding *digests* into the cache; failures are kept per digest."""
+    async def fetch(self, digests: Iterable[bytes], *, limiter: trio.CapacityLimiter | None = None) -> int:
+        """Load the blocks holding *digests* into the cache; failures are kept per digest.
+
+        Returns the bytes this call's own loads added to the cache (what a prefetch
+        budget counts; loads it only joined count for whoever started them). *limiter*
+        runs those loads on other workers than the mount's: a prefetch passes its own,
+        smaller one so that demand reads always find a worker.
+        """
+        limiter = limiter or self.limiter
         waits: set[Hashable] = set()
         groups: dict[Hashable, tuple[ChunkLocation, list[bytes], int]] = {}
         unknown: list[bytes] = []
@@ -110,19 +117,22 @@ class ChunkFetcher:
             # A remote-backed store starts these blocks together now (merged, in parallel);
             # a local store does nothing. It only queues work: safe on the loop.
             self.store.prefetch(loc for loc, _w, _u in groups.values())
+        added = [0]
         if jobs == 1 and not unknown:
             ((key, (loc, wanted, upto)),) = groups.items()
-            await self._load_block(key, loc, wanted, upto)
+            await self._load_block(key, loc, wanted, upto, limiter, added)
         elif jobs == 1:
-            await self._locate_and_load(unknown)
+            await self._locate_and_load(unknown, limiter, added)
         elif jobs:
             async with trio.open_nursery() as nursery:
                 for key, (loc, wanted, upto) in groups.items():
-                    nursery.start_soon(self._load_block, key, loc, wanted, upto)
+                    nursery.start_soon(self._load_block, key, loc, wanted, upto, limiter, added)
                 if unknown:
-                    nursery.start_soon(self._locate_and_load, unknown)
+                    nursery.start_soon(self._locate_and_load, unknown, limiter, added)
+        return added[0]
 
-    async def _load_block(self, key: Hashable, loc: ChunkLocation, wanted: list[bytes], upto: int) -> None:
+    async def _load_block(self, key: Hashable, loc: ChunkLocation, wanted: list[bytes], upto: int,
+                          limiter: trio.CapacityLimiter, added: list[int]) -> None:
         """Decode the known block *key* through *upto*, continuing its reader if it has one."""
         while (event := self._inflight.get(key)) is not None:
             await event.wait()
@@ -138,8 +148,8 @@ class ChunkFetcher:
         relocate = False
         try:
             self.hops += 1
-            members, stream = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=self.limiter)
-            self._settle(key, loc, wanted, stream, members)
+            members, stream = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=limiter)
+            added[0] += self._settle(key, loc, wanted, stream, members)
         except MissingObjectError as exc:
             # The block went away since we learnt where it is (a cache pack was evicted):
             # forget the location and look the chunks up afresh, once.
@@ -156,9 +166,9 @@ class ChunkFetcher:
             event.set()
         if relocate:
             self._block_locs.pop(key, None)
-            await self._locate_and_load(wanted)
+            await self._locate_and_load(wanted, limiter, added)
 
-    async def _locate_and_load(self, digests: list[bytes]) -> None:
+    async def _locate_and_load(self, digests: list[bytes], limiter: trio.CapacityLimiter, added: list[int]) -> None:
         """Locate *digests* and decode their blocks, in one worker call."""
         token = object()
         event = self._inflight[token] = trio.Event()
@@ -167,8 +177,7 @@ class ChunkFetcher:
             self._failed.pop(digest, None)
         try:
             self.hops += 1
-            located, loaded = await trio.to_thread.run_sync(self._locate_and_advance, digests,
-                                                            limiter=self.limiter)
+            located, loaded = await trio.to_thread.run_sync(self._locate_and_advance, digests, limiter=limiter)
             for digest in digests:
                 if digest not in located:
                     self._fail(digest, MissingObjectError(f"{fmt.format_digest(digest)} is not in the store"))
@@ -177,7 +186,7 @@ class ChunkFetcher:
                     for digest in wanted:
                         self._fail(digest, stream)
                     continue
-                self._settle(key, loc, wanted, stream, members)
+                added[0] += self._settle(key, loc, wanted, stream, members)
         except (CnpsfsError, OSError) as exc:
             for digest in digests:
                 self._fail(digest, exc)
@@ -188,11 +197,15 @@ class ChunkFetcher:
             event.set()
 
     def _settle(self, key: Hashable, loc: ChunkLocation, wanted: list[bytes], stream: BlockReader,
-                members: dict[bytes, bytes | None]) -> None:
-        """On the loop: cache what a load decoded, record failures, keep the reader for next time."""
+                members: dict[bytes, bytes | None]) -> int:
+        """On the loop: cache what a load decoded, record failures, keep the reader for next time.
+
+        Returns the bytes added to the cache."""
+        added = 0
         for member, data in members.items():
-            if data is not None:
+            if data is not None and not self.cache.contains(member):
                 self.cache.put(member, data)
+                added += len(data)
         for digest in wanted:
             if members.get(digest) is not None:
                 self._failed.pop(digest, None)
@@ -216,6 +229,7 @@ class ChunkFetcher:
                 self._streams.popitem(last=False)
         elif self._streams.get(key) is stream:
             del self._streams[key]
+        return added
 
     def _fail(self, digest: bytes, exc: BaseException) -> None:
         """Remember why *digest* could not be loaded, for its waiters; bounded (oldest forgotten first).

@@ -8,6 +8,7 @@ generation swap is a single assignment that no FUSE handler can observe half-don
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -31,6 +32,8 @@ from cnpsfs.fs.daemon import mounted_device
 from cnpsfs.fs.notify import Notifier
 from cnpsfs.fs.operations import Operations
 from cnpsfs.fs.options import MountOptions
+from cnpsfs.fs.prefetch import Prefetcher
+from cnpsfs.fs.recorder import ProfileRecorder
 from cnpsfs.image.initlayer import added_paths, find_init_layer
 from cnpsfs.image.manifest import compose, describe_layers, load_image, looks_like_file, root_digests
 from cnpsfs.image.swap import SwapPlan, prepare
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 
 #: Swaps remembered for `cnpsfs status`.
 HISTORY_MAX = 64
+#: The longest a profile recording may run: one whose client went away ends by itself.
+RECORD_MAX_SECONDS = 3600.0
+#: How long an unmount waits for the replay's lookups through the mount to return.
+QUIESCE_SECONDS = 5.0
 
 
 @dataclass(slots=True)
@@ -79,6 +86,16 @@ class MountService:
     #: Trust decisions for every swap (mounting decided on the first image before anything was mounted).
     trust: Checker | None = None
     decision: Decision | None = None  # the trust decision on the image served now
+    # The replay of the current image's profile (fs/prefetch.py), or why there is none.
+    prefetcher: Prefetcher | None = None
+    prefetch_runs: collections.deque[Prefetcher] = field(default_factory=lambda: collections.deque(maxlen=8))
+    prefetch_note: str = "not started"
+    _prefetch_scope: trio.CancelScope | None = None
+    # A profile being recorded (`cnpsfs profile record`), and the task that ends it on time.
+    recording: ProfileRecorder | None = None
+    _recording_scope: trio.CancelScope | None = None
+    _nursery: trio.Nursery | None = None
+    quiesced: bool = False  # an unmount is coming: no more replays
 
     def fuse_options(self) -> set[str]:
         opts = {"fsname=cnpsfs", "subtype=cnpsfs", "ro", "default_permissions", "noatime"}
@@ -142,6 +159,7 @@ class MountService:
         assert self.ops is not None
         async with trio.open_nursery() as nursery:
             self.ops.readahead_nursery = nursery
+            self._nursery = nursery
             nursery.start_soon(self._signals, nursery)
             await nursery.start(self._control_server)
 
@@ -158,6 +176,7 @@ class MountService:
             await trio.to_thread.run_sync(on_ready)
             self.ready = True
             self.notifier.ready(self.status_line())
+            self._start_prefetch()
             if self.notifier.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
 
@@ -261,6 +280,17 @@ class MountService:
         if op in ("link", "unlink"):
             image = self._with_layer_flag(str(request["layer"]), unlinked=op == "unlink")
             return {"ok": True, **await self.swap_to(image, None, f"{op} {request['layer']}")}
+        if op == "quiesce":
+            return {"ok": True, **await self._quiesce()}
+        if op == "record-start":
+            return {"ok": True, **await self._record_start(float(request.get("max_seconds", RECORD_MAX_SECONDS)))}
+        if op == "record-status":
+            if self.recording is None:
+                raise CnpsfsError("no profile is being recorded on this mount")
+            return {"ok": True, **self.recording.summary()}
+        if op == "record-stop":
+            return {"ok": True, **await self._record_stop(str(request.get("name", fmt.DEFAULT_PROFILE)),
+                                                          dict(request.get("metadata") or {}))}
         if op == "rollback":
             if self.rollback_image is None:
                 raise CnpsfsError("no previous generation to roll back to")
@@ -327,6 +357,10 @@ class MountService:
         seconds = time.monotonic() - started
         self.rollback_image = (self.image, self.image_digest)
         self.image, self.image_digest = image, digest
+        if self.recording is not None and self.recording.aborted is None:
+            self.recording.aborted = f"the mount swapped to generation {generation.number} during the recording"
+            self._stop_recording_events()
+        self._start_prefetch()
         if decision is not None:
             self.decision = decision
         self.history.append(HistoryItem(generation.number, label, fmt.format_digest(digest) if digest else None,
@@ -339,6 +373,147 @@ class MountService:
         return {"generation": generation.number, "seconds": round(seconds, 6), "changed_dirs": plan.changed_dirs,
                 "shared_dirs": plan.shared_dirs, "invalidated_entries": len(plan.entries),
                 "invalidated_dirs": len(plan.dirs)}
+
+    # ------------------------------------------------------------------ prefetch
+
+    def _start_prefetch(self, why: str | None = None) -> None:
+        """Replay the current image's profile for the current generation, cancelling the last
+        replay (saying *why*: by default, that a new generation replaced it)."""
+        assert self.ops is not None and self._nursery is not None
+        if self._prefetch_scope is not None:
+            if self.prefetcher is not None:
+                self.prefetcher.cancel(why or f"replaced by generation {self.ops.generation.number}")
+            self._prefetch_scope.cancel()
+            self._prefetch_scope = None
+        self.prefetcher = None
+        if self.quiesced:
+            self.prefetch_note = "the mount is being unmounted"
+        elif not self.options.prefetch:
+            self.prefetch_note = "prefetch is off (--no-prefetch)"
+        elif self.recording is not None and self.recording.aborted is None:
+            self.prefetch_note = "a profile is being recorded"
+        elif self.image_digest is None:
+            self.prefetch_note = "the image is not stored (a manifest file or a layer change): it has no profiles"
+        else:
+            self.prefetch_note = "loading the profile"
+            scope = self._prefetch_scope = trio.CancelScope()
+            self._nursery.start_soon(self._prefetch, scope, self.ops.generation, self.image_digest)
+            return
+        log.debug("no prefetch for generation %d: %s", self.ops.generation.number, self.prefetch_note)
+
+    async def _prefetch(self, scope: trio.CancelScope, generation: Generation, image: bytes) -> None:
+        name = self.options.profile or fmt.DEFAULT_PROFILE
+        try:
+            with scope:
+                await self._replay(generation, image, name)
+        finally:
+            if self._prefetch_scope is scope:
+                self._prefetch_scope = None
+
+    async def _replay(self, generation: Generation, image: bytes, name: str) -> None:
+        from cnpsfs.image.profiles import find_profile
+
+        assert self.ops is not None
+        chosen, malformed = await trio.to_thread.run_sync(find_profile, self.store, image, name)
+        for bad in malformed:
+            log.warning("profile %s of image %s is unusable, ignored: %s", fmt.format_digest(bad.digest)[:23],
+                        fmt.format_digest(image)[:23], bad.error)
+        if chosen is None or chosen.profile is None:
+            self.prefetch_note = f"the image has no profile {name!r}"
+            log.info("no prefetch for generation %d: %s", generation.number, self.prefetch_note)
+            return
+        profile = chosen.profile
+        if profile.image != image:
+            log.info("profile %s (%s) was recorded on another image (%s): replayed as advice", profile.name,
+                     fmt.format_digest(chosen.digest)[:23], fmt.format_digest(profile.image)[:23])
+        self.ops.prefetched.clear()
+        mib = self.options.prefetch_mib
+        self.prefetcher = Prefetcher(self.ops, generation, profile, chosen.digest,
+                                     budget_bytes=mib << 20 if mib is not None else None,
+                                     push_to=self.mountpoint if self.options.prefetch_pages else None)
+        self.prefetch_runs.append(self.prefetcher)
+        self.prefetch_note = ""
+        await self.prefetcher.run()
+
+    async def _quiesce(self) -> dict[str, Any]:
+        """Stop the replay before an unmount: its lookups through the mount would make a plain
+        umount fail as busy. Waits (a little) until none is still running on a worker."""
+        self.quiesced = True
+        running = self.prefetcher
+        self._start_prefetch("the mount is being unmounted")  # cancels the replay; starts none
+        if running is not None:
+            with trio.move_on_after(QUIESCE_SECONDS):
+                await running.out_of_mount()
+        return {"in_mount": running.in_mount if running is not None else 0}
+
+    def prefetch_status(self) -> dict[str, Any]:
+        assert self.ops is not None
+        counters = {"hits": self.ops.prefetch_hits, "demand_misses": self.ops.demand_misses}
+        if self.prefetcher is None:
+            loading = self._prefetch_scope is not None
+            return {"state": "loading" if loading else "none", "reason": self.prefetch_note, **counters}
+        return {**self.prefetcher.status(), **counters}
+
+    # ------------------------------------------------------------------ recording a profile
+
+    async def _record_start(self, max_seconds: float) -> dict[str, Any]:
+        assert self.ops is not None and self._nursery is not None
+        if self.image_digest is None:
+            raise CnpsfsError("this mount serves an image that is not stored (a manifest file or a layer change): "
+                              "a profile is filed under a stored image; mount one created with `cnpsfs image create`")
+        current = self.recording
+        if current is not None and current.aborted is None and self.ops.recorder is current:
+            raise CnpsfsError(f"a profile is already being recorded on this mount (for {current.summary()['seconds']}"
+                              " s): stop it first")
+        if not 0 < max_seconds <= RECORD_MAX_SECONDS:
+            raise CnpsfsError(f"a recording lasts at most {RECORD_MAX_SECONDS:.0f} seconds")
+        recorder = ProfileRecorder(generation=self.ops.generation.number, image=self.image_digest)
+        self.recording = recorder
+        # Nothing may warm the kernel behind the recording's back: the replay stops.
+        self._start_prefetch("a profile is being recorded")
+        invalidated = await self.ops.drop_kernel_caches()
+        recorder.started = recorder.last = recorder.clock()
+        self.ops.recorder = recorder
+        scope = self._recording_scope = trio.CancelScope()
+
+        async def end_in_time() -> None:
+            with scope:
+                await trio.sleep(max_seconds)
+                if self.recording is recorder and recorder.aborted is None:
+                    recorder.aborted = f"the recording ran for its longest time, {max_seconds:.0f} s, without a stop"
+                    self._stop_recording_events()
+
+        self._nursery.start_soon(end_in_time)
+        log.info("recording a profile for generation %d (kernel caches of %d inodes dropped)",
+                 recorder.generation, invalidated)
+        return {"generation": recorder.generation, "invalidated": invalidated}
+
+    def _stop_recording_events(self) -> None:
+        assert self.ops is not None
+        self.ops.recorder = None
+        if self._recording_scope is not None:
+            self._recording_scope.cancel()
+            self._recording_scope = None
+
+    async def _record_stop(self, name: str, metadata: dict[str, Any]) -> dict[str, Any]:
+        recorder = self.recording
+        if recorder is None:
+            raise CnpsfsError("no profile is being recorded on this mount")
+        self._stop_recording_events()
+        self.recording = None
+        if recorder.aborted is not None:
+            raise CnpsfsError(f"the recording was abandoned: {recorder.aborted}")
+        fmt.check_profile_name(name)
+        summary = recorder.summary()
+        assert recorder.image is not None
+        metadata = {"recorded_ms": int(summary["seconds"] * 1000), "requests": recorder.events,
+                    **({"truncated": True} if recorder.truncated else {}), **metadata}
+        profile = recorder.profile(name, image=recorder.image, metadata=metadata)
+        encoded = await trio.to_thread.run_sync(fmt.encode_profile, profile)
+        log.info("recorded profile %s: %d entries, %d ranges in %.1f s", name, len(profile.entries),
+                 profile.ranges, summary["seconds"])
+        return {"image": fmt.format_digest(recorder.image), "object": base64.b64encode(encoded).decode(),
+                "digest": fmt.format_digest(fmt.digest_bytes(encoded)), **summary}
 
     def _register_roots(self) -> None:
         from cnpsfs.fs.daemon import runtime_dir
@@ -370,6 +545,9 @@ class MountService:
             "kernel_inodes": len(self.ops.held),
             "inode_keys": len(gen.inodes),
             "uptime": round(time.time() - self.started, 3),
+            "prefetch": self.prefetch_status(),
+            "prefetch_runs": [p.status() for p in self.prefetch_runs],  # the last 8, the current one last
+            "recording": self.recording.summary() if self.recording is not None else None,
             "trust": self.decision.as_dict() if self.decision is not None else
             {"verified": False, "policy": None, "reason": "unverified: no trust policy"},
             **({"remote": self.store.counters()} if hasattr(self.store, "counters") else {}),

@@ -121,6 +121,8 @@ class _Mount:
         if digest is None and any(i.mode is fmt.CompositionMode.UNION for i in (image, *image.unstored.values())):
             compose(store, image).check()  # stored images were checked when created
         decision = trust.check(store, image, digest, allow_downgrade=allow_downgrade) if trust is not None else None
+        if options.prefetch and options.profile is not None:
+            _check_profile(store, image, digest, options.profile)
         key = mount_key(real)
         rt = runtime_dir()
         control = control_path_for(rt, key)
@@ -173,3 +175,18 @@ class _Mount:
             self.record.remove()
             unregister_roots(self.store, runtime=runtime)
             self.store.close()  # a remote-backed store commits the blocks it fetched last
+
+
+def _check_profile(store: Store, image: fmt.Image, digest: bytes | None, name: str) -> None:
+    """A profile asked for by name (--profile) must exist: a typo should not pass as "no prefetch"."""
+    from cnpsfs.errors import NotFoundError, UsageError
+    from cnpsfs.image.profiles import image_profiles
+
+    label = f"{image.name}@{image.version}"
+    if digest is None:
+        raise UsageError(f"--profile needs a stored image: {label} comes from a manifest file and has no profiles")
+    names = sorted({s.name for s in image_profiles(store, digest) if s.name is not None})
+    if name not in names:
+        raise NotFoundError(f"image {label} has no profile named {name!r}"
+                            + (f" (it has {', '.join(names)})" if names else " (it has none: record one with "
+                               "`cnpsfs profile record`)"))

@@ -21,6 +21,7 @@ traceback in the log.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -37,6 +38,7 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError
 from cnpsfs.fs.fetcher import ChunkFetcher
 from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
+from cnpsfs.fs.recorder import ProfileRecorder
 from cnpsfs.image.reader import ChunkCache, past_the_end
 from cnpsfs.image.view import Generation, Node
 from cnpsfs.store import NotCached
@@ -88,6 +90,7 @@ class Kernel:
     readdir_reply: Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool] = pyfuse3.readdir_reply
     invalidate_entry: Callable[[int, bytes], None] = pyfuse3.invalidate_entry
     invalidate_inode: Callable[[int], None] = pyfuse3.invalidate_inode
+    notify_store: Callable[[int, int, bytes], None] = pyfuse3.notify_store
 
 
 class Operations(pyfuse3.Operations):
@@ -121,6 +124,19 @@ class Operations(pyfuse3.Operations):
         self.readahead_nursery: trio.Nursery | None = None
         self._read_end: dict[int, int] = {}
         self._reported: OrderedDict[tuple[Any, str], None] = OrderedDict()  # failures logged once
+        # Prefetch (fs/prefetch.py) yields to demand: it waits while a FUSE request is
+        # loading chunks or directories on a worker. Code between awaits is atomic, so a
+        # counter and an event set when it drops to zero are enough.
+        self.demand = 0
+        self._demand_quiet = trio.Event()
+        self._demand_quiet.set()
+        # Chunks a prefetch put in the cache and no demand read has used yet; a read that
+        # uses one counts a hit (and removes it, so each counts once).
+        self.prefetched: set[bytes] = set()
+        self.prefetch_hits = 0
+        self.demand_misses = 0  # chunks demand reads had to load themselves
+        self.recorder: ProfileRecorder | None = None
+        self.own_pid = os.getpid()  # the prefetch's own lookups through the mount are not the program's
         if self.extensions:
             self.enable_cache_symlinks = True
             self.pass_inode_to_fh_handlers = True
@@ -193,13 +209,28 @@ class Operations(pyfuse3.Operations):
             log.error("%s: %s", what, exc)
         return pyfuse3.FUSEError(errno.EIO)
 
-    async def _in_thread(self, func: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(func, *args, limiter=self.limiter)
-
     async def _children_loaded(self, node: Node, *, listing: bool = False) -> Node:
         """Load directory objects off the loop (they may need a block read and decode).
 
         Returns the node to use: after waiting out a swap, the new generation's.
+        """
+        try:
+            return await self.load_directory(node, listing=listing)
+        except (CnpsfsError, OSError) as exc:  # a damaged object or store, a union conflict found lazily
+            raise self._io_error(f"directory {fmt.show_path(node.path)}", exc) from None
+
+    @property
+    def swapping(self) -> bool:
+        """A swap is preparing the next generation (directory loads wait until it is done)."""
+        return self._swap_done is not None
+
+    async def load_directory(self, node: Node, *, listing: bool = False,
+                             limiter: trio.CapacityLimiter | None = None) -> Node:
+        """Compose *node*'s children (with *listing*, its subdirectories' too), waiting out swaps.
+
+        For the handlers and for prefetch (which passes its own *limiter*); raises the
+        store's errors as they are. Returns the node to use: after a swap, the new
+        generation's.
         """
         while self._swap_done is not None:
             await self._swap_done.wait()
@@ -211,16 +242,39 @@ class Operations(pyfuse3.Operations):
             # a directory block has been read): a thread hop costs more than the work.
             if listing:
                 if not node.listed and not gen.from_cache(gen.listing, node):  # checked on every READDIR: O(1)
-                    await self._in_thread(gen.listing, node)
+                    await self._worker(gen.listing, node, limiter=limiter)
             elif node.children is None and not gen.from_cache(gen.load_children, node):
-                await self._in_thread(gen.load_children, node)
-        except (CnpsfsError, OSError) as exc:  # a damaged object or store, a union conflict found lazily
-            raise self._io_error(f"directory {fmt.show_path(node.path)}", exc) from None
+                await self._worker(gen.load_children, node, limiter=limiter)
         finally:
             self._loads_in_flight -= 1
             if not self._loads_in_flight:
                 self._loads_done.set()
         return node
+
+    async def _worker(self, func: Any, *args: Any, limiter: trio.CapacityLimiter | None) -> Any:
+        """*func* on a worker thread: a demand load (counted, prefetch waits) or a prefetch's."""
+        if limiter is not None:
+            return await trio.to_thread.run_sync(func, *args, limiter=limiter)
+        self._demand_begin()
+        try:
+            return await trio.to_thread.run_sync(func, *args, limiter=self.limiter)
+        finally:
+            self._demand_end()
+
+    def _demand_begin(self) -> None:
+        if not self.demand:
+            self._demand_quiet = trio.Event()
+        self.demand += 1
+
+    def _demand_end(self) -> None:
+        self.demand -= 1
+        if not self.demand:
+            self._demand_quiet.set()
+
+    async def demand_quiet(self) -> None:
+        """Return once no FUSE request is waiting for a worker (prefetch calls it between steps)."""
+        while self.demand:
+            await self._demand_quiet.wait()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -264,6 +318,11 @@ class Operations(pyfuse3.Operations):
                 child = parent.children.get(name) if parent.children is not None else None
                 if child is not None and child.is_dir and child.children is None:
                     child = await self._children_loaded(child)  # its st_nlink counts its subdirectories
+        recorder = self.recorder
+        if recorder is not None and getattr(ctx, "pid", 0) != self.own_pid:
+            recorder.directory(parent.path)
+            if child is not None and child.is_dir:
+                recorder.directory(child.path)
         if child is None:
             # A negative entry the kernel may cache: programs probe many missing paths
             # (the dynamic loader, Python's import system). A swap that adds the name
@@ -283,6 +342,8 @@ class Operations(pyfuse3.Operations):
             # Only the root gets here unloaded (lookup loads every directory it returns);
             # its st_nlink counts its subdirectories, and the attributes are cached for good.
             node = await self._children_loaded(node)
+            if self.recorder is not None:
+                self.recorder.directory(node.path)
         return self.attributes(node)
 
     @_boundary
@@ -344,6 +405,8 @@ class Operations(pyfuse3.Operations):
         self.requests["readdir"] += 1
         node = await self._children_loaded(self.node(fh or inode), listing=True)
         assert node.listing is not None
+        if self.recorder is not None:
+            self.recorder.directory(node.path, listed=True)
         listing = node.listing
         # Offsets: 0 and 1 are "." and "..", then listing[i] is offset i + 2; stable
         # because a generation's listing never changes.
@@ -394,12 +457,22 @@ class Operations(pyfuse3.Operations):
                     with self.store.cache_only():
                         emap = self.generation.extent_map(node)
                 except NotCached:
-                    emap = await self._in_thread(self.generation.extent_map, node)
+                    emap = await self._worker(self.generation.extent_map, node, limiter=None)
             except (CnpsfsError, OSError) as exc:
                 raise self._io_error(f"file {fmt.show_path(node.path)}", exc) from None
+        if self.recorder is not None:
+            self.recorder.read(node.path, off, size, emap.size)
         pieces = list(emap.pieces(off, size))
         missing = [e.digest for e, _i, _n in pieces if e.digest is not None and not self.fetcher.cached(e.digest)]
+        if self.prefetched:
+            for ext, _i, _n in pieces:
+                if ext.digest in self.prefetched:
+                    self.prefetched.discard(ext.digest)
+                    self.prefetch_hits += 1
         out = []
+        if missing:
+            self.demand_misses += len(missing)
+            self._demand_begin()
         try:
             if len(missing) > 1:
                 await self.fetcher.fetch(missing)  # their blocks in parallel, each once
@@ -415,6 +488,9 @@ class Operations(pyfuse3.Operations):
                 out.append(piece)
         except (CnpsfsError, OSError) as exc:
             raise self._io_error(f"reading {fmt.show_path(node.path)} at offset {off}", exc, node=node) from None
+        finally:
+            if missing:
+                self._demand_end()
         end = off + size
         sequential = off == 0 or self._read_end.get(ino) == off
         if sequential and end < emap.size and self.readahead_nursery is not None:
@@ -473,6 +549,29 @@ class Operations(pyfuse3.Operations):
             done.set()
         await trio.to_thread.run_sync(self._invalidate, plan)
         return generation, plan
+
+    async def drop_kernel_caches(self) -> int:
+        """Make the kernel forget this mount's cached names, attributes, pages and listings.
+
+        Every name and inode the kernel holds is invalidated (the root's listing too), so
+        from now on what a program touches reaches the handlers: what a profile recording
+        needs to see. Negative entries the kernel cached cannot be listed; a lookup of a
+        missing name only composes its directory, which is invalidated and so seen again.
+        Returns how many inodes were invalidated.
+        """
+        held = [(node.ino, node.parent, node.path[-1] if node.path else b"") for node in self.held.values()]
+
+        def invalidate() -> None:
+            for _ino, parent, name in held:
+                if name:
+                    with contextlib.suppress(OSError):
+                        self.kernel.invalidate_entry(parent, name)
+            for ino, _parent, _name in [*held, (1, 1, b"")]:
+                with contextlib.suppress(OSError):
+                    self.kernel.invalidate_inode(ino)
+
+        await trio.to_thread.run_sync(invalidate)
+        return len(held)
 
     def _invalidate(self, plan: Any) -> None:
         for parent, name in plan.entries:

@@ -16,12 +16,16 @@ THREADS_RANGE = (1, 64)
 #: The verified-chunk cache of a mount, in MiB.
 DEFAULT_CACHE_MIB = 128
 CACHE_MIB_RANGE = (8, 1 << 20)
+PREFETCH_MIB_RANGE = (1, 1 << 20)
 #: "auto" uses the kernel-cache extensions when the installed pyfuse3 has them.
 FUSE_MODES = ("auto", "stock")
 #: How long ``mount`` waits for the daemon to report that the mount answers.
 READY_TIMEOUT = 120.0
 #: How long ``umount`` waits for a daemon to exit before it is terminated.
 UNMOUNT_TIMEOUT = 30.0
+#: Whether a prefetch also stores the profiled pages in the kernel's page cache
+#: (``notify_store``), so the program's reads of them make no READ request at all.
+PREFETCH_PAGES = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +42,10 @@ class MountOptions:
     init_layer: tuple[str, ...] | None = None
     init_files: tuple[str, ...] = ()  # bind targets (files) beyond the defaults
     ready_timeout: float = READY_TIMEOUT
+    prefetch: bool = True  # replay the image's profile on mount and after each swap (False: --no-prefetch)
+    profile: str | None = None  # which profile (--profile NAME, which must exist); None: "default" if any
+    prefetch_pages: bool = PREFETCH_PAGES
+    prefetch_mib: int | None = None  # stop a replay after this much (--prefetch-mib); None: fs/prefetch.py's shares
 
     @property
     def cache_bytes(self) -> int:

@@ -32,10 +32,12 @@ T_FILESET = 3
 T_IMAGE = 4
 T_SIGNATURE = 5
 T_PROVENANCE = 6
+T_PROFILE = 7
 TYPE_CODES = {fmt.TYPE_DIR: T_DIR, fmt.TYPE_EXTENTS: T_EXTENTS, fmt.TYPE_FILESET: T_FILESET,
-              fmt.TYPE_IMAGE: T_IMAGE, fmt.TYPE_SIGNATURE: T_SIGNATURE, fmt.TYPE_PROVENANCE: T_PROVENANCE}
+              fmt.TYPE_IMAGE: T_IMAGE, fmt.TYPE_SIGNATURE: T_SIGNATURE, fmt.TYPE_PROVENANCE: T_PROVENANCE,
+              fmt.TYPE_PROFILE: T_PROFILE}
 TYPE_NAMES = {T_CHUNK: "chunk", T_DIR: "directory", T_EXTENTS: "extents", T_FILESET: "fileset",
-              T_IMAGE: "image", T_SIGNATURE: "signature", T_PROVENANCE: "provenance"}
+              T_IMAGE: "image", T_SIGNATURE: "signature", T_PROVENANCE: "provenance", T_PROFILE: "profile"}
 
 
 class NotCached(Exception):

@@ -1,0 +1,373 @@
+"""Prefetch: replaying a profile so that a starting program finds its data ready.
+
+A mount replays its image's profile (docs/format.md §1.13) in the background, in the
+mount's nursery, for one generation: it walks the profile's paths in their recorded
+order, composing directories (a listing where the program listed) and, for each file
+range, loading the chunks through the mount's :class:`~cnpsfs.fs.fetcher.ChunkFetcher`,
+so a demand read of a chunk the prefetch is loading waits for that one load, and every
+chunk is verified on the way like any other. Optionally (``push``) it then stores the
+file's pages in the kernel's page cache with ``notify_store``, after a stat through the
+mount has made the kernel look the file up: the program's own lookups and reads are then
+answered by the kernel without a request.
+
+Demand goes first. Prefetch runs on its own, smaller CapacityLimiter, so a FUSE request
+always finds a worker of its own, and it waits before each step while a FUSE request is
+loading something (:meth:`Operations.demand_quiet`). It stops when the profile is done,
+when what it loaded reaches its share of the chunk cache (more would evict what it loaded
+first, before the program gets there), when it has composed its share of nodes, or when
+the mount swaps generations or unmounts (its cancel scope).
+
+A profile is advice: a path the image does not have, or that is now another kind of
+entry, is skipped; a damaged object is left for the demand read that needs it to report
+(EIO and one log line there); nothing the prefetch does changes what any request
+answers, only how soon. Inode numbers name content (a swap gives changed content new
+numbers), so pages pushed for an inode are right for every generation that shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError
+from cnpsfs.image.reader import ExtentMap, read_range
+from cnpsfs.image.view import Generation, Node
+from cnpsfs.store import NotCached
+
+if TYPE_CHECKING:
+    from cnpsfs.fs.operations import Operations
+
+log = logging.getLogger(__name__)
+
+#: Worker threads of a prefetch (its own limiter; the mount's demand workers stay free).
+PREFETCH_THREADS = 2
+#: Tasks loading chunk batches at once, and batches queued between the walk and them.
+FETCHERS = 2
+PIPELINE = 4
+#: A batch is sent to the fetchers once it names this many chunks or bytes of ranges: large
+#: enough that a batch's blocks load in parallel, small enough to stop near the budget.
+BATCH_CHUNKS = 64
+BATCH_BYTES = 2 << 20
+#: What a prefetch may load, as a share of the chunk cache: beyond it, it would evict its
+#: own first chunks before the program reads them.
+CACHE_SHARE = 0.5
+#: What a prefetch that stores pages in the kernel may store, as a share of the memory
+#: available when it starts: the chunks only pass through the cache then, and the pages
+#: are the kernel's to reclaim, but a profile should not push out everything else.
+MEMORY_SHARE = 0.25
+#: Nodes a prefetch may compose (each costs the daemon memory until the generation goes).
+NODES_MAX = 500_000
+PAGE = 4096
+
+
+class _Stop(Exception):
+    """The walk ends early; the message says why."""
+
+
+@dataclass(slots=True)
+class _FileJob:
+    node: Node
+    emap: ExtentMap
+    spans: list[tuple[int, int]]
+    digests: list[bytes]
+
+
+class Prefetcher:
+    """One replay of one profile for one generation of a mount."""
+
+    def __init__(self, ops: Operations, generation: Generation, profile: fmt.Profile, digest: bytes, *,
+                 threads: int = PREFETCH_THREADS, budget_bytes: int | None = None, nodes_max: int = NODES_MAX,
+                 push_to: str | None = None) -> None:
+        self.ops = ops
+        self.generation = generation
+        self.profile = profile
+        self.digest = digest
+        self.limiter = trio.CapacityLimiter(threads)
+        if budget_bytes is None:
+            budget_bytes = int(available_memory() * MEMORY_SHARE) if push_to is not None \
+                else int(ops.fetcher.cache.capacity * CACHE_SHARE)
+        self.budget = budget_bytes
+        self.nodes_max = nodes_max
+        self.push_to = push_to  # the mountpoint, to push pages into the kernel's cache; None: chunk cache only
+        self.scope = trio.CancelScope()
+        self.state = "running"
+        self.reason = ""
+        self.walked = 0  # profile entries processed
+        self.missing = 0  # paths the image does not have (or not as that kind of entry)
+        self.errors = 0
+        self.chunks = 0  # chunks loaded into the cache
+        self.bytes = 0  # bytes those loads added to the cache (neighbours decoded on the way included)
+        self.pushed_files = 0
+        self.pushed_bytes = 0
+        self.nodes = 0
+        self.started = time.monotonic()
+        self.ended: float | None = None
+        # Lookups through the mount on worker threads, still running: each holds the mount
+        # busy for a moment, so an unmount waits for them (fs/mount.py, "quiesce").
+        self._in_mount = 0
+        self._in_mount_lock = threading.Lock()
+
+    @property
+    def in_mount(self) -> int:
+        return self._in_mount
+
+    async def out_of_mount(self) -> None:
+        """Return once no lookup of this replay is running through the mount on a worker.
+
+        Polled: a lookup the replay abandoned (cancelled) ends on its thread, where no
+        trio event can be set; it ends within a request's round trip while the mount serves.
+        """
+        while self._in_mount:  # noqa: ASYNC110 - a thread the run abandoned cannot set an event
+            await trio.sleep(0.005)
+
+    # ------------------------------------------------------------------ running
+
+    def cancel(self, reason: str) -> None:
+        if self.state == "running":
+            self.state, self.reason = "cancelled", reason
+        self.scope.cancel()
+
+    async def run(self) -> None:
+        """Walk the profile; returns when done, stopped or cancelled (never raises a store error)."""
+        with self.scope:
+            try:
+                await self._run()
+            except Exception as exc:  # a bug here must not take the mount down: prefetch is advice
+                log.exception("prefetch of profile %s failed; the mount goes on without it", self.profile.name)
+                self.state, self.reason = "failed", f"internal error: {type(exc).__name__}: {exc}"
+            over = self._over_budget()  # the fetchers may cross it after the walk has ended
+            if self.state == "running" and over:
+                self.state, self.reason = "stopped", over
+            if self.state == "running":
+                self.state = "done"
+        if self.state == "running":  # cancelled from outside without cancel(): the mount is going away
+            self.state, self.reason = "cancelled", "unmounted"
+        self.ended = time.monotonic()
+        self._report()
+
+    async def _run(self) -> None:
+        send, receive = trio.open_memory_channel[list[_FileJob]](PIPELINE)
+        async with trio.open_nursery() as nursery:
+            for _ in range(FETCHERS):
+                nursery.start_soon(self._fetcher, receive.clone())
+            await receive.aclose()
+            async with send:
+                try:
+                    await self._walk(send)
+                except _Stop as stop:  # caught here: out of the nursery it would be a group
+                    self.state, self.reason = "stopped", str(stop)
+
+    def _report(self) -> None:
+        why = f" ({self.reason})" if self.reason else ""
+        # Stopping at the budget is the one outcome an operator may want to act on (a
+        # profile larger than the cache can hold, or a cache too small for it).
+        level = logging.WARNING if self.state == "stopped" and self._over_budget() else logging.INFO
+        log.log(level, "prefetch of profile %s (%s) for generation %d %s%s: %d of %d entries, %d not in the image, "
+                 "%d chunks (%.1f MiB)%s, %d hits so far, in %.2f s", self.profile.name,
+                 fmt.format_digest(self.digest)[:19], self.generation.number, self.state, why, self.walked,
+                 len(self.profile.entries), self.missing, self.chunks, self.bytes / (1 << 20),
+                 f", {self.pushed_bytes / (1 << 20):.1f} MiB in {self.pushed_files} files pushed to the kernel"
+                 if self.push_to else "", self.ops.prefetch_hits, (self.ended or time.monotonic()) - self.started)
+
+    def _over_budget(self) -> str | None:
+        if self.push_to is not None:
+            if self.pushed_bytes >= self.budget:
+                return f"reached its budget of pages, {self.budget / (1 << 20):.1f} MiB"
+        elif self.bytes >= self.budget:
+            return f"reached its share of the chunk cache, {self.budget / (1 << 20):.1f} MiB"
+        return None
+
+    def _check_budget(self) -> None:
+        over = self._over_budget()
+        if over:
+            raise _Stop(over)
+        if self.nodes >= self.nodes_max:
+            raise _Stop(f"composed {self.nodes} nodes, its limit")
+        if self.ops.generation is not self.generation:
+            raise _Stop("the mount swapped generations")
+
+    async def _walk(self, send: trio.MemorySendChannel[list[_FileJob]]) -> None:
+        batch: list[_FileJob] = []
+        chunks = size = 0
+        for entry in self.profile.entries:
+            await self.ops.demand_quiet()
+            await trio.lowlevel.checkpoint()  # inline steps must not hold the loop across entries
+            self._check_budget()
+            try:
+                node = await self._resolve(entry)
+                job = await self._file_job(node, entry) if node is not None and entry.touch is fmt.Touch.FILE \
+                    else None
+            except (CnpsfsError, OSError) as exc:  # a damaged object or store: the demand read that needs it reports
+                self.errors += 1
+                log.debug("prefetch: %r: %s", entry.path, exc)
+                continue
+            self.walked += 1
+            if node is None:
+                self.missing += 1
+            if job is not None:
+                batch.append(job)
+                chunks += len(job.digests)
+                size += sum(n for _o, n in job.spans)
+                if chunks >= BATCH_CHUNKS or size >= BATCH_BYTES:
+                    await send.send(batch)
+                    batch, chunks, size = [], 0, 0
+        if batch:
+            await send.send(batch)
+
+    async def _load(self, node: Node, *, listing: bool = False) -> Node:
+        if self.ops.swapping or self.ops.generation is not self.generation:
+            # A load would wait for the swap and then compose the next generation's tree,
+            # whose own replay is about to start.
+            raise _Stop("the mount swapped generations")
+        before = len(self.generation.nodes)
+        node = await self.ops.load_directory(node, listing=listing, limiter=self.limiter)
+        if self.ops.generation is not self.generation:
+            raise _Stop("the mount swapped generations")
+        self.nodes += len(self.generation.nodes) - before
+        return node
+
+    async def _resolve(self, entry: fmt.ProfileEntry) -> Node | None:
+        """The node at the entry's path in this generation, composed as the entry says; None if absent."""
+        node = self.generation.root
+        for part in entry.path.split(b"/") if entry.path else ():
+            if not node.is_dir:
+                return None
+            if node.children is None:
+                node = await self._load(node)
+            assert node.children is not None
+            child = node.children.get(part)
+            if child is None:
+                return None
+            node = child
+        if entry.touch is fmt.Touch.FILE:
+            return node if node.entry.kind is fmt.Kind.FILE else None
+        if not node.is_dir:
+            return None
+        if entry.touch is fmt.Touch.LISTED:
+            if not node.listed:
+                node = await self._load(node, listing=True)
+        elif node.children is None:
+            node = await self._load(node)
+        return node
+
+    async def _file_job(self, node: Node, entry: fmt.ProfileEntry) -> _FileJob | None:
+        emap = node.emap
+        if emap is None:
+            gen = self.generation
+            try:
+                with gen.store.cache_only():
+                    emap = gen.extent_map(node)
+            except NotCached:
+                emap = await trio.to_thread.run_sync(gen.extent_map, node, limiter=self.limiter)
+        spans = [(o, min(n, emap.size - o)) for o, n in entry.spans() if o < emap.size]
+        if not spans:
+            return None
+        cache = self.ops.fetcher.cache
+        digests = list(dict.fromkeys(d for o, n in spans for d in emap.chunks_for(o, n) if not cache.contains(d)))
+        if not digests and not self.push_to:
+            return None
+        return _FileJob(node, emap, spans, digests)
+
+    async def _fetcher(self, receive: trio.MemoryReceiveChannel[list[_FileJob]]) -> None:
+        async with receive:
+            async for batch in receive:
+                if self._over_budget():
+                    continue  # the walk stops at its next entry; what is queued is dropped
+                await self.ops.demand_quiet()
+                cache = self.ops.fetcher.cache
+                todo = [d for d in dict.fromkeys(d for job in batch for d in job.digests) if not cache.contains(d)]
+                if todo:
+                    self.bytes += await self.ops.fetcher.fetch(todo, limiter=self.limiter)
+                    for digest in todo:
+                        if cache.contains(digest):
+                            self.ops.prefetched.add(digest)
+                            self.chunks += 1
+                if self.push_to is not None:
+                    for job in batch:
+                        await self.ops.demand_quiet()
+                        await self._push(job)
+
+    # ------------------------------------------------------------------ the kernel's page cache
+
+    async def _push(self, job: _FileJob) -> None:
+        """Store a file's profiled pages in the kernel's page cache (what a READ would return)."""
+        assert self.push_to is not None
+        path = os.path.join(os.fsencode(self.push_to), b"/".join(job.node.path))
+        try:
+            # The kernel stores pages only for an inode it knows: look the file up through the
+            # mount (on a thread; the lookups are served by this loop). Abandoned on cancel, as
+            # an unmount may leave it waiting for a reply that will never come.
+            with self._in_mount_lock:
+                self._in_mount += 1
+            st = await trio.to_thread.run_sync(self._stat, path, abandon_on_cancel=True)
+        except OSError as exc:
+            log.debug("prefetch: cannot look up %r through the mount: %s", path, exc)
+            return
+        if st.st_ino != job.node.ino:
+            return  # the path shows another file now (a swap): pages for it would be the wrong ones
+        pushed = await trio.to_thread.run_sync(self._store_pages, job, limiter=self.limiter)
+        if pushed:
+            self.pushed_files += 1
+            self.pushed_bytes += pushed
+
+    def _stat(self, path: bytes) -> os.stat_result:
+        try:
+            return os.stat(path)
+        finally:
+            with self._in_mount_lock:
+                self._in_mount -= 1
+
+    def _store_pages(self, job: _FileJob) -> int:
+        """On a worker: notify_store every profiled range, page-aligned; stops at a chunk not cached."""
+        cache = self.ops.fetcher.cache
+        notify = self.ops.kernel.notify_store
+
+        def chunk(digest: bytes) -> bytes:
+            data = cache.get(digest)
+            if data is None:
+                raise KeyError(digest)
+            return data
+
+        size = job.emap.size
+        pushed = 0
+        for offset, length in job.spans:
+            start = offset - offset % PAGE
+            end = min(size, -(-(offset + length) // PAGE) * PAGE)
+            try:
+                data = read_range(job.emap, start, end - start, chunk)
+                notify(job.node.ino, start, data)
+            except (KeyError, CnpsfsError, OSError) as exc:  # evicted, damaged, or the kernel forgot the inode
+                log.debug("prefetch: pages of %r at %d not stored: %r", job.node.path, start, exc)
+                return pushed
+            pushed += len(data)
+        return pushed
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        return {"profile": self.profile.name, "digest": fmt.format_digest(self.digest),
+                "recorded_on": fmt.format_digest(self.profile.image),
+                "generation": self.generation.number, "state": self.state, "reason": self.reason,
+                "entries": len(self.profile.entries), "walked": self.walked, "missing": self.missing,
+                "errors": self.errors, "chunks": self.chunks, "bytes": self.bytes, "budget_bytes": self.budget,
+                "pushed_files": self.pushed_files, "pushed_bytes": self.pushed_bytes, "nodes": self.nodes,
+                "seconds": round((self.ended or time.monotonic()) - self.started, 3)}
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (1 GiB when it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 30
