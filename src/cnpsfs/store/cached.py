@@ -47,7 +47,7 @@ from cnpsfs.store.index import Location
 from cnpsfs.store.local import LocalStore
 from cnpsfs.store.maintenance import live_roots, reachable, tag_roots
 from cnpsfs.store.packs import flock
-from cnpsfs.store.protocol import T_CHUNK, TYPE_NAMES, BlockReader, NotCached, Tag
+from cnpsfs.store.protocol import T_CHUNK, TYPE_NAMES, BlockReader, DecodedReads, NotCached, Tag
 from cnpsfs.store.remote import DecodedBlock, RemoteLocation, RemoteStore
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def parse_size(text: str) -> int:
     return int(size)
 
 
-class CachedStore:
+class CachedStore(DecodedReads):
     """The Store protocol over *local* and *remotes* (see the module doc)."""
 
     def __init__(self, local: LocalStore, remotes: Sequence[RemoteStore], *, cache_size: int | None = None,
@@ -354,20 +354,6 @@ class CachedStore:
             last = CorruptObjectError(f"{TYPE_NAMES.get(loc.type, 'object')} {fmt.format_digest(digest)} is "
                                       f"corrupt: its bytes do not match its digest (block at {self.describe(loc)})")
             tried.append(loc.remote)
-
-    def get_directory(self, digest: bytes) -> fmt.Directory:
-        return fmt.decode_directory(self.get(digest))
-
-    def get_fileset(self, digest: bytes) -> fmt.FileSet:
-        return fmt.decode_fileset(self.get(digest))
-
-    def get_image(self, digest: bytes) -> fmt.Image:
-        return fmt.decode_image(self.get(digest))
-
-    def file_extents(self, entry: fmt.Entry) -> tuple[fmt.Extent, ...]:
-        if entry.content is not None:
-            return fmt.decode_extents_object(self.get(entry.content))
-        return entry.extents or ()
 
     # ------------------------------------------------------------------ blocks (the read path)
 

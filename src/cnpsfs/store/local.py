@@ -53,7 +53,7 @@ from cnpsfs.store.blocks import BlockCache, BlockStream, decompress_block
 from cnpsfs.store.index import Index, Location
 from cnpsfs.store.journal import JOURNAL_NAME, TagJournal
 from cnpsfs.store.packs import Member, PackFiles, atomic_write, flock
-from cnpsfs.store.protocol import TYPE_NAMES, NotCached, Tag
+from cnpsfs.store.protocol import TYPE_NAMES, DecodedReads, NotCached, Tag
 from cnpsfs.store.writer import DEFAULT_ZSTD_LEVEL, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _read_only_reason(path: Path) -> str | None:
     return None
 
 
-class LocalStore:
+class LocalStore(DecodedReads):
     """A content store in a directory. Thread-safe for readers; writers use :meth:`writer`.
 
     A store this process cannot write (read-only media such as a read-only NFS export or
@@ -300,20 +300,6 @@ class LocalStore:
         if d is None:
             d = self._local.dctx = zstandard.ZstdDecompressor()
         return d
-
-    def get_directory(self, digest: bytes) -> fmt.Directory:
-        return fmt.decode_directory(self.get(digest))
-
-    def get_fileset(self, digest: bytes) -> fmt.FileSet:
-        return fmt.decode_fileset(self.get(digest))
-
-    def get_image(self, digest: bytes) -> fmt.Image:
-        return fmt.decode_image(self.get(digest))
-
-    def file_extents(self, entry: fmt.Entry) -> tuple[fmt.Extent, ...]:
-        if entry.content is not None:
-            return fmt.decode_extents_object(self.get(entry.content))
-        return entry.extents or ()
 
     # ------------------------------------------------------------------ tags & refs
 

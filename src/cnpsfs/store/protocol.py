@@ -184,3 +184,23 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
+
+class DecodedReads:
+    """The typed reads every store derives from its verified ``get``: one copy for all of them."""
+
+    def get(self, digest: bytes) -> bytes:
+        raise NotImplementedError
+
+    def get_directory(self, digest: bytes) -> fmt.Directory:
+        return fmt.decode_directory(self.get(digest))
+
+    def get_fileset(self, digest: bytes) -> fmt.FileSet:
+        return fmt.decode_fileset(self.get(digest))
+
+    def get_image(self, digest: bytes) -> fmt.Image:
+        return fmt.decode_image(self.get(digest))
+
+    def file_extents(self, entry: fmt.Entry) -> tuple[fmt.Extent, ...]:
+        if entry.content is not None:
+            return fmt.decode_extents_object(self.get(entry.content))
+        return entry.extents or ()

@@ -53,7 +53,7 @@ from cnpsfs.errors import (
 from cnpsfs.store.backends import Backend
 from cnpsfs.store.blocks import CODEC_RAW, CODEC_ZSTD
 from cnpsfs.store.packs import MEMBER_HEADER, RECORD_HEADER, atomic_write
-from cnpsfs.store.protocol import T_FILESET, TYPE_NAMES, NotCached, Tag
+from cnpsfs.store.protocol import T_FILESET, TYPE_NAMES, DecodedReads, NotCached, Tag
 from cnpsfs.store.wire import (
     INDEX_BLOB_MAX,
     BlobRef,
@@ -258,7 +258,7 @@ class ImageIndex:
                     yield digest, self.location(digest, *row)
 
 
-class RemoteStore:
+class RemoteStore(DecodedReads):
     """The read side of the Store protocol over one remote and its mirrors (*backends*, in order)."""
 
     def __init__(self, name: str, backends: Sequence[Backend], *, state_dir: Path | None = None,
@@ -674,20 +674,6 @@ class RemoteStore:
             raise CorruptObjectError(f"{what} {fmt.format_digest(digest)} is corrupt: its bytes do not match "
                                      f"its digest (block at {self.describe(loc)})")
         return data
-
-    def get_directory(self, digest: bytes) -> fmt.Directory:
-        return fmt.decode_directory(self.get(digest))
-
-    def get_fileset(self, digest: bytes) -> fmt.FileSet:
-        return fmt.decode_fileset(self.get(digest))
-
-    def get_image(self, digest: bytes) -> fmt.Image:
-        return fmt.decode_image(self.get(digest))
-
-    def file_extents(self, entry: fmt.Entry) -> tuple[fmt.Extent, ...]:
-        if entry.content is not None:
-            return fmt.decode_extents_object(self.get(entry.content))
-        return entry.extents or ()
 
     @contextlib.contextmanager
     def cache_only(self) -> Iterator[None]:
