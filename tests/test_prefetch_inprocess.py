@@ -300,3 +300,58 @@ def test_record_on_a_fresh_mount_after_dropping_kernel_caches(world: World) -> N
         assert {hostname.st_ino, etc.st_ino, 1} <= set(kernel.inodes)
 
     run(ops_for(compose(world.store, world.v1), kernel), test)
+
+
+def test_profiles_live_as_long_as_their_image(world: World, tmp_path: Path) -> None:
+    """Filed under the image (one per name, the newest replacing the older), kept by gc with the
+    image, and gone with it; the image's digest does not change."""
+    from cnpsfs.image.manifest import store_image
+    from cnpsfs.image.profiles import image_profiles, remove_profile, store_profile
+    from cnpsfs.store.maintenance import gc
+
+    store = world.store
+    image = store_image(store, world.v1)
+    entry = [fmt.ProfileEntry(fmt.Touch.FILE, b"etc/hostname", (0, 10))]
+    first = store_profile(store, image, fmt.Profile("default", image, entry, 1))
+    web = store_profile(store, image, fmt.Profile("web", image, entry, 2))
+    newer = store_profile(store, image, fmt.Profile("default", image, entry[:0], 3))
+    assert store_image(store, world.v1) == image
+    assert [(s.name, s.digest) for s in image_profiles(store, image)] == [("default", newer), ("web", web)]
+    gc(store, runtime=tmp_path / "run")
+    assert not store.contains(first) and store.contains(newer) and store.contains(web)
+    assert remove_profile(store, image, "web") == 1
+    gc(store, runtime=tmp_path / "run")
+    assert not store.contains(web) and store.contains(newer)
+    store.remove_tag(world.v1.name, world.v1.version)
+    gc(store, runtime=tmp_path / "run")
+    assert not store.contains(newer) and store.attachments() == []
+
+
+def test_profiles_are_pushed_and_pulled_with_the_image(tmp_path: Path) -> None:
+    """push and pull carry every detached object of an image (docs/remote.md), profiles too."""
+    import json
+
+    from cnpsfs_testlib import Cli
+
+    from cnpsfs.image.profiles import store_profile
+
+    src = Cli(tmp_path / "src")
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/os-release").write_text("ID=test\n")
+    src.ok("import", "dir", tree, "--name", "example.org/files", "--version", "1")
+    (tmp_path / "app.toml").write_text('name = "example.org/app"\nversion = "1"\n'
+                                       '[[layers]]\nfileset = "example.org/files@1"\n')
+    image = fmt.parse_digest(src.ok("image", "create", tmp_path / "app.toml").last_line)
+    store = LocalStore(tmp_path / "src")
+    try:
+        digest = store_profile(store, image, fmt.Profile("default", image, [
+            fmt.ProfileEntry(fmt.Touch.FILE, b"etc/os-release", (0, 8))], 1))
+    finally:
+        store.close()
+    remote = f"file://{tmp_path}/remote"
+    src.ok("push", "example.org/app@1", remote)
+    dst = Cli(tmp_path / "dst")
+    dst.ok("pull", "example.org/app@1", remote)
+    pulled = json.loads(dst.ok("profile", "ls", "example.org/app@1", "--json").stdout)
+    assert [(p["name"], p["digest"]) for p in pulled] == [("default", fmt.format_digest(digest))]

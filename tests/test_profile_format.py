@@ -125,3 +125,21 @@ def test_the_encoder_refuses_what_a_reader_would() -> None:
 def test_merge_ranges() -> None:
     assert fmt.merge_ranges([(10, 5), (0, 4), (4, 2), (30, 1), (12, 10), (40, 0)]) == (0, 6, 10, 12, 30, 1)
     assert fmt.merge_ranges([]) == ()
+
+
+def test_service_files_name_the_profile(tmp_path: Path) -> None:
+    """A systemd mount file's ``profile`` and ``prefetch`` keys become the mount's options."""
+    from cnpsfs.errors import UsageError
+    from cnpsfs.fs.unit import parse_config
+
+    source = tmp_path / "web.toml"
+    options = parse_config('image = "x@1"\nprofile = "web"\n', "web", source).mount_options()
+    assert (options.prefetch, options.profile) == (True, "web")
+    options = parse_config('image = "x@1"\nprefetch = false\n', "web", source).mount_options()
+    assert (options.prefetch, options.profile) == (False, None)
+    assert parse_config('image = "x@1"\n', "web", source).mount_options().prefetch is True
+    for text, message in (('image = "x@1"\nprofile = "a/b"\n', "invalid profile name"),
+                          ('image = "x@1"\nprefetch = "no"\n', "prefetch must be true or false"),
+                          ('image = "x@1"\nprofile = "web"\nprefetch = false\n', "exclude each other")):
+        with pytest.raises(UsageError, match=message):
+            parse_config(text, "web", source)

@@ -272,11 +272,25 @@ def test_refusals(world: World, mountpoint: Path, tmp_path: Path) -> None:
     assert not is_mounted(mountpoint)
     both = world.cli("mount", "--profile", "x", "--no-prefetch", "example.org/app@1", mountpoint)
     assert both.rc == 2 and "exclude each other" in both.stderr
-    manifest = world.base / "app-1.toml"
+    manifest = world.base / "up-2.toml"  # two layers, from a file: nothing stored to file a profile under
     with mount_image(world.store, manifest, mountpoint) as mnt:
         result = world.cli("profile", "record", mountpoint, "--for", "1")
         assert result.rc == 1 and "not stored" in result.stderr, result
         assert mnt.status()["prefetch"]["state"] == "none"
+    # A FileSet mounted alone: its profiles are filed under the FileSet.
+    with mount_image(world.store, "example.org/overlay@1", mountpoint) as mnt:
+        world.cli.ok("profile", "record", mountpoint, "--", "cat", mountpoint / "etc/os-release")
+    listed = json.loads(world.cli.ok("profile", "ls", "example.org/overlay@1", "--json").stdout)
+    assert [p["name"] for p in listed] == ["default"] and listed[0]["files"] == 1
+    assert json.loads(world.cli.ok("inspect", "example.org/overlay@1", "--json").stdout)["profiles"] == listed
+    with mount_image(world.store, "example.org/overlay@1", mountpoint) as mnt:
+        state = wait_until(lambda: prefetch_settled(mnt), timeout=PREFETCH_TIMEOUT, what="the prefetch to end")
+        assert state["state"] == "done" and state["digest"] == listed[0]["digest"] and state["pushed_files"] == 1
+    assert world.cli("profile", "ls", "example.org/debian@bookworm").stdout == ""
+    world.cli.ok("profile", "rm", "example.org/overlay@1", "default")
+    assert world.cli.ok("profile", "ls", "example.org/overlay@1").stdout == ""
+    gone = world.cli("profile", "rm", "example.org/overlay@1", "default")
+    assert gone.rc == 1 and "no profile named 'default'" in gone.stderr
     with mount_image(world.store, "example.org/up@1", mountpoint, args=["--no-prefetch"]) as mnt:
         result = world.cli("profile", "record", mountpoint)
         assert result.rc == 2 and "say how long to record" in result.stderr

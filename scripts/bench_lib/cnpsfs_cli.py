@@ -7,6 +7,8 @@ cnpsfs rows into "not available" notes instead of failing the run. The calls ass
 * ``cnpsfs --store STORE mount REF MNT`` (returns once MNT is mounted)
 * ``cnpsfs umount MNT``
 * ``cnpsfs status MNT --json`` (optional: FUSE request counters, see :meth:`CnpsfsCli.counters`)
+* ``cnpsfs profile record MNT --name NAME --json -- COMMAND`` and ``mount --profile NAME`` / ``--no-prefetch``
+  (optional: the mount section's profiled measure)
 * ``cnpsfs --store STORE build RECIPE --cache DIR --json`` and ``cnpsfs --store STORE packages REF --json``
 * ``cnpsfs --store STORE import oci docker://HOST/REPO:TAG --json``
 """
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +94,15 @@ class CnpsfsCli:
         if ref == "(no message)":
             raise BenchError("cnpsfs import printed no FileSet reference")
         return ref
+
+    def profile_unavailable(self) -> str | None:
+        return self._missing("profile", "record")
+
+    def record_profile(self, mnt: Path, name: str, argv: list[str], env: Mapping[str, str]) -> dict[str, Any]:
+        """``cnpsfs profile record MNT --name NAME --json -- ARGV``: what was stored (entries, bytes, digest)."""
+        proc = run([self.exe, "profile", "record", mnt, "--name", name, "--json", "--", *argv], capture=True,
+                   env=env, timeout=600)
+        return self._json(proc.stdout[proc.stdout.find("{"):], "profile record")
 
     def mount(self, store: Path, ref: str, mnt: Path, *args: str) -> None:
         run([self.exe, "--store", store, "mount", *args, ref, mnt], timeout=300)

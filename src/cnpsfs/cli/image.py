@@ -64,14 +64,15 @@ def inspect_cmd(app: App, ref: str, as_tree: bool, as_json: bool) -> None:
         if store.object_type(digest) == T_FILESET:
             fs = store.get_fileset(digest)
             attached = describe_attachments(store, digest)
+            fs_profiles = describe_profiles(store, digest)
             data = {"type": "fileset", "digest": fmt.format_digest(digest), "name": fs.name,
                     "version": fs.version, "root": fmt.format_digest(fs.root.tree or b""),
-                    "metadata": jsonable(fs.metadata), **attached}
+                    "metadata": jsonable(fs.metadata), **attached, "profiles": jsonable(fs_profiles)}
             if as_json:
                 emit_json(data)
             else:
                 click.echo(f"fileset  {fs.name}@{fs.version}\ndigest   {data['digest']}\nroot     {data['root']}")
-                for line in attachment_lines(attached):
+                for line in attachment_lines(attached) + profile_lines(fs_profiles):
                     click.echo(line)
                 for key, value in sorted(fs.metadata.items()):
                     click.echo(f"{key}: {json.dumps(jsonable(value))[:200]}")

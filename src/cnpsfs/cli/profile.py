@@ -15,7 +15,7 @@ import click
 from cnpsfs import format as fmt
 from cnpsfs.cli.context import App, emit_json, json_option, pass_app, profile_lines, recorded_line
 from cnpsfs.errors import CnpsfsError, FormatError, UsageError
-from cnpsfs.store import T_IMAGE, Store
+from cnpsfs.store import T_FILESET, T_IMAGE, TYPE_NAMES, Store
 
 #: The longest a recording may run (the daemon's own limit too; fs/record.py).
 RECORD_MAX_SECONDS = 3600.0
@@ -85,7 +85,12 @@ def record_cmd(mountpoint: str, command: tuple[str, ...], seconds: float | None,
 
 
 def _image(store: Store, ref: str) -> bytes:
-    return store.resolve(ref, want=T_IMAGE)
+    """An image, or a FileSet (whose profiles are those of mounts of it alone)."""
+    digest = store.resolve(ref)
+    if store.object_type(digest) not in (T_IMAGE, T_FILESET):
+        raise UsageError(f"{ref} is a {TYPE_NAMES.get(store.object_type(digest) or -1, 'object')}: profiles are "
+                         "filed under images and FileSets")
+    return digest
 
 
 @profile_group.command("ls")

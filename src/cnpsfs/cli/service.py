@@ -40,6 +40,8 @@ Run mounts as systemd services: cnpsfs@NAME.service reads /etc/cnpsfs/mounts/NAM
   remotes = ["origin"]                 # read what the store lacks from these (remotes.toml)
   remote_timeout = 30
   cache_size = "20G"                   # bound on blocks kept from remotes
+  profile = "web"                      # prefetch profile to replay (default "default")
+  prefetch = false                     # replay none (default true)
 
 See docs/systemd.md for installing the unit and boot ordering.
 """

@@ -392,14 +392,21 @@ class MountService:
             self.prefetch_note = "prefetch is off (--no-prefetch)"
         elif self.recording is not None and self.recording.aborted is None:
             self.prefetch_note = "a profile is being recorded"
-        elif self.image_digest is None:
+        elif self.profile_subject is None:
             self.prefetch_note = "the image is not stored (a manifest file or a layer change): it has no profiles"
         else:
             self.prefetch_note = "loading the profile"
             scope = self._prefetch_scope = trio.CancelScope()
-            self._nursery.start_soon(self._prefetch, scope, self.ops.generation, self.image_digest)
+            self._nursery.start_soon(self._prefetch, scope, self.ops.generation, self.profile_subject)
             return
         log.debug("no prefetch for generation %d: %s", self.ops.generation.number, self.prefetch_note)
+
+    @property
+    def profile_subject(self) -> bytes | None:
+        """What this mount's profiles are filed under (image.profiles.profile_subject)."""
+        from cnpsfs.image.profiles import profile_subject
+
+        return profile_subject(self.image, self.image_digest)
 
     async def _prefetch(self, scope: trio.CancelScope, generation: Generation, image: bytes) -> None:
         name = self.options.profile or fmt.DEFAULT_PROFILE
@@ -458,16 +465,17 @@ class MountService:
 
     async def _record_start(self, max_seconds: float) -> dict[str, Any]:
         assert self.ops is not None and self._nursery is not None
-        if self.image_digest is None:
+        if self.profile_subject is None:
             raise CnpsfsError("this mount serves an image that is not stored (a manifest file or a layer change): "
-                              "a profile is filed under a stored image; mount one created with `cnpsfs image create`")
+                              "a profile is filed under a stored image or FileSet; mount one created with "
+                              "`cnpsfs image create`")
         current = self.recording
         if current is not None and current.aborted is None and self.ops.recorder is current:
             raise CnpsfsError(f"a profile is already being recorded on this mount (for {current.summary()['seconds']}"
                               " s): stop it first")
         if not 0 < max_seconds <= RECORD_MAX_SECONDS:
             raise CnpsfsError(f"a recording lasts at most {RECORD_MAX_SECONDS:.0f} seconds")
-        recorder = ProfileRecorder(generation=self.ops.generation.number, image=self.image_digest)
+        recorder = ProfileRecorder(generation=self.ops.generation.number, image=self.profile_subject)
         self.recording = recorder
         # Nothing may warm the kernel behind the recording's back: the replay stops.
         self._start_prefetch("a profile is being recorded")

@@ -180,12 +180,13 @@ class _Mount:
 def _check_profile(store: Store, image: fmt.Image, digest: bytes | None, name: str) -> None:
     """A profile asked for by name (--profile) must exist: a typo should not pass as "no prefetch"."""
     from cnpsfs.errors import NotFoundError, UsageError
-    from cnpsfs.image.profiles import image_profiles
+    from cnpsfs.image.profiles import image_profiles, profile_subject
 
     label = f"{image.name}@{image.version}"
-    if digest is None:
+    subject = profile_subject(image, digest)
+    if subject is None:
         raise UsageError(f"--profile needs a stored image: {label} comes from a manifest file and has no profiles")
-    names = sorted({s.name for s in image_profiles(store, digest) if s.name is not None})
+    names = sorted({s.name for s in image_profiles(store, subject) if s.name is not None})
     if name not in names:
         raise NotFoundError(f"image {label} has no profile named {name!r}"
                             + (f" (it has {', '.join(names)})" if names else " (it has none: record one with "

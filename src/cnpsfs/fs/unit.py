@@ -13,6 +13,8 @@ The file says what ``cnpsfs mount`` would be told on its command line (docs/syst
     remotes = ["origin"]                 # optional: remotes.toml names or URLs, tried in order
     remote_timeout = 30                  # optional: seconds a read may wait for a remote
     cache_size = "20G"                   # optional: bound on the blocks kept from remotes
+    profile = "web"                      # optional: the prefetch profile to replay (default: "default")
+    prefetch = false                     # optional: replay none (default true)
 
 Unknown keys are errors, so a typo never silently means a default.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cnpsfs.errors import CnpsfsError, NotFoundError, UsageError
+from cnpsfs.format.profile import check_profile_name
 from cnpsfs.fs.options import (
     CACHE_MIB_RANGE,
     DEFAULT_CACHE_MIB,
@@ -40,7 +43,7 @@ from cnpsfs.image.manifest import looks_like_file
 DEFAULT_CONFIG_DIR = Path("/etc/cnpsfs/mounts")
 DEFAULT_MOUNTPOINT = "/var/lib/machines/%i"
 KEYS = {"image", "mountpoint", "writable", "allow_other", "store", "fuse_mode", "threads", "cache_mib", "remotes",
-        "remote_timeout", "cache_size"}
+        "remote_timeout", "cache_size", "profile", "prefetch"}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -59,10 +62,13 @@ class ServiceConfig:
     remotes: tuple[str, ...] = ()
     remote_timeout: float | None = None
     cache_size: str | None = None
+    profile: str | None = None
+    prefetch: bool = True
 
     def mount_options(self) -> MountOptions:
         return MountOptions(allow_other=self.allow_other, use_extensions=self.fuse_mode == "auto",
-                            threads=self.threads, cache_mib=self.cache_mib, writable=self.writable)
+                            threads=self.threads, cache_mib=self.cache_mib, writable=self.writable,
+                            prefetch=self.prefetch, profile=self.profile)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -144,8 +150,19 @@ def parse_config(text: str, name: str, source: Path) -> ServiceConfig:
     cache_size = raw.get("cache_size")
     if cache_size is not None and not isinstance(cache_size, str):
         raise fail('cache_size must be a size such as "20G"')
+    prefetch = raw.get("prefetch", True)
+    if not isinstance(prefetch, bool):
+        raise fail("prefetch must be true or false")
+    profile = string("profile")
+    if profile is not None:
+        try:
+            check_profile_name(profile)
+        except CnpsfsError as exc:
+            raise fail(str(exc)) from None
+        if not prefetch:
+            raise fail("profile and prefetch = false exclude each other")
     extra = {"remotes": tuple(remotes), "remote_timeout": float(remote_timeout) if remote_timeout else None,
-             "cache_size": cache_size}
+             "cache_size": cache_size, "profile": profile, "prefetch": prefetch}
     return ServiceConfig(name, source, image, os.path.normpath(mountpoint), absolute("writable"), allow_other,
                          absolute("store"), fuse_mode, numbers["threads"], numbers["cache_mib"], **extra)
 

@@ -1,7 +1,8 @@
 """Prefetch profiles filed under images: finding, storing, listing and removing them.
 
 A profile (docs/format.md §1.13) is a detached object: the store files it under the image
-it is about (the ``attachments`` table, §2.2), gc keeps it exactly as long as that image
+it is about (or the FileSet, for a mount of a FileSet alone: :func:`profile_subject`; the
+``attachments`` table, §2.2), gc keeps it exactly as long as that image
 (§2.4), and it is not part of the image's digest, so recording one changes nothing a
 signature or a tag names. An image has at most one profile per name: storing one replaces
 the one of that name (the older object goes at the next gc).
@@ -18,6 +19,21 @@ from cnpsfs.errors import CnpsfsError, NotFoundError
 from cnpsfs.store import T_PROFILE, Store
 
 log = logging.getLogger(__name__)
+
+
+def profile_subject(image: fmt.Image, digest: bytes | None) -> bytes | None:
+    """What a mount's profiles are filed under: the stored image it serves, or, when it
+    serves a FileSet alone as an image (``cnpsfs mount NAME@VERSION`` of a FileSet, or a
+    manifest of that one FileSet at ``/``), that FileSet: its tree is exactly the mount's.
+    None for anything else that is not stored (a manifest of several layers, a mount after
+    ``link``/``unlink``): such a mount has no profiles."""
+    if digest is not None:
+        return digest
+    if len(image.layers) == 1:
+        layer = image.layers[0]
+        if layer.fileset is not None and layer.at == "/" and not layer.unlinked:
+            return layer.fileset
+    return None
 
 
 @dataclass(frozen=True, slots=True)
