@@ -36,6 +36,7 @@ from test_ops_inprocess import (
 )
 
 from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError
 from cnpsfs.fs.operations import Kernel, Operations
 from cnpsfs.fs.prefetch import Prefetcher
 from cnpsfs.fs.recorder import FILE_RANGES_MAX, ProfileRecorder
@@ -90,6 +91,8 @@ async def workload(ops: Operations) -> dict[str, bytes]:
     lib = await lookup_path(ops, "usr/lib/libbig.so")
     out["libbig"] = await read_all(ops, lib.st_ino, lib.st_size)
     await ops.lookup((await lookup_path(ops, "etc")).st_ino, b"not-there", CTX)
+    link = await lookup_path(ops, "usr/lib/libx.so.1")  # looked up, not read: a symlink
+    out["link"] = await ops.readlink(link.st_ino, CTX)
     return out
 
 
@@ -120,7 +123,10 @@ def test_a_recording_lists_what_was_served_in_order(world: World) -> None:
     assert by_path[b"etc/hostname"].ranges == (0, len(b"inprocess\n"))
     assert by_path[b"usr/bin/tool"].ranges == (0, 256 << 10, 640 << 10, 128 << 10)
     assert by_path[b"usr/lib/libbig.so"].ranges == (0, 300_000)
-    assert b"etc/not-there" not in by_path
+    # Names looked up and neither read nor listed: a symlink, and one that does not exist.
+    assert by_path[b"etc/not-there"].touch is fmt.Touch.LOOKUP
+    assert by_path[b"usr/lib/libx.so.1"].touch is fmt.Touch.LOOKUP
+    assert order.index(b"etc/hostname") < order.index(b"etc/not-there")
     assert fmt.decode_profile(fmt.encode_profile(profile)) == profile
 
 
@@ -266,18 +272,34 @@ def test_pushed_pages_are_the_files_bytes(world: World, monkeypatch: pytest.Monk
     generation = compose(world.store, world.v1)
     inos = {}
 
-    def fake_stat(path: bytes, **_kw: object) -> os.stat_result:
+    calls: list[tuple[str, str]] = []
+
+    def fake_lstat(path: bytes, **_kw: object) -> os.stat_result:
+        """What a lookup through the mount would answer (the mount is the generation itself)."""
         rel = path.split(b"/nonexistent/", 1)[1].decode()
-        node = generation.resolve(rel)
+        calls.append(("lstat", rel))
+        try:
+            node = generation.resolve(rel)
+        except CnpsfsError:
+            raise FileNotFoundError(rel) from None
         inos[node.ino] = rel
         return os.stat_result((0, node.ino, 0, 1, 0, 0, node.size, 0, 0, 0))
 
-    monkeypatch.setattr("cnpsfs.fs.prefetch.os.stat", fake_stat)
+    monkeypatch.setattr("cnpsfs.fs.prefetch.os.lstat", fake_lstat)
+    monkeypatch.setattr("cnpsfs.fs.prefetch.os.listdir",
+                        lambda p: calls.append(("listdir", p.split(b"/nonexistent/", 1)[1].decode())))
+    monkeypatch.setattr("cnpsfs.fs.prefetch.os.readlink",
+                        lambda p: calls.append(("readlink", p.split(b"/nonexistent/", 1)[1].decode())))
 
     async def test(ops: Operations) -> None:
         prefetcher = Prefetcher(ops, generation, profile, b"\1" * 32, push_to="/nonexistent")
         await prefetcher.run()
         assert prefetcher.pushed_files == 3
+        # Every path in profile order (the root needs no lookup), listings listed, the symlink read.
+        assert [rel for op, rel in calls if op == "lstat"] == [os.fsdecode(e.path) for e in profile.entries
+                                                                 if e.path]
+        assert ("listdir", "usr/share/doc") in calls and ("readlink", "usr/lib/libx.so.1") in calls
+        assert prefetcher.looked_up == len(profile.entries) - 1
         tool_ino = next(i for i, rel in inos.items() if rel == "usr/bin/tool")
         assert kernel.pages[tool_ino] == {0: TOOL[: 256 << 10], 640 << 10: TOOL[640 << 10 : 768 << 10]}
         host_ino = next(i for i, rel in inos.items() if rel == "etc/hostname")

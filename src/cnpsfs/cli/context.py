@@ -333,7 +333,7 @@ def recorded_line(result: dict[str, Any]) -> str:
     """What a recording stored (fs.record.record_profile's result), in one line."""
     return (f"recorded profile {result['name']} of {result['label']}: {result['entries']} paths "
             f"({result['directories']} directories, {result['files']} files, {human_size(result['bytes'])} in "
-            f"{result['ranges']} ranges) in {result['seconds']:.1f} s"
+            f"{result['ranges']} ranges, {result['lookups']} other names) in {result['seconds']:.1f} s"
             + (" (truncated at the format's limits)" if result["truncated"] else ""))
 
 

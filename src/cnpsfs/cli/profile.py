@@ -116,7 +116,8 @@ def ls_cmd(app: App, image: str, as_json: bool) -> None:
 @pass_app
 def show_cmd(app: App, image: str, name: str, as_json: bool) -> None:
     """Print profile NAME of IMAGE: one path a line in replay order, `dir`, `list`
-    (a listing) or `file` with its byte ranges."""
+    (a listing), `file` with its byte ranges, or `name` (looked up only: a file that was
+    not read, a symlink, or a name that does not exist)."""
     from cnpsfs.image.profiles import find_profile
 
     store = app.store()
@@ -124,7 +125,7 @@ def show_cmd(app: App, image: str, name: str, as_json: bool) -> None:
     if chosen is None or chosen.profile is None:
         raise CnpsfsError(f"{image} has no profile named {name!r}")
     profile = chosen.profile
-    words = {fmt.Touch.DIR: "dir", fmt.Touch.LISTED: "list", fmt.Touch.FILE: "file"}
+    words = {fmt.Touch.DIR: "dir", fmt.Touch.LISTED: "list", fmt.Touch.FILE: "file", fmt.Touch.LOOKUP: "name"}
     if as_json:
         emit_json({"digest": fmt.format_digest(chosen.digest), "name": profile.name,
                    "recorded_on": fmt.format_digest(profile.image), "created_ns": profile.created_ns,

@@ -48,6 +48,7 @@ class Touch(enum.IntEnum):
     DIR = 0  # a directory looked up, or looked up in: its children were composed
     LISTED = 1  # a directory listed (readdir): its children and theirs composed
     FILE = 2  # a regular file read in the given ranges
+    LOOKUP = 3  # a name looked up and neither read nor listed: a file, a symlink, or no such name
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +155,7 @@ def encode_profile(profile: Profile) -> bytes:
             raw.append([int(entry.touch), entry.path, list(entry.ranges)])
         else:
             if entry.ranges:
-                raise FormatError(f"profile directory {entry.path[:80]!r} has ranges")
+                raise FormatError(f"profile entry {entry.path[:80]!r} has ranges (only a file entry has)")
             raw.append([int(entry.touch), entry.path])
     _check_limits(len(raw), profile.ranges, sum(len(p) for p in seen))
     obj: dict[int, Any] = {0: TYPE_PROFILE, 1: FORMAT_VERSION, 2: profile.name, 3: profile.image, 4: raw}
@@ -213,7 +214,7 @@ def decode_profile(data: bytes) -> Profile:
             entries.append(ProfileEntry(touch, path, tuple(item[2])))
         else:
             if len(item) != 2:
-                raise FormatError(f"profile directory {path[:80]!r} has ranges")
+                raise FormatError(f"profile entry {path[:80]!r} has ranges (only a file entry has)")
             entries.append(ProfileEntry(touch, path))
         if ranges > PROFILE_MAX_RANGES or path_bytes > PROFILE_MAX_PATH_BYTES:
             _check_limits(len(entries), ranges, path_bytes)

@@ -321,8 +321,11 @@ class Operations(pyfuse3.Operations):
         recorder = self.recorder
         if recorder is not None and getattr(ctx, "pid", 0) != self.own_pid:
             recorder.directory(parent.path)
-            if child is not None and child.is_dir:
-                recorder.directory(child.path)
+            if name not in (b".", b".."):
+                if child is not None and child.is_dir:
+                    recorder.directory(child.path)
+                else:  # a file or symlink (read later, it becomes a file entry), or a name that is not there
+                    recorder.lookup((*parent.path, name))
         if child is None:
             # A negative entry the kernel may cache: programs probe many missing paths
             # (the dynamic loader, Python's import system). A swap that adds the name

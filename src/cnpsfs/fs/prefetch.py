@@ -51,10 +51,12 @@ PREFETCH_THREADS = 2
 #: Tasks loading chunk batches at once, and batches queued between the walk and them.
 FETCHERS = 2
 PIPELINE = 4
-#: A batch is sent to the fetchers once it names this many chunks or bytes of ranges: large
-#: enough that a batch's blocks load in parallel, small enough to stop near the budget.
+#: A batch is sent to the fetchers once it names this many chunks or bytes of ranges, or
+#: holds this many paths: large enough that a batch's blocks load in parallel and its
+#: lookups take one worker call, small enough to stop near the budget.
 BATCH_CHUNKS = 64
 BATCH_BYTES = 2 << 20
+BATCH_JOBS = 64
 #: What a prefetch may load, as a share of the chunk cache: beyond it, it would evict its
 #: own first chunks before the program reads them.
 CACHE_SHARE = 0.5
@@ -73,10 +75,26 @@ class _Stop(Exception):
 
 @dataclass(slots=True)
 class _FileJob:
+    """A file's ranges: chunks to load, then (push) pages to store."""
+
     node: Node
     emap: ExtentMap
     spans: list[tuple[int, int]]
     digests: list[bytes]
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """(push) A path to look up through the mount, so the kernel caches the answer: a
+    directory's entry (and with *listing* its listing), a symlink's target, or that a name
+    does not exist."""
+
+    path: tuple[bytes, ...]
+    listing: bool = False
+    symlink: bool = False
+
+
+_Job = _FileJob | _Lookup
 
 
 class Prefetcher:
@@ -106,13 +124,16 @@ class Prefetcher:
         self.bytes = 0  # bytes those loads added to the cache (neighbours decoded on the way included)
         self.pushed_files = 0
         self.pushed_bytes = 0
+        self.looked_up = 0  # paths looked up (and listed) through the mount for the kernel's caches
         self.nodes = 0
         self.started = time.monotonic()
         self.ended: float | None = None
         # Lookups through the mount on worker threads, still running: each holds the mount
-        # busy for a moment, so an unmount waits for them (fs/mount.py, "quiesce").
+        # busy for a moment, so an unmount waits for them (fs/mount.py, "quiesce"). A worker
+        # the run abandoned stops at its next path once *_abandoned* is set.
         self._in_mount = 0
         self._in_mount_lock = threading.Lock()
+        self._abandoned = threading.Event()
 
     @property
     def in_mount(self) -> int:
@@ -132,6 +153,7 @@ class Prefetcher:
     def cancel(self, reason: str) -> None:
         if self.state == "running":
             self.state, self.reason = "cancelled", reason
+        self._abandoned.set()
         self.scope.cancel()
 
     async def run(self) -> None:
@@ -149,11 +171,12 @@ class Prefetcher:
                 self.state = "done"
         if self.state == "running":  # cancelled from outside without cancel(): the mount is going away
             self.state, self.reason = "cancelled", "unmounted"
+        self._abandoned.set()
         self.ended = time.monotonic()
         self._report()
 
     async def _run(self) -> None:
-        send, receive = trio.open_memory_channel[list[_FileJob]](PIPELINE)
+        send, receive = trio.open_memory_channel[list[_Job]](PIPELINE)
         async with trio.open_nursery() as nursery:
             for _ in range(FETCHERS):
                 nursery.start_soon(self._fetcher, receive.clone())
@@ -169,12 +192,13 @@ class Prefetcher:
         # Stopping at the budget is the one outcome an operator may want to act on (a
         # profile larger than the cache can hold, or a cache too small for it).
         level = logging.WARNING if self.state == "stopped" and self._over_budget() else logging.INFO
+        kernel = (f", {self.pushed_bytes / (1 << 20):.1f} MiB in {self.pushed_files} files and {self.looked_up} "
+                  "lookups pushed to the kernel") if self.push_to else ""
         log.log(level, "prefetch of profile %s (%s) for generation %d %s%s: %d of %d entries, %d not in the image, "
                  "%d chunks (%.1f MiB)%s, %d hits so far, in %.2f s", self.profile.name,
                  fmt.format_digest(self.digest)[:19], self.generation.number, self.state, why, self.walked,
-                 len(self.profile.entries), self.missing, self.chunks, self.bytes / (1 << 20),
-                 f", {self.pushed_bytes / (1 << 20):.1f} MiB in {self.pushed_files} files pushed to the kernel"
-                 if self.push_to else "", self.ops.prefetch_hits, (self.ended or time.monotonic()) - self.started)
+                 len(self.profile.entries), self.missing, self.chunks, self.bytes / (1 << 20), kernel,
+                 self.ops.prefetch_hits, (self.ended or time.monotonic()) - self.started)
 
     def _over_budget(self) -> str | None:
         if self.push_to is not None:
@@ -193,8 +217,8 @@ class Prefetcher:
         if self.ops.generation is not self.generation:
             raise _Stop("the mount swapped generations")
 
-    async def _walk(self, send: trio.MemorySendChannel[list[_FileJob]]) -> None:
-        batch: list[_FileJob] = []
+    async def _walk(self, send: trio.MemorySendChannel[list[_Job]]) -> None:
+        batch: list[_Job] = []
         chunks = size = 0
         for entry in self.profile.entries:
             await self.ops.demand_quiet()
@@ -202,24 +226,36 @@ class Prefetcher:
             self._check_budget()
             try:
                 node = await self._resolve(entry)
-                job = await self._file_job(node, entry) if node is not None and entry.touch is fmt.Touch.FILE \
-                    else None
+                job = await self._job(node, entry)
             except (CnpsfsError, OSError) as exc:  # a damaged object or store: the demand read that needs it reports
                 self.errors += 1
                 log.debug("prefetch: %r: %s", entry.path, exc)
                 continue
             self.walked += 1
-            if node is None:
+            if node is None and entry.touch is not fmt.Touch.LOOKUP:  # an absent name is what a LOOKUP may record
                 self.missing += 1
             if job is not None:
                 batch.append(job)
-                chunks += len(job.digests)
-                size += sum(n for _o, n in job.spans)
-                if chunks >= BATCH_CHUNKS or size >= BATCH_BYTES:
+                if isinstance(job, _FileJob):
+                    chunks += len(job.digests)
+                    size += sum(n for _o, n in job.spans)
+                if chunks >= BATCH_CHUNKS or size >= BATCH_BYTES or len(batch) >= BATCH_JOBS:
                     await send.send(batch)
                     batch, chunks, size = [], 0, 0
         if batch:
             await send.send(batch)
+
+    async def _job(self, node: Node | None, entry: fmt.ProfileEntry) -> _Job | None:
+        """What the fetchers do for *entry*: load a file's chunks (and store its pages), or
+        (when pages go to the kernel) look the path up through the mount."""
+        if entry.touch is fmt.Touch.FILE:
+            return await self._file_job(node, entry) if node is not None else None
+        if self.push_to is None:
+            return None
+        if entry.touch is fmt.Touch.LOOKUP:
+            path = tuple(entry.path.split(b"/"))
+            return _Lookup(path, symlink=node is not None and node.entry.kind is fmt.Kind.SYMLINK)
+        return _Lookup(node.path, listing=entry.touch is fmt.Touch.LISTED) if node is not None and node.path else None
 
     async def _load(self, node: Node, *, listing: bool = False) -> Node:
         if self.ops.swapping or self.ops.generation is not self.generation:
@@ -248,6 +284,8 @@ class Prefetcher:
             node = child
         if entry.touch is fmt.Touch.FILE:
             return node if node.entry.kind is fmt.Kind.FILE else None
+        if entry.touch is fmt.Touch.LOOKUP:
+            return node
         if not node.is_dir:
             return None
         if entry.touch is fmt.Touch.LISTED:
@@ -257,7 +295,7 @@ class Prefetcher:
             node = await self._load(node)
         return node
 
-    async def _file_job(self, node: Node, entry: fmt.ProfileEntry) -> _FileJob | None:
+    async def _file_job(self, node: Node, entry: fmt.ProfileEntry) -> _Job | None:
         emap = node.emap
         if emap is None:
             gen = self.generation
@@ -275,14 +313,15 @@ class Prefetcher:
             return None
         return _FileJob(node, emap, spans, digests)
 
-    async def _fetcher(self, receive: trio.MemoryReceiveChannel[list[_FileJob]]) -> None:
+    async def _fetcher(self, receive: trio.MemoryReceiveChannel[list[_Job]]) -> None:
         async with receive:
             async for batch in receive:
                 if self._over_budget():
                     continue  # the walk stops at its next entry; what is queued is dropped
                 await self.ops.demand_quiet()
                 cache = self.ops.fetcher.cache
-                todo = [d for d in dict.fromkeys(d for job in batch for d in job.digests) if not cache.contains(d)]
+                todo = [d for d in dict.fromkeys(d for job in batch if isinstance(job, _FileJob) for d in job.digests)
+                        if not cache.contains(d)]
                 if todo:
                     self.bytes += await self.ops.fetcher.fetch(todo, limiter=self.limiter)
                     for digest in todo:
@@ -290,39 +329,65 @@ class Prefetcher:
                             self.ops.prefetched.add(digest)
                             self.chunks += 1
                 if self.push_to is not None:
-                    for job in batch:
-                        await self.ops.demand_quiet()
-                        await self._push(job)
+                    await self.ops.demand_quiet()
+                    await self._push(batch)
 
-    # ------------------------------------------------------------------ the kernel's page cache
+    # ------------------------------------------------------------------ the kernel's caches
 
-    async def _push(self, job: _FileJob) -> None:
-        """Store a file's profiled pages in the kernel's page cache (what a READ would return)."""
-        assert self.push_to is not None
-        path = os.path.join(os.fsencode(self.push_to), b"/".join(job.node.path))
+    async def _push(self, batch: list[_Job]) -> None:
+        """Warm the kernel for a batch, in profile order, in one worker call: look each path
+        up through the mount (the kernel caches the entry, or that the name is absent; a
+        listing, a symlink's target) and store each file's profiled pages in its page cache.
+
+        The kernel stores pages only for an inode it knows, hence the lookup first; the
+        lookups are served by this very loop. The call is abandoned on cancel (an unmount
+        may leave a lookup waiting for a reply that will never come) and then stops at its
+        next path.
+        """
+        with self._in_mount_lock:
+            self._in_mount += 1
         try:
-            # The kernel stores pages only for an inode it knows: look the file up through the
-            # mount (on a thread; the lookups are served by this loop). Abandoned on cancel, as
-            # an unmount may leave it waiting for a reply that will never come.
-            with self._in_mount_lock:
-                self._in_mount += 1
-            st = await trio.to_thread.run_sync(self._stat, path, abandon_on_cancel=True)
+            looked, files, pushed = await trio.to_thread.run_sync(self._warm_kernel, batch, limiter=self.limiter,
+                                                                  abandon_on_cancel=True)
         except OSError as exc:
-            log.debug("prefetch: cannot look up %r through the mount: %s", path, exc)
+            log.debug("prefetch: the kernel's caches not warmed: %s", exc)
             return
-        if st.st_ino != job.node.ino:
-            return  # the path shows another file now (a swap): pages for it would be the wrong ones
-        pushed = await trio.to_thread.run_sync(self._store_pages, job, limiter=self.limiter)
-        if pushed:
-            self.pushed_files += 1
-            self.pushed_bytes += pushed
+        self.looked_up += looked
+        self.pushed_files += files
+        self.pushed_bytes += pushed
 
-    def _stat(self, path: bytes) -> os.stat_result:
+    def _warm_kernel(self, batch: list[_Job]) -> tuple[int, int, int]:
+        """On a worker: the lookups and page stores of *batch*; (paths looked up, files and bytes stored)."""
+        assert self.push_to is not None
+        root = os.fsencode(self.push_to)
+        looked = files = pushed = 0
         try:
-            return os.stat(path)
+            for job in batch:
+                if self._abandoned.is_set():
+                    break
+                path = os.path.join(root, *(job.node.path if isinstance(job, _FileJob) else job.path))
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    looked += 1  # absent (the kernel now caches that), or gone since
+                    continue
+                looked += 1
+                if isinstance(job, _Lookup):
+                    if job.listing:
+                        os.listdir(path)
+                    elif job.symlink:
+                        os.readlink(path)
+                    continue
+                if st.st_ino != job.node.ino:
+                    continue  # the path shows another file now (a swap): its pages would be another file's
+                done = self._store_pages(job)
+                if done:
+                    files += 1
+                    pushed += done
         finally:
             with self._in_mount_lock:
                 self._in_mount -= 1
+        return looked, files, pushed
 
     def _store_pages(self, job: _FileJob) -> int:
         """On a worker: notify_store every profiled range, page-aligned; stops at a chunk not cached."""
@@ -357,7 +422,8 @@ class Prefetcher:
                 "generation": self.generation.number, "state": self.state, "reason": self.reason,
                 "entries": len(self.profile.entries), "walked": self.walked, "missing": self.missing,
                 "errors": self.errors, "chunks": self.chunks, "bytes": self.bytes, "budget_bytes": self.budget,
-                "pushed_files": self.pushed_files, "pushed_bytes": self.pushed_bytes, "nodes": self.nodes,
+                "pushed_files": self.pushed_files, "pushed_bytes": self.pushed_bytes, "looked_up": self.looked_up,
+                "nodes": self.nodes,
                 "seconds": round((self.ended or time.monotonic()) - self.started, 3)}
 
 

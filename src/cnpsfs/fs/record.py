@@ -78,6 +78,10 @@ def record_profile(mountpoint: str, name: str, *, seconds: float | None = None, 
         metadata["exit_status"] = exit_status
     stopped = _request(control, {"op": "record-stop", "name": name, "metadata": metadata})
     profile = fmt.decode_profile(base64.b64decode(stopped["object"]))  # never store what a mount would refuse
+    if not profile.entries:
+        why = f" ({command[0]} exited with status {exit_status})" if command and exit_status else ""
+        raise CnpsfsError(f"nothing reached {mountpoint} while recording{why}: no profile stored "
+                          f"(the image's profile {name!r}, if any, is kept)")
     image = fmt.parse_digest(stopped["image"])
     store = LocalStore(status["store"])
     try:
@@ -85,8 +89,10 @@ def record_profile(mountpoint: str, name: str, *, seconds: float | None = None, 
     finally:
         store.close()
     files = sum(1 for e in profile.entries if e.touch is fmt.Touch.FILE)
+    lookups = sum(1 for e in profile.entries if e.touch is fmt.Touch.LOOKUP)
     return {"digest": fmt.format_digest(digest), "name": name, "image": stopped["image"],
             "label": f"{status['image']['name']}@{status['image']['version']}", "entries": len(profile.entries),
-            "directories": len(profile.entries) - files, "files": files, "ranges": profile.ranges,
+            "directories": len(profile.entries) - files - lookups, "files": files, "lookups": lookups,
+            "ranges": profile.ranges,
             "bytes": profile.data_bytes, "seconds": stopped["seconds"], "truncated": stopped["truncated"],
             "exit_status": exit_status}

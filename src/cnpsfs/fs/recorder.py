@@ -40,7 +40,7 @@ class ProfileRecorder:
         self.events = 0
         self.truncated = False  # a limit was reached: some paths or ranges were dropped or merged
         self.aborted: str | None = None
-        # path -> [touch, spans]: spans is a list of [offset, length] for files, None for directories
+        # path -> [touch, spans]: spans is a list of [offset, length] for files, None for the rest
         self._entries: dict[bytes, list[Any]] = {}
         self._ranges = 0
         self._path_bytes = 0
@@ -54,6 +54,8 @@ class ProfileRecorder:
         return self.clock() - self.last
 
     def _new(self, key: bytes, touch: fmt.Touch, spans: list[list[int]] | None) -> list[Any] | None:
+        if len(key) > fmt.PATH_MAX:
+            return None  # a name looked up below a deep path: no image could hold it
         if len(self._entries) >= PROFILE_MAX_ENTRIES or self._path_bytes + len(key) > PROFILE_MAX_PATH_BYTES:
             self.truncated = True
             return None
@@ -69,8 +71,16 @@ class ProfileRecorder:
         entry = self._entries.get(key)
         if entry is None:
             self._new(key, fmt.Touch.LISTED if listed else fmt.Touch.DIR, None)
-        elif listed and entry[0] is fmt.Touch.DIR:
-            entry[0] = fmt.Touch.LISTED
+        elif (listed and entry[0] is fmt.Touch.DIR) or entry[0] is fmt.Touch.LOOKUP:
+            entry[0], entry[1] = fmt.Touch.LISTED if listed else fmt.Touch.DIR, None
+
+    def lookup(self, path: tuple[bytes, ...]) -> None:
+        """A name was looked up that is not a directory: a file or symlink, or no such name."""
+        self.events += 1
+        self.last = self.clock()
+        key = b"/".join(path)
+        if key not in self._entries:
+            self._new(key, fmt.Touch.LOOKUP, None)
 
     def read(self, path: tuple[bytes, ...], offset: int, size: int, file_size: int) -> None:
         """A file was read at [offset, offset + size) (clipped to its size)."""
@@ -81,7 +91,9 @@ class ProfileRecorder:
             return
         key = b"/".join(path)
         entry = self._entries.get(key)
-        if entry is None or entry[0] is not fmt.Touch.FILE:
+        if entry is not None and entry[0] is fmt.Touch.LOOKUP:
+            entry[0], entry[1] = fmt.Touch.FILE, []  # looked up first, now read: it keeps its place
+        elif entry is None or entry[0] is not fmt.Touch.FILE:
             if entry is not None:
                 return  # a path seen as a directory before: a swap changed it; keep the first
             entry = self._new(key, fmt.Touch.FILE, [])
@@ -129,7 +141,9 @@ class ProfileRecorder:
 
     def summary(self) -> dict[str, Any]:
         files = [spans for touch, spans in self._entries.values() if touch is fmt.Touch.FILE]
-        return {"entries": len(self._entries), "files": len(files), "directories": len(self._entries) - len(files),
+        lookups = sum(1 for touch, _spans in self._entries.values() if touch is fmt.Touch.LOOKUP)
+        return {"entries": len(self._entries), "files": len(files), "lookups": lookups,
+                "directories": len(self._entries) - len(files) - lookups,
                 "ranges": self._ranges, "bytes": sum(n for spans in files for _o, n in spans),
                 "events": self.events, "seconds": round(self.clock() - self.started, 3),
                 "idle": round(self.idle, 3), "truncated": self.truncated, "generation": self.generation,
