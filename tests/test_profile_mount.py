@@ -311,3 +311,54 @@ def test_refusals(world: World, mountpoint: Path, tmp_path: Path) -> None:
 def _no_leftover_mount(mountpoint: Path) -> Iterator[None]:
     yield
     assert not is_mounted(mountpoint), "a test left its mount behind"
+
+
+def test_bundle_records_the_image_command_first(world: World, tmp_path: Path) -> None:
+    """bundle --record-profile: the image's command runs once (entrypoint + cmd, in its workdir,
+    stopped at --record-seconds), its reads become the profile, and the bundle's mount replays it."""
+    manifest = tmp_path / "cmd.toml"
+    manifest.write_text('name = "example.org/cmd"\nversion = "1"\n[[layers]]\nfileset = "example.org/debian@bookworm"\n'
+                        '[config]\nentrypoint = ["/bin/sh", "-c"]\n'
+                        'cmd = ["cat share/doc/bash/copyright >/dev/null; sha256sum /usr/bin/perl >/dev/null; '
+                        'sleep 600"]\nworkdir = "/usr"\nenv = ["LC_ALL=C"]\n')
+    world.cli.ok("image", "create", manifest)
+    bundle = tmp_path / "bundle"
+    started = time.monotonic()
+    result = world.cli("bundle", "--record-profile", "--record-seconds", "3", "example.org/cmd@1", bundle)
+    try:
+        assert result.rc == 0, result
+        assert time.monotonic() - started < 60
+        assert "still ran after 3 s: stopped it" in result.stderr and "recorded profile default" in result.stderr
+        shown = json.loads(world.cli.ok("profile", "show", "example.org/cmd@1", "--json").stdout)
+        files = {e["path"] for e in shown["entries"] if e["touch"] == "file"}
+        assert {"/usr/share/doc/bash/copyright", "/usr/bin/perl"} <= files  # the workdir applied
+        assert shown["metadata"]["command"][:2] == ["/bin/sh", "-c"] and shown["metadata"]["exit_status"] is None
+        rootfs = bundle / "rootfs"
+
+        def settled() -> dict[str, Any] | None:
+            state = json.loads(world.cli.ok("status", rootfs, "--json").stdout)["prefetch"]
+            return state if state["state"] not in ("loading", "running") else None
+
+        state = wait_until(settled, timeout=PREFETCH_TIMEOUT, what="the bundle's replay to end")
+        assert state["state"] == "done" and state["digest"] == shown["digest"], state
+    finally:
+        if (bundle / "config.json").exists():
+            world.cli.ok("bundle", "--remove", bundle)
+    assert not is_mounted(bundle / "rootfs")
+
+
+def test_build_records_the_image_command(tmp_path: Path) -> None:
+    """build --record-profile, on a small package set (needs the Debian mirror or the build cache)."""
+    from test_build import SMALL, SMALL_PACKAGES
+
+    recipe = tmp_path / "small.toml"
+    recipe.write_text(SMALL.format(packages=", ".join(f'"{p}"' for p in SMALL_PACKAGES)))
+    cli = Cli(tmp_path / "store")
+    result = cli.ok("build", recipe, "--record-profile", "--json", timeout=1800)
+    built = json.loads(result.stdout)  # the command's own output went to stderr
+    assert "Hello, world!" in result.stderr
+    profile = built["profile"]
+    assert profile["name"] == "default" and profile["files"] >= 2, profile  # /usr/bin/hello and the C library
+    shown = json.loads(cli.ok("profile", "show", built["digest"], "--json").stdout)
+    assert "/usr/bin/hello" in {e["path"] for e in shown["entries"] if e["touch"] == "file"}
+    assert shown["metadata"]["command"] == ["/usr/bin/hello"] and shown["metadata"]["exit_status"] == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from cnpsfs import format as fmt
-from cnpsfs.cli.context import App, emit_json, json_option, pass_app
+from cnpsfs.cli.context import App, emit_json, json_option, pass_app, recorded_line
 
 
 @click.command("build")
@@ -16,15 +16,25 @@ from cnpsfs.cli.context import App, emit_json, json_option, pass_app
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="apt state and .deb cache (default: $CNPSFS_BUILD_CACHE or /var/cache/cnpsfs).")
 @click.option("--refresh", is_flag=True, help="Download the package lists even if the cached ones are fresh.")
+@click.option("--record-profile", "record", is_flag=True,
+              help="Then run the image's command once on a mount of it and store what it read as the image's "
+                   "prefetch profile 'default' (needs root; see `cnpsfs profile`).")
+@click.option("--record-seconds", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+              metavar="SECONDS", help="With --record-profile: stop the command after SECONDS.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @pass_app
-def build_cmd(app: App, recipe: str, cache_dir: Path | None, refresh: bool, as_json: bool) -> None:
+def build_cmd(app: App, recipe: str, cache_dir: Path | None, refresh: bool, record: bool, record_seconds: float,
+              as_json: bool) -> None:
     """Build an image from a Debian package list (RECIPE, TOML; see docs/recipe.md).
 
     apt (in private state) resolves the list plus the Essential set; each package is a
     FileSet composed in union mode; the dpkg database and the output of `dpkg --configure`
     are override layers on top. The same recipe gives the same image digest, whatever
     the order of its package list. Prints the image digest last on stdout.
+
+    With --record-profile the image's command (config entrypoint + cmd) then runs once,
+    chrooted into a mount of the image, and what it read becomes the image's prefetch
+    profile (a profile is not part of the image: the digest is the same either way).
     """
     from cnpsfs.debian.apt import DEFAULT_CACHE
     from cnpsfs.debian.build import build, load_recipe
@@ -34,11 +44,20 @@ def build_cmd(app: App, recipe: str, cache_dir: Path | None, refresh: bool, as_j
     result = build(store, spec, cache=cache_dir or DEFAULT_CACHE, refresh=refresh,
                    on_step=lambda message: click.echo(f"build: {message}", err=True))
     ref = fmt.format_digest(result.digest)
+    profile = None
+    if record:
+        from cnpsfs.fs.record import record_image_command
+
+        profile = record_image_command(store, ref, seconds=record_seconds,
+                                       say=lambda message: click.echo(f"build: {message}", err=True))
     if as_json:
         emit_json({"digest": ref, "name": spec.name, "version": spec.version, "imported": result.imported,
                    "reused": result.reused, "configured": result.configured,
-                   "timings": {k: round(v, 3) for k, v in result.timings.items()}})
+                   "timings": {k: round(v, 3) for k, v in result.timings.items()},
+                   **({"profile": profile} if profile is not None else {})})
         return
+    if profile is not None:
+        click.echo(f"build: {recorded_line(profile)}", err=True)
     click.echo(f"built {spec.name}@{spec.version}: {len(result.image.layers)} layers, {result.imported} "
                f"packages imported, {result.reused} reused, {result.timings['total']:.1f}s", err=True)
     click.echo(ref)

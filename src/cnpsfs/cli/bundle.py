@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from cnpsfs.cli.context import App, pass_app, remote_options, report_mounted
+from cnpsfs.cli.context import App, pass_app, recorded_line, remote_options, report_mounted
 from cnpsfs.errors import UsageError
 
 
@@ -25,9 +25,14 @@ from cnpsfs.errors import UsageError
 @click.option("--writable", "upperdir", type=click.Path(file_okay=False), default=None, metavar="UPPERDIR",
               help="Mount the rootfs writable, changes in UPPERDIR (as `cnpsfs mount --writable`).")
 @click.option("--allow-other", is_flag=True, help="Let users other than root use the rootfs mount.")
+@click.option("--record-profile", "record", is_flag=True,
+              help="First run the image's command once on a mount of it and store what it read as the image's "
+                   "prefetch profile 'default', which the bundle's mount then replays.")
+@click.option("--record-seconds", type=click.FloatRange(1, 3600), default=30.0, show_default=True,
+              metavar="SECONDS", help="With --record-profile: stop the command after SECONDS.")
 @pass_app
 def bundle_cmd(app: App, ref: str, directory: str | None, remove: bool, upperdir: str | None,
-               allow_other: bool) -> None:
+               allow_other: bool, record: bool, record_seconds: float) -> None:
     """Make DIR an OCI runtime bundle of image REF: `runc run --bundle DIR ID`.
 
     Mounts REF at DIR/rootfs (read-only, or overlayfs over it with --writable), with an
@@ -38,18 +43,23 @@ def bundle_cmd(app: App, ref: str, directory: str | None, remove: bool, upperdir
     /etc/group, and runc's default namespaces (a network namespace with loopback only),
     mounts and capabilities. `cnpsfs bundle --remove DIR` undoes it; it refuses a
     directory that is not a cnpsfs bundle.
+
+    With --record-profile the image's command first runs once, chrooted into a private
+    mount of the image (as root, for at most --record-seconds), and what it read becomes
+    the image's prefetch profile, which the bundle's own mount then replays.
     """
     if remove:
-        if directory is not None or upperdir is not None or allow_other:
+        if directory is not None or upperdir is not None or allow_other or record:
             raise UsageError("--remove takes only DIR: cnpsfs bundle --remove DIR")
         _remove_bundle(ref)
         return
     if directory is None:
         raise UsageError("missing DIR: cnpsfs bundle REF DIR")
-    _create_bundle(app, ref, directory, upperdir, allow_other)
+    _create_bundle(app, ref, directory, upperdir, allow_other, record_seconds if record else None)
 
 
-def _create_bundle(app: App, ref: str, directory: str, upperdir: str | None, allow_other: bool) -> None:
+def _create_bundle(app: App, ref: str, directory: str, upperdir: str | None, allow_other: bool,
+                   record_seconds: float | None) -> None:
     from cnpsfs.fs.daemon import unmount
     from cnpsfs.fs.mounting import mount_image
     from cnpsfs.fs.options import MountOptions
@@ -71,6 +81,13 @@ def _create_bundle(app: App, ref: str, directory: str, upperdir: str | None, all
     if user.uid != 0 and not allow_other and upperdir is None:
         raise UsageError(f"{image.name}@{image.version} runs as uid {user.uid}, but a FUSE mount admits only "
                          "root without --allow-other (or use --writable: overlayfs reads it as root)")
+    if record_seconds is not None:
+        from cnpsfs.fs.record import record_image_command
+
+        store = app.store()
+        profile = record_image_command(store, ref, seconds=record_seconds,
+                                       say=lambda message: click.echo(f"bundle: {message}", err=True))
+        click.echo(f"bundle: {recorded_line(profile)}", err=True)
     (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
     # The init layer gives every mount destination of config.json a place to land, so an
     # image without /proc or /dev (FROM scratch) runs on the read-only rootfs.

@@ -63,14 +63,16 @@ def record_cmd(mountpoint: str, command: tuple[str, ...], seconds: float | None,
     Recording starts by dropping the mount's kernel caches, so everything touched from
     then on reaches the daemon. It ends after --for SECONDS, once the mount has been idle
     for --idle seconds (--until-idle), or when COMMAND exits (run it after `--`, e.g.
-    `cnpsfs profile record /mnt/app -- chroot /mnt/app /opt/app/run --selftest`);
+    `cnpsfs profile record /mnt/app -- chroot /mnt/app /opt/app/run --selftest`; with
+    --for too, the command is stopped after that long: the start of a server);
     Ctrl-C ends it early and stores what was recorded. Directories and files are kept
     in first-access order, a file's ranges merged, within the limits of docs/format.md
     §1.13 (at most 65,536 paths). Prints the profile's digest last on stdout.
     """
-    how = [bool(seconds), until_idle, bool(command)]
-    if sum(how) != 1:
-        raise UsageError("say how long to record: --for SECONDS, --until-idle, or a COMMAND after `--` (one of them)")
+    if until_idle and (seconds or command):
+        raise UsageError("--until-idle goes alone: --for SECONDS bounds a COMMAND, or is the recording's length")
+    if not (seconds or until_idle or command):
+        raise UsageError("say how long to record: --for SECONDS, --until-idle, or a COMMAND after `--`")
     from cnpsfs.fs.record import record_profile
 
     result = record_profile(mountpoint, name, seconds=seconds, until_idle=until_idle, idle=idle,
