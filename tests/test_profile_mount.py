@@ -362,3 +362,24 @@ def test_build_records_the_image_command(tmp_path: Path) -> None:
     shown = json.loads(cli.ok("profile", "show", built["digest"], "--json").stdout)
     assert "/usr/bin/hello" in {e["path"] for e in shown["entries"] if e["touch"] == "file"}
     assert shown["metadata"]["command"] == ["/usr/bin/hello"] and shown["metadata"]["exit_status"] == 0
+
+
+def test_record_until_idle(world: World, mountpoint: Path) -> None:
+    """--until-idle ends once no request has reached the mount for --idle seconds (after the first)."""
+    with mount_image(world.store, "example.org/overlay@1", mountpoint, args=["--no-prefetch"]) as mnt:
+        recording = world.cli.popen("profile", "record", mountpoint, "--until-idle", "--idle", "1", "--name", "idle",
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_until(lambda: (mnt.status()["recording"] or {}).get("seconds", 0) > 0, timeout=30,
+                       what="the recording to start")
+            time.sleep(1.5)  # idle before the first request does not count
+            assert recording.poll() is None, "the recording ended before anything reached the mount"
+            assert (mountpoint / "usr/share/doc/bash/copyright").read_text().startswith("a changed")
+            out, err = recording.communicate(timeout=30)
+        finally:
+            if recording.poll() is None:
+                recording.kill()
+        assert recording.returncode == 0, err
+        assert out.decode().strip().startswith("blake3:")
+    shown = json.loads(world.cli.ok("profile", "show", "example.org/overlay@1", "idle", "--json").stdout)
+    assert [e["path"] for e in shown["entries"] if e["touch"] == "file"] == ["/usr/share/doc/bash/copyright"]
