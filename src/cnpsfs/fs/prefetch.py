@@ -67,6 +67,8 @@ MEMORY_SHARE = 0.25
 #: Nodes a prefetch may compose (each costs the daemon memory until the generation goes).
 NODES_MAX = 500_000
 PAGE = 4096
+#: Chunks remembered for counting hits (a demand read of one the replay loaded).
+PREFETCHED_MAX = 1 << 16
 
 
 class _Stop(Exception):
@@ -324,9 +326,11 @@ class Prefetcher:
                         if not cache.contains(d)]
                 if todo:
                     self.bytes += await self.ops.fetcher.fetch(todo, limiter=self.limiter)
+                    prefetched = self.ops.prefetched
                     for digest in todo:
                         if cache.contains(digest):
-                            self.ops.prefetched.add(digest)
+                            if len(prefetched) < PREFETCHED_MAX:
+                                prefetched.add(digest)
                             self.chunks += 1
                 if self.push_to is not None:
                     await self.ops.demand_quiet()
