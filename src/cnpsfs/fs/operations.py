@@ -123,6 +123,9 @@ class Operations(pyfuse3.Operations):
         self.no_opendir = False
         self.readahead_nursery: trio.Nursery | None = None
         self._read_end: dict[int, int] = {}
+        # Directories whose listing the kernel has read since it last forgot them: a replay
+        # racing the program does not list them again (fs/prefetch.py).
+        self.listed_by_kernel: set[int] = set()
         self._reported: OrderedDict[tuple[Any, str], None] = OrderedDict()  # failures logged once
         # Prefetch (fs/prefetch.py) yields to demand: it waits while a FUSE request is
         # loading chunks or directories on a worker. Code between awaits is atomic, so a
@@ -295,6 +298,7 @@ class Operations(pyfuse3.Operations):
             self.lookups.pop(ino, None)
             self.held.pop(ino, None)
             self._read_end.pop(ino, None)
+            self.listed_by_kernel.discard(ino)
 
     # ------------------------------------------------------------------ metadata
 
@@ -408,6 +412,7 @@ class Operations(pyfuse3.Operations):
         self.requests["readdir"] += 1
         node = await self._children_loaded(self.node(fh or inode), listing=True)
         assert node.listing is not None
+        self.listed_by_kernel.add(node.ino)
         if self.recorder is not None:
             self.recorder.directory(node.path, listed=True)
         listing = node.listing
@@ -550,6 +555,7 @@ class Operations(pyfuse3.Operations):
         finally:
             done, self._swap_done = self._swap_done, None
             done.set()
+        self.listed_by_kernel.difference_update(plan.dirs)  # the kernel is told to drop these listings
         await trio.to_thread.run_sync(self._invalidate, plan)
         return generation, plan
 
@@ -563,6 +569,8 @@ class Operations(pyfuse3.Operations):
         Returns how many inodes were invalidated.
         """
         held = [(node.ino, node.parent, node.path[-1] if node.path else b"") for node in self.held.values()]
+        self.listed_by_kernel.clear()
+        self._read_end.clear()
 
         def invalidate() -> None:
             for _ino, parent, name in held:
@@ -575,6 +583,17 @@ class Operations(pyfuse3.Operations):
 
         await trio.to_thread.run_sync(invalidate)
         return len(held)
+
+    def kernel_has(self, ino: int, what: str) -> bool:
+        """Whether the kernel already has *what* of *ino*: ``"entry"`` (it looked it up),
+        ``"listing"`` (it read the directory's listing) or ``"pages"`` (it started reading
+        the file: the rest follows by itself). What a replay racing the program need not
+        warm again. Membership tests only: safe from a worker thread."""
+        if what == "listing":
+            return ino in self.listed_by_kernel
+        if what == "pages":
+            return ino in self._read_end
+        return ino in self.lookups
 
     def _invalidate(self, plan: Any) -> None:
         for parent, name in plan.entries:

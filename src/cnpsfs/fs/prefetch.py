@@ -92,6 +92,7 @@ class _Lookup:
     does not exist."""
 
     path: tuple[bytes, ...]
+    ino: int | None = None  # the node's, when the path exists
     listing: bool = False
     symlink: bool = False
 
@@ -256,8 +257,11 @@ class Prefetcher:
             return None
         if entry.touch is fmt.Touch.LOOKUP:
             path = tuple(entry.path.split(b"/"))
-            return _Lookup(path, symlink=node is not None and node.entry.kind is fmt.Kind.SYMLINK)
-        return _Lookup(node.path, listing=entry.touch is fmt.Touch.LISTED) if node is not None and node.path else None
+            return _Lookup(path, node.ino if node is not None else None,
+                           symlink=node is not None and node.entry.kind is fmt.Kind.SYMLINK)
+        if node is None or not node.path:
+            return None
+        return _Lookup(node.path, node.ino, listing=entry.touch is fmt.Touch.LISTED)
 
     async def _load(self, node: Node, *, listing: bool = False) -> Node:
         if self.ops.swapping or self.ops.generation is not self.generation:
@@ -365,10 +369,18 @@ class Prefetcher:
         assert self.push_to is not None
         root = os.fsencode(self.push_to)
         looked = files = pushed = 0
+        kernel_has = self.ops.kernel_has
         try:
             for job in batch:
                 if self._abandoned.is_set():
                     break
+                # Racing the program: what it has already touched the kernel holds; warming
+                # it again would only double the requests.
+                if isinstance(job, _FileJob):
+                    if kernel_has(job.node.ino, "pages"):
+                        continue
+                elif job.ino is not None and kernel_has(job.ino, "listing" if job.listing else "entry"):
+                    continue
                 path = os.path.join(root, *(job.node.path if isinstance(job, _FileJob) else job.path))
                 try:
                     st = os.lstat(path)
