@@ -114,11 +114,25 @@ def test_service_config_manifest_is_relative_to_the_file(tmp_path: Path) -> None
     ('image = "x"\nthreads = 0\n', "threads"),
     ('image = "x"\nthreads = true\n', "threads"),
     ("image = ", "not valid TOML"),
+    ('image = "x"\ninit_layer = "yes"\n', "init_layer must be"),
+    ('image = "x"\ninit_layer = ["data"]\n', "mount destination 'data'"),
 ])
 def test_service_config_errors_name_the_file(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(UsageError, match=re.escape(message)) as info:
         parse_config(text, "web", tmp_path / "web.toml")
     assert str(tmp_path / "web.toml") in str(info.value)
+
+
+def test_service_config_init_layer(tmp_path: Path) -> None:
+    """The mount file gives a unit what `cnpsfs mount --init-layer --init-dir` gives a shell."""
+    from cnpsfs.image.initlayer import CONTAINER_FILES, CONTAINER_TMPFS
+
+    plain = parse_config('image = "x@1"\n', "web", tmp_path / "web.toml").mount_options()
+    assert plain.init_layer is None and plain.init_files == ()
+    on = parse_config('image = "x@1"\ninit_layer = true\n', "web", tmp_path / "web.toml").mount_options()
+    assert on.init_layer == CONTAINER_TMPFS and on.init_files == CONTAINER_FILES
+    extra = parse_config('image = "x@1"\ninit_layer = ["/srv/%i/", "/data"]\n', "web", tmp_path / "web.toml")
+    assert extra.mount_options().init_layer == (*CONTAINER_TMPFS, "/srv/web", "/data")
 
 
 def test_service_config_names(tmp_path: Path) -> None:

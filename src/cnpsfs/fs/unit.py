@@ -15,6 +15,8 @@ The file says what ``cnpsfs mount`` would be told on its command line (docs/syst
     cache_size = "20G"                   # optional: bound on the blocks kept from remotes
     profile = "web"                      # optional: the prefetch profile to replay (default: "default")
     prefetch = false                     # optional: replay none (default true)
+    init_layer = true                    # optional: compose the init layer (or a list of extra
+                                         # mount destinations, which implies it); default false
 
 Unknown keys are errors, so a typo never silently means a default.
 """
@@ -38,12 +40,13 @@ from cnpsfs.fs.options import (
     THREADS_RANGE,
     MountOptions,
 )
+from cnpsfs.image.initlayer import CONTAINER_FILES, CONTAINER_TMPFS, check_destination
 from cnpsfs.image.manifest import looks_like_file
 
 DEFAULT_CONFIG_DIR = Path("/etc/cnpsfs/mounts")
 DEFAULT_MOUNTPOINT = "/var/lib/machines/%i"
 KEYS = {"image", "mountpoint", "writable", "allow_other", "store", "fuse_mode", "threads", "cache_mib", "remotes",
-        "remote_timeout", "cache_size", "profile", "prefetch"}
+        "remote_timeout", "cache_size", "profile", "prefetch", "init_layer"}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
@@ -64,11 +67,16 @@ class ServiceConfig:
     cache_size: str | None = None
     profile: str | None = None
     prefetch: bool = True
+    #: None: the image exactly as stored; else the init layer with these destinations
+    #: beyond the container defaults (as ``cnpsfs mount --init-layer --init-dir``).
+    init_layer: tuple[str, ...] | None = None
 
     def mount_options(self) -> MountOptions:
+        init = None if self.init_layer is None else (*CONTAINER_TMPFS, *self.init_layer)
         return MountOptions(allow_other=self.allow_other, use_extensions=self.fuse_mode == "auto",
                             threads=self.threads, cache_mib=self.cache_mib, writable=self.writable,
-                            prefetch=self.prefetch, profile=self.profile)
+                            prefetch=self.prefetch, profile=self.profile, init_layer=init,
+                            init_files=CONTAINER_FILES if init is not None else ())
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -161,7 +169,18 @@ def parse_config(text: str, name: str, source: Path) -> ServiceConfig:
             raise fail(str(exc)) from None
         if not prefetch:
             raise fail("profile and prefetch = false exclude each other")
-    extra = {"remotes": tuple(remotes), "remote_timeout": float(remote_timeout) if remote_timeout else None,
+    init_raw = raw.get("init_layer", False)
+    init_layer: tuple[str, ...] | None
+    if isinstance(init_raw, bool):
+        init_layer = () if init_raw else None
+    elif isinstance(init_raw, list) and all(isinstance(d, str) for d in init_raw):
+        try:
+            init_layer = tuple(check_destination(d.replace("%i", name)) for d in init_raw)
+        except CnpsfsError as exc:
+            raise fail(str(exc)) from None
+    else:
+        raise fail("init_layer must be true, false or a list of absolute directories")
+    extra = {"init_layer": init_layer, "remotes": tuple(remotes), "remote_timeout": float(remote_timeout) if remote_timeout else None,
              "cache_size": cache_size, "profile": profile, "prefetch": prefetch}
     return ServiceConfig(name, source, image, os.path.normpath(mountpoint), absolute("writable"), allow_other,
                          absolute("store"), fuse_mode, numbers["threads"], numbers["cache_mib"], **extra)
