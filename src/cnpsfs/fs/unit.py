@@ -180,8 +180,9 @@ def parse_config(text: str, name: str, source: Path) -> ServiceConfig:
             raise fail(str(exc)) from None
     else:
         raise fail("init_layer must be true, false or a list of absolute directories")
-    extra = {"init_layer": init_layer, "remotes": tuple(remotes), "remote_timeout": float(remote_timeout) if remote_timeout else None,
-             "cache_size": cache_size, "profile": profile, "prefetch": prefetch}
+    extra = {"init_layer": init_layer, "remotes": tuple(remotes),
+             "remote_timeout": float(remote_timeout) if remote_timeout else None, "cache_size": cache_size,
+             "profile": profile, "prefetch": prefetch}
     return ServiceConfig(name, source, image, os.path.normpath(mountpoint), absolute("writable"), allow_other,
                          absolute("store"), fuse_mode, numbers["threads"], numbers["cache_mib"], **extra)
 
