@@ -12,7 +12,7 @@ import click
 from cnpsfs import format as fmt
 from cnpsfs.cli.context import App, emit_json, human_size, pass_app
 from cnpsfs.errors import UsageError
-from cnpsfs.store import check_tag_name, check_tag_version
+from cnpsfs.store import T_IMAGE, check_tag_name, check_tag_version
 
 SOURCE_HELP = """\b
 SOURCE (skopeo's transport names):
@@ -63,11 +63,14 @@ def _registry_options(func: Any) -> Any:
               help="Image to take from a multi-platform index (default: this host's, e.g. linux/amd64).")
 @_registry_options
 @click.option("--jobs", type=click.IntRange(1, 16), default=3, show_default=True, help="Layers read at once.")
+@click.option("--remove-signatures", is_flag=True,
+              help="Ignore cnpsfs signature artifacts referring to the image.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @pass_app
 def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None, platform_: str | None,
                    tls_verify: str | None, creds: str | None, authfile: str | None, cert_dir: str | None,
-                   timeout: float | None, retry_times: int | None, jobs: int, as_json: bool) -> None:
+                   timeout: float | None, retry_times: int | None, jobs: int, remove_signatures: bool,
+                   as_json: bool) -> None:
     """Import an OCI or Docker image as an image of one FileSet per layer.
 
     Each layer's blob digest, size and uncompressed diff_id are checked against the
@@ -77,7 +80,11 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     signal become the run config; the source, manifest and config digests and each
     layer's digest -> FileSet are kept as provenance (`cnpsfs inspect`). Layers already
     imported (by diff_id) are not read again. The image is tagged NAME@VERSION only once
-    every layer is in. Prints the image digest last on stdout.
+    every layer is in. When cnpsfs signature artifacts refer to the image (`export oci`
+    writes them) and the object they carry has exactly the imported layers, that signed
+    image (or FileSet) is restored instead, under its own name and version, with its
+    signatures (checked by the trust policy where it is served); one that does not
+    match or decode is ignored with a warning. Prints the digest last on stdout.
     """
     from cnpsfs.oci.importer import OciImportOptions, import_oci
     from cnpsfs.oci.model import parse_platform
@@ -88,6 +95,7 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     want = parse_platform(platform_) if platform_ else None
     registry = RegistryOptions(_bool(tls_verify), creds, authfile, cert_dir, timeout, retry_times)
     src, default_name, default_version = open_source(source, registry)
+    names_given = name is not None or version_ is not None
     name = name or default_name
     version = version_ or default_version
     check_tag_name(name)
@@ -96,21 +104,28 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     start = time.monotonic()
     try:
         with byte_progress(f"importing {source}", None) as advance:
-            result = import_oci(store, src, OciImportOptions(name, version, want, jobs), on_progress=advance)
+            result = import_oci(store, src, OciImportOptions(name, version, want, jobs, not remove_signatures,
+                                                             names_given), on_progress=advance)
     finally:
         src.close()
     seconds = time.monotonic() - start
     ref = fmt.format_digest(result.digest)
+    restored = result.restored
+    if restored is not None:
+        name, version = restored.name, restored.version
     if as_json:
         emit_json({"digest": ref, "name": name, "version": version, "manifest_digest": result.manifest_digest,
                    "config_digest": result.config_digest, "new_bytes": result.new_bytes,
                    "seconds": round(seconds, 3),
+                   "signatures": [fmt.format_digest(d) for d in restored.signatures] if restored else [],
                    "layers": [{"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size,
                                "fileset": fmt.format_digest(layer.fileset), "reused": layer.reused,
                                "new_bytes": layer.new_bytes} for layer in result.layers]})
         return
     reused = sum(1 for layer in result.layers if layer.reused)
-    click.echo(f"imported {name}@{version}: {len(result.layers)} layers ({reused} already stored), "
+    signed = (f", the signed {'image' if restored.type_code == T_IMAGE else 'FileSet'} restored with "
+              f"{len(restored.signatures)} signature(s)") if restored else ""
+    click.echo(f"imported {name}@{version}: {len(result.layers)} layers ({reused} already stored){signed}, "
                f"{human_size(result.new_bytes)} newly stored in {seconds:.2f}s", err=True)
     click.echo(ref)
 
@@ -120,6 +135,8 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
 DEST_HELP = """\b
 DEST:
   oci:DIR[:TAG]                       an OCI image layout (created if missing)
+  oci-archive:FILE[:TAG]              a tar of an OCI image layout (FILE replaced atomically)
+  docker-archive:FILE[:NAME:TAG]      `docker save` format, for docker/podman load (plain layers)
   docker://HOST[:PORT]/REPO:TAG       a registry: blobs it has are skipped, the manifest goes last
 """
 
@@ -127,17 +144,20 @@ DEST:
 @click.command("oci", epilog=DEST_HELP)
 @click.argument("ref")
 @click.argument("dest")
-@click.option("--compression-format", type=click.Choice(["gzip", "zstd", "none"]), default="gzip",
-              show_default=True, help="Layer compression.")
+@click.option("--compression-format", type=click.Choice(["gzip", "zstd", "none"]), default=None,
+              help="Layer compression (default: gzip; none for docker-archive, which allows nothing else).")
 @click.option("--compression-level", type=int, default=None,
               help="Compression level (default: 6 for gzip, 3 for zstd).")
 @_registry_options
 @click.option("--jobs", type=click.IntRange(1, 16), default=2, show_default=True, help="Layers written at once.")
+@click.option("--remove-signatures", is_flag=True,
+              help="Do not write REF's cnpsfs signatures as artifacts referring to the image.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @pass_app
-def export_oci_cmd(app: App, ref: str, dest: str, compression_format: str, compression_level: int | None,
+def export_oci_cmd(app: App, ref: str, dest: str, compression_format: str | None, compression_level: int | None,
                    tls_verify: str | None, creds: str | None, authfile: str | None, cert_dir: str | None,
-                   timeout: float | None, retry_times: int | None, jobs: int, as_json: bool) -> None:
+                   timeout: float | None, retry_times: int | None, jobs: int, remove_signatures: bool,
+                   as_json: bool) -> None:
     """Write the image REF (or a FileSet, as a one-layer image) as an OCI image to DEST.
 
     Each FileSet becomes one layer: a reproducible tar (canonical order, fixed header
@@ -145,33 +165,44 @@ def export_oci_cmd(app: App, ref: str, dest: str, compression_format: str, compr
     compressed with fixed parameters; the run config becomes the image config. The same
     image exported twice gives byte-identical blobs and the same manifest digest. An
     image imported with `import oci` keeps its layer boundaries, run config, platform
-    and history. Prints the manifest digest last on stdout.
+    and history. The signatures of REF (`cnpsfs sign`) go along as OCI artifacts
+    referring to the image (a registry's referrers API, or its sha256-<hex> fallback
+    tag; index.json of a layout or OCI archive), unless --remove-signatures. Archives
+    are written to a temporary file and renamed. Prints the manifest digest last on
+    stdout.
     """
-    from cnpsfs.image.manifest import load_image
+    from cnpsfs.image.manifest import load_image, looks_like_file
     from cnpsfs.oci.exporter import COMPRESSIONS, ExportOptions, export_oci, open_sink
     from cnpsfs.oci.registry import RegistryOptions
 
     store = app.store()
-    image, _digest = load_image(store, ref)
+    image, digest = load_image(store, ref)
+    subject = digest if digest is not None or looks_like_file(ref) else store.resolve(ref)
     sink = open_sink(dest, RegistryOptions(_bool(tls_verify), creds, authfile, cert_dir, timeout, retry_times))
     start = time.monotonic()
     try:
-        result = export_oci(store, image, sink, ExportOptions(COMPRESSIONS[compression_format], compression_level,
-                                                              jobs))
+        forced = getattr(sink, "compression", None)
+        if forced is not None and compression_format not in (None, "none"):
+            raise UsageError(f"{dest}: docker save archives hold uncompressed layers; "
+                             f"--compression-format {compression_format} is not possible there")
+        compression = forced if forced is not None else COMPRESSIONS[compression_format or "gzip"]
+        result = export_oci(store, image, sink, ExportOptions(compression, compression_level, jobs,
+                                                              signatures=not remove_signatures), subject=subject)
     finally:
         sink.close()
     seconds = time.monotonic() - start
     if as_json:
         emit_json({"manifest_digest": result.manifest_digest, "config_digest": result.config_digest,
-                   "seconds": round(seconds, 3),
+                   "seconds": round(seconds, 3), "signatures": result.signatures,
                    "layers": [{"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size,
                                "media_type": layer.media_type, "fileset": fmt.format_digest(layer.fileset),
                                "outcome": layer.outcome} for layer in result.layers]})
         return
     total = sum(layer.size for layer in result.layers)
     skipped = sum(1 for layer in result.layers if layer.outcome == "exists")
+    signed = f", {len(result.signatures)} signature(s)" if result.signatures else ""
     click.echo(f"exported {image.name}@{image.version} to {dest}: {len(result.layers)} layers "
-               f"({skipped} already there), {human_size(total)} in {seconds:.2f}s", err=True)
+               f"({skipped} already there){signed}, {human_size(total)} in {seconds:.2f}s", err=True)
     click.echo(result.manifest_digest)
 
 

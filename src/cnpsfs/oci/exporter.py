@@ -74,6 +74,9 @@ class ExportOptions:
     compression: str = "gzip"  # "gzip", "zstd" or "" (uncompressed)
     level: int | None = None
     jobs: int = 2
+    #: Write the subject's cnpsfs signatures as artifacts referring to the image (where
+    #: the destination can hold them: a registry, an OCI layout or archive).
+    signatures: bool = True
 
 
 @dataclass
@@ -92,6 +95,8 @@ class ExportResult:
     manifest_digest: str
     config_digest: str
     layers: list[ExportedLayer] = field(default_factory=list)
+    #: Digests of the signature artifact manifests written (docs/format.md).
+    signatures: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- reproducible tar
@@ -209,8 +214,10 @@ def image_config(store: Store, image: fmt.Image, layers: list[ExportedLayer]) ->
 
 
 def export_oci(store: Store, image: fmt.Image, sink: BlobSink, options: ExportOptions,
-               on_layer: Callable[[ExportedLayer], None] | None = None) -> ExportResult:
-    """Write *image* to *sink*: every layer, the config, then the manifest."""
+               on_layer: Callable[[ExportedLayer], None] | None = None, *,
+               subject: bytes | None = None) -> ExportResult:
+    """Write *image* to *sink*: every layer, the config, the signature artifacts of
+    *subject* (the stored image or FileSet exported), then the manifest under its tag."""
     if options.compression not in DEFAULT_LEVEL:
         raise UsageError(f"unknown compression {options.compression!r}")
     # Nested images flattened into one stack; union layers are unordered, so their
@@ -239,8 +246,33 @@ def export_oci(store: Store, image: fmt.Image, sink: BlobSink, options: ExportOp
                            for layer in layers]}
     manifest_bytes = canonical_json(manifest)
     manifest_digest = digest_of(manifest_bytes)
+    artifacts = _put_signatures(store, sink, subject, manifest_bytes) if subject and options.signatures else []
     sink.put_manifest(manifest_bytes, OCI_MANIFEST, manifest_digest)
-    return ExportResult(manifest_digest, config_digest, layers)
+    finish = getattr(sink, "finish", None)
+    if finish is not None:
+        finish()
+    return ExportResult(manifest_digest, config_digest, layers, artifacts)
+
+
+def _put_signatures(store: Store, sink: BlobSink, subject: bytes, manifest: bytes) -> list[str]:
+    """Each signature of *subject* as an artifact referring to *manifest* (before the tag moves)."""
+    from cnpsfs.oci.signatures import ARTIFACT_TYPE, EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, signature_artifacts
+
+    artifacts = signature_artifacts(store, subject, manifest)
+    if not artifacts:
+        return []
+    put_referrer = getattr(sink, "put_referrer", None)
+    if put_referrer is None:
+        log.warning("%s cannot hold signatures: the %d signature(s) of %s are not exported", sink.reference,
+                    len(artifacts), fmt.format_digest(subject))
+        return []
+    _put_bytes(sink, EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE)
+    for artifact in artifacts:
+        _put_bytes(sink, artifact.blob, artifact.blob_digest, ARTIFACT_TYPE)
+        put_referrer(artifact.manifest, OCI_MANIFEST, artifact.digest, ARTIFACT_TYPE)
+        log.info("%s: signature %s as artifact %s", sink.reference, fmt.format_digest(artifact.signature),
+                 artifact.digest)
+    return [a.digest for a in artifacts]
 
 
 def _put_bytes(sink: BlobSink, data: bytes, digest: str, media_type: str) -> None:
@@ -280,6 +312,12 @@ class LayoutSink:
         self.writer.put_bytes(data, digest)
         self.writer.add_manifest({"mediaType": media_type, "digest": digest, "size": len(data)}, self.tag)
 
+    def put_referrer(self, data: bytes, media_type: str, digest: str, artifact_type: str) -> None:
+        """An artifact referring to an image: its manifest blob, listed in ``index.json``."""
+        self.writer.put_bytes(data, digest)
+        self.writer.add_referrers([{"mediaType": media_type, "digest": digest, "size": len(data),
+                                    "artifactType": artifact_type}])
+
     def close(self) -> None:
         pass
 
@@ -294,4 +332,9 @@ def open_sink(dest: str, registry: Any = None) -> Any:
         from cnpsfs.oci.registry import open_registry_sink
 
         return open_registry_sink(rest, registry)
-    raise UsageError(f"{dest}: cannot export to {transport.rstrip(':/')}; use oci:DIR[:TAG] or docker://HOST/REPO:TAG")
+    from cnpsfs.oci.archive import DockerArchiveSink, OciArchiveSink
+
+    if transport == "oci-archive:":
+        return OciArchiveSink(rest)
+    assert transport == "docker-archive:"
+    return DockerArchiveSink(rest)

@@ -50,6 +50,7 @@ from cnpsfs.oci.model import (
     select_platform,
     short,
 )
+from cnpsfs.oci.signatures import Restored, choose, collect, matching, restore
 from cnpsfs.store import T_IMAGE, Store
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ class OciImportOptions:
     version: str
     platform: Platform | None = None  # None: the host's, and a single-platform image of another is accepted
     jobs: int = DEFAULT_JOBS
+    #: Restore the signed cnpsfs object that signature artifacts referring to the image carry.
+    signatures: bool = True
+    #: name and version were given by the user: a signed object of another name is not restored.
+    names_given: bool = False
 
 
 @dataclass
@@ -105,6 +110,8 @@ class OciImportResult:
     manifest_digest: str
     config_digest: str
     layers: list[LayerResult] = field(default_factory=list)
+    #: The signed object restored from signature artifacts (tagged instead of *image*).
+    restored: Restored | None = None
 
     @property
     def new_bytes(self) -> int:
@@ -229,8 +236,36 @@ def import_oci(store: Store, source: ImageSource, options: OciImportOptions, *,
                                     not first_reader, raw[diff_id].new_bytes if first_reader else 0, chains[number]))
         image = build_image(options.name, options.version, ref, manifest, manifest_digest, index_digest, config,
                             done)
+        restored = _restore_signed(store, source, options, manifest_digest, done) if options.signatures else None
+        if restored is not None:
+            return OciImportResult(restored.digest, image, manifest_digest, manifest.config.digest, done, restored)
         digest = store_image(store, image)
     return OciImportResult(digest, image, manifest_digest, manifest.config.digest, done)
+
+
+def _restore_signed(store: Store, source: ImageSource, options: OciImportOptions, manifest_digest: str,
+                    done: list[LayerResult]) -> Restored | None:
+    """The signed object the image's signature artifacts carry, stored and tagged, if it
+    has exactly the imported layers (docs/oci.md, "Signatures")."""
+    found = collect(source, manifest_digest)
+    if not found:
+        return None
+    roots = [store.get_fileset(layer.fileset).root for layer in done]
+    chosen = choose(matching(store, found, roots))
+    if not chosen:
+        log.warning("%s: no signature artifact matches the image; it is imported unsigned", source.reference)
+        return None
+    first = chosen[0]
+    data = first.objects[first.subject]
+    named = fmt.decode_image(data) if first.kind == "image" else fmt.decode_fileset(data)
+    if options.names_given and (named.name, named.version) != (options.name, options.version):
+        log.warning("%s: its signatures are for %s@%s; imported unsigned as %s@%s (--name/--version)",
+                    source.reference, named.name, named.version, options.name, options.version)
+        return None
+    restored = restore(store, chosen)
+    log.info("%s: restored %s@%s (%s) with %d signature(s)", source.reference, restored.name, restored.version,
+             fmt.format_digest(restored.digest), len(restored.signatures))
+    return restored
 
 
 def _import_layer(store: Store, source: ImageSource, desc: Any, diff_id: str, compression: str, label: str,

@@ -172,7 +172,11 @@ class TarFiles:
         member = self.members.get(name)
         while member is not None and (member.issym() or member.islnk()) and seen < 16:
             target = member.linkname if member.islnk() else os.path.join(os.path.dirname(name), member.linkname)
-            name = _norm(os.path.normpath(target))
+            target = os.path.normpath(target)
+            if target.startswith(("/", "../")) or target == "..":
+                raise ImportRejected(f"{self.label}: member {name!r} links to {member.linkname!r}, "
+                                     "outside the archive")
+            name = _norm(target)
             member = self.members.get(name)
             seen += 1
         if member is None or not member.isreg():
@@ -226,7 +230,11 @@ class LayoutSource:
             raise ImportRejected(f"{reference}: index.json is not an image index")
         entries = [parse_descriptor(m, f"{reference}: index.json manifests[{i}]")
                    for i, m in enumerate(index["manifests"])]
-        self.descriptor = self._choose(entries, tag)
+        #: Entries with an artifactType are artifacts (signatures) referring to an image:
+        #: listed for :meth:`referrers`, never chosen as the image.
+        self._raw = [m for m in index["manifests"] if isinstance(m, dict)]
+        images = [e for e, raw in zip(entries, index["manifests"], strict=True) if "artifactType" not in raw]
+        self.descriptor = self._choose(images, tag)
 
     def _choose(self, entries: list[Descriptor], tag: str) -> Descriptor:
         if tag:
@@ -250,6 +258,11 @@ class LayoutSource:
     def open_blob(self, desc: Descriptor) -> IO[bytes]:
         check_digest(desc.digest, f"{self.reference}: blob")
         return self.files.open(blob_path(desc.digest))
+
+    def referrers(self, digest: str) -> list[dict[str, Any]]:
+        """The index entries that are artifacts (the caller reads each and checks its subject)."""
+        return [{"digest": m.get("digest"), "size": m.get("size"), "artifactType": m.get("artifactType")}
+                for m in self._raw if "artifactType" in m]
 
     def close(self) -> None:
         pass
@@ -322,6 +335,9 @@ class DockerArchiveSource:
             raise ImportRejected(f"{what}: needs Config (a path) and Layers (a list of paths)")
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ImportRejected(f"{what}: RepoTags must be a list of strings")
+        for path in (config, *layers):
+            if path.startswith("/") or ".." in path.split("/"):
+                raise ImportRejected(f"{what}: path {path[:200]!r} leaves the archive")
         return _ArchiveImage(_norm(config), list(tags), [_norm(x) for x in layers])
 
     def _choose(self, images: list[_ArchiveImage], ref: str) -> _ArchiveImage:
@@ -473,10 +489,39 @@ class LayoutWriter:
         entry = dict(desc)
         if tag:
             entry["annotations"] = {REF_NAME: tag}
-        manifests = [m for m in manifests if not isinstance(m, dict)
+        manifests = [m for m in manifests if not isinstance(m, dict) or "artifactType" in m
                      or (m.get("annotations") or {}).get(REF_NAME, "") != tag]
         manifests.append(entry)
+        manifests = self._live_referrers(manifests)
         _atomic_write(path, canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}))
+
+    def add_referrers(self, descs: list[dict[str, Any]]) -> None:
+        """List artifacts (manifests with a ``subject``, each with its ``artifactType``) in ``index.json``."""
+        path = os.path.join(self.root, "index.json")
+        manifests: list[Any] = []
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                index = load_json(f.read(MAX_JSON + 1), f"{self.root}/index.json")
+            manifests = index.get("manifests") if isinstance(index.get("manifests"), list) else []
+        have = {m.get("digest") for m in manifests if isinstance(m, dict)}
+        manifests = manifests + [d for d in descs if d["digest"] not in have]
+        _atomic_write(path, canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}))
+
+    def _live_referrers(self, manifests: list[Any]) -> list[Any]:
+        """*manifests* without the artifacts whose subject is no longer listed (a replaced image's)."""
+        listed = {m.get("digest") for m in manifests if isinstance(m, dict) and "artifactType" not in m}
+        out = []
+        for m in manifests:
+            if isinstance(m, dict) and "artifactType" in m and isinstance(m.get("digest"), str):
+                try:
+                    with open(os.path.join(self.root, blob_path(check_digest(m["digest"], "index.json"))), "rb") as f:
+                        subject = json.loads(f.read(MAX_JSON)).get("subject") or {}
+                except (OSError, ValueError, AttributeError, CnpsfsError):
+                    subject = {}
+                if isinstance(subject, dict) and subject.get("digest") not in listed:
+                    continue
+            out.append(m)
+        return out
 
 
 def _atomic_write(path: str, data: bytes) -> None:

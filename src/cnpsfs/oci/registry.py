@@ -159,6 +159,10 @@ class RegistrySource:
         known = manifest.media_type in MANIFEST_TYPES + INDEX_TYPES
         return manifest.data, manifest.media_type if known else None, manifest.digest
 
+    def referrers(self, digest: str) -> list[dict[str, Any]]:
+        """Descriptors of what refers to *digest*: the referrers API, else the fallback tag."""
+        return self.client.referrers(digest)
+
     def open_blob(self, desc: Descriptor) -> IO[bytes]:
         if desc.media_type in MANIFEST_TYPES + INDEX_TYPES:
             return io.BytesIO(self.client.get_manifest(desc.digest).data)
@@ -216,6 +220,12 @@ class RegistrySink:
 
     def put_manifest(self, data: bytes, media_type: str, digest: str) -> None:
         self.client.put_manifest(self.ref.tag or "latest", data, media_type)
+
+    def put_referrer(self, data: bytes, media_type: str, digest: str, artifact_type: str) -> None:
+        """An artifact with a ``subject``, put by digest: a registry with the referrers API
+        lists it itself (it answers ``OCI-Subject``); for one without, the client adds it to
+        the ``sha256-<hex>`` fallback index of the subject."""
+        self.client.put_manifest(digest, data, media_type)
 
     def close(self) -> None:
         self.client.close()

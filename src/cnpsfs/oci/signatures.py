@@ -1,0 +1,387 @@
+"""cnpsfs signatures carried by OCI images: one artifact manifest per signature.
+
+A cnpsfs signature vouches for a cnpsfs object digest (an image or a FileSet), not for
+an OCI manifest, and importing an exported image gives new layer FileSets (named
+``layer.oci/diff``) and a new image object (with OCI provenance), so the signature could
+not be checked against anything after a round trip through a registry. The artifact
+therefore carries, besides the signature object, the signed object itself and the image
+and FileSet objects it names (never directories or chunks: those are rebuilt by the
+import from the layers). On import, the carried objects are accepted only when they
+compose, layer by layer, to exactly the directory trees the import built from the
+layers; then the signed object is restored as it was signed (its digest, name and
+version) and the signatures are filed under it, where the trust policy finds them.
+
+Nothing the registry or the layout returns is trusted: an artifact is read by digest
+(verified), parsed strictly and bounded; one that does not decode, does not match the
+image, or names another subject is ignored with a warning naming it (an artifact is
+added by whoever may push to the repository, so a bad one must not block the import of
+the image it hangs from). The Ed25519 signature itself is checked by the policy
+decision (mount, bundle, pull), with the keys the policy names. docs/format.md,
+"Signatures in OCI images", defines the bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import CnpsfsError, FormatError
+from cnpsfs.image.manifest import active_layers, stacking_order
+from cnpsfs.oci.model import MAX_JSON, OCI_MANIFEST, canonical_json, digest_of, short
+from cnpsfs.store import T_FILESET, T_IMAGE, T_SIGNATURE, Store
+from cnpsfs.trust.signature import Signature, signatures_for
+
+log = logging.getLogger(__name__)
+
+#: The artifactType of a signature artifact manifest, and the media type of its one layer.
+ARTIFACT_TYPE = "application/vnd.cnpsfs.signature.v1+json"
+#: The empty config of artifacts (OCI image spec 1.1, "Guidance for an empty descriptor").
+EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
+EMPTY_DATA = b"{}"
+EMPTY_DIGEST = digest_of(EMPTY_DATA)
+#: Annotations on the artifact manifest (informative: the blob is what counts).
+ANN_SUBJECT = "org.cnpsfs.signature.subject"
+ANN_KEY = "org.cnpsfs.signature.key"
+ANN_REVISION = "org.cnpsfs.signature.revision"
+ANN_CREATED = "org.opencontainers.image.created"
+#: How many signature artifacts of one image are read at most (more are ignored, logged).
+MAX_ARTIFACTS = 64
+#: How many objects one artifact may carry (an image, nested images, their FileSets).
+MAX_OBJECTS = 4 * fmt.MAX_LAYERS
+
+
+@dataclass
+class SignatureArtifact:
+    """One signature as an OCI artifact: its layer blob and manifest."""
+
+    blob: bytes
+    manifest: bytes
+    signature: bytes  # the cnpsfs digest of the signature object
+
+    @property
+    def blob_digest(self) -> str:
+        return digest_of(self.blob)
+
+    @property
+    def digest(self) -> str:
+        return digest_of(self.manifest)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def carried_objects(store: Store, subject: bytes) -> list[bytes]:
+    """The encoded subject, then every image and FileSet object it names (each once)."""
+    out: dict[bytes, bytes] = {}
+    todo = [subject]
+    while todo:
+        digest = todo.pop(0)
+        if digest in out:
+            continue
+        data = store.get(digest)
+        out[digest] = data
+        if fmt.decode_object(data)[0] == fmt.TYPE_IMAGE:
+            todo.extend(layer.digest for layer in fmt.decode_image(data).layers)
+    return list(out.values())
+
+
+def _rfc3339(seconds: int) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def signature_artifacts(store: Store, subject: bytes, image_manifest: bytes) -> list[SignatureArtifact]:
+    """An artifact per readable signature filed under *subject*, referring to *image_manifest*.
+
+    The artifacts are functions of the signature and the objects alone (no clock), so
+    the same export twice gives the same artifact digests (a registry lists each once).
+    """
+    stored = [s for s in signatures_for(store, subject) if s.signature is not None]
+    if not stored:
+        return []
+    objects = [base64.b64encode(o).decode("ascii") for o in carried_objects(store, subject)]
+    subject_desc = {"mediaType": OCI_MANIFEST, "digest": digest_of(image_manifest), "size": len(image_manifest)}
+    out = []
+    for item in sorted(stored, key=lambda s: s.digest):
+        assert item.signature is not None
+        try:
+            payload = item.signature.payload()
+        except FormatError as exc:
+            log.warning("signature %s of %s does not decode (%s): not exported", fmt.format_digest(item.digest),
+                        fmt.format_digest(subject), exc)
+            continue
+        blob = canonical_json({"signature": base64.b64encode(item.signature.encode()).decode("ascii"),
+                               "objects": objects})
+        if len(blob) > MAX_JSON:
+            log.warning("signature %s: the objects it needs are %d bytes, more than an artifact may carry "
+                        "(%d): not exported", fmt.format_digest(item.digest), len(blob), MAX_JSON)
+            continue
+        from cnpsfs.trust.keys import format_key_id
+
+        manifest = canonical_json({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
+            "config": {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_DATA),
+                       "data": base64.b64encode(EMPTY_DATA).decode("ascii")},
+            "layers": [{"mediaType": ARTIFACT_TYPE, "digest": digest_of(blob), "size": len(blob)}],
+            "subject": subject_desc,
+            "annotations": {ANN_SUBJECT: fmt.format_digest(payload.subject), ANN_KEY: format_key_id(payload.key_id),
+                            ANN_REVISION: str(payload.revision), ANN_CREATED: _rfc3339(payload.timestamp)},
+        })
+        out.append(SignatureArtifact(blob, manifest, item.digest))
+    return out
+
+
+# --------------------------------------------------------------------------- import
+
+
+@dataclass
+class CarriedSignature:
+    """A signature artifact read back and decoded (not yet matched against the layers)."""
+
+    where: str  # for messages: "<reference>: signature artifact sha256:…"
+    signature: Signature
+    signature_bytes: bytes
+    subject: bytes
+    kind: str
+    objects: dict[bytes, bytes] = field(default_factory=dict)  # cnpsfs digest -> encoded object
+
+
+class _Rejected(Exception):
+    """An artifact that is ignored (logged), not an import error."""
+
+
+def parse_artifact_manifest(data: bytes, image_manifest_digest: str, what: str) -> str:
+    """Check an artifact manifest; returns its layer's digest (size checked by the reader)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise _Rejected(f"{what}: not JSON") from None
+    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2 or doc.get("mediaType") != OCI_MANIFEST:
+        raise _Rejected(f"{what}: not an OCI image manifest")
+    if doc.get("artifactType") != ARTIFACT_TYPE:
+        raise _Rejected(f"{what}: artifactType is {str(doc.get('artifactType'))[:80]!r}, not {ARTIFACT_TYPE}")
+    subject = doc.get("subject")
+    if not isinstance(subject, dict) or subject.get("digest") != image_manifest_digest:
+        got = subject.get("digest") if isinstance(subject, dict) else None
+        raise _Rejected(f"{what}: refers to {str(got)[:80]}, not to the image {short(image_manifest_digest)}")
+    layers = doc.get("layers")
+    if not isinstance(layers, list) or len(layers) != 1 or not isinstance(layers[0], dict):
+        raise _Rejected(f"{what}: must have exactly one layer")
+    layer = layers[0]
+    digest, size = layer.get("digest"), layer.get("size")
+    if layer.get("mediaType") != ARTIFACT_TYPE or not isinstance(digest, str) or not digest.startswith("sha256:") \
+            or len(digest) != 71 or not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_JSON:
+        raise _Rejected(f"{what}: its layer is not a {ARTIFACT_TYPE} blob of at most {MAX_JSON >> 20} MiB")
+    return digest
+
+
+def decode_blob(blob: bytes, what: str) -> CarriedSignature:
+    """The signature and objects of an artifact's blob, every field checked."""
+    try:
+        doc = json.loads(blob)
+    except ValueError:
+        raise _Rejected(f"{what}: the blob is not JSON") from None
+    if not isinstance(doc, dict) or set(doc) != {"signature", "objects"} or not isinstance(doc["objects"], list) \
+            or not isinstance(doc["signature"], str) or not 0 < len(doc["objects"]) <= MAX_OBJECTS:
+        raise _Rejected(f"{what}: the blob must hold 'signature' and 1 to {MAX_OBJECTS} 'objects'")
+    try:
+        sig_bytes = base64.b64decode(doc["signature"], validate=True)
+        raw_objects = [base64.b64decode(o, validate=True) for o in doc["objects"]]
+    except (binascii.Error, TypeError, ValueError):
+        raise _Rejected(f"{what}: the blob has invalid base64") from None
+    try:
+        signature = Signature.decode(sig_bytes)
+        payload = signature.payload()
+    except (FormatError, CnpsfsError) as exc:
+        raise _Rejected(f"{what}: the signature object does not decode: {exc}") from None
+    objects: dict[bytes, bytes] = {}
+    for number, data in enumerate(raw_objects):
+        try:
+            kind = fmt.decode_object(data)[0]
+            if kind == fmt.TYPE_IMAGE:
+                fmt.decode_image(data)
+            elif kind == fmt.TYPE_FILESET:
+                fmt.decode_fileset(data)
+            else:
+                raise FormatError(f"a {kind} object, not an image or FileSet")
+        except (FormatError, CnpsfsError) as exc:
+            raise _Rejected(f"{what}: object {number} does not decode: {exc}") from None
+        objects[fmt.digest_bytes(data)] = data
+    return CarriedSignature(what, signature, sig_bytes, payload.subject, payload.kind, objects)
+
+
+class _Objects:
+    """The carried objects as the little of a store that image composition reads."""
+
+    def __init__(self, objects: dict[bytes, bytes], what: str) -> None:
+        self.objects = objects
+        self.what = what
+
+    def _get(self, digest: bytes) -> bytes:
+        data = self.objects.get(digest)
+        if data is None:
+            raise _Rejected(f"{self.what}: does not carry {fmt.format_digest(digest)}, which the signed image names")
+        return data
+
+    def get_fileset(self, digest: bytes) -> fmt.FileSet:
+        return fmt.decode_fileset(self._get(digest))
+
+    def get_image(self, digest: bytes) -> fmt.Image:
+        return fmt.decode_image(self._get(digest))
+
+
+def _stack(carried: CarriedSignature) -> list[tuple[fmt.Entry, tuple[bytes, ...]]]:
+    """The (root entry, placement) of each OCI layer the signed object exports as."""
+    objects = _Objects(carried.objects, carried.where)
+    data = objects._get(carried.subject)
+    kind = fmt.decode_object(data)[0]
+    if (kind == fmt.TYPE_IMAGE) != (carried.kind == "image"):
+        raise _Rejected(f"{carried.where}: the signature is for a {carried.kind}, the object is a {kind}")
+    if kind == fmt.TYPE_FILESET:
+        return [(fmt.decode_fileset(data).root, ())]
+    image = fmt.decode_image(data)
+    try:
+        layers = active_layers(objects, image, carried.subject)  # type: ignore[arg-type]
+    except CnpsfsError as exc:
+        raise _Rejected(f"{carried.where}: the signed image does not compose: {exc}") from None
+    return [(info.root, info.at) for info, _whiteouts in stacking_order(image, layers)]
+
+
+@dataclass
+class Restored:
+    """The signed object put back: what the import tags instead of an image of its own."""
+
+    digest: bytes
+    type_code: int
+    name: str
+    version: str
+    signatures: list[bytes]
+
+
+def matching(store: Store, carried: list[CarriedSignature], layer_roots: list[fmt.Entry]) -> list[CarriedSignature]:
+    """The signatures whose signed object exports as exactly *layer_roots* (bottom to top),
+    and all of whose FileSets' trees the store holds (an unlinked layer was not exported)."""
+    out = []
+    for item in carried:
+        try:
+            stack = _stack(item)
+            for digest in _closure(item):
+                data = item.objects[digest]
+                if fmt.decode_object(data)[0] == fmt.TYPE_FILESET:
+                    fileset = fmt.decode_fileset(data)
+                    if fileset.root.tree is not None and not store.contains(fileset.root.tree):
+                        raise _Rejected(f"{item.where}: the signed {item.kind} names {fileset.name}@"
+                                        f"{fileset.version}, whose tree the image's layers do not hold")
+        except _Rejected as exc:
+            log.warning("%s: ignored", exc)
+            continue
+        if len(stack) != len(layer_roots) or any(at or root != got for (root, at), got in
+                                                  zip(stack, layer_roots, strict=False)):
+            log.warning("%s: ignored: the signed %s %s is not what the image's layers hold", item.where, item.kind,
+                        fmt.format_digest(item.subject))
+            continue
+        out.append(item)
+    return out
+
+
+def collect(source: Any, manifest_digest: str) -> list[CarriedSignature]:
+    """The cnpsfs signature artifacts *source* lists as referring to *manifest_digest*.
+
+    *source* is an ImageSource; one without ``referrers`` (a docker save archive) has
+    none. Listing failures are the source's errors (a registry that fails says so);
+    an artifact that cannot be read or does not decode is ignored with a warning.
+    """
+    from cnpsfs.oci.layout import read_blob
+    from cnpsfs.oci.model import Descriptor
+
+    lister = getattr(source, "referrers", None)
+    if lister is None:
+        return []
+    found: list[CarriedSignature] = []
+    listed = [d for d in lister(manifest_digest) if d.get("artifactType") == ARTIFACT_TYPE]
+    if len(listed) > MAX_ARTIFACTS:
+        log.warning("%s: %d signature artifacts refer to %s; only the first %d are read", source.reference,
+                    len(listed), short(manifest_digest), MAX_ARTIFACTS)
+    for entry in listed[:MAX_ARTIFACTS]:
+        digest, size = entry.get("digest"), entry.get("size")
+        what = f"{source.reference}: signature artifact {str(digest)[:19]}"
+        try:
+            if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool):
+                raise _Rejected(f"{what}: the referrers list gives no digest and size")
+            data = read_blob(source, Descriptor(OCI_MANIFEST, digest, size), what)
+            blob_digest = parse_artifact_manifest(data, manifest_digest, what)
+            layer = json.loads(data)["layers"][0]
+            blob = read_blob(source, Descriptor(ARTIFACT_TYPE, blob_digest, layer["size"]), f"{what}: blob")
+            found.append(decode_blob(blob, what))
+        except (_Rejected, CnpsfsError) as exc:
+            log.warning("%s: ignored", exc)
+    return found
+
+
+def choose(found: list[CarriedSignature]) -> list[CarriedSignature]:
+    """The signatures of one subject: the one most signatures name (then the smallest digest)."""
+    if not found:
+        return []
+    by_subject: dict[bytes, list[CarriedSignature]] = {}
+    for item in found:
+        by_subject.setdefault(item.subject, []).append(item)
+    subject = min(by_subject, key=lambda s: (-len(by_subject[s]), s))
+    for other in by_subject:
+        if other != subject:
+            log.warning("signatures for %s ignored: the image also carries signatures for %s",
+                        fmt.format_digest(other), fmt.format_digest(subject))
+    return by_subject[subject]
+
+
+def restore(store: Store, chosen: list[CarriedSignature], *, tag: bool = True) -> Restored:
+    """Store the signed object, what it names and its signatures; tag it as it was signed.
+
+    Call with the layer FileSets' trees in the store (the import just wrote them) and the
+    store's shared lock held (gc must not sweep them before the tag is set).
+    """
+    first = chosen[0]
+    data = first.objects[first.subject]
+    is_image = fmt.decode_object(data)[0] == fmt.TYPE_IMAGE
+    named = fmt.decode_image(data) if is_image else fmt.decode_fileset(data)
+    type_code = T_IMAGE if is_image else T_FILESET
+    with store.writer() as writer:
+        needed = _closure(first)
+        for digest in needed:
+            writer.add_object(first.objects[digest])
+        signatures = []
+        for item in chosen:
+            digest = writer.add_object(item.signature_bytes)
+            signatures.append(digest)
+        tags = [(named.name, named.version, type_code, first.subject)] if tag else []
+        writer.commit(tags, attach=[(first.subject, d) for d in dict.fromkeys(signatures)])
+    for digest in signatures:
+        assert store.object_type(digest) in (T_SIGNATURE, None)
+    return Restored(first.subject, type_code, named.name, named.version, list(dict.fromkeys(signatures)))
+
+
+def _closure(carried: CarriedSignature) -> list[bytes]:
+    """The carried objects the subject reaches (others are not stored), bottom first."""
+    seen: dict[bytes, None] = {}
+
+    def visit(digest: bytes) -> None:
+        if digest in seen:
+            return
+        data = carried.objects[digest]
+        if fmt.decode_object(data)[0] == fmt.TYPE_IMAGE:
+            for layer in fmt.decode_image(data).layers:
+                if layer.digest in carried.objects:
+                    visit(layer.digest)
+        seen[digest] = None
+
+    visit(carried.subject)
+    return list(seen)
+
+
+__all__ = ["ARTIFACT_TYPE", "CarriedSignature", "Restored", "SignatureArtifact", "choose", "collect", "decode_blob",
+           "matching", "parse_artifact_manifest", "restore", "signature_artifacts"]
