@@ -66,8 +66,8 @@ def export(cli: Cli, ref: str, dest: str, *args: str) -> dict[str, Any]:
     return json.loads(cli.ok("export", "oci", ref, dest, "--json", *args).stdout)
 
 
-def import_oci(store: Path, source: str, *args: str) -> tuple[dict[str, Any], str]:
-    result = Cli(store).ok("import", "oci", source, "--json", *args)
+def import_oci(store: Path, source: str, *args: str, env: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
+    result = Cli(store).ok("import", "oci", source, "--json", *args, env=env)
     return json.loads(result.stdout), result.stderr
 
 
@@ -116,6 +116,9 @@ def test_layout_lists_the_signature_and_import_restores_it(signed: dict[str, Any
     store = tmp_path / "store"
     restored, _ = import_oci(store, f"oci:{layout}:t")
     check_restored(signed, store, restored)
+    # Under the policy the import judges the restored image before tagging it: accepted.
+    under, _ = import_oci(tmp_path / "store-policy", f"oci:{layout}:t", env={"CNPSFS_POLICY": str(signed["trusted"])})
+    assert under["digest"] == signed["digest"]
     # Without the signatures the same layers give an image of its own, unsigned.
     plain, _ = import_oci(tmp_path / "store2", f"oci:{layout}:t", "--remove-signatures", "--name",
                           "example.org/bb", "--version", "1")
@@ -223,6 +226,13 @@ def test_tampered_signature_is_refused(signed: dict[str, Any], case: str, warnin
         lines = [line for line in stderr.splitlines() if "WARNING" in line and "signature artifact" in line]
         assert lines and warning in lines[0] and "ignored" in lines[0], stderr
     assert reason in decide(store, signed["trusted"], imported["digest"])
+    if warning is None:
+        # Imported under the policy: the restored image is judged before it is tagged, as pull does.
+        fresh = Cli(tmp_path / "store-policy")
+        result = fresh("--policy", signed["trusted"], "import", "oci", f"oci:{layout}:t")
+        lines = result.stderr.strip().splitlines()
+        assert result.rc == 1 and "refused by policy" in lines[-1] and reason in lines[-1], result
+        assert "example.org/bb" not in fresh("tag", "list").stdout
     # The CLI refuses to mount it, in one line naming the image and the reason.
     result = Cli(store)("--policy", signed["trusted"], "mount", imported["digest"], tmp_path)
     lines = result.stderr.strip().splitlines()

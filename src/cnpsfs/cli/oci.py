@@ -91,6 +91,7 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     from cnpsfs.oci.registry import RegistryOptions
     from cnpsfs.oci.sources import open_source
     from cnpsfs.progress import byte_progress
+    from cnpsfs.trust.paths import policy_path
 
     want = parse_platform(platform_) if platform_ else None
     registry = RegistryOptions(_bool(tls_verify), creds, authfile, cert_dir, timeout, retry_times)
@@ -101,11 +102,21 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     check_tag_name(name)
     check_tag_version(version)
     store = app.store(create=True)
+    policy = policy_path(app.policy_arg)
+    check = None
+    if policy is not None:
+        from cnpsfs.trust import check_image
+
+        def check(digest: bytes, signed_name: str) -> None:
+            # A restored image is tagged under the name its artifact gives: under a policy,
+            # only when the policy accepts it (as pull does).
+            check_image(store, policy, digest, signed_name)
+
     start = time.monotonic()
     try:
         with byte_progress(f"importing {source}", None) as advance:
             result = import_oci(store, src, OciImportOptions(name, version, want, jobs, not remove_signatures,
-                                                             names_given), on_progress=advance)
+                                                             names_given, check), on_progress=advance)
     finally:
         src.close()
     seconds = time.monotonic() - start

@@ -71,6 +71,8 @@ class OciImportOptions:
     signatures: bool = True
     #: name and version were given by the user: a signed object of another name is not restored.
     names_given: bool = False
+    #: The trust decision on a restored signed object before it is tagged (cnpsfs.trust.check_image).
+    check: Callable[[bytes, str], object] | None = None
 
 
 @dataclass
@@ -262,7 +264,7 @@ def _restore_signed(store: Store, source: ImageSource, options: OciImportOptions
         log.warning("%s: its signatures are for %s@%s; imported unsigned as %s@%s (--name/--version)",
                     source.reference, named.name, named.version, options.name, options.version)
         return None
-    restored = restore(store, chosen)
+    restored = restore(store, chosen, check=options.check)
     log.info("%s: restored %s@%s (%s) with %d signature(s)", source.reference, restored.name, restored.version,
              fmt.format_digest(restored.digest), len(restored.signatures))
     return restored

@@ -26,6 +26,7 @@ import base64
 import binascii
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, FormatError
 from cnpsfs.image.manifest import active_layers, stacking_order
 from cnpsfs.oci.model import MAX_JSON, OCI_MANIFEST, canonical_json, digest_of, short
-from cnpsfs.store import T_FILESET, T_IMAGE, T_SIGNATURE, Store
+from cnpsfs.store import T_FILESET, T_IMAGE, Store
 from cnpsfs.trust.signature import Signature, signatures_for
 
 log = logging.getLogger(__name__)
@@ -339,11 +340,14 @@ def choose(found: list[CarriedSignature]) -> list[CarriedSignature]:
     return by_subject[subject]
 
 
-def restore(store: Store, chosen: list[CarriedSignature], *, tag: bool = True) -> Restored:
+def restore(store: Store, chosen: list[CarriedSignature], *,
+            check: Callable[[bytes, str], object] | None = None) -> Restored:
     """Store the signed object, what it names and its signatures; tag it as it was signed.
 
     Call with the layer FileSets' trees in the store (the import just wrote them) and the
-    store's shared lock held (gc must not sweep them before the tag is set).
+    store's shared lock held (gc must not sweep them before the tag is set). *check(digest,
+    name)* runs once the objects and signatures are stored and before the tag is set (the
+    trust policy's decision, as for pull: raising leaves the object untagged).
     """
     first = chosen[0]
     data = first.objects[first.subject]
@@ -354,15 +358,13 @@ def restore(store: Store, chosen: list[CarriedSignature], *, tag: bool = True) -
         needed = _closure(first)
         for digest in needed:
             writer.add_object(first.objects[digest])
-        signatures = []
-        for item in chosen:
-            digest = writer.add_object(item.signature_bytes)
-            signatures.append(digest)
-        tags = [(named.name, named.version, type_code, first.subject)] if tag else []
-        writer.commit(tags, attach=[(first.subject, d) for d in dict.fromkeys(signatures)])
-    for digest in signatures:
-        assert store.object_type(digest) in (T_SIGNATURE, None)
-    return Restored(first.subject, type_code, named.name, named.version, list(dict.fromkeys(signatures)))
+        signatures = list(dict.fromkeys(writer.add_object(item.signature_bytes) for item in chosen))
+        writer.commit(attach=[(first.subject, d) for d in signatures])  # filed before the decision reads them
+    if check is not None:
+        check(first.subject, named.name)
+    with store.writer() as writer:
+        writer.commit([(named.name, named.version, type_code, first.subject)])
+    return Restored(first.subject, type_code, named.name, named.version, signatures)
 
 
 def _closure(carried: CarriedSignature) -> list[bytes]:
