@@ -147,6 +147,39 @@ def test_explicit_other_name_imports_unsigned(signed: dict[str, Any], tmp_path: 
     assert "its signatures are for example.org/bb@1" in stderr
 
 
+def test_native_image_and_fileset_are_restored(signed: dict[str, Any], tmp_path: Path) -> None:
+    """A cnpsfs image and a FileSet made here (not from OCI), with hard links, a symlink, a
+    FIFO, setuid and sub-second mtimes, exported into one layout and imported back: both
+    signed objects come back with their digests, each finding only its own artifact."""
+    import os
+
+    src = tmp_path / "src"
+    (src / "a/b").mkdir(parents=True)
+    (src / "a/f").write_text("hello\n")
+    os.link(src / "a/f", src / "a/g")
+    os.symlink("f", src / "a/s")
+    os.mkfifo(src / "p")
+    os.chmod(src / "a/f", 0o4755)
+    for path in (src / "a/f", src / "a/b", src):
+        os.utime(path, ns=(1_577_934_245_123_456_789, 1_577_934_245_123_456_789))
+    cli = signed["cli"]
+    files = cli.ok("import", "dir", src, "--name", "example.org/files", "--version", "1").last_line
+    (tmp_path / "app.toml").write_text('name = "example.org/app"\nversion = "2"\n[[layers]]\n'
+                                       'fileset = "example.org/files@1"\n[config]\ncmd = ["/a/s"]\n')
+    app = cli.ok("image", "create", tmp_path / "app.toml").last_line
+    for ref in ("example.org/files@1", "example.org/app@2"):
+        cli.ok("sign", ref, "--key", signed["top"] / "a.key")
+    layout = tmp_path / "out"
+    export(cli, "example.org/app@2", f"oci:{layout}:app")
+    export(cli, "example.org/files@1", f"oci:{layout}:files")
+    store = tmp_path / "store"
+    for tag, digest in (("app", app), ("files", files)):
+        out, stderr = import_oci(store, f"oci:{layout}:{tag}")
+        assert out["digest"] == digest and len(out["signatures"]) == 1, stderr
+        assert "WARNING" not in stderr, stderr
+        assert decide(store, signed["trusted"], digest) == "accepted"
+
+
 # --------------------------------------------------------------------------- tampering
 
 
@@ -198,7 +231,7 @@ def _wrong_subject(blob: bytes, manifest: dict[str, Any]) -> bytes:
     ("flipped-signature", None, "bad signature by SHA256:"),
     ("edited-image", "does not carry blake3:", "unsigned"),
     ("malformed", "the blob is not JSON", "unsigned"),
-    ("wrong-subject", "refers to sha256:0000", "unsigned"),
+    ("wrong-subject", "", "unsigned"),  # an artifact of another image of the layout: not this one's
     ("other-image", "is not what the image's layers hold", "unsigned"),
 ])
 def test_tampered_signature_is_refused(signed: dict[str, Any], case: str, warning: str | None, reason: str,
@@ -224,7 +257,10 @@ def test_tampered_signature_is_refused(signed: dict[str, Any], case: str, warnin
     else:
         assert imported["digest"] != signed["digest"] and imported["signatures"] == []
         lines = [line for line in stderr.splitlines() if "WARNING" in line and "signature artifact" in line]
-        assert lines and warning in lines[0] and "ignored" in lines[0], stderr
+        if warning:
+            assert lines and warning in lines[0] and "ignored" in lines[0], stderr
+        else:
+            assert not lines, stderr
     assert reason in decide(store, signed["trusted"], imported["digest"])
     if warning is None:
         # Imported under the policy: the restored image is judged before it is tagged, as pull does.

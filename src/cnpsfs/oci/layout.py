@@ -260,9 +260,25 @@ class LayoutSource:
         return self.files.open(blob_path(desc.digest))
 
     def referrers(self, digest: str) -> list[dict[str, Any]]:
-        """The index entries that are artifacts (the caller reads each and checks its subject)."""
-        return [{"digest": m.get("digest"), "size": m.get("size"), "artifactType": m.get("artifactType")}
-                for m in self._raw if "artifactType" in m]
+        """The index entries that are artifacts referring to *digest*.
+
+        A layout lists the artifacts of all its images: those whose manifest names another
+        subject are left out here (they are not suspect); one that cannot be read is
+        listed, so the caller (who reads and checks each again) reports it.
+        """
+        out = []
+        for m in self._raw:
+            if "artifactType" not in m:
+                continue
+            try:
+                desc = parse_descriptor(m, f"{self.reference}: index.json")
+                subject = json.loads(read_blob(self, desc, f"{self.reference}: artifact")).get("subject")
+                if isinstance(subject, dict) and subject.get("digest") != digest:
+                    continue
+            except (CnpsfsError, ValueError, AttributeError):
+                pass
+            out.append({"digest": m.get("digest"), "size": m.get("size"), "artifactType": m.get("artifactType")})
+        return out
 
     def close(self) -> None:
         pass
