@@ -27,6 +27,7 @@ import pytest
 from cnpsfs_testlib import Cli
 from ociimages import busybox_image, run  # noqa: F401 (fixture)
 from servers import registry  # noqa: F401 (fixture)
+from test_oci import podman  # noqa: F401 (fixture)
 
 from cnpsfs import format as fmt
 from cnpsfs.store import LocalStore
@@ -125,6 +126,18 @@ def test_layout_lists_the_signature_and_import_restores_it(signed: dict[str, Any
     assert plain["digest"] != signed["digest"] and plain["signatures"] == []
     assert [x["fileset"] for x in plain["layers"]] == [x["fileset"] for x in restored["layers"]]
     assert "unsigned" in decide(tmp_path / "store2", signed["trusted"], plain["digest"])
+
+
+def test_tools_accept_a_layout_with_signatures(signed: dict[str, Any], tmp_path: Path,
+                                               podman: Any) -> None:  # noqa: F811
+    """The artifact entries in index.json do not disturb podman or umoci."""
+    out = export(signed["cli"], "example.org/bb@1", f"oci:{tmp_path / 'out'}:t")
+    assert len(out["signatures"]) == 1
+    proc = podman("run", "--rm", "--network", "none", f"oci:{tmp_path / 'out'}:t")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["hello from busybox", "1000"]
+    run("umoci", "unpack", "--image", f"{tmp_path / 'out'}:t", tmp_path / "bundle")
+    assert (tmp_path / "bundle/rootfs/bin/busybox").is_file()
 
 
 def test_oci_archive_carries_the_signature(signed: dict[str, Any], tmp_path: Path) -> None:
