@@ -589,11 +589,35 @@ def _decode_extents(raw: Any, limit: int) -> tuple[Extent, ...]:
     return tuple(out)
 
 
+_new_tuple = tuple.__new__
+
+
+def _fast_extents(raw: list[Any], size: int) -> tuple[Extent, ...] | None:
+    """An inline extent list that passes every check of :func:`_decode_extents` and covers
+    *size*, or None to let the field-by-field path decide (and name what is wrong)."""
+    out = []
+    total = 0
+    for item in raw:
+        if type(item) is not list or len(item) != 3:
+            return None
+        digest, offset, length = item
+        if type(offset) is not int or type(length) is not int or not 0 < length < _I64:
+            return None
+        if digest is None:
+            if offset != 0:
+                return None
+        elif type(digest) is not bytes or len(digest) != DIGEST_SIZE or offset < 0 or offset + length > CHUNK_MAX:
+            return None
+        total += length
+        out.append(_new_tuple(Extent, item))  # Extent(*item) without the Python-level __new__
+    return tuple(out) if total == size else None
+
+
 def entry_from_cbor(raw: Any, *, root: bool = False) -> Entry:
     """An entry from its decoded CBOR map, every field checked.
 
-    Hot on cold mounts: the common shapes (a directory; a file without xattrs or hard
-    links whose data is one extent) are checked and built in one go, and anything else
+    Hot on cold mounts: the common shapes (a directory; a symlink; a file without xattrs
+    or hard links, empty or with inline extents) are checked and built in one go, and anything else
     goes through :func:`_entry_fields`, which checks field by field and names what is
     wrong. Both accept exactly the same entries.
     """
@@ -611,22 +635,25 @@ def entry_from_cbor(raw: Any, *, root: bool = False) -> Entry:
     mode, uid, gid, mtime = get(2, 0), get(3, 0), get(4, 0), get(5, 0)
     if (type(mode) is int and type(uid) is int and type(gid) is int and type(mtime) is int and 0 <= mode <= 0o7777
             and 0 <= uid < _U32 and 0 <= gid < _U32 and -_I64 <= mtime < _I64 and get(6) is None):
-        if kind is Kind.DIR:
+        if kind is Kind.FILE:
+            if get(9) is None and get(13) is None:
+                size, extents, content_hash = get(7, 0), get(8), get(14)
+                if (type(extents) is list and 0 < len(extents) <= INLINE_EXTENTS_MAX and type(size) is int
+                        and 0 < size < _I64 and type(content_hash) is bytes and len(content_hash) == DIGEST_SIZE):
+                    decoded = _fast_extents(extents, size)
+                    if decoded is not None:
+                        return Entry(name, kind, mode, uid, gid, mtime, {}, size, decoded, None, b"", (0, 0), None,
+                                     None, content_hash)
+                elif extents is None and content_hash is None and size == 0:
+                    return Entry(name, kind, mode, uid, gid, mtime, {})
+        elif kind is Kind.DIR:
             tree = get(12)
             if type(tree) is bytes and len(tree) == DIGEST_SIZE:
                 return Entry(name, kind, mode, uid, gid, mtime, {}, 0, None, None, b"", (0, 0), tree)
-        elif kind is Kind.FILE and get(9) is None and get(13) is None:
-            size, extents, content_hash = get(7, 0), get(8), get(14)
-            if (type(extents) is list and len(extents) == 1 and type(size) is int and 0 < size < _I64
-                    and type(content_hash) is bytes and len(content_hash) == DIGEST_SIZE):
-                first = extents[0]
-                if type(first) is list and len(first) == 3:
-                    digest, offset, length = first
-                    if (type(digest) is bytes and len(digest) == DIGEST_SIZE and type(offset) is int
-                            and type(length) is int and length == size and offset >= 0
-                            and offset + length <= CHUNK_MAX):
-                        return Entry(name, kind, mode, uid, gid, mtime, {}, size, (Extent(digest, offset, length),),
-                                     None, b"", (0, 0), None, None, content_hash)
+        elif kind is Kind.SYMLINK and get(13) is None:
+            target = get(10)
+            if type(target) is bytes and 0 < len(target) <= PATH_MAX and b"\0" not in target:
+                return Entry(name, kind, mode, uid, gid, mtime, {}, 0, None, None, target)
     try:
         return _entry_fields(raw, name, kind)
     except FormatError as exc:

@@ -255,35 +255,49 @@ class LocalStore(DecodedReads):
 
         Raises CorruptObjectError when the bytes do not hash to *digest*: a damaged
         store must never hand out wrong bytes.
+
+        A location remembered from a block already read (its record lists every member)
+        is tried before the index: a cold directory walk then makes one index query per
+        directory block instead of one per directory object. The bytes are verified
+        either way, so a remembered location that no longer holds them (gc repacked the
+        pack away) costs only a fall back to the index, which stays the authority.
         """
+        cache_only = getattr(self._local, "cache_only", False)
+        loc = self._locations.get(digest)
+        if loc is not None:
+            try:
+                return self._read_verified(digest, loc)
+            except (CnpsfsError, FileNotFoundError):
+                self._locations.pop(digest, None)
+                if cache_only:
+                    raise
+        elif cache_only:
+            # The index stays the authority everywhere else (verify, gc); this mode
+            # serves only what a block already read says it holds, verified.
+            raise NotCached
         for attempt in (0, 1):
-            if getattr(self._local, "cache_only", False):
-                # The index stays the authority everywhere else (verify, gc); this mode
-                # serves only what a block already read says it holds, verified below.
-                loc = self._locations.get(digest)
-                if loc is None:
-                    raise NotCached
-            else:
-                loc = self.index.locate(digest)
+            loc = self.index.locate(digest)
             if loc is None:
                 raise MissingObjectError(f"{fmt.format_digest(digest)} is not in the store")
             try:
-                raw = self.block(loc)
+                return self._read_verified(digest, loc)
             except FileNotFoundError:
                 # gc may have repacked between our index lookup and open: look again once.
                 if attempt:
                     raise MissingObjectError(f"{fmt.format_digest(digest)}: its pack is gone") from None
                 self.packs.forget(loc.pack)
-                continue
-            data = raw[loc.inner : loc.inner + loc.length]
-            if len(data) != loc.length or fmt.digest_bytes(data) != digest:
-                self.blocks.drop(loc.block)
-                self._locations.pop(digest, None)
-                raise CorruptObjectError(f"{TYPE_NAMES.get(loc.type, 'object')} {fmt.format_digest(digest)}"
-                                         " is corrupt: its bytes do not match its digest"
-                                         f" (block at {self.describe(loc)})")
-            return data
         raise AssertionError("unreachable")
+
+    def _read_verified(self, digest: bytes, loc: Location) -> bytes:
+        raw = self.block(loc)
+        data = raw[loc.inner : loc.inner + loc.length]
+        if len(data) != loc.length or fmt.digest_bytes(data) != digest:
+            self.blocks.drop(loc.block)
+            self._locations.pop(digest, None)
+            raise CorruptObjectError(f"{TYPE_NAMES.get(loc.type, 'object')} {fmt.format_digest(digest)}"
+                                     " is corrupt: its bytes do not match its digest"
+                                     f" (block at {self.describe(loc)})")
+        return data
 
     def open_block(self, loc: Location) -> BlockStream:  # type: ignore[override]
         """The block at *loc*, to be decoded front to back as far as readers need (see BlockStream)."""
