@@ -38,7 +38,7 @@ from cnpsfs.image.initlayer import added_paths, find_init_layer
 from cnpsfs.image.manifest import compose, describe_layers, load_image, looks_like_file, root_digests
 from cnpsfs.image.swap import SwapPlan, prepare
 from cnpsfs.image.view import Generation
-from cnpsfs.store import Store
+from cnpsfs.store import LocalStore, Store
 
 if TYPE_CHECKING:  # loaded by whoever made the checker: a mount without a policy never imports it
     from cnpsfs.trust import Checker, Decision
@@ -119,6 +119,10 @@ class MountService:
     def run(self, generation: Generation, on_ready: Callable[[], None]) -> None:
         """Mount, serve until unmounted or signalled, then unmount (blocking)."""
         _tune_gc()
+        if isinstance(self.store, LocalStore):
+            # Objects a block already read holds need no index query (the daemon's roots
+            # keep them from gc; every read is verified).
+            self.store.serve_remembered = True
         ops = self.ops = Operations(generation, use_extensions=self.options.use_extensions,
                                     cache_bytes=self.options.cache_bytes, threads=self.options.threads)
         output = _StderrTail()

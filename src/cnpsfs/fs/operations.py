@@ -40,7 +40,7 @@ from cnpsfs.fs.fetcher import ChunkFetcher
 from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
 from cnpsfs.fs.recorder import ProfileRecorder
 from cnpsfs.image.reader import ChunkCache, past_the_end
-from cnpsfs.image.view import Generation, Node
+from cnpsfs.image.view import DIR_SIZE, Generation, Node
 from cnpsfs.store import NotCached
 
 log = logging.getLogger(__name__)
@@ -176,22 +176,39 @@ class Operations(pyfuse3.Operations):
         self.held[node.ino] = node
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        """The node's attributes, built once per node and kept on it (the image never changes).
+
+        Built field by field without the Node properties: a cold walk builds one per
+        entry, and this is most of a READDIR's own work.
+        """
         attr = node.attr
         if attr is None:
             entry = node.entry
+            kind = entry.kind
             attr = pyfuse3.EntryAttributes()
             attr.st_ino = node.ino
-            attr.generation = 0
             attr.entry_timeout = CACHE_TIMEOUT
             attr.attr_timeout = CACHE_TIMEOUT
-            attr.st_mode = entry.st_mode
-            attr.st_nlink = node.nlink
+            attr.st_mode = fmt.KIND_IFMT[kind] | entry.mode
             attr.st_uid = entry.uid
-            attr.st_gid = entry.gid
-            attr.st_rdev = os.makedev(*entry.rdev) if entry.kind in (fmt.Kind.CHARDEV, fmt.Kind.BLOCKDEV) else 0
-            attr.st_size = node.size
-            attr.st_blksize = 4096
-            attr.st_blocks = node.blocks
+            attr.st_gid = entry.gid  # st_blksize 4096, st_rdev 0 and generation 0: EntryAttributes' own
+            if kind is fmt.Kind.FILE:
+                attr.st_nlink = entry.link[1] if entry.link else 1
+                attr.st_size = size = entry.size
+                extents = entry.extents
+                if extents is not None and len(extents) == 1 and extents[0].digest is not None:
+                    attr.st_blocks = (size + 511) >> 9
+                else:
+                    attr.st_blocks = node.blocks
+            elif kind is fmt.Kind.DIR:
+                attr.st_nlink = node.nlink
+                attr.st_size = DIR_SIZE
+                attr.st_blocks = DIR_SIZE // 512
+            else:
+                attr.st_nlink = entry.link[1] if entry.link else 1
+                attr.st_size = node.size
+                if kind is fmt.Kind.CHARDEV or kind is fmt.Kind.BLOCKDEV:
+                    attr.st_rdev = os.makedev(*entry.rdev)
             attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
             node.attr = attr
         return attr
@@ -361,10 +378,12 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.entry.target
 
-    @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        # Every exec asks for security.capability, so this runs without the boundary's
+        # extra coroutine: nothing here can raise but FUSEError (node() raises ENOENT).
         self.requests["getxattr"] += 1
-        value = self.node(inode).entry.xattrs.get(name)
+        node = self.generation.nodes.get(inode) or self.node(inode)
+        value = node.entry.xattrs.get(name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
@@ -410,27 +429,42 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: Any, inode: int = 0) -> None:
         self.requests["readdir"] += 1
-        node = await self._children_loaded(self.node(fh or inode), listing=True)
-        assert node.listing is not None
+        node = self.node(fh or inode)
+        if not node.listed or self._swap_done is not None:
+            node = await self._children_loaded(node, listing=True)
+        listing = node.listing
+        assert listing is not None
         self.listed_by_kernel.add(node.ino)
         if self.recorder is not None:
             self.recorder.directory(node.path, listed=True)
-        listing = node.listing
         # Offsets: 0 and 1 are "." and "..", then listing[i] is offset i + 2; stable
-        # because a generation's listing never changes.
+        # because a generation's listing never changes. The kernel asks once more past
+        # the end before it caches a listing (docs/performance.md): that request ends here.
+        end = len(listing) + 2
+        if start_id >= end:
+            return
+        reply = self.kernel.readdir_reply
         if start_id == 0:
-            if not self.kernel.readdir_reply(token, b".", self.attributes(node), 1):
+            if not reply(token, b".", node.attr or self.attributes(node), 1):
                 return
             start_id = 1
         if start_id == 1:
-            if not self.kernel.readdir_reply(token, b"..", self.attributes(self.node(node.parent)), 2):
+            parent = self.node(node.parent)
+            if not reply(token, b"..", parent.attr or self.attributes(parent), 2):
                 return
             start_id = 2
-        for index in range(start_id - 2, len(listing)):
+        # Every entry's attributes were built once (kept on its node); what is left per
+        # entry is the reply and the lookup count the kernel takes with it.
+        lookups = self.lookups
+        held = self.held
+        attributes = self.attributes
+        for index in range(start_id - 2, end - 2):
             name, child = listing[index]
-            if not self.kernel.readdir_reply(token, name, self.attributes(child), index + 3):
+            if not reply(token, name, child.attr or attributes(child), index + 3):
                 return
-            self._count(child)
+            ino = child.ino
+            lookups[ino] += 1
+            held[ino] = child
 
     @_boundary
     async def releasedir(self, fh: int, inode: int = 0) -> None:

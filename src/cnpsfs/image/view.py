@@ -216,8 +216,9 @@ class InodeTable:
 
 def identity(entry: fmt.Entry) -> tuple[Any, ...]:
     """What must be equal for two entries to be the same inode (name and path aside)."""
+    xattrs = entry.xattrs
     return (entry.kind, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size, entry.hash,
-            entry.target, entry.rdev, tuple(sorted(entry.xattrs.items())))
+            entry.target, entry.rdev, tuple(sorted(xattrs.items())) if xattrs else ())
 
 
 def _synthetic_dir(name: bytes) -> fmt.Entry:
@@ -345,11 +346,10 @@ class Generation:
                 if entry.kind is fmt.Kind.WHITEOUT:
                     result.pop(name, None)
                     continue
-                child_path = (*path, name)
                 if entry.kind is fmt.Kind.DIR:
                     current = result.get(name)
                     sources = current[2] if current is not None and current[0].kind is fmt.Kind.DIR else []
-                    sources = [*sources, self._child_source(source, entry, child_path)]
+                    sources = [*sources, self._child_source(source, entry, (*path, name))]
                     result[name] = (entry, source.layer, sources)
                 else:
                     result[name] = (entry, source.layer, [])
@@ -400,6 +400,10 @@ class Generation:
                              ConflictingLayer(b.fileset, b.name), what)
 
     def _dir_metadata(self, sources: list[Source], name: bytes) -> fmt.Entry:
+        if len(sources) == 1 and sources[0].synthetic is None and not self._nested:
+            entry = sources[0].entry
+            if entry.name == name and not entry.link and entry.kind is fmt.Kind.DIR:
+                return entry  # what the general path would copy field by field
         entry = self._pick_metadata(self.mode, self._items(sources, 0))
         if entry is None:
             return _synthetic_dir(name)

@@ -127,6 +127,8 @@ class LocalStore(DecodedReads):
         # Where the members of blocks read through block() live, from their record
         # headers: a directory's neighbours then need no index lookup.
         self._locations: dict[bytes, Location] = {}
+        #: Let :meth:`get` use those locations before asking the index (see there).
+        self.serve_remembered = False
         if layout != STORE_LAYOUT and self.read_only is None:
             self._migrate(marker)  # a read-only layout 1 store is read as it is (headers found by search)
 
@@ -256,14 +258,16 @@ class LocalStore(DecodedReads):
         Raises CorruptObjectError when the bytes do not hash to *digest*: a damaged
         store must never hand out wrong bytes.
 
-        A location remembered from a block already read (its record lists every member)
-        is tried before the index: a cold directory walk then makes one index query per
-        directory block instead of one per directory object. The bytes are verified
-        either way, so a remembered location that no longer holds them (gc repacked the
-        pack away) costs only a fall back to the index, which stays the authority.
+        With :attr:`serve_remembered` (a mount's daemon sets it), a location remembered
+        from a block already read (its record lists every member) is tried before the
+        index: a cold directory walk then queries the index once per directory block
+        instead of once per directory object, and reads none of its pages from disk for
+        the others. The bytes are verified either way, and a remembered location that no
+        longer holds them (gc repacked the pack away) falls back to the index. Off by
+        default, so verify, gc and repair see exactly what the index says.
         """
         cache_only = getattr(self._local, "cache_only", False)
-        loc = self._locations.get(digest)
+        loc = self._locations.get(digest) if cache_only or self.serve_remembered else None
         if loc is not None:
             try:
                 return self._read_verified(digest, loc)
