@@ -1,0 +1,246 @@
+"""The cold path without a profile (issue 14): what makes a first walk cheap, held to account.
+
+In-process (no FUSE): the fast decoder of directory entries accepts and refuses exactly
+what the field-by-field one does; a READDIR of a listed directory answers from memory,
+the whole listing in one reply and the request past its end with nothing and no work;
+the attributes built for the kernel are those the entry describes; a mount daemon's
+store serves an object from a block it has read without the index, while every other
+store asks the index. On a real mount: a cold listing is two READDIRs, whatever the
+directory holds, and the attributes it returns are the source tree's.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mountutil import cnpsfs, mount_image, require_fuse
+from test_ops_inprocess import (
+    FakeKernel,
+    Listing,
+    drop_rows,
+    lookup_path,
+    operations,
+    run,
+)
+from test_ops_inprocess import World as World
+from test_ops_inprocess import world as world  # the fixture
+
+from cnpsfs import format as fmt
+from cnpsfs.errors import FormatError, MissingObjectError
+from cnpsfs.format.objects import _entry_fields
+from cnpsfs.fs.operations import Operations
+from cnpsfs.image.manifest import compose
+from cnpsfs.store import LocalStore
+
+# --------------------------------------------------------------------------- decoding
+
+DIGEST = bytes(range(32))
+#: Values of every type and at every edge the checks draw a line at.
+_VALUES = st.sampled_from([
+    None, 0, 1, 2, -1, 0o644, 0o7777, 0o10000, (1 << 32) - 1, 1 << 32, (1 << 63) - 1, 1 << 63, -(1 << 63),
+    True, False, b"", b"x", b"a\0b", DIGEST, DIGEST[:31], "text", [], {}, {b"user.a": b"v"}, {"k": b"v"},
+    [DIGEST, 0, 10], [[DIGEST, 0, 10]], [[None, 0, 10]], [[None, 1, 10]], [[DIGEST, -1, 10]],
+    [[DIGEST, 0, 0]], [[DIGEST, 0, 5], [None, 0, 5]], [[DIGEST, fmt.CHUNK_MAX - 5, 10]], [[DIGEST, 0]],
+    [[b"short", 0, 10]], [b"/abs/path", 2], [b"first", 1], [1, 2], b"target",
+])
+_KINDS = st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 0, 9, True, None])
+_NAMES = st.sampled_from([b"name", b"", b".", b"..", b"a/b", b"a\0b", b"x" * 255, b"x" * 256, "text", None])
+
+
+@st.composite
+def raw_entries(draw: st.DrawFn) -> dict[int, Any]:
+    """Directory entry maps: mostly a common shape, with some fields replaced or dropped."""
+    kind = draw(_KINDS) if draw(st.integers(0, 4)) == 0 else draw(st.sampled_from([1, 1, 1, 2, 3]))
+    name = draw(_NAMES) if draw(st.integers(0, 4)) == 0 else b"name"
+    raw: dict[int, Any] = {0: name, 1: kind, 2: 0o755, 5: 1_700_000_000_000_000_000}
+    if kind == 1:
+        raw |= {7: 10, 8: [[DIGEST, 0, 10]], 14: DIGEST}
+    elif kind == 2:
+        raw[12] = DIGEST
+    elif kind == 3:
+        raw[10] = b"target"
+    for key in draw(st.lists(st.integers(2, 15), max_size=3)):
+        if draw(st.booleans()):
+            raw.pop(key, None)
+        else:
+            raw[key] = draw(_VALUES)
+    return raw
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(raw_entries())
+def test_the_fast_entry_decoder_agrees_with_the_field_by_field_one(raw: dict[int, Any]) -> None:
+    """What entry_from_cbor builds in one go, _entry_fields builds (or refuses) the same."""
+    try:
+        fast: fmt.Entry | None = fmt.entry_from_cbor(raw)
+    except FormatError:
+        fast = None
+    name, kind = raw.get(0), raw.get(1)
+    try:
+        if type(name) is not bytes or type(kind) is not int or kind not in {k.value for k in fmt.Kind}:
+            raise FormatError("name or kind")
+        fmt.check_name(name)
+        if b"/" in name or b"\0" in name:
+            raise FormatError("name")
+        slow: fmt.Entry | None = _entry_fields(raw, name, fmt.Kind(kind))
+    except FormatError:
+        slow = None
+    assert fast == slow, raw
+
+
+def test_a_directory_of_every_common_shape_decodes_as_encoded() -> None:
+    entries = [
+        fmt.Entry(b"a-dir", fmt.Kind.DIR, 0o755, 1, 2, 3, tree=DIGEST),
+        fmt.Entry(b"b-empty", fmt.Kind.FILE, 0o600, mtime_ns=-5),
+        fmt.Entry(b"c-one", fmt.Kind.FILE, size=10, extents=(fmt.Extent(DIGEST, 7, 10),), hash=DIGEST),
+        fmt.Entry(b"d-many", fmt.Kind.FILE, size=30, hash=DIGEST,
+                  extents=(fmt.Extent(DIGEST, 0, 10), fmt.Extent(None, 0, 10), fmt.Extent(DIGEST, 10, 10))),
+        fmt.Entry(b"e-link", fmt.Kind.SYMLINK, 0o777, target=b"../somewhere"),
+        fmt.Entry(b"f-xattr", fmt.Kind.FILE, xattrs={b"user.k": b"v"}),
+        fmt.Entry(b"g-hard", fmt.Kind.FILE, size=10, extents=(fmt.Extent(DIGEST, 0, 10),), hash=DIGEST,
+                  link=(b"g-hard", 2)),
+    ]
+    decoded = fmt.decode_directory(fmt.encode_directory(fmt.Directory(entries)))
+    assert decoded.entries == entries
+    assert all(type(e) is fmt.Extent for entry in decoded.entries for e in entry.extents or ())
+
+
+# --------------------------------------------------------------------------- READDIR and attributes
+
+
+def test_one_readdir_reply_holds_a_listing_and_the_request_past_its_end_does_nothing(world: World) -> None:
+    generation = compose(world.store, world.v1)
+
+    async def check(ops: Operations) -> None:
+        doc = await lookup_path(ops, "usr/share/doc")
+        first = Listing()
+        await ops.readdir(doc.st_ino, 0, first)
+        names = [name for name, _ino, _off in first.entries]
+        assert names == [b".", b"..", *sorted(f"pkg{i}".encode() for i in range(30))]
+        # The kernel's next request starts past the last offset: it must cost no composing,
+        # no worker and no store read, and reply nothing (that empty reply is its EOF).
+        def forbidden(*_args: Any, **_kwargs: Any) -> Any:
+            raise AssertionError("the request past the end did work")
+
+        ops.generation.listing = forbidden  # type: ignore[method-assign]
+        ops._worker = forbidden  # type: ignore[method-assign]
+        store_get, world.store.get = world.store.get, forbidden  # type: ignore[method-assign]
+        try:
+            end = Listing()
+            await ops.readdir(doc.st_ino, first.entries[-1][2], end)
+            again = Listing()
+            await ops.readdir(doc.st_ino, 0, again)  # a listing read again comes from memory too
+        finally:
+            world.store.get = store_get  # type: ignore[method-assign]
+        assert end.entries == []
+        assert again.entries == first.entries
+        assert ops.requests["readdir"] == 3
+
+    run(operations(generation, FakeKernel()), check)
+
+
+def test_attributes_are_what_the_entries_say(world: World) -> None:
+    """Built without the Node properties: the same numbers as a stat of the source."""
+    generation = compose(world.store, world.v1)
+    generation.check()
+
+    async def check(ops: Operations) -> None:
+        for path, node in generation.walk():
+            rel = b"/".join(path).decode()
+            if rel == "":
+                continue
+            st_src = os.lstat(world.src / rel)
+            attr = ops.attributes(node)
+            assert attr.st_ino == node.ino and attr.generation == 0
+            assert (attr.st_mode, attr.st_uid, attr.st_gid) == (st_src.st_mode, st_src.st_uid, st_src.st_gid), rel
+            assert attr.st_mtime_ns == attr.st_ctime_ns == attr.st_atime_ns == st_src.st_mtime_ns, rel
+            assert attr.st_blksize == 4096 and attr.st_rdev == 0
+            if stat.S_ISDIR(st_src.st_mode):
+                subdirs = sum(1 for child in node.children.values() if child.is_dir)
+                assert (attr.st_size, attr.st_blocks, attr.st_nlink) == (4096, 8, 2 + subdirs), rel
+            else:
+                assert (attr.st_size, attr.st_nlink) == (st_src.st_size, st_src.st_nlink), rel
+                assert attr.st_blocks == node.blocks, rel
+        sparse = generation.resolve("/usr/share/sparse")
+        assert ops.attributes(sparse).st_blocks < (3 << 20) // 512  # holes cost no blocks
+
+    run(operations(generation), check)
+
+
+# --------------------------------------------------------------------------- index queries
+
+
+def test_only_a_mount_serves_objects_from_blocks_it_has_read_without_the_index(world: World) -> None:
+    """A daemon's store skips the index for neighbours of what it read; verify, gc and
+    every other store ask the index, which stays the authority."""
+    generation = compose(world.store, world.v1)
+    node = generation.resolve("/usr/share/doc/pkg3")
+    tree = node.entry.tree
+    assert tree is not None
+    other = compose(world.store, world.v1).resolve("/usr/share/doc/pkg4").entry.tree  # same block, read
+    assert other is not None
+    want = world.store.get(tree)
+    drop_rows(world.store, [tree])
+    with pytest.raises(MissingObjectError):
+        world.store.get(tree)  # the default: the index says it is gone
+    world.store.serve_remembered = True
+    try:
+        assert world.store.get(tree) == want  # the block's record says where it is; verified
+    finally:
+        world.store.serve_remembered = False
+    fresh = LocalStore(world.store.path)
+    fresh.serve_remembered = True
+    try:
+        with pytest.raises(MissingObjectError):
+            fresh.get(tree)  # nothing read yet: the index is asked, and has no row
+    finally:
+        fresh.close()
+
+
+# --------------------------------------------------------------------------- a real mount
+
+
+@pytest.fixture
+def wide(tmp_path: Path) -> tuple[Path, str, Path]:
+    require_fuse()
+    src = tmp_path / "src"
+    for d in range(4):
+        for f in range(100 if d == 0 else 3):
+            path = src / f"d{d}" / f"a-rather-long-file-name-to-fill-the-reply-{f:04d}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(f"{d} {f}\n".encode())
+    store = tmp_path / "store"
+    ref = cnpsfs("import", "dir", src, "--name", "example.org/wide", "--version", "1", store=store).stdout
+    return store, ref.strip().splitlines()[-1], src
+
+
+def test_a_cold_listing_is_two_readdirs_however_wide(wide: tuple[Path, str, Path], tmp_path: Path) -> None:
+    store, ref, src = wide
+    with mount_image(store, ref, tmp_path / "mnt") as mount:
+        cached = mount.status()["fuse_mode"].startswith("kernel-cache")
+        for d in range(4):
+            before = mount.requests()
+            names = sorted(os.listdir(mount / f"d{d}"))
+            after = mount.requests()
+            delta = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+            assert names == sorted(os.listdir(src / f"d{d}"))
+            # One reply with every entry (d0: 100 entries of 200 bytes, more than a page: the
+            # kernel asks for as much as getdents has room for, 32 KiB from glibc), one empty
+            # reply that tells the kernel the listing ends; besides, the lookup of the
+            # directory and (once per mount) the opendir that tells the kernel to open
+            # directories itself.
+            assert delta.pop("readdir", 0) == 2, (d, delta)
+            assert delta.pop("lookup", 0) == 1, (d, delta)
+            if cached:
+                assert delta.pop("opendir", 0) <= (1 if d == 0 else 0)
+                assert delta == {}, (d, delta)
+        st_mnt = os.lstat(mount / "d0/a-rather-long-file-name-to-fill-the-reply-0042")
+        st_src = os.lstat(src / "d0/a-rather-long-file-name-to-fill-the-reply-0042")
+        assert (st_mnt.st_size, st_mnt.st_mode, st_mnt.st_mtime_ns) == (st_src.st_size, st_src.st_mode,
+                                                                          st_src.st_mtime_ns)
