@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from cnpsfs_testlib import Cli
 from ociimages import busybox_image, run  # noqa: F401 (fixture)
-from servers import registry  # noqa: F401 (fixture)
+from servers import fault_proxy, registry  # noqa: F401 (fixture)
 from test_oci import podman  # noqa: F401 (fixture)
 
 from cnpsfs import format as fmt
@@ -90,6 +90,7 @@ def check_restored(signed: dict[str, Any], store: Path, out: dict[str, Any]) -> 
     assert "unknown key" in decide(store, signed["untrusted"], out["digest"])
     shown = json.loads(Cli(store).ok("inspect", "example.org/bb@1", "--json").stdout)
     assert [s["digest"] for s in shown["signatures"]] == [signed["signature"]]
+    Cli(store).ok("verify")  # every object the restored image names is there
 
 
 # --------------------------------------------------------------------------- OCI layouts
@@ -442,3 +443,21 @@ def test_untagged_layout_with_a_signature_still_imports(signed: dict[str, Any], 
     assert len(out["signatures"]) == 1
     restored, _ = import_oci(tmp_path / "store", f"oci:{tmp_path / 'out'}")
     check_restored(signed, tmp_path / "store", restored)
+
+
+def test_failing_referrers_listing_is_a_one_line_error(signed: dict[str, Any], registry: Any,  # noqa: F811
+                                                       fault_proxy: Any, tmp_path: Path) -> None:  # noqa: F811
+    """A registry that fails the referrers request (and its fallback) says so; the image
+    is not imported half-signed. --remove-signatures does without them."""
+    export(signed["cli"], "example.org/bb@1", f"docker://{registry.host}/sigfault/bb:1")
+    proxy = fault_proxy(registry.url)
+    proxy.add("status", status=500, path="/referrers/", times=None)
+    cli = Cli(tmp_path / "store")
+    source = f"docker://{proxy.host}/sigfault/bb:1"
+    result = cli("import", "oci", source, "--retry-times", "0", "--timeout", "5")
+    lines = result.stderr.strip().splitlines()
+    assert result.rc == 1 and len(lines) == 1, result
+    assert proxy.host in lines[0] and "referrers" in lines[0] and "500" in lines[0], lines[0]
+    assert "example.org/bb" not in cli("tag", "list").stdout
+    out, _ = import_oci(tmp_path / "store", source, "--remove-signatures", "--retry-times", "0")
+    assert out["signatures"] == [] and out["digest"] != signed["digest"]
