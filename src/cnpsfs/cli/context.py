@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -26,7 +27,7 @@ import click
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, UsageError
-from cnpsfs.store import T_FILESET, TYPE_NAMES, LocalStore, Store, check_tag_name, check_tag_version
+from cnpsfs.store import T_FILESET, TYPE_NAMES, HostedStore, LocalStore, Store, check_tag_name, check_tag_version
 
 if TYPE_CHECKING:  # importing these layers costs start-up time
     from cnpsfs.fs.mounting import Mounted
@@ -45,13 +46,13 @@ class App:
 
     store_path: Path
     debug: bool
-    _store: Store | None = None
+    _store: HostedStore | None = None
     policy_arg: str | None = None  # --policy FILE
     remotes: tuple[str, ...] = ()
     remote_timeout: float | None = None
     cache_size: int | None = None
 
-    def store(self, *, create: bool = False) -> Store:
+    def store(self, *, create: bool = False) -> HostedStore:
         if self._store is None:
             local = LocalStore(self.store_path, create=create or bool(self.remotes))
             if self.remotes:
@@ -62,6 +63,13 @@ class App:
             else:
                 self._store = local
         return self._store
+
+    def local_store(self) -> LocalStore:
+        """The store on this host itself (a cached store's local part): what df and verify inspect."""
+        store = self.store()
+        local = getattr(store, "local", store)
+        assert isinstance(local, LocalStore)
+        return local
 
     def close(self) -> None:
         if self._store is not None:
@@ -128,12 +136,13 @@ def remote_options(func: Any) -> Any:
 class CnpsfsGroup(click.Group):
     """Translates domain errors into one-line messages and exit codes."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,  # type: ignore[override]
+             complete_var: str | None = None, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Click's standalone mode, except that a usage error is one line, like every other error."""
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **kwargs)
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **kwargs)
         except click.UsageError as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `cnpsfs` or `cnpsfs import`: the help
                 click.echo(exc.format_message())

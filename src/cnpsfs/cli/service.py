@@ -76,7 +76,7 @@ def service_run(ctx: click.Context, name: str) -> None:
     """
     from cnpsfs.fs.mounting import serve_image
     from cnpsfs.fs.unit import load_config, missing_capabilities
-    from cnpsfs.store import LocalStore, Store
+    from cnpsfs.store import HostedStore, LocalStore
 
     config = load_config(name, _config_dir(ctx))
     missing = missing_capabilities(config)
@@ -99,7 +99,7 @@ def service_run(ctx: click.Context, name: str) -> None:
         from cnpsfs.store.cached import open_cached, parse_size
 
         local = LocalStore(Path(config.store) if config.store else app.store_path, create=True)
-        store: Store = open_cached(local, remotes, timeout=config.remote_timeout or app.remote_timeout,
+        store: HostedStore = open_cached(local, remotes, timeout=config.remote_timeout or app.remote_timeout,
                                    cache_size=parse_size(config.cache_size) if config.cache_size else app.cache_size)
     else:
         store = LocalStore(Path(config.store)) if config.store else app.store()

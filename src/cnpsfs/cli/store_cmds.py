@@ -45,7 +45,7 @@ def verify_cmd(app: App, refs: tuple[str, ...], provenance: bool, refetch: bool,
         return
     if refetch or keyrings or cache_dir:
         raise UsageError("--refetch, --cache and --keyring go with --provenance")
-    store = app.store()
+    store = app.local_store()
     roots = [store.resolve(r) for r in refs] if refs else None
     with byte_progress("verifying", None) as advance:
         report = verify(store, roots, on_progress=advance)
@@ -103,9 +103,9 @@ def df_cmd(app: App, as_json: bool) -> None:
     from cnpsfs.image.usage import usage
     from cnpsfs.store.cached import cache_summary
 
-    store = app.store()
+    store = app.local_store()
     u = usage(store)
-    cache = cache_summary(getattr(store, "local", store))
+    cache = cache_summary(store)
     data = {"filesets": u.filesets, "images": u.images, "logical_bytes": u.logical_bytes,
             "stored_bytes": u.stored_bytes, "dedup_ratio": round(u.dedup_ratio, 3), "chunks": u.chunks,
             "objects": u.objects, "packs": u.packs,

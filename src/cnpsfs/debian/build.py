@@ -40,7 +40,7 @@ from cnpsfs.debian.dpkgdb import InstalledPackage, import_database
 from cnpsfs.errors import CnpsfsError, ConflictError, FormatError, NotFoundError, UsageError
 from cnpsfs.image.manifest import compose, parse_config, store_image
 from cnpsfs.ingest.tree import ImportOptions
-from cnpsfs.store import T_FILESET, Store, check_tag_name, check_tag_version
+from cnpsfs.store import T_FILESET, HostedStore, Store, check_tag_name, check_tag_version
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def _run(args: list[str], what: str, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-def _configure(store: Store, recipe: Recipe, base: fmt.Image, pkgs: list[InstalledPackage], sde: int,
+def _configure(store: HostedStore, recipe: Recipe, base: fmt.Image, pkgs: list[InstalledPackage], sde: int,
                workdir: Path) -> tuple[bytes, int]:
     """Mount *base* writable, run preinst + dpkg --configure in a chroot, commit the upper dir."""
     from cnpsfs.ingest.upper import commit_upper
@@ -349,7 +349,7 @@ def _extra_layer(store: Store, recipe: Recipe, number: int, spec: dict[str, str]
     return fmt.Layer(result.digest, spec["at"], False, True, spec["label"])
 
 
-def build(store: Store, recipe: Recipe, *, cache: Path = apt.DEFAULT_CACHE, refresh: bool = False,
+def build(store: HostedStore, recipe: Recipe, *, cache: Path = apt.DEFAULT_CACHE, refresh: bool = False,
           on_step: Callable[[str], None] | None = None) -> BuildResult:
     step = on_step or (lambda message: log.info("%s", message))
     timings: dict[str, float] = {}
@@ -387,7 +387,7 @@ def build(store: Store, recipe: Recipe, *, cache: Path = apt.DEFAULT_CACHE, refr
         extra_union.append(fmt.Layer(links, "/", False, False, "merged /usr symlinks"))
     layers = extra_union + _package_layers(store, recipe, pkgs, views)
     db = import_database(store, pkgs, arch, source_date_epoch=sde, name=f"{recipe.name}/dpkg-database",
-                         version=recipe.version, scratch=str(store.tmp_dir) if store.tmp_dir.is_dir() else None)
+                         version=recipe.version, scratch=str(store.scratch_dir()))
     layers.append(fmt.Layer(db.digest, "/", False, True, "dpkg database"))
     timings["compose"] = time.monotonic() - t
     configured = any(p.package == "dpkg" for p in pkgs)

@@ -6,12 +6,14 @@ not beside the code that feeds the chunker (``cnpsfs.ingest.content``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pyfastcdc
 
 CDC_AVG = 64 * 1024
 CDC_MIN = 16 * 1024
 CDC_MAX = 256 * 1024
-CDC_NORMALIZATION = 1
+CDC_NORMALIZATION: Literal[1] = 1
 #: Files of at least this size are cut alone from their first byte; smaller ones are
 #: concatenated in canonical path order into one stream per FileSet.
 LARGE_FILE = 256 * 1024

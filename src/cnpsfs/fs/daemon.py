@@ -372,7 +372,7 @@ def _report(fd: int, message: str) -> None:
 def _read_all(fd: int, timeout: float) -> bytes:
     import select
 
-    chunks = []
+    chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()

@@ -148,8 +148,9 @@ class ChunkFetcher:
         relocate = False
         try:
             self.hops += 1
-            members, stream = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=limiter)
-            added[0] += self._settle(key, loc, wanted, stream, members)
+            members, opened = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=limiter)
+            stream = opened
+            added[0] += self._settle(key, loc, wanted, opened, members)
         except MissingObjectError as exc:
             # The block went away since we learnt where it is (a cache pack was evicted):
             # forget the location and look the chunks up afresh, once.

@@ -38,7 +38,7 @@ from cnpsfs.image.initlayer import added_paths, find_init_layer
 from cnpsfs.image.manifest import compose, describe_layers, load_image, looks_like_file, root_digests
 from cnpsfs.image.swap import SwapPlan, prepare
 from cnpsfs.image.view import Generation
-from cnpsfs.store import LocalStore, Store
+from cnpsfs.store import HostedStore, LocalStore
 
 if TYPE_CHECKING:  # loaded by whoever made the checker: a mount without a policy never imports it
     from cnpsfs.trust import Checker, Decision
@@ -64,7 +64,7 @@ class HistoryItem:
 
 @dataclass
 class MountService:
-    store: Store
+    store: HostedStore
     image: fmt.Image
     image_digest: bytes | None
     mountpoint: str
@@ -138,9 +138,10 @@ class MountService:
         except BaseExceptionGroup as group:
             # A failure in the nursery (e.g. the overlay of a writable mount refused in
             # on_ready) arrives wrapped: our own error is the one line the user should see.
-            ours = group.subgroup(CnpsfsError)
-            if ours is None:
+            sub = group.subgroup(CnpsfsError)
+            if sub is None:
                 raise
+            ours: BaseException = sub
             while isinstance(ours, BaseExceptionGroup):
                 ours = ours.exceptions[0]
             raise ours from None
@@ -152,10 +153,10 @@ class MountService:
             # does nothing. But after a lazy detach (a busy `service stop`) the path no
             # longer holds our mount, and libfuse's umount2(path) would fail, or detach
             # whatever was mounted there since: closing the device ends our session anyway.
-            ours = self.device is None or mounted_device(self.mountpoint, self.device)
-            if not ours:
+            attached = self.device is None or mounted_device(self.mountpoint, self.device)
+            if not attached:
                 log.debug("%s was detached while in use: not unmounting", self.mountpoint)
-            pyfuse3.close(unmount=ours)
+            pyfuse3.close(unmount=attached)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.control_path)
 

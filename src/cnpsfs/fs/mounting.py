@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from cnpsfs import format as fmt
 from cnpsfs.fs.daemon import MountRecord
 from cnpsfs.fs.options import MountOptions
-from cnpsfs.store import Store
+from cnpsfs.store import HostedStore, Store
 
 if TYPE_CHECKING:  # loaded by whoever made the checker: a mount without a policy never imports it
     from cnpsfs.trust import Checker
@@ -39,7 +39,7 @@ class Mounted:
     record: MountRecord
 
 
-def mount_image(store: Store, ref: str, mountpoint: str, options: MountOptions | None = None, *,
+def mount_image(store: HostedStore, ref: str, mountpoint: str, options: MountOptions | None = None, *,
                 trust: Checker | None = None, allow_downgrade: bool = False) -> Mounted:
     """Mount image *ref* (a reference or a manifest file) at *mountpoint* in a daemon.
 
@@ -76,7 +76,7 @@ def mount_image(store: Store, ref: str, mountpoint: str, options: MountOptions |
     return Mounted(mount.label, mount.record)
 
 
-def serve_image(store: Store, ref: str, mountpoint: str, options: MountOptions | None = None,
+def serve_image(store: HostedStore, ref: str, mountpoint: str, options: MountOptions | None = None,
                 on_ready: Callable[[], None] | None = None, *, trust: Checker | None = None,
                 allow_downgrade: bool = False) -> None:
     """Mount image *ref* at *mountpoint* and serve it in this process until it is unmounted.
@@ -95,7 +95,7 @@ def serve_image(store: Store, ref: str, mountpoint: str, options: MountOptions |
 class _Mount:
     """One mount, checked and composed, not yet served."""
 
-    def __init__(self, store: Store, ref: str, mountpoint: str, options: MountOptions, trust: Checker | None,
+    def __init__(self, store: HostedStore, ref: str, mountpoint: str, options: MountOptions, trust: Checker | None,
                  allow_downgrade: bool) -> None:
         from cnpsfs.fs.daemon import lock_mountpoint
 
@@ -107,7 +107,7 @@ class _Mount:
             os.close(self.lock)
             raise
 
-    def _prepare(self, store: Store, ref: str, mountpoint: str, options: MountOptions, trust: Checker | None,
+    def _prepare(self, store: HostedStore, ref: str, mountpoint: str, options: MountOptions, trust: Checker | None,
                  allow_downgrade: bool) -> None:
         from cnpsfs.fs.control import control_path_for
         from cnpsfs.fs.daemon import check_mountpoint, mount_key, runtime_dir

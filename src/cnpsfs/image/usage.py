@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError
 from cnpsfs.image.walk import walk
-from cnpsfs.store import T_FILESET, T_IMAGE, Store
+from cnpsfs.store import T_FILESET, T_IMAGE, LocalStore, Store
 
 
 @dataclass(slots=True)
@@ -30,7 +30,7 @@ class Usage:
         return self.logical_bytes / self.stored_bytes if self.stored_bytes else 0.0
 
 
-def usage(store: Store) -> Usage:
+def usage(store: LocalStore) -> Usage:
     """Logical bytes: file data of every tagged FileSet (each counted once)."""
     filesets = {t.digest for t in store.tags(T_FILESET)}
     images = {t.digest for t in store.tags(T_IMAGE)}

@@ -19,7 +19,7 @@ import tempfile
 import urllib.parse
 import zlib
 from collections.abc import Callable, Iterator
-from typing import IO, Any, cast
+from typing import IO, Any, Literal, cast
 
 import zstandard
 
@@ -63,7 +63,7 @@ def open_tar_stream(raw: IO[bytes], label: str) -> tuple[tarfile.TarFile, list[I
     head = buffered.peek(6)[:6]  # type: ignore[attr-defined]
     extra: list[IO[bytes]] = []
     stream: IO[bytes] = buffered
-    mode = "r|"
+    mode: Literal["r|", "r|xz", "r|bz2"] = "r|"
     if head.startswith(b"\x1f\x8b"):
         # Not tarfile's "r|gz": it never checks the gzip CRC, so flipped bits import silently.
         stream = cast(IO[bytes], gzip.GzipFile(fileobj=buffered, mode="rb"))
@@ -277,8 +277,7 @@ def import_tar_stream(store: Store, raw: IO[bytes], options: ImportOptions, labe
     drains its ar member there, so a corrupt trailer still rejects the whole package).
     """
     builder = TreeBuilder(options, source_name=label)
-    store.tmp_dir.mkdir(exist_ok=True)
-    with tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=store.tmp_dir, prefix="spool-") as spool:
+    with tempfile.SpooledTemporaryFile(SPOOL_MEMORY, dir=str(store.scratch_dir()), prefix="spool-") as spool:
         tf, extra = open_tar_stream(raw, label)
         importer = importer_class(builder, label, spool)  # type: ignore[arg-type]
 

@@ -51,7 +51,7 @@ from cnpsfs.oci.model import (
     short,
 )
 from cnpsfs.oci.signatures import Restored, choose, collect, matching, restore
-from cnpsfs.store import T_IMAGE, Store
+from cnpsfs.store import T_IMAGE, HostedStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _reusable(store: Store, digest: bytes | None, diff_id: str) -> bool:
     return fileset.name == LAYER_NAME and fileset.version == diff_id
 
 
-def import_oci(store: Store, source: ImageSource, options: OciImportOptions, *,
+def import_oci(store: HostedStore, source: ImageSource, options: OciImportOptions, *,
                on_total: Callable[[int], None] | None = None,
                on_progress: Callable[[int], None] | None = None) -> OciImportResult:
     """Import the image *source* names; tag it ``options.name@options.version`` at the end."""
@@ -327,7 +327,7 @@ def _settle(store: Store, raw: _RawLayer, below: list[bytes], diff_id: str, chai
     """The layer's FileSet with its undescribed directories as the layers below have them."""
     if not below or not raw.implicit:
         return raw.fileset
-    lower = compose(store, fmt.Image("layer.oci/below", "1", "layers", [fmt.Layer(d) for d in below]))
+    lower = compose(store, fmt.Image("layer.oci/below", "1", fmt.CompositionMode.LAYERS, [fmt.Layer(d) for d in below]))
     changes: dict[tuple[bytes, ...], fmt.Entry] = {}
     for parts in raw.implicit:
         try:
@@ -395,12 +395,14 @@ def build_image(name: str, version: str, reference: str, manifest: Manifest, man
     }
     if index_digest:
         oci["index_digest"] = index_digest
-    for key, value in (("exposed_ports", config.exposed_ports), ("volumes", config.volumes),
-                       ("created", config.created), ("author", config.author), ("history", config.history)):
+    extra: tuple[tuple[str, Any], ...] = (
+        ("exposed_ports", config.exposed_ports), ("volumes", config.volumes), ("created", config.created),
+        ("author", config.author), ("history", config.history))
+    for key, value in extra:
         if value:
             oci[key] = value
     image_layers = [fmt.Layer(layer.fileset, "/", False, False, short(layer.digest)) for layer in layers]
-    return fmt.Image(name, version, "layers", image_layers, run, {"oci": oci})
+    return fmt.Image(name, version, fmt.CompositionMode.LAYERS, image_layers, run, {"oci": oci})
 
 
 def provenance_lines(metadata: dict[str, Any]) -> list[str]:

@@ -501,7 +501,8 @@ class LayoutWriter:
         if os.path.exists(path):
             with open(path, "rb") as f:
                 index = load_json(f.read(MAX_JSON + 1), f"{self.root}/index.json")
-            manifests = index.get("manifests") if isinstance(index.get("manifests"), list) else []
+            listed = index.get("manifests")
+            manifests = listed if isinstance(listed, list) else []
         entry = dict(desc)
         if tag:
             entry["annotations"] = {REF_NAME: tag}

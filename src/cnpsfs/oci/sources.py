@@ -81,6 +81,7 @@ def _drop_port(repository: str) -> str:
 def open_source(spec: str, registry: RegistryOptions | None = None) -> tuple[ImageSource, str, str]:
     """The source *spec* names, with its default name and version."""
     transport, rest = split_transport(spec)
+    source: ImageSource
     if transport == "oci:":
         source = open_oci_dir(rest)
         _path, _, tag = rest.partition(":")

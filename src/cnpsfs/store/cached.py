@@ -141,6 +141,9 @@ class CachedStore(DecodedReads):
     def check_writable(self, what: str = "this command") -> None:
         self.local.check_writable(what)
 
+    def shared_lock(self) -> contextlib.AbstractContextManager[None]:
+        return self.local.shared_lock()
+
     def close(self) -> None:
         """Commit what was fetched, stop the committer, release connections; usable again after."""
         with self._lock:
@@ -160,8 +163,8 @@ class CachedStore(DecodedReads):
     def scratch_dir(self) -> Path:
         return self.local.scratch_dir()
 
-    def writer(self) -> contextlib.AbstractContextManager[Any]:
-        return self.local.writer()
+    def writer(self, *, pool: concurrent.futures.Executor | None = None) -> contextlib.AbstractContextManager[Any]:
+        return self.local.writer(pool=pool)
 
     # ------------------------------------------------------------------ names
 

@@ -53,7 +53,7 @@ from cnpsfs.store.blocks import BlockCache, BlockStream, decompress_block
 from cnpsfs.store.index import Index, Location
 from cnpsfs.store.journal import JOURNAL_NAME, TagJournal
 from cnpsfs.store.packs import Member, PackFiles, atomic_write, flock
-from cnpsfs.store.protocol import TYPE_NAMES, DecodedReads, NotCached, Tag
+from cnpsfs.store.protocol import TYPE_NAMES, ChunkLocation, DecodedReads, NotCached, Tag
 from cnpsfs.store.writer import DEFAULT_ZSTD_LEVEL, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,8 @@ class LocalStore(DecodedReads):
         self.tmp_dir.mkdir(exist_ok=True)
         return self.tmp_dir
 
-    def describe(self, loc: Location) -> str:  # type: ignore[override]
+    def describe(self, loc: ChunkLocation) -> str:
+        assert isinstance(loc, Location), "a location from another store"
         return self.packs.label(loc)
 
     pack_label = describe
@@ -303,14 +304,19 @@ class LocalStore(DecodedReads):
                                      f" (block at {self.describe(loc)})")
         return data
 
-    def open_block(self, loc: Location) -> BlockStream:  # type: ignore[override]
-        """The block at *loc*, to be decoded front to back as far as readers need (see BlockStream)."""
+    def open_block(self, loc: ChunkLocation) -> BlockStream:
+        """The block at *loc*, to be decoded front to back as far as readers need (see BlockStream).
+
+        Locations are opaque above the store, so the protocol takes any; only this store's
+        own (:class:`Location`) are valid here.
+        """
+        assert isinstance(loc, Location), "a location from another store"
         payload, members = self.packs.read_record(loc)
         # A stream keeps its decompression context between calls, possibly on other
         # threads: it gets its own, never the per-thread one.
         return BlockStream(loc, payload, members, zstandard.ZstdDecompressor(), self.describe(loc))
 
-    def prefetch(self, locs: Iterable[Location]) -> None:  # type: ignore[override]
+    def prefetch(self, locs: Iterable[ChunkLocation]) -> None:
         """Nothing to start ahead: a local block is one pread away."""
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:

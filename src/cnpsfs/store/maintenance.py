@@ -28,6 +28,7 @@ from cnpsfs.store.protocol import (
     T_PROVENANCE,
     T_SIGNATURE,
     TYPE_NAMES,
+    HostedStore,
     Store,
 )
 from cnpsfs.store.writer import DEFAULT_ZSTD_LEVEL, StoreWriter
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- roots
 
 
-def roots_dirs(store: LocalStore, runtime: Path | None) -> list[Path]:
+def roots_dirs(store: HostedStore, runtime: Path | None) -> list[Path]:
     """Where live mounts of *store* register roots: ``run/`` in the store, and for a store
     opened read-only (where nothing may be written) ``<runtime>/roots/<store id>/``.
 
@@ -53,7 +54,7 @@ def roots_dirs(store: LocalStore, runtime: Path | None) -> list[Path]:
     return dirs
 
 
-def live_roots(store: LocalStore, runtime: Path | None = None) -> set[bytes]:
+def live_roots(store: HostedStore, runtime: Path | None = None) -> set[bytes]:
     """Digests registered by running mounts (``<pid>.roots``); files of dead processes are removed."""
     roots: set[bytes] = set()
     for directory in roots_dirs(store, runtime):
@@ -71,7 +72,7 @@ def live_roots(store: LocalStore, runtime: Path | None = None) -> set[bytes]:
     return roots
 
 
-def _own_roots_dir(store: LocalStore, runtime: Path | None) -> Path:
+def _own_roots_dir(store: HostedStore, runtime: Path | None) -> Path:
     if store.read_only is None:
         return store.run_dir
     if runtime is None:
@@ -79,7 +80,7 @@ def _own_roots_dir(store: LocalStore, runtime: Path | None) -> Path:
     return roots_dirs(store, runtime)[-1]
 
 
-def register_roots(store: LocalStore, digests: Iterable[bytes], runtime: Path | None = None) -> None:
+def register_roots(store: HostedStore, digests: Iterable[bytes], runtime: Path | None = None) -> None:
     """Record what this process serves, so gc keeps it even if its tags are removed.
 
     In the store's ``run/`` when the store is writable, else under *runtime* (nothing is
@@ -94,7 +95,7 @@ def register_roots(store: LocalStore, digests: Iterable[bytes], runtime: Path | 
         os.replace(tmp, path)
 
 
-def unregister_roots(store: LocalStore, runtime: Path | None = None) -> None:
+def unregister_roots(store: HostedStore, runtime: Path | None = None) -> None:
     with contextlib.suppress(OSError, CnpsfsError):
         directory = _own_roots_dir(store, runtime)
         (directory / f"{os.getpid()}.roots").unlink()

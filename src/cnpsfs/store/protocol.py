@@ -16,11 +16,12 @@ inside the store that made it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from cnpsfs import format as fmt
 
@@ -104,7 +105,7 @@ class StoreWriter(Protocol):
     def add_chunk(self, digest: bytes, data: bytes, type_code: int = T_CHUNK) -> None: ...
     def add_object(self, encoded: bytes) -> bytes: ...
     def commit(self, tags: Iterable[tuple[str, str, int, bytes]] = (), *,
-               attach: Iterable[tuple[bytes, bytes]] = ()) -> None:
+               attach: Iterable[tuple[bytes, bytes]] = ()) -> object:
         """Publish, tag, and file detached objects under subjects: (subject, object digest)."""
         ...
 
@@ -176,13 +177,43 @@ class Store(Protocol):
         ...
 
     # ------------------------------------------------------------ writing
-    def writer(self) -> contextlib.AbstractContextManager[StoreWriter]: ...
+    def writer(self, *, pool: concurrent.futures.Executor | None = None
+               ) -> contextlib.AbstractContextManager[StoreWriter, Any]:
+        """A writer whose objects become visible at its commit; *pool* runs its compression."""
+        ...
 
     def scratch_dir(self) -> Path:
         """A directory for spool files of this store's writers (same file system as the store)."""
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class HostedStore(Store, Protocol):
+    """A store with a directory on this host: a local store, or a cache in front of remotes.
+
+    What mounts (gc roots of a live mount), importers (the gc interlock) and messages
+    need beyond :class:`Store`; a bare remote store has none of it, which is why it is
+    not part of the protocol every store implements.
+    """
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def run_dir(self) -> Path:
+        """Where live mounts register the roots gc must keep (``run/`` in the store)."""
+        ...
+    @property
+    def read_only(self) -> str | None:
+        """Why the store cannot be written (a read-only file system...), or None."""
+        ...
+
+    def check_writable(self, what: str = "this command") -> None: ...
+
+    def shared_lock(self) -> contextlib.AbstractContextManager[None]:
+        """Held by writers so gc, which takes it exclusively, never sweeps under them."""
+        ...
 
 
 class DecodedReads:

@@ -53,7 +53,7 @@ from cnpsfs.errors import (
 from cnpsfs.store.backends import Backend
 from cnpsfs.store.blocks import CODEC_RAW, CODEC_ZSTD
 from cnpsfs.store.packs import MEMBER_HEADER, RECORD_HEADER, atomic_write
-from cnpsfs.store.protocol import T_FILESET, TYPE_NAMES, DecodedReads, NotCached, Tag
+from cnpsfs.store.protocol import T_FILESET, TYPE_NAMES, ChunkLocation, DecodedReads, NotCached, Tag
 from cnpsfs.store.wire import (
     INDEX_BLOB_MAX,
     BlobRef,
@@ -566,7 +566,8 @@ class RemoteStore(DecodedReads):
         loc = self.locate(digest, chunk_first=False)
         return loc.type if loc is not None else None
 
-    def describe(self, loc: RemoteLocation) -> str:  # type: ignore[override]
+    def describe(self, loc: ChunkLocation) -> str:
+        assert isinstance(loc, RemoteLocation), "a location from another store"
         end = loc.header + loc.record_length - 1
         return f"{self.name}: blob {loc.blob} bytes {loc.header}-{end}"
 
@@ -653,7 +654,8 @@ class RemoteStore(DecodedReads):
         self.stats["corrupt"] += 1
         return DecodedBlock(members, data, None)
 
-    def open_block(self, loc: RemoteLocation) -> DecodedBlock:  # type: ignore[override]
+    def open_block(self, loc: ChunkLocation) -> DecodedBlock:
+        assert isinstance(loc, RemoteLocation), "a location from another store"
         return self.fetch_blocks([loc])[loc.block]
 
     def prefetch(self, locs: Iterable[Any]) -> None:
@@ -704,7 +706,7 @@ class RemoteStore(DecodedReads):
     def record_revision(self, name: str, revision: int, digest: bytes) -> None:
         raise self._read_only()
 
-    def writer(self) -> Any:
+    def writer(self, *, pool: Any = None) -> Any:
         raise self._read_only()
 
     def scratch_dir(self) -> Path:

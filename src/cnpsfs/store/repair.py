@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -296,7 +297,7 @@ def _salvage(store: LocalStore, attachments: set[tuple[bytes, bytes]], report: R
             ("cache_packs", old.cache_marks, "if the store cached remote blocks, they are ordinary packs now"),
             ("settings", old.settings, "if the cache size was set, it is back to its default")):
         try:
-            rows = read()
+            rows: Any = read()
         except CnpsfsError:
             report.unread.append(f"the old index's {what} table does not read: {consequence}")
             continue
