@@ -519,7 +519,8 @@ class LayoutWriter:
         if os.path.exists(path):
             with open(path, "rb") as f:
                 index = load_json(f.read(MAX_JSON + 1), f"{self.root}/index.json")
-            manifests = index.get("manifests") if isinstance(index.get("manifests"), list) else []
+            listed = index.get("manifests")
+            manifests = listed if isinstance(listed, list) else []
         have = {m.get("digest") for m in manifests if isinstance(m, dict)}
         manifests = manifests + [d for d in descs if d["digest"] not in have]
         _atomic_write(path, canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}))
