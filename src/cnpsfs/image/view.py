@@ -401,9 +401,9 @@ class Generation:
 
     def _dir_metadata(self, sources: list[Source], name: bytes) -> fmt.Entry:
         if len(sources) == 1 and sources[0].synthetic is None and not self._nested:
-            entry = sources[0].entry
-            if entry.name == name and not entry.link and entry.kind is fmt.Kind.DIR:
-                return entry  # what the general path would copy field by field
+            only = sources[0].entry
+            if only.name == name and not only.link and only.kind is fmt.Kind.DIR:
+                return only  # what the general path would copy field by field
         entry = self._pick_metadata(self.mode, self._items(sources, 0))
         if entry is None:
             return _synthetic_dir(name)
