@@ -180,3 +180,16 @@ def test_remembered_failures_are_bounded(one_block: tuple[LocalStore, list[bytes
 
     run(main)
     assert len(fetcher._failed) <= 4096
+
+
+def test_remote_backed_mounts_get_a_worker_per_remote_request() -> None:
+    """Workers waiting on the network must not starve the fetches of other readers (issue 12)."""
+    from types import SimpleNamespace
+
+    from cnpsfs.fs.fetcher import worker_threads
+
+    local = SimpleNamespace()
+    assert worker_threads(local, 4) == 4  # a local store: workers are for the CPU
+    cached = SimpleNamespace(remotes=[SimpleNamespace(parallel=8), SimpleNamespace(parallel=4)])
+    assert worker_threads(cached, 4) == 16
+    assert worker_threads(cached, 60) == 64  # never past the mount's limit

@@ -30,6 +30,7 @@ from remoteutil import (
 )
 from servers import FaultProxy, RegistryServer, start_nginx
 
+from cnpsfs import format as fmt
 from cnpsfs.errors import CorruptObjectError, NotFoundError, UnavailableError
 from cnpsfs.store import LocalStore
 from cnpsfs.store.cached import CachedStore, cache_summary, evict
@@ -379,6 +380,68 @@ def test_a_stalled_server_is_unavailable_within_the_timeout(source: SourceStore,
 
 
 # --------------------------------------------------------------------------- what is fetched, what is kept
+
+
+def test_resolving_preloads_every_shard_and_directory_in_a_few_round_trips(source: SourceStore, served: str,
+                                                                          fault_proxy: type[FaultProxy],
+                                                                          tmp_path: Path) -> None:
+    """A lazy mount's critical path: the marker and the tag at once, the index, every shard at
+    once, every metadata block at once (merged ranges); after that, a walk of the whole tree
+    (every directory, every file's extents) makes no request at all."""
+    from cnpsfs.image.walk import walk
+    from cnpsfs.store.remote import merge_runs
+
+    proxy = fault_proxy(served)
+    proxy.request_delay = 0.02  # 20 ms a request: what serial round trips would cost shows
+    local = LocalStore(tmp_path / "store", create=True)
+    remote = remote_store(proxy.url, tmp_path / "store" / "remote")
+    cached = CachedStore(local, [remote])
+    try:
+        start = time.monotonic()
+        root = cached.resolve(IMAGE_V2)
+        assert cached.resolve(IMAGE_V2) == root  # a command resolves twice: the tag is asked once
+        seconds = time.monotonic() - start
+        index = remote.open_image(root)
+        shards = [s.blob.digest for s in (*index.root.object_shards, *index.root.chunk_shards)]
+        meta = index.preload()
+        log = list(proxy.log)
+        gets = [(path, rng) for method, path, _status, rng in log if method == "GET"]
+        assert sum(1 for path, _r in gets if path.startswith("/tags/")) == 1, gets
+        for digest in shards:  # every shard, once
+            assert sum(1 for path, _r in gets if path.endswith(digest.split(":")[1])) == 1
+        ranges = [rng for _p, rng in gets if rng]
+        assert meta and len(ranges) == len(merge_runs(meta)) <= len(index.root.blobs) * 2, ranges
+        assert cached.counters()["cache"]["preloaded_blocks"] == len(meta)
+        # marker+tag, index, shards, metadata: four rounds, the requests of each at once
+        assert proxy.max_in_flight >= 2
+        print(f"resolve with preload: {len(log)} requests in {seconds:.2f} s at 20 ms a request")
+        before = len(proxy.log)
+        image = cached.get_image(root)
+        fileset = cached.get_fileset(image.layers[0].fileset)
+        entries = 0
+        for _path, entry, _is_dir in walk(cached, fileset.root):
+            if entry.kind is fmt.Kind.FILE:
+                cached.file_extents(entry)
+            entries += 1
+        assert entries > 1000
+        assert len(proxy.log) == before, proxy.log[before:before + 5]  # everything came with the preload
+    finally:
+        cached.close()
+
+
+def test_preload_respects_its_budgets(source: SourceStore, file_remote: tuple[Path, dict, dict]) -> None:
+    directory, _v1, _v2 = file_remote
+    remote = remote_store(f"file://{directory}")
+    try:
+        index = remote.open_image(remote.resolve(IMAGE_V2))
+        assert index.preload(shards_max=0, meta_max=0) == []  # metadata over budget: none named
+        assert len(index._shards) == len(index.root.object_shards)  # object shards always, chunk shards not
+        metas = index.preload()
+        assert len(index._shards) == len(index.root.object_shards) + len(index.root.chunk_shards)
+        assert {loc.type for loc in metas} <= {1, 2, 3, 4, 5, 6, 7}  # each names an object in a metadata block
+        assert len({loc.block for loc in metas}) == len(metas)
+    finally:
+        remote.close()
 
 
 def test_reading_one_file_fetches_only_its_blocks(source: SourceStore, file_remote: tuple[Path, dict, dict],

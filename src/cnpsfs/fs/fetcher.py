@@ -56,6 +56,18 @@ FAILED_MAX = 4096
 _Loaded = tuple[Hashable, ChunkLocation, list[bytes], BlockReader | BaseException, dict[bytes, bytes | None]]
 
 
+def worker_threads(store: Store, threads: int, limit: int = 64) -> int:
+    """Workers for a mount of *store*: *threads*, plus one per request its remotes run at once.
+
+    A worker that loads a remote block mostly waits for the network, not for a CPU, and
+    the mount's one limiter bounds how many loads are under way: with only *threads*
+    (sized for local reads: pread, zstd and BLAKE3) eight readers of a remote mount would
+    keep at most four fetches in flight and wait a round trip each in turn.
+    """
+    remotes = getattr(store, "remotes", None) or ()
+    return min(limit, threads + sum(getattr(r, "parallel", 0) for r in remotes))
+
+
 class ChunkFetcher:
     """Verified chunks from *store*, cached in *cache*, blocks loaded on *limiter*'s workers."""
 

@@ -29,6 +29,7 @@ import trio
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError
 from cnpsfs.fs.daemon import mounted_device
+from cnpsfs.fs.fetcher import worker_threads
 from cnpsfs.fs.notify import Notifier
 from cnpsfs.fs.operations import Operations
 from cnpsfs.fs.options import MountOptions
@@ -124,7 +125,8 @@ class MountService:
             # keep them from gc; every read is verified).
             self.store.serve_remembered = True
         ops = self.ops = Operations(generation, use_extensions=self.options.use_extensions,
-                                    cache_bytes=self.options.cache_bytes, threads=self.options.threads)
+                                    cache_bytes=self.options.cache_bytes,
+                                    threads=worker_threads(self.store, self.options.threads))
         output = _StderrTail()
         try:
             pyfuse3.init(ops, self.mountpoint, self.fuse_options())

@@ -200,12 +200,40 @@ class CachedStore(DecodedReads):
                 errors.append(str(exc))
                 continue
             self._remember_root(digest)
+            self._warm(remote, digest)
             return digest
         if unavailable is not None:
             raise unavailable
         if local_error is not None:
             raise NotFoundError(f"{local_error}; " + "; ".join(errors)) from None
         raise NotFoundError("; ".join(errors))
+
+    def _warm(self, remote: RemoteStore, digest: bytes) -> None:
+        """Fetch an image's shards and metadata blocks now, all at once (a lazy mount's first step).
+
+        Mounting and every lookup after it need the image's directories; fetched one by one
+        on lookup each is a round trip on a program's critical path, while all of an
+        image's metadata is a few per cent of it and lies in a few runs of blocks that
+        merged Range requests fetch in parallel (:meth:`ImageIndex.preload`). Waits for
+        them (bounded by the remote's timeout); a failure here is left for the read that
+        needs the block to report.
+        """
+        try:
+            locs = remote.open_image(digest).preload()
+        except CnpsfsError as exc:
+            log.debug("%s: not preloading %s: %s", remote.name, fmt.format_digest(digest), exc)
+            return
+        with self._lock:
+            locs = [loc for loc in locs if loc.block not in self._committed and loc.block not in self._pending
+                    and loc.block not in self._inflight]
+        locs = [loc for loc in locs if not self.local.contains(loc.digest)]
+        if not locs:
+            return
+        self._start(remote, locs)
+        with self._lock:
+            futures = [f for loc in locs if (f := self._inflight.get(loc.block)) is not None]
+        concurrent.futures.wait(futures, timeout=remote.timeout)
+        self.stats["preloaded_blocks"] += len(locs)
 
     def _remember_root(self, digest: bytes) -> None:
         with self._lock:

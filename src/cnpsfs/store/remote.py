@@ -84,6 +84,16 @@ COUNTERS = ("requests", "bytes", "errors", "retries", "blocks", "block_bytes", "
 #: After a mirror failed to answer, requests skip it for this long (every mirror down: they
 #: fail at once), so a dead server costs one timeout, not one per uncached read.
 DOWN_SECONDS = 2.0
+#: A tag's answer is reused for this long: one command resolves a reference more than once
+#: (checking what it names, then loading it), and each answer is a round trip.
+TAG_FRESH_SECONDS = 2.0
+#: :meth:`ImageIndex.preload` fetches every shard at once (in parallel) when they total at
+#: most this, so no lookup or read waits for a shard later.
+PRELOAD_SHARDS_MAX = 16 << 20
+#: ... and names every metadata block (directories, extents, FileSets, images) for a cache
+#: to fetch at once when they total at most this: metadata is a few per cent of an image,
+#: and each directory fetched on lookup would cost a round trip on the critical path.
+PRELOAD_META_MAX = 32 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +260,35 @@ class ImageIndex:
             for number in range(len(shards)):
                 self._shard(chunk, number)
 
+    def preload(self, *, shards_max: int = PRELOAD_SHARDS_MAX, meta_max: int = PRELOAD_META_MAX
+                ) -> list[RemoteLocation]:
+        """Fetch the shards in parallel now; return a location in each metadata block.
+
+        What a lazy mount does first: a shard fetched on first need is a round trip on
+        the path of a lookup or a read, and so is each directory's block, while all the
+        shards and all the metadata of an image are small beside its data. Object shards
+        come first and always (they are what names the metadata blocks); chunk shards too
+        when all the shards together are at most *shards_max*. The metadata blocks are
+        returned (not fetched: the caller's cache fetches them, single flight) when they
+        total at most *meta_max*, else none.
+        """
+        todo = [(False, n) for n in range(len(self.root.object_shards))]
+        if sum(s.blob.size for s in (*self.root.object_shards, *self.root.chunk_shards)) <= shards_max:
+            todo += [(True, n) for n in range(len(self.root.chunk_shards))]
+        todo = [key for key in todo if key not in self._shards]
+        if len(todo) > 1:
+            list(self.remote._executor().map(lambda key: self._shard(*key), todo))
+        elif todo:
+            self._shard(*todo[0])
+        blocks: dict[int, RemoteLocation] = {}
+        for number in range(len(self.root.object_shards)):
+            for digest, row in self._shard(False, number):
+                if row[0] not in blocks:
+                    blocks[row[0]] = self.location(digest, *row)
+        if sum(loc.record_length for loc in blocks.values()) > meta_max:
+            return []
+        return list(blocks.values())
+
     def entries(self) -> Iterator[tuple[bytes, RemoteLocation]]:
         """Every member the image reaches, with its location (loads every shard)."""
         for chunk, shards in ((False, self.root.object_shards), (True, self.root.chunk_shards)):
@@ -278,6 +317,7 @@ class RemoteStore(DecodedReads):
         self._checked: set[int] = set()
         self._down: dict[int, tuple[float, BaseException]] = {}  # mirror -> (until, why)
         self._local = threading.local()
+        self._tag_answers: dict[str, tuple[float, bytes | None]] = {}
         #: NAME and VERSION of the tag the last :meth:`resolve` went through (None for a digest).
         self.last_ref: tuple[str, str] | None = None
 
@@ -340,10 +380,7 @@ class RemoteStore(DecodedReads):
             if left <= 0:
                 break
             try:
-                if number not in self._checked:
-                    backend.check()
-                    self._checked.add(number)
-                result = call(backend, left)
+                result = self._call_checked(number, backend, call, left)
             except RemoteNotFoundError as exc:
                 if not_found_is_final:
                     raise
@@ -376,6 +413,24 @@ class RemoteStore(DecodedReads):
         if isinstance(last, RemoteDataError):
             raise CorruptObjectError(f"{self.name}: {what}: {last}") from None
         raise UnavailableError(f"{self.name}: {what}: {last}") from None
+
+    def _call_checked(self, number: int, backend: Backend, call: Callable[[Backend, float], T], left: float) -> T:
+        """*call*, and the first time for this mirror its check (is it a cnpsfs remote?) beside it.
+
+        The check runs in parallel with the call, so it costs no round trip of its own;
+        its error, when it fails, is the one reported (clearer than the call's 404).
+        """
+        if number in self._checked:
+            return call(backend, left)
+        checking = self._executor().submit(backend.check)
+        try:
+            result = call(backend, left)
+        except BaseException:
+            checking.result()
+            raise
+        checking.result()
+        self._checked.add(number)
+        return result
 
     # ------------------------------------------------------------------ index blobs and refs
 
@@ -414,6 +469,9 @@ class RemoteStore(DecodedReads):
 
     def _manifest_for_tag(self, tag: str, what: str) -> bytes | None:
         """The manifest a tag names now; the last one seen when the remote cannot be reached."""
+        fresh = self._tag_answers.get(tag)
+        if fresh is not None and time.monotonic() - fresh[0] < TAG_FRESH_SECONDS:
+            return fresh[1]
         cached = self._ref_cache(tag)
         try:
             data = self._mirrors(self._deadline(), what, lambda b, left: b.get_tag(tag, deadline=left),
@@ -428,6 +486,7 @@ class RemoteStore(DecodedReads):
             raise
         if data is not None and cached is not None:
             self._keep(cached, data)
+        self._tag_answers[tag] = (time.monotonic(), data)
         return data
 
     def open_manifest(self, data: bytes, what: str) -> ImageIndex:
