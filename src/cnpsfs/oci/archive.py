@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from cnpsfs.errors import CnpsfsError, UsageError
-from cnpsfs.oci.layout import LayoutWriter, blob_path, parse_layout_reference
+from cnpsfs.oci.blobs import atomic_file, scratch_file
+from cnpsfs.oci.layout import LayoutSink, blob_path, parse_layout_reference
 from cnpsfs.oci.model import canonical_json
 
 log = logging.getLogger(__name__)
@@ -71,35 +72,18 @@ class _BytesReader:
 def write_tar_atomically(path: str, members: list[tuple[str, str | bytes | None]]) -> None:
     """Write *members* ((name, file path | bytes | None for a directory), in order) as the
     tar *path*: a temporary file beside it, fsynced, renamed into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=".tar",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with open(fd, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
-                for name, what in members:
-                    if what is None:
-                        _add_member(tf, name, directory=True)
-                    elif isinstance(what, bytes):
-                        _add_member(tf, name, data=what)
-                    else:
-                        _add_member(tf, name, source=what)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_file(path, prefix=f".{os.path.basename(path)}.tmp-", suffix=".tar") as f, \
+            tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, what in members:
+            if what is None:
+                _add_member(tf, name, directory=True)
+            elif isinstance(what, bytes):
+                _add_member(tf, name, data=what)
+            else:
+                _add_member(tf, name, source=what)
 
 
-class OciArchiveSink:
+class OciArchiveSink(LayoutSink):
     """``oci-archive:FILE[:TAG]``: an OCI layout, written as one uncompressed tar.
 
     FILE is replaced, not merged into (as skopeo does): it holds this image only, tagged
@@ -107,31 +91,9 @@ class OciArchiveSink:
     """
 
     def __init__(self, spec: str) -> None:
-        self.reference = f"oci-archive:{spec}"
-        self.path, self.tag = parse_layout_reference(spec, "oci-archive")
+        self.path, tag = parse_layout_reference(spec, "oci-archive")
         self._tmp = _temp_dir_for(self.path)
-        self.writer = LayoutWriter(self._tmp)
-
-    def has_blob(self, digest: str) -> bool:
-        return self.writer.has_blob(digest)
-
-    @contextlib.contextmanager
-    def new_blob(self) -> Iterator[tuple[IO[bytes], str]]:
-        with self.writer.temp_blob() as pair:
-            yield pair
-
-    def put_blob(self, path: str, digest: str, size: int, media_type: str) -> str:
-        self.writer.commit_blob(path, digest)
-        return "uploaded"
-
-    def put_manifest(self, data: bytes, media_type: str, digest: str) -> None:
-        self.writer.put_bytes(data, digest)
-        self.writer.add_manifest({"mediaType": media_type, "digest": digest, "size": len(data)}, self.tag)
-
-    def put_referrer(self, data: bytes, media_type: str, digest: str, artifact_type: str) -> None:
-        self.writer.put_bytes(data, digest)
-        self.writer.add_referrers([{"mediaType": media_type, "digest": digest, "size": len(data),
-                                    "artifactType": artifact_type}])
+        super().__init__(self._tmp, tag, f"oci-archive:{spec}")
 
     def finish(self) -> None:
         root = self._tmp
@@ -190,13 +152,8 @@ class DockerArchiveSink:
 
     @contextlib.contextmanager
     def new_blob(self) -> Iterator[tuple[IO[bytes], str]]:
-        fd, path = tempfile.mkstemp(dir=self._tmp, prefix=".tmp-")
-        try:
-            with open(fd, "wb") as f:
-                yield f, path
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        with scratch_file(self._tmp, ".tmp-") as pair:
+            yield pair
 
     def put_blob(self, path: str, digest: str, size: int, media_type: str) -> str:
         if media_type.endswith(("+gzip", "+zstd")):

@@ -10,11 +10,14 @@ anything is committed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
+import tempfile
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import zstandard
@@ -26,6 +29,44 @@ _READ = 1 << 20
 
 #: Magic numbers of the compressions a layer may hide in an undeclared way.
 COMPRESSION_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2"}
+
+
+@contextlib.contextmanager
+def scratch_file(directory: str | None, prefix: str) -> Iterator[tuple[IO[bytes], str]]:
+    """A temporary file (its open handle and path) removed on exit, whatever its consumer did."""
+    fd, path = tempfile.mkstemp(dir=directory, prefix=prefix)
+    try:
+        with open(fd, "wb") as f:
+            yield f, path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, *, prefix: str = ".tmp-", suffix: str = "") -> Iterator[IO[bytes]]:
+    """A file that replaces *path* only once written whole: a temporary beside it, fsynced,
+    renamed into place, the directory fsynced; on any failure the temporary is removed and
+    *path* is as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        with open(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def sniff_compression(head: bytes) -> str:

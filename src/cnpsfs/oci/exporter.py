@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -29,7 +29,7 @@ from cnpsfs.errors import CnpsfsError, UsageError
 from cnpsfs.export import write_tar
 from cnpsfs.image.manifest import active_layers, stacking_order
 from cnpsfs.image.reader import FileReader
-from cnpsfs.oci.layout import LayoutWriter, parse_layout_reference
+from cnpsfs.oci.layout import LayoutSink
 from cnpsfs.oci.model import (
     LAYER_MEDIA_TYPE,
     OCI_CONFIG,
@@ -285,49 +285,12 @@ def _put_bytes(sink: BlobSink, data: bytes, digest: str, media_type: str) -> Non
         sink.put_blob(path, digest, len(data), media_type)
 
 
-# --------------------------------------------------------------------------- OCI layout destination
-
-
-class LayoutSink:
-    """``oci:DIR[:TAG]``: blobs renamed into the layout, ``index.json`` replaced last."""
-
-    def __init__(self, spec: str) -> None:
-        self.reference = f"oci:{spec}"
-        path, self.tag = parse_layout_reference(spec, "oci")
-        self.writer = LayoutWriter(path)
-
-    def has_blob(self, digest: str) -> bool:
-        return self.writer.has_blob(digest)
-
-    @contextlib.contextmanager
-    def new_blob(self) -> Iterator[tuple[IO[bytes], str]]:
-        with self.writer.temp_blob() as pair:
-            yield pair
-
-    def put_blob(self, path: str, digest: str, size: int, media_type: str) -> str:
-        self.writer.commit_blob(path, digest)
-        return "uploaded"
-
-    def put_manifest(self, data: bytes, media_type: str, digest: str) -> None:
-        self.writer.put_bytes(data, digest)
-        self.writer.add_manifest({"mediaType": media_type, "digest": digest, "size": len(data)}, self.tag)
-
-    def put_referrer(self, data: bytes, media_type: str, digest: str, artifact_type: str) -> None:
-        """An artifact referring to an image: its manifest blob, listed in ``index.json``."""
-        self.writer.put_bytes(data, digest)
-        self.writer.add_referrers([{"mediaType": media_type, "digest": digest, "size": len(data),
-                                    "artifactType": artifact_type}])
-
-    def close(self) -> None:
-        pass
-
-
 def open_sink(dest: str, registry: Any = None) -> Any:
     from cnpsfs.oci.sources import split_transport
 
     transport, rest = split_transport(dest)
     if transport == "oci:":
-        return LayoutSink(rest)
+        return LayoutSink.for_spec(rest)
     if transport == "docker://":
         from cnpsfs.oci.registry import open_registry_sink
 

@@ -18,13 +18,12 @@ import os
 import re
 import stat
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 from cnpsfs.errors import CnpsfsError, ImportRejected
-from cnpsfs.oci.blobs import read_verified, sniff_compression
+from cnpsfs.oci.blobs import atomic_file, read_verified, scratch_file, sniff_compression
 from cnpsfs.oci.model import (
     DOCKER_CONFIG,
     LAYER_MEDIA_TYPE,
@@ -473,13 +472,8 @@ class LayoutWriter:
     @contextlib.contextmanager
     def temp_blob(self) -> Iterator[tuple[IO[bytes], str]]:
         """A temporary file inside the layout (same filesystem: the rename is atomic)."""
-        fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "blobs", "sha256"), prefix=".tmp-")
-        try:
-            with open(fd, "wb") as f:
-                yield f, tmp
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with scratch_file(os.path.join(self.root, "blobs", "sha256"), ".tmp-") as pair:
+            yield pair
 
     def commit_blob(self, tmp: str, digest: str) -> None:
         os.chmod(tmp, 0o644)
@@ -494,15 +488,19 @@ class LayoutWriter:
             os.fsync(f.fileno())
             self.commit_blob(tmp, digest)
 
+    def _listed(self) -> tuple[str, list[Any]]:
+        """``index.json``'s path and the manifests it lists so far (none for a new layout)."""
+        path = os.path.join(self.root, "index.json")
+        if not os.path.exists(path):
+            return path, []
+        with open(path, "rb") as f:
+            index = load_json(f.read(MAX_JSON + 1), f"{self.root}/index.json")
+        listed = index.get("manifests")
+        return path, listed if isinstance(listed, list) else []
+
     def add_manifest(self, desc: dict[str, Any], tag: str) -> None:
         """Point *tag* (or the layout's untagged entry) at the manifest *desc*, atomically."""
-        path = os.path.join(self.root, "index.json")
-        manifests: list[Any] = []
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                index = load_json(f.read(MAX_JSON + 1), f"{self.root}/index.json")
-            listed = index.get("manifests")
-            manifests = listed if isinstance(listed, list) else []
+        path, manifests = self._listed()
         entry = dict(desc)
         if tag:
             entry["annotations"] = {REF_NAME: tag}
@@ -514,13 +512,7 @@ class LayoutWriter:
 
     def add_referrers(self, descs: list[dict[str, Any]]) -> None:
         """List artifacts (manifests with a ``subject``, each with its ``artifactType``) in ``index.json``."""
-        path = os.path.join(self.root, "index.json")
-        manifests: list[Any] = []
-        if os.path.exists(path):
-            with open(path, "rb") as f:
-                index = load_json(f.read(MAX_JSON + 1), f"{self.root}/index.json")
-            listed = index.get("manifests")
-            manifests = listed if isinstance(listed, list) else []
+        path, manifests = self._listed()
         have = {m.get("digest") for m in manifests if isinstance(m, dict)}
         manifests = manifests + [d for d in descs if d["digest"] not in have]
         _atomic_write(path, canonical_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}))
@@ -542,20 +534,54 @@ class LayoutWriter:
         return out
 
 
+
+class LayoutSink:
+    """``oci:DIR[:TAG]``: an export's blobs renamed into the layout, ``index.json`` replaced last.
+
+    *root* is the layout directory written; *reference* names the destination in messages
+    (an ``oci-archive:`` writes a layout in a temporary directory, then tars it).
+    """
+
+    def __init__(self, root: str, tag: str, reference: str) -> None:
+        self.reference = reference
+        self.tag = tag
+        self.writer = LayoutWriter(root)
+
+    @classmethod
+    def for_spec(cls, spec: str) -> LayoutSink:
+        path, tag = parse_layout_reference(spec, "oci")
+        return cls(path, tag, f"oci:{spec}")
+
+    def has_blob(self, digest: str) -> bool:
+        return self.writer.has_blob(digest)
+
+    @contextlib.contextmanager
+    def new_blob(self) -> Iterator[tuple[IO[bytes], str]]:
+        with self.writer.temp_blob() as pair:
+            yield pair
+
+    def put_blob(self, path: str, digest: str, size: int, media_type: str) -> str:
+        self.writer.commit_blob(path, digest)
+        return "uploaded"
+
+    def put_manifest(self, data: bytes, media_type: str, digest: str) -> None:
+        self.writer.put_bytes(data, digest)
+        self.writer.add_manifest({"mediaType": media_type, "digest": digest, "size": len(data)}, self.tag)
+
+    def put_referrer(self, data: bytes, media_type: str, digest: str, artifact_type: str) -> None:
+        """An artifact referring to an image: its manifest blob, listed in ``index.json``."""
+        self.writer.put_bytes(data, digest)
+        self.writer.add_referrers([{"mediaType": media_type, "digest": digest, "size": len(data),
+                                    "artifactType": artifact_type}])
+
+    def close(self) -> None:
+        pass
+
+
 def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    try:
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        f.write(data)
 
 
-__all__ = ["DockerArchiveSource", "ImageSource", "Index", "LayoutSource", "LayoutWriter", "open_oci_archive",
-           "open_oci_dir", "read_blob"]
+__all__ = ["DockerArchiveSource", "ImageSource", "Index", "LayoutSink", "LayoutSource", "LayoutWriter",
+           "open_oci_archive", "open_oci_dir", "read_blob"]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cnpsfs.errors import CnpsfsError, UsageError
+from cnpsfs.oci.blobs import scratch_file
 from cnpsfs.oci.model import CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES, MAX_JSON, Descriptor
 from cnpsfs.transport.auth import lookup_credentials
 from cnpsfs.transport.http import HttpConfig, Session
@@ -206,13 +207,8 @@ class RegistrySink:
 
     @contextlib.contextmanager
     def new_blob(self) -> Iterator[tuple[IO[bytes], str]]:
-        fd, path = tempfile.mkstemp(prefix="cnpsfs-push-")
-        try:
-            with open(fd, "wb") as f:
-                yield f, path
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        with scratch_file(None, "cnpsfs-push-") as pair:
+            yield pair
 
     def put_blob(self, path: str, digest: str, size: int, media_type: str) -> str:
         return self.client.push_blob(digest, Path(path), size=size, mount_from=self.mount_from,
