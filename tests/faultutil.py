@@ -161,6 +161,7 @@ class Call:
     path: str  # the file the call is about ("" when strace could not tell)
     nth: int  # 1-based: the how-many-th call of *name* by thread *tid*
     nth_on_path: int  # ... of *name* on *path* by thread *tid*
+    target: str = ""  # the second path of rename and link (the name a file gets)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class Point:
 _LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)$")
 _FD_PATH = re.compile(r"^-?\d+<([^>]*)>")
 _STR_ARG = re.compile(r'^"((?:[^"\\]|\\.)*)"')
+_SECOND_ARG = re.compile(r'^"(?:[^"\\]|\\.)*", "((?:[^"\\]|\\.)*)"')
 
 
 def trace(argv: Sequence[str], calls: Sequence[str], *, env: Mapping[str, str] | None = None,
@@ -206,7 +208,11 @@ def trace(argv: Sequence[str], calls: Sequence[str], *, env: Mapping[str, str] |
             path = os.path.abspath(path)
         counts[(tid, name)] = counts.get((tid, name), 0) + 1
         on_path[(tid, name, path)] = on_path.get((tid, name, path), 0) + 1
-        found.append(Call(tid, name, path, counts[(tid, name)], on_path[(tid, name, path)]))
+        second = _SECOND_ARG.match(args) if name in ("rename", "link") else None
+        target = second[1] if second else ""
+        if target and not target.startswith("/") and cwd is None:
+            target = os.path.abspath(target)
+        found.append(Call(tid, name, path, counts[(tid, name)], on_path[(tid, name, path)], target))
     return proc, found
 
 

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import secrets
 import threading
 from collections import Counter
 from collections.abc import Iterable
@@ -36,7 +35,7 @@ from cnpsfs.errors import (
     TransportError,
     UsageError,
 )
-from cnpsfs.store.packs import fsync_dir, write_all
+from cnpsfs.store.packs import TEMPORARY_MAX_AGE, fsync_dir, reclaim_temporary, temporary_name, write_all
 from cnpsfs.store.wire import OCI_MANIFEST, REMOTE_LAYOUT, REMOTE_MARKER, check_sha256_name
 from cnpsfs.transport import HttpConfig, RegistryClient, Session, lookup_credentials, parse_reference
 
@@ -117,9 +116,11 @@ class FileBackend:
             raise CnpsfsError(f"{self.url}: unsupported remote layout {text.strip()[:60]!r}")
 
     def initialise(self) -> None:
-        """Create the layout (directories, then the marker last) if it is not there."""
+        """Create the layout (directories, then the marker last) if it is not there, and
+        remove what killed pushes left (:meth:`reclaim_temporary`)."""
         if (self.path / REMOTE_MARKER).exists():
             self.check()
+            self.reclaim_temporary()
             return
         try:
             for sub in ("blobs/sha256", "tags"):
@@ -127,6 +128,20 @@ class FileBackend:
             _atomic_write(self.path / REMOTE_MARKER, REMOTE_LAYOUT.encode())
         except OSError as exc:
             raise CnpsfsError(f"cannot create a remote at {self.url}: {exc.strerror}") from None
+
+    def reclaim_temporary(self, *, max_age: float = TEMPORARY_MAX_AGE) -> int:
+        """Remove the temporary files of pushes that died (kill -9, a crash, a lost host):
+        a file of this host whose process is gone at once, any other when *max_age* old
+        (:func:`cnpsfs.store.packs.reclaim_temporary`). Returns how many were removed."""
+        try:
+            removed = reclaim_temporary([self.path / "blobs" / "sha256", self.path / "tags", self.path],
+                                        max_age=max_age)
+        except OSError as exc:
+            log.warning("%s: cannot remove the temporary files of dead pushes: %s", self.url, exc.strerror)
+            return 0
+        if removed:
+            log.info("%s: removed %d temporary files of pushes that died", self.url, len(removed))
+        return len(removed)
 
     def get_tag(self, tag: str, *, deadline: float | None = None) -> bytes | None:
         try:
@@ -199,7 +214,7 @@ class FileBackend:
     def put_blob(self, digest: str, source: BlobSource, size: int) -> None:
         """Write to a temporary name, check the digest, fsync, rename: a blob is whole or absent."""
         target = self._blob_path(check_sha256_name(digest, self.url))
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        tmp = temporary_name(target)
         hasher = hashlib.sha256()
         written = 0
         try:
@@ -251,7 +266,7 @@ class FileBackend:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         write_all(fd, data)

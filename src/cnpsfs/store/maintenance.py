@@ -18,7 +18,7 @@ from cnpsfs.process import pid_alive
 from cnpsfs.store.blocks import decompress_block
 from cnpsfs.store.index import BlockRow
 from cnpsfs.store.local import LocalStore
-from cnpsfs.store.packs import flock, header_size, is_locked, store_io
+from cnpsfs.store.packs import flock, header_size, is_locked, reclaim_temporary, store_io
 from cnpsfs.store.protocol import (
     T_CHUNK,
     T_DIR,
@@ -378,6 +378,12 @@ def gc(store: LocalStore, *, repack_below: float = 0.5, dry_run: bool = False,
                 report.removed_tmp += 1
                 if not dry_run:
                     tmp.unlink(missing_ok=True)
+        # What reading remotes keeps (store/remote: tag answers, image indexes) is written
+        # through temporary names that say whose they are; a dead process's are garbage.
+        state = store.path / "remote"
+        if state.is_dir():
+            dirs = [state, *(p for p in state.rglob("*") if p.is_dir() and not p.is_symlink())]
+            report.removed_tmp += len(reclaim_temporary(dirs, dry_run=dry_run))
         # A writer killed between renaming its pack into packs/ and committing the index
         # leaves a pack no row names. No writer is mid-commit while we hold the lock.
         packs = index.packs()

@@ -12,13 +12,17 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
+import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cnpsfs.errors import CorruptObjectError, MissingObjectError, StoreError
+from cnpsfs.process import pid_alive
 from cnpsfs.store.index import Location
 
 PACK_MAGIC = b"CNPSPK01"
@@ -187,9 +191,59 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: A temporary file of another host (or without an owner) older than this is a dead writer's.
+TEMPORARY_MAX_AGE = 24 * 3600.0
+_TEMPORARY_OWNER = re.compile(r"^\..+\+(?P<pid>\d+)@(?P<host>[^/+]+)\+[0-9a-f]+\.tmp$")
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_").replace("+", "_") or "localhost"
+
+
+def temporary_name(path: Path) -> Path:
+    """``.NAME+PID@HOST+RANDOM.tmp`` beside *path*: hidden (no stored name starts with a
+    dot) and saying whose it is, so a later writer can tell a dead one's and remove it
+    (:func:`reclaim_temporary`; docs/format.md 3.8)."""
+    return path.with_name(f".{path.name}+{os.getpid()}@{_host()}+{secrets.token_hex(4)}.tmp")
+
+
+def reclaim_temporary(directories: Iterable[Path], *, max_age: float = TEMPORARY_MAX_AGE,
+                      dry_run: bool = False) -> list[Path]:
+    """Remove the temporary files (``.*.tmp``) dead writers left in *directories*.
+
+    A file of this host whose process is gone (a zombie counts as gone) is removed at
+    once; any other (another host's on a shared file system, or a name without an owner)
+    once it is *max_age* seconds old, since a live writer renames or removes its temporary
+    file within one write. Returns the files removed (or that would be, with *dry_run*).
+    """
+    removed: list[Path] = []
+    now = time.time()
+    host = _host()
+    for directory in directories:
+        try:
+            names = [e.name for e in os.scandir(directory) if e.name.startswith(".") and e.name.endswith(".tmp")]
+        except OSError:
+            continue
+        for name in names:
+            owner = _TEMPORARY_OWNER.match(name)
+            path = directory / name
+            try:
+                if owner is not None and owner["host"] == host:
+                    gone = not pid_alive(int(owner["pid"]))
+                else:
+                    gone = now - path.stat().st_mtime > max_age
+                if gone:
+                    if not dry_run:
+                        path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+    return removed
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write *path* whole or not at all: temporary name, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         write_all(fd, data)
