@@ -346,8 +346,9 @@ def _crash_remote(tmp_path: Path, op: str, remote_kind: str, count: int, registr
             assert tags(store) == after_local, "a re-run converges on the same local tags"
             assert settle(store) == expected_local, "gc leaves what the rehearsal's store holds"
             assert leftovers(store) == [], leftovers(store)
-            kept = sorted(str(p.relative_to(store)) for p in (store / "remote").rglob(".*.tmp"))
-            assert not kept, f"temporary files left in the remote state: {kept}"
+            kept = sorted(str(p.relative_to(store)) for p in (store / "remote").rglob("*")
+                          if p.name.endswith(".tmp") or (p.is_file() and "pushing" in p.parts))
+            assert not kept, f"temporary files or a pending push left in the remote state: {kept}"
             assert problems(store) == []
         except AssertionError as exc:
             failures.append(f"{where}: {exc}")
@@ -358,6 +359,9 @@ def _crash_remote(tmp_path: Path, op: str, remote_kind: str, count: int, registr
     assert not failures, "\n".join(failures)
 
 
+#: Directories of a store whose file names change from run to run: temporary packs, pack
+#: names, and the remote state (named by the remote's URL, which differs per kill).
+UNSTABLE = ("tmp/", "packs/", "remote/")
 #: Calls the push's main thread does not make while its upload thread works (it only
 #: writes and opens its spool packs then), so counting them over all threads in order
 #: gives the same point on every run.
@@ -368,7 +372,8 @@ def stable_points(calls: list[Call], remote: Path) -> list[Point]:
     """Kill points of a ``push --parallel 1`` on a file:// remote (or of a pull in the
     local store) that every run hits again.
 
-    Temporary files have random names, so the calls on them are counted by system call
+    Temporary files have random names (so have the directories of :data:`UNSTABLE`), so
+    the calls on them are counted by system call
     alone (strace without ``-P``); stable names (``blobs/sha256``, ``tags``, a blob or tag
     being read) per file. strace counts per thread: a call is a point when no other
     thread's count of it reaches the same number first — for :data:`SEQUENTIAL` calls
@@ -381,7 +386,7 @@ def stable_points(calls: list[Call], remote: Path) -> list[Point]:
     for c in calls:
         if not c.path.startswith(root + "/") and c.path != root:
             continue
-        stable = not os.path.basename(c.path).startswith(".")
+        stable = not (os.path.basename(c.path).startswith(".") or c.path[len(root) + 1:].startswith(UNSTABLE))
         key = (c.name, c.path.replace(root, "{store}", 1) if stable else None)
         key_of.append((c, key, c.nth_on_path if stable else c.nth))
     # Over the whole trace (other files too): which threads reach each count of each key.

@@ -41,7 +41,7 @@ from cnpsfs.store.backends import Backend, FileBackend
 from cnpsfs.store.blocks import compress_block, decompress_block
 from cnpsfs.store.index import Location
 from cnpsfs.store.local import LocalStore
-from cnpsfs.store.packs import PACK_MAGIC, encode_record_header, write_all
+from cnpsfs.store.packs import PACK_MAGIC, atomic_write, encode_record_header, write_all
 from cnpsfs.store.protocol import T_CHUNK, T_FILESET, T_IMAGE, TYPE_NAMES
 from cnpsfs.store.remote import RemoteLocation, RemoteStore
 from cnpsfs.store.wire import (
@@ -243,6 +243,9 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
                 report.sent += len(manifest)
             report.manifest = sha256_name(manifest)
             report.seconds = time.monotonic() - started
+            pending = _pending_push(state_dir, remote_name, root)
+            if pending is not None:
+                pending.unlink(missing_ok=True)  # a killed run's, which got as far as the digest tag
             return report
         finally:
             remote.close()
@@ -300,7 +303,8 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
         index_ref = BlobRef(sha256_name(index_bytes), len(index_bytes))
         layers = [(MT_SHARD, BlobRef(sha256_name(d), len(d))) for d in shard_blobs]
         layers += [(MT_PACK, blob) for blob in index.blobs]
-        created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        pending = _pending_push(state_dir, remote_name, root)
+        created = _created(pending)
         manifest = encode_manifest(index_ref, layers, root, root_type, report.ref, created)
         if len(manifest) > MANIFEST_MAX:
             raise CnpsfsError(f"{ref}: its manifest would be {len(manifest)} bytes ({len(layers)} blobs), more "
@@ -312,6 +316,8 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
         if tag is not None:
             backend.put_tag(ref_tag(*tag), manifest)  # last: every object it names is there now
         report.manifest = sha256_name(manifest)
+        if pending is not None:
+            pending.unlink(missing_ok=True)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         spool.discard()
@@ -319,6 +325,34 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
     report.skipped += sum(loc.record_length for loc in {loc.block: loc for loc in present.values()}.values())
     report.seconds = time.monotonic() - started
     return report
+
+
+def _pending_push(state_dir: Path | None, remote: str, root: bytes) -> Path | None:
+    """Where a push of *root* to *remote* keeps the creation time of the manifest it writes."""
+    if state_dir is None:
+        return None
+    return state_dir / "pushing" / hashlib.sha256(remote.encode()).hexdigest()[:16] / root.hex()
+
+
+def _created(pending: Path | None) -> str:
+    """The manifest's creation time: the one an earlier, killed push of the same image to the
+    same remote chose, so the re-run writes the same manifest (the same blob) and the killed
+    run's manifest is not left on the remote unreferenced; else now, kept for a re-run."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if pending is None:
+        return now
+    try:
+        kept = pending.read_text()
+        if len(kept) == len(now) and datetime.datetime.strptime(kept, "%Y-%m-%dT%H:%M:%SZ"):
+            return kept
+    except (OSError, ValueError):
+        pass
+    try:
+        pending.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(pending, now.encode())
+    except OSError as exc:
+        log.warning("cannot keep %s: %s", pending, exc.strerror)
+    return now
 
 
 def _retag(manifest: bytes, ref: str) -> bytes:
