@@ -60,13 +60,16 @@ def outcome(name: str) -> None:
         Tally.current[name] += 1
 
 
-def fuzz(long: bool, inputs: st.SearchStrategy[Any], prop: Callable[[Any], None], label: str) -> None:
-    """Run *prop* on *inputs* (smoke or long settings) and print how the inputs ended."""
+def fuzz(long: bool, inputs: st.SearchStrategy[Any], prop: Callable[[Any], None], label: str,
+         examples: int | None = None) -> None:
+    """Run *prop* on *inputs* (smoke or long settings; *examples* of them if given) and print
+    how the inputs ended."""
     counts: collections.Counter[str] = collections.Counter()
     Tally.current = counts
     started = time.monotonic()
+    chosen = _settings(long) if examples is None else settings(_settings(long), max_examples=examples)
     try:
-        _settings(long)(given(inputs)(prop))()
+        chosen(given(inputs)(prop))()
     finally:
         Tally.current = None
     n = counts.pop("input", 0)

@@ -329,7 +329,7 @@ class DockerArchiveSource:
             raise ImportRejected(f"{self.reference}: manifest.json is larger than {MAX_JSON >> 20} MiB")
         try:
             raw = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ImportRejected(f"{self.reference}: manifest.json is not valid JSON ({exc})") from None
         if not isinstance(raw, list) or not raw:
             raise ImportRejected(f"{self.reference}: manifest.json lists no image")

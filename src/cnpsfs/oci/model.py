@@ -59,7 +59,7 @@ _MAX_ITEMS = 10_000  # layers of a manifest, manifests of an index
 
 
 def check_digest(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _DIGEST_RE.match(value):
+    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
         raise ImportRejected(f"{where}: invalid digest {str(value)[:80]!r} (want sha256:<64 hex> or sha512:<128 hex>)")
     return value
 

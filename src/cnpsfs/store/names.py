@@ -15,7 +15,7 @@ VERSION_RE = re.compile(r"^[A-Za-z0-9._+~:-]+$")
 
 
 def check_tag_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):  # not match: "$" also matches before a trailing newline
         raise UsageError(
             f"invalid name {name!r}: expected a DNS-rooted name such as debian.org/bash "
             "(lower-case domain, then one or more /path components)"
@@ -23,5 +23,5 @@ def check_tag_name(name: str) -> None:
 
 
 def check_tag_version(version: str) -> None:
-    if not VERSION_RE.match(version):
+    if not VERSION_RE.fullmatch(version):
         raise UsageError(f"invalid version {version!r}: use letters, digits and . _ + ~ : -")

@@ -37,6 +37,10 @@ from cnpsfs.store.remote import DEFAULT_PARALLEL, DEFAULT_TIMEOUT, RemoteStore
 from cnpsfs.transport import HttpConfig
 
 SYSTEM_CONFIG = Path("/etc/cnpsfs/remotes.toml")
+#: Bounds of the settings (docs/remote.md): a remote's file cannot ask for an endless wait or pool.
+MAX_TIMEOUT = 3600.0
+MAX_PARALLEL = 64
+MAX_RETRIES = 100
 KEYS = {"url", "mirrors", "ca", "tls-verify", "proxy", "timeout", "connect-timeout", "retries", "parallel",
         "authfile", "creds-file"}
 
@@ -108,6 +112,8 @@ def load_remotes(paths: Sequence[Path] | None = None) -> dict[str, RemoteSpec]:
             raise UsageError(f"{path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{path}: not valid TOML: {exc}") from None
+        except UnicodeDecodeError:  # tomllib decodes the bytes itself and lets this through
+            raise UsageError(f"{path}: not UTF-8 text") from None
         table = doc.get("remotes", {})
         unknown = set(doc) - {"remotes"}
         if unknown or not isinstance(table, dict):
@@ -146,8 +152,14 @@ def _spec(name: str, entry: Any, source: str) -> RemoteSpec:
         connect_timeout=float(get("connect-timeout", (int, float), 10.0)), retries=int(get("retries", int, 4)),
         parallel=int(get("parallel", int, DEFAULT_PARALLEL)), authfile=get("authfile", str, None),
         creds_file=get("creds-file", str, None), source=source)
-    if spec.timeout <= 0 or spec.parallel < 1 or spec.retries < 0:
-        raise UsageError(f"{where}: timeout and parallel must be positive, retries at least 0")
+    # Every wait bounded, every pool sized: inf, nan or a huge pool would mean "forever" or "unbounded".
+    for key, value in (("timeout", spec.timeout), ("connect-timeout", spec.connect_timeout)):
+        if not 0 < value <= MAX_TIMEOUT:  # also false for nan
+            raise UsageError(f"{where}: {key} must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds")
+    if not 1 <= spec.parallel <= MAX_PARALLEL:
+        raise UsageError(f"{where}: parallel must be 1 to {MAX_PARALLEL}")
+    if not 0 <= spec.retries <= MAX_RETRIES:
+        raise UsageError(f"{where}: retries must be 0 to {MAX_RETRIES}")
     return spec
 
 

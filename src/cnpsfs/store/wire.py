@@ -37,6 +37,7 @@ import cbor2
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CorruptObjectError
+from cnpsfs.store.names import NAME_RE, VERSION_RE
 from cnpsfs.store.protocol import T_CHUNK, T_FILESET, T_IMAGE, TYPE_NAMES
 
 REMOTE_MARKER = "cnpsfs-remote"
@@ -114,6 +115,9 @@ def parse_ref_tag(tag: str) -> tuple[str, str] | None:
     if text.count("\0") != 1:
         return None
     name, version = text.split("\0")
+    # Only what a local tag could be: a remote's tags must not bring in names the store refuses.
+    if not (NAME_RE.fullmatch(name) and VERSION_RE.fullmatch(version)):
+        return None
     return name, version
 
 
@@ -263,6 +267,8 @@ def decode_index(data: bytes, where: str) -> IndexRoot:
     if not isinstance(attached, bytes) or len(attached) % ATTACHMENT_ENTRY.size:
         raise bad("attachment table")
     attachments = tuple(ATTACHMENT_ENTRY.iter_unpack(attached))
+    if any(a >= b for a, b in itertools.pairwise(attachments)):
+        raise bad("attachments out of order or repeated")
     return IndexRoot(root, root_type, blobs, blocks, shard_lists[0], shard_lists[1], attachments)
 
 
@@ -381,7 +387,7 @@ def decode_manifest(data: bytes, where: str) -> ManifestInfo:
 
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         raise bad("not JSON") from None
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise bad("not an OCI manifest")

@@ -135,7 +135,7 @@ def run_credential_helper(helper: str, server: str, *, source: str) -> Credentia
     try:
         doc = json.loads(proc.stdout)
         user, secret = doc["Username"], doc["Secret"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise AuthError(f"{server}: credential helper {program} printed no Username/Secret", host=server) from None
     if user == "<token>":
         log.info("%s: %s gave an identity token, which cnpsfs does not support; skipped", source, program)
@@ -154,7 +154,7 @@ def _search_file(path: Path, legacy: bool, keys: list[str], host: str) -> Creden
         return None
     try:
         doc = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise UsageError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise UsageError(f"{path}: not a JSON object")

@@ -192,7 +192,7 @@ def summarize_body(body: bytes) -> str:
     """One line from an error body: the OCI ``errors[0]`` code and message, else the text's start."""
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if isinstance(doc, dict):
         errs = doc.get("errors")

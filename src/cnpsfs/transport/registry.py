@@ -354,7 +354,7 @@ class RegistryClient:
             doc = json.loads(resp.content)
             value = doc.get("token") or doc.get("access_token")
             lifetime = float(doc.get("expires_in") or TOKEN_DEFAULT_LIFETIME)
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             value, lifetime = None, 0.0
         if not isinstance(value, str) or not value:
             raise self._err(AuthError, resource, f"token server {urlsplit(realm).netloc} sent no token")
@@ -457,7 +457,7 @@ class RegistryClient:
         if media_type not in MANIFEST_MEDIA_TYPES:
             try:
                 embedded = json.loads(data).get("mediaType")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 embedded = None
             if isinstance(embedded, str) and embedded:
                 media_type = embedded
@@ -497,7 +497,7 @@ class RegistryClient:
             raise status_error(resp, what)
         try:
             doc = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             doc = {}
         subject = doc.get("subject") if isinstance(doc, dict) else None
         if isinstance(subject, dict) and isinstance(subject.get("digest"), str) and not resp.header("OCI-Subject"):
@@ -526,8 +526,10 @@ class RegistryClient:
                 raise status_error(resp, what)
             try:
                 page = json.loads(resp.content).get("tags") or []
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):
                 raise self._err(RegistryError, what, "tags list is not JSON") from None
+            if not isinstance(page, list):
+                raise self._err(RegistryError, what, "tags list has no list of tags")
             tags += [t for t in page if isinstance(t, str)]
             link = resp.header("Link") or ""
             m = re.search(r'<([^>]+)>\s*;\s*rel="?next"?', link)
@@ -565,7 +567,7 @@ class RegistryClient:
     def _index_json(self, data: bytes, what: str) -> dict[str, Any]:
         try:
             doc = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise self._err(RegistryError, what, "referrers index is not JSON") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("manifests", []), list):
             raise self._err(RegistryError, what, "referrers index has no manifests list")

@@ -67,11 +67,11 @@ class Pattern(NamedTuple):
         if prefix:
             parts = parts[:-1]
         domain, segments = parts[0], tuple(parts[1:])
-        if not _DOMAIN.match(domain):
+        if not _DOMAIN.fullmatch(domain):  # not match: "$" also matches before a trailing newline
             raise PolicyError(f"{where}: bad pattern {text!r}: it must start with a lower-case domain "
                               "(or *.domain), as names do")
         for segment in segments:
-            if not _SEGMENT.match(segment):
+            if not _SEGMENT.fullmatch(segment):
                 raise PolicyError(f"{where}: bad pattern {text!r}: '*' is allowed only as the last component "
                                   "('example.org/*') or as the first domain label ('*.example.org/*')")
         if not prefix and not segments:
