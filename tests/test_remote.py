@@ -100,6 +100,51 @@ def test_push_sends_only_what_the_remote_lacks(source: SourceStore, file_remote:
         assert (directory / "blobs/sha256" / blob.digest.split(":")[1]).stat().st_size == blob.size
 
 
+def test_push_reads_only_what_its_image_needs_of_the_remote(source: SourceStore, tmp_path: Path) -> None:
+    """The catalogue holds what the pushed image reaches, not the remote's indexes: images of
+    the same name are scanned first, and the scan stops once everything is found, so an
+    unrelated image's shards are never read."""
+    from cnpsfs.store.backends import FileBackend
+    from cnpsfs.store.sync import push
+
+    class Counting(FileBackend):
+        def __init__(self, url: str, path: Path) -> None:
+            super().__init__(url, path)
+            self.fetched: list[str] = []
+
+        def get_blob(self, digest: str, size: int, *, deadline: float | None = None) -> bytes:
+            self.fetched.append(digest)
+            return super().get_blob(digest, size, deadline=deadline)
+
+    directory = tmp_path / "remote"
+    tree = tmp_path / "other"
+    tree.mkdir()
+    (tree / "hello.txt").write_text("an unrelated image\n")
+    source.cli.ok("import", "dir", tree, "--name", "example.org/other", "--version", "1")
+    (tmp_path / "other.toml").write_text('name = "example.org/other-image"\nversion = "1"\n'
+                                         '[[layers]]\nfileset = "example.org/other@1"\n')
+    source.cli.ok("image", "create", tmp_path / "other.toml")
+    (tmp_path / "again.toml").write_text('name = "example.org/debian-image"\nversion = "1b"\n'
+                                         '[[layers]]\nfileset = "example.org/debian@1"\n')
+    source.cli.ok("image", "create", tmp_path / "again.toml")
+    push_cli(source, "example.org/other-image@1", f"file://{directory}")
+    push_cli(source, IMAGE_V1, f"file://{directory}")
+    other = remote_store(f"file://{directory}")
+    try:
+        index = other.open_image(other.resolve("example.org/other-image@1"))
+        shards = {s.blob.digest for s in (*index.root.object_shards, *index.root.chunk_shards)}
+    finally:
+        other.close()
+    local = LocalStore(source.path)
+    backend = Counting(f"file://{directory}", directory)
+    try:
+        report = push(local, "example.org/debian-image@1b", backend)
+    finally:
+        local.close()
+    assert report.members_sent == 1 and report.members_skipped > 2000, report  # the new image object only
+    assert not shards & set(backend.fetched), "the unrelated image's index was read"
+
+
 def test_pull_round_trip_and_v2_after_v1(source: SourceStore, file_remote: tuple[Path, dict, dict],
                                          tmp_path: Path) -> None:
     directory, _v1, v2_push = file_remote

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -289,6 +289,19 @@ class ImageIndex:
             return []
         return list(blocks.values())
 
+    def scan(self, wanted: Container[bytes]) -> Iterator[tuple[bytes, RemoteLocation]]:
+        """The members of *wanted* this image has, with their locations: each shard fetched,
+        searched and dropped in turn, so a scan holds one shard at a time, not the index."""
+        for chunk, shards in ((False, self.root.object_shards), (True, self.root.chunk_shards)):
+            for number, ref in enumerate(shards):
+                shard = self._shards.get((chunk, number))
+                if shard is None:
+                    data = self.remote.index_blob(ref.blob, "index shard")
+                    shard = Shard(data, f"{self.remote.name}: index shard {ref.blob.digest}", self.root)
+                for digest, row in shard:
+                    if digest in wanted:
+                        yield digest, self.location(digest, *row)
+
     def entries(self) -> Iterator[tuple[bytes, RemoteLocation]]:
         """Every member the image reaches, with its location (loads every shard)."""
         for chunk, shards in ((False, self.root.object_shards), (True, self.root.chunk_shards)):
@@ -491,6 +504,20 @@ class RemoteStore(DecodedReads):
 
     def open_manifest(self, data: bytes, what: str) -> ImageIndex:
         """Parse a manifest, fetch and check its image index, and make the image readable."""
+        index = self.read_manifest(data, what)
+        with self._lock:
+            return self._indexes.setdefault(index.digest, index)
+
+    def read_index(self, digest: bytes) -> ImageIndex | None:
+        """The index of pushed image *digest* without keeping it (what a push's catalogue scans)."""
+        index = self._indexes.get(digest)
+        if index is not None:
+            return index
+        data = self._manifest_for_tag(digest_tag(digest), f"image {fmt.format_digest(digest)}")
+        return self.read_manifest(data, f"image {fmt.format_digest(digest)}") if data is not None else None
+
+    def read_manifest(self, data: bytes, what: str) -> ImageIndex:
+        """A manifest's image index, fetched and checked, not kept by this store."""
         manifest = decode_manifest(data, f"{self.name}: {what}")
         root = decode_index(self.index_blob(manifest.index, "image index"), f"{self.name}: image index "
                             f"{manifest.index.digest}")
@@ -503,11 +530,7 @@ class RemoteStore(DecodedReads):
         if missing:
             raise CorruptObjectError(f"{self.name}: {what}: the index names blob {missing[0].digest}, which the "
                                      "manifest does not list")
-        with self._lock:
-            index = self._indexes.get(root.root)
-            if index is None:
-                index = self._indexes[root.root] = ImageIndex(self, manifest, root)
-        return index
+        return ImageIndex(self, manifest, root)
 
     def open_image(self, digest: bytes) -> ImageIndex:
         """The index of the pushed image (or FileSet) *digest*, through its digest tag."""
@@ -568,6 +591,11 @@ class RemoteStore(DecodedReads):
         if best is None:
             raise NotFoundError(f"unknown reference {name!r}: no such tag on {self.name}")
         return best[1]
+
+    def tag_root(self, tag: str) -> bytes | None:
+        """The digest of what *tag* names (its manifest's root), or None without such a tag."""
+        data = self._manifest_for_tag(tag, f"tag {tag}")
+        return decode_manifest(data, f"{self.name}: tag {tag}").root if data is not None else None
 
     def list_tags(self) -> list[str]:
         return self._mirrors(self._deadline(), "tags", lambda b, _left: b.list_tags())

@@ -2,7 +2,8 @@
 only what the other side lacks.
 
 **Push** (docs/remote.md): the remote's catalogue is the union of the indexes of the
-images already pushed there (their digest tags). The image's DAG is walked level by level
+images already pushed there (their digest tags), read one image and one shard at a time
+for the digests the pushed image reaches (:func:`_catalogue`). The image's DAG is walked level by level
 from the root, one has-many round against the catalogue per level; everything already
 there is only located (its subtree is there too: an index lists all its image reaches),
 everything else is read from local blocks, verified, and packed. A local block whose
@@ -57,6 +58,7 @@ from cnpsfs.store.wire import (
     encode_index,
     encode_manifest,
     encode_shard,
+    parse_ref_tag,
     ref_tag,
     sha256_name,
     split_shards,
@@ -250,8 +252,10 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
         finally:
             remote.close()
 
-    _load_catalogue(remote, parallel)
-    present, lacking = _walk(local, remote, [root, *extra_roots])
+    roots = [root, *extra_roots]
+    catalogue = _catalogue(local, remote, roots, tag[0] if tag else None, parallel)
+    present, lacking = _walk(local, catalogue, roots)
+    del catalogue
     report.members_skipped = len(present)
     report.members_sent = len(lacking)
 
@@ -391,21 +395,56 @@ def _index_attachments(remote: RemoteStore, manifest: bytes) -> tuple[tuple[byte
         return ()
 
 
-def _load_catalogue(remote: RemoteStore, parallel: int) -> None:
-    """Open the index of every image on the remote, shards included (they are needed next)."""
+def _catalogue(local: LocalStore, remote: RemoteStore, roots: list[bytes], name: str | None,
+               parallel: int) -> dict[bytes, RemoteLocation]:
+    """Where the remote already has what *roots* reach: the has-many answers for the whole walk.
+
+    The images pushed there are scanned one at a time (a few at once), shard by shard,
+    keeping only the locations of digests *roots* reach, so what this holds grows with
+    the image pushed, not with the remote: its other images' indexes are read and dropped.
+    Images of the same name come first (the previous version shares the most), and the
+    scan stops once everything is found.
+    """
+    from cnpsfs.store.maintenance import reachable
+
+    wanted = reachable(local, roots)
+    # A root the remote had would have been taken whole before: the scan is done when
+    # everything below the roots is found.
+    below = len(wanted - set(roots))
     digests = remote.image_digests()
-    with concurrent.futures.ThreadPoolExecutor(max(1, parallel), thread_name_prefix="cnpsfs-catalogue") as pool:
-        def load(digest: bytes) -> None:
-            try:
-                remote.open_image(digest).load_shards()
-            except CnpsfsError as exc:
-                log.warning("%s: image %s is not usable for deduplication: %s", remote.name,
-                            fmt.format_digest(digest), exc)
+    same: set[bytes] = set()
+    if name is not None:
+        for tag in remote.list_tags():
+            parsed = parse_ref_tag(tag)
+            if parsed is None or parsed[0] != name:
+                continue
+            with contextlib.suppress(CnpsfsError):
+                digest = remote.tag_root(tag)
+                if digest is not None:
+                    same.add(digest)
+    found: dict[bytes, RemoteLocation] = {}
+    top = set(roots)
 
-        list(pool.map(load, digests))
+    def scan(digest: bytes) -> None:
+        if sum(1 for d in found if d not in top) >= below:
+            return
+        try:
+            index = remote.read_index(digest)
+            if index is None:
+                return
+            for member, loc in index.scan(wanted):
+                found.setdefault(member, loc)
+        except CnpsfsError as exc:
+            log.warning("%s: image %s is not usable for deduplication: %s", remote.name,
+                        fmt.format_digest(digest), exc)
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(parallel, 4)), thread_name_prefix="cnpsfs-catalogue") as pool:
+        list(pool.map(scan, [d for d in digests if d in same]))  # first, and alone: they may be all it takes
+        list(pool.map(scan, [d for d in digests if d not in same]))
+    return found
 
 
-def _walk(local: LocalStore, remote: RemoteStore, roots: list[bytes]
+def _walk(local: LocalStore, catalogue: dict[bytes, RemoteLocation], roots: list[bytes]
           ) -> tuple[dict[bytes, RemoteLocation], dict[bytes, int]]:
     """Level by level from *roots*: what the remote has (with where) and what it lacks (with its type).
 
@@ -417,7 +456,7 @@ def _walk(local: LocalStore, remote: RemoteStore, roots: list[bytes]
     level: dict[bytes, bool] = dict.fromkeys(roots, False)  # digest -> is a chunk
     located_below: list[bytes] = []
     while level:
-        found = {d: loc for d in level if (loc := remote.locate(d, chunk_first=level[d])) is not None}
+        found = {d: loc for d in level if (loc := catalogue.get(d)) is not None}
         nxt: dict[bytes, bool] = {}
         for digest, is_chunk in level.items():
             loc = found.get(digest)
@@ -447,9 +486,9 @@ def _walk(local: LocalStore, remote: RemoteStore, roots: list[bytes]
                 if child in seen or child in lacking:
                     continue
                 seen.add(child)
-                loc = remote.locate(child, chunk_first=child_is_chunk)
+                loc = catalogue.get(child)
                 if loc is None:
-                    log.warning("%s: %s is missing below an object it has; sending it", remote.name,
+                    log.warning("%s is missing below an object the remote has; sending it",
                                 fmt.format_digest(child))
                     lacking[child] = T_CHUNK if child_is_chunk else _object_type(local.get(child))
                     if not child_is_chunk:
