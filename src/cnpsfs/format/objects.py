@@ -590,6 +590,10 @@ def _decode_extents(raw: Any, limit: int) -> tuple[Extent, ...]:
 
 
 _new_tuple = tuple.__new__
+#: Keys, in canonical order, of the entry shapes entry_from_cbor recognises whole.
+_SHAPE_FILE = (0, 1, 2, 5, 7, 8, 14)
+_SHAPE_DIR = (0, 1, 2, 5, 12)
+_SHAPE_SYMLINK = (0, 1, 2, 5, 10)
 
 
 def _fast_extents(raw: list[Any], size: int) -> tuple[Extent, ...] | None:
@@ -623,6 +627,34 @@ def entry_from_cbor(raw: Any, *, root: bool = False) -> Entry:
     """
     if type(raw) is not dict:
         raise FormatError("malformed directory entry: not a map")
+    if not root:
+        # The three shapes nearly every entry has (a file with one or more inline
+        # extents, a directory, a symlink; owner root, no xattrs, no hard link) are known
+        # by their keys alone: the values then unpack in order, without a lookup each.
+        keys = tuple(raw)
+        shaped: Entry | None = None
+        if keys == _SHAPE_FILE:
+            name, kind_value, mode, mtime, size, extents, content_hash = raw.values()
+            if (type(kind_value) is int and kind_value == 1 and type(size) is int and 0 < size < _I64
+                    and type(content_hash) is bytes and len(content_hash) == DIGEST_SIZE
+                    and type(extents) is list and 0 < len(extents) <= INLINE_EXTENTS_MAX):
+                decoded = _fast_extents(extents, size)
+                if decoded is not None:
+                    shaped = Entry(name, Kind.FILE, mode, 0, 0, mtime, {}, size, decoded, None, b"", (0, 0), None,
+                                   None, content_hash)
+        elif keys == _SHAPE_DIR:
+            name, kind_value, mode, mtime, tree = raw.values()
+            if type(kind_value) is int and kind_value == 2 and type(tree) is bytes and len(tree) == DIGEST_SIZE:
+                shaped = Entry(name, Kind.DIR, mode, 0, 0, mtime, {}, 0, None, None, b"", (0, 0), tree)
+        elif keys == _SHAPE_SYMLINK:
+            name, kind_value, mode, mtime, target = raw.values()
+            if (type(kind_value) is int and kind_value == 3 and type(target) is bytes
+                    and 0 < len(target) <= PATH_MAX and b"\0" not in target):
+                shaped = Entry(name, Kind.SYMLINK, mode, 0, 0, mtime, {}, 0, None, None, target)
+        if (shaped is not None and type(name) is bytes and 0 < len(name) <= NAME_MAX and b"/" not in name
+                and b"\0" not in name and name != b"." and name != b".." and type(mode) is int
+                and 0 <= mode <= 0o7777 and type(mtime) is int and -_I64 <= mtime < _I64):
+            return shaped
     get = raw.get
     name, kind_value = get(0), get(1)
     if type(name) is not bytes:
