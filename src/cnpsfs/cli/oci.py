@@ -84,7 +84,9 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     writes them) and the object they carry has exactly the imported layers, that signed
     image (or FileSet) is restored instead, under its own name and version, with its
     signatures (checked by the trust policy where it is served); one that does not
-    match or decode is ignored with a warning. Prints the digest last on stdout.
+    match or decode is ignored with a warning. Prefetch profiles that artifacts carry
+    (`cnpsfs profile`) are filed under the imported image; a malformed one is ignored
+    with a warning. Prints the digest last on stdout.
     """
     from cnpsfs.oci.importer import OciImportOptions, import_oci
     from cnpsfs.oci.model import parse_platform
@@ -129,6 +131,7 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
                    "config_digest": result.config_digest, "new_bytes": result.new_bytes,
                    "seconds": round(seconds, 3),
                    "signatures": [fmt.format_digest(d) for d in restored.signatures] if restored else [],
+                   "profiles": [fmt.format_digest(d) for d in result.profiles],
                    "layers": [{"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size,
                                "fileset": fmt.format_digest(layer.fileset), "reused": layer.reused,
                                "new_bytes": layer.new_bytes} for layer in result.layers]})
@@ -136,6 +139,7 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     reused = sum(1 for layer in result.layers if layer.reused)
     signed = (f", the signed {'image' if restored.type_code == T_IMAGE else 'FileSet'} restored with "
               f"{len(restored.signatures)} signature(s)") if restored else ""
+    signed += f", {len(result.profiles)} profile(s)" if result.profiles else ""
     click.echo(f"imported {name}@{version}: {len(result.layers)} layers ({reused} already stored){signed}, "
                f"{human_size(result.new_bytes)} newly stored in {seconds:.2f}s", err=True)
     click.echo(ref)
@@ -178,7 +182,8 @@ def export_oci_cmd(app: App, ref: str, dest: str, compression_format: str | None
     image imported with `import oci` keeps its layer boundaries, run config, platform
     and history. The signatures of REF (`cnpsfs sign`) go along as OCI artifacts
     referring to the image (a registry's referrers API, or its sha256-<hex> fallback
-    tag; index.json of a layout or OCI archive), unless --remove-signatures. Archives
+    tag; index.json of a layout or OCI archive), unless --remove-signatures; so do
+    its prefetch profiles (`cnpsfs profile`), one artifact each. Archives
     are written to a temporary file and renamed. Prints the manifest digest last on
     stdout.
     """
@@ -204,7 +209,7 @@ def export_oci_cmd(app: App, ref: str, dest: str, compression_format: str | None
     seconds = time.monotonic() - start
     if as_json:
         emit_json({"manifest_digest": result.manifest_digest, "config_digest": result.config_digest,
-                   "seconds": round(seconds, 3), "signatures": result.signatures,
+                   "seconds": round(seconds, 3), "signatures": result.signatures, "profiles": result.profiles,
                    "layers": [{"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size,
                                "media_type": layer.media_type, "fileset": fmt.format_digest(layer.fileset),
                                "outcome": layer.outcome} for layer in result.layers]})
@@ -212,6 +217,7 @@ def export_oci_cmd(app: App, ref: str, dest: str, compression_format: str | None
     total = sum(layer.size for layer in result.layers)
     skipped = sum(1 for layer in result.layers if layer.outcome == "exists")
     signed = f", {len(result.signatures)} signature(s)" if result.signatures else ""
+    signed += f", {len(result.profiles)} profile(s)" if result.profiles else ""
     click.echo(f"exported {image.name}@{image.version} to {dest}: {len(result.layers)} layers "
                f"({skipped} already there){signed}, {human_size(total)} in {seconds:.2f}s", err=True)
     click.echo(result.manifest_digest)

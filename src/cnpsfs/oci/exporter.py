@@ -77,6 +77,8 @@ class ExportOptions:
     #: Write the subject's cnpsfs signatures as artifacts referring to the image (where
     #: the destination can hold them: a registry, an OCI layout or archive).
     signatures: bool = True
+    #: Write the subject's prefetch profiles as artifacts referring to the image (same places).
+    profiles: bool = True
 
 
 @dataclass
@@ -97,6 +99,8 @@ class ExportResult:
     layers: list[ExportedLayer] = field(default_factory=list)
     #: Digests of the signature artifact manifests written (docs/format.md).
     signatures: list[str] = field(default_factory=list)
+    #: Digests of the profile artifact manifests written (docs/format.md §1.15).
+    profiles: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- reproducible tar
@@ -216,8 +220,9 @@ def image_config(store: Store, image: fmt.Image, layers: list[ExportedLayer]) ->
 def export_oci(store: Store, image: fmt.Image, sink: BlobSink, options: ExportOptions,
                on_layer: Callable[[ExportedLayer], None] | None = None, *,
                subject: bytes | None = None) -> ExportResult:
-    """Write *image* to *sink*: every layer, the config, the signature artifacts of
-    *subject* (the stored image or FileSet exported), then the manifest under its tag."""
+    """Write *image* to *sink*: every layer, the config, the signature and profile
+    artifacts of *subject* (the stored image or FileSet exported), then the manifest
+    under its tag."""
     if options.compression not in DEFAULT_LEVEL:
         raise UsageError(f"unknown compression {options.compression!r}")
     # Nested images flattened into one stack; union layers are unordered, so their
@@ -246,32 +251,41 @@ def export_oci(store: Store, image: fmt.Image, sink: BlobSink, options: ExportOp
                            for layer in layers]}
     manifest_bytes = canonical_json(manifest)
     manifest_digest = digest_of(manifest_bytes)
-    artifacts = _put_signatures(store, sink, subject, manifest_bytes) if subject and options.signatures else []
+    signatures: list[str] = []
+    profiles: list[str] = []
+    if subject is not None:
+        from cnpsfs.oci.profiles import profile_artifacts
+        from cnpsfs.oci.signatures import signature_artifacts
+
+        if options.signatures:
+            signatures = _put_artifacts(sink, signature_artifacts(store, subject, manifest_bytes), "signature",
+                                        subject)
+        if options.profiles:
+            profiles = _put_artifacts(sink, profile_artifacts(store, subject, manifest_bytes), "profile", subject)
     sink.put_manifest(manifest_bytes, OCI_MANIFEST, manifest_digest)
     finish = getattr(sink, "finish", None)
     if finish is not None:
         finish()
-    return ExportResult(manifest_digest, config_digest, layers, artifacts)
+    return ExportResult(manifest_digest, config_digest, layers, signatures, profiles)
 
 
-def _put_signatures(store: Store, sink: BlobSink, subject: bytes, manifest: bytes) -> list[str]:
-    """Each signature of *subject* as an artifact referring to *manifest* (before the tag moves)."""
-    from cnpsfs.oci.signatures import ARTIFACT_TYPE, EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE, signature_artifacts
+def _put_artifacts(sink: BlobSink, artifacts: list[Any], noun: str, subject: bytes) -> list[str]:
+    """*artifacts* (cnpsfs.oci.artifacts.Artifact) referring to the image manifest, before
+    the tag moves: the empty config, each blob, then each artifact manifest."""
+    from cnpsfs.oci.artifacts import EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE
 
-    artifacts = signature_artifacts(store, subject, manifest)
     if not artifacts:
         return []
     put_referrer = getattr(sink, "put_referrer", None)
     if put_referrer is None:
-        log.warning("%s cannot hold signatures: the %d signature(s) of %s are not exported", sink.reference,
-                    len(artifacts), fmt.format_digest(subject))
+        log.warning("%s cannot hold %ss: the %d %s(s) of %s are not exported", sink.reference, noun,
+                    len(artifacts), noun, fmt.format_digest(subject))
         return []
     _put_bytes(sink, EMPTY_DATA, EMPTY_DIGEST, EMPTY_MEDIA_TYPE)
     for artifact in artifacts:
-        _put_bytes(sink, artifact.blob, artifact.blob_digest, ARTIFACT_TYPE)
-        put_referrer(artifact.manifest, OCI_MANIFEST, artifact.digest, ARTIFACT_TYPE)
-        log.info("%s: signature %s as artifact %s", sink.reference, fmt.format_digest(artifact.signature),
-                 artifact.digest)
+        _put_bytes(sink, artifact.blob, artifact.blob_digest, artifact.artifact_type)
+        put_referrer(artifact.manifest, OCI_MANIFEST, artifact.digest, artifact.artifact_type)
+        log.info("%s: %s as artifact %s", sink.reference, noun, artifact.digest)
     return [a.digest for a in artifacts]
 
 

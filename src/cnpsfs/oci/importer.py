@@ -34,6 +34,7 @@ from cnpsfs.errors import CnpsfsError, ImportRejected
 from cnpsfs.image.manifest import compose, store_image
 from cnpsfs.ingest.tar import TarImporter, import_tar_stream
 from cnpsfs.ingest.tree import ImportOptions
+from cnpsfs.oci.artifacts import list_referrers
 from cnpsfs.oci.blobs import Cancelled, HashingReader, decompressor, sniff_compression
 from cnpsfs.oci.layout import ImageSource, read_blob
 from cnpsfs.oci.model import (
@@ -73,6 +74,8 @@ class OciImportOptions:
     names_given: bool = False
     #: The trust decision on a restored signed object before it is tagged (cnpsfs.trust.check_image).
     check: Callable[[bytes, str], object] | None = None
+    #: File the prefetch profiles that profile artifacts referring to the image carry under it.
+    profiles: bool = True
 
 
 @dataclass
@@ -114,6 +117,8 @@ class OciImportResult:
     layers: list[LayerResult] = field(default_factory=list)
     #: The signed object restored from signature artifacts (tagged instead of *image*).
     restored: Restored | None = None
+    #: Digests of the profile objects filed under the imported image (docs/format.md §1.15).
+    profiles: list[bytes] = field(default_factory=list)
 
     @property
     def new_bytes(self) -> int:
@@ -238,18 +243,48 @@ def import_oci(store: HostedStore, source: ImageSource, options: OciImportOption
                                     not first_reader, raw[diff_id].new_bytes if first_reader else 0, chains[number]))
         image = build_image(options.name, options.version, ref, manifest, manifest_digest, index_digest, config,
                             done)
-        restored = _restore_signed(store, source, options, manifest_digest, done) if options.signatures else None
-        if restored is not None:
-            return OciImportResult(restored.digest, image, manifest_digest, manifest.config.digest, done, restored)
-        digest = store_image(store, image)
-    return OciImportResult(digest, image, manifest_digest, manifest.config.digest, done)
+        listed = _referrers(source, options, manifest_digest)
+        restored = _restore_signed(store, source, options, manifest_digest, done, listed) \
+            if options.signatures else None
+        digest = restored.digest if restored is not None else store_image(store, image)
+        profiles = _file_profiles(store, source, digest, manifest_digest, listed) if options.profiles else []
+    return OciImportResult(digest, image, manifest_digest, manifest.config.digest, done, restored, profiles)
+
+
+def _referrers(source: ImageSource, options: OciImportOptions, manifest_digest: str) -> list[dict[str, Any]]:
+    """What refers to the image, listed once for signatures and profiles. A failing listing
+    is an error when signatures are looked for (never imported as unsigned because the
+    registry failed); for profiles alone, which are advice, a warning."""
+    if not options.signatures and not options.profiles:
+        return []
+    try:
+        return list_referrers(source, manifest_digest)
+    except CnpsfsError as exc:
+        if options.signatures:
+            raise
+        log.warning("%s: imported without its profiles: %s", source.reference, exc)
+        return []
+
+
+def _file_profiles(store: Store, source: ImageSource, image: bytes, manifest_digest: str,
+                   listed: list[dict[str, Any]]) -> list[bytes]:
+    """The profiles the image's profile artifacts carry, filed under *image* (docs/oci.md, "Profiles")."""
+    from cnpsfs.oci.profiles import collect as collect_profiles
+    from cnpsfs.oci.profiles import file_profiles
+
+    found = collect_profiles(source, manifest_digest, listed)
+    if not found:
+        return []
+    filed = file_profiles(store, image, found)
+    log.info("%s: %d profile(s) filed under %s", source.reference, len(filed), fmt.format_digest(image))
+    return filed
 
 
 def _restore_signed(store: Store, source: ImageSource, options: OciImportOptions, manifest_digest: str,
-                    done: list[LayerResult]) -> Restored | None:
+                    done: list[LayerResult], listed: list[dict[str, Any]]) -> Restored | None:
     """The signed object the image's signature artifacts carry, stored and tagged, if it
     has exactly the imported layers (docs/oci.md, "Signatures")."""
-    found = collect(source, manifest_digest)
+    found = collect(source, manifest_digest, listed)
     if not found:
         return None
     roots = [store.get_fileset(layer.fileset).root for layer in done]

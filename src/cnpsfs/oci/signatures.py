@@ -33,7 +33,17 @@ from typing import Any
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, FormatError
 from cnpsfs.image.manifest import active_layers, stacking_order
-from cnpsfs.oci.model import MAX_JSON, OCI_MANIFEST, canonical_json, digest_of, short
+from cnpsfs.oci.artifacts import (
+    ANN_CREATED,
+    Artifact,
+    artifact_manifest,
+    list_referrers,
+    read_artifacts,
+    rfc3339,
+)
+from cnpsfs.oci.artifacts import Rejected as _Rejected
+from cnpsfs.oci.artifacts import parse_artifact_manifest as _parse_artifact_manifest
+from cnpsfs.oci.model import MAX_JSON, canonical_json
 from cnpsfs.store import T_FILESET, T_IMAGE, Store
 from cnpsfs.trust.signature import Signature, signatures_for
 
@@ -41,36 +51,19 @@ log = logging.getLogger(__name__)
 
 #: The artifactType of a signature artifact manifest, and the media type of its one layer.
 ARTIFACT_TYPE = "application/vnd.cnpsfs.signature.v1+json"
-#: The empty config of artifacts (OCI image spec 1.1, "Guidance for an empty descriptor").
-EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
-EMPTY_DATA = b"{}"
-EMPTY_DIGEST = digest_of(EMPTY_DATA)
 #: Annotations on the artifact manifest (informative: the blob is what counts).
 ANN_SUBJECT = "org.cnpsfs.signature.subject"
 ANN_KEY = "org.cnpsfs.signature.key"
 ANN_REVISION = "org.cnpsfs.signature.revision"
-ANN_CREATED = "org.opencontainers.image.created"
-#: How many signature artifacts of one image are read at most (more are ignored, logged).
-MAX_ARTIFACTS = 64
 #: How many objects one artifact may carry (an image, nested images, their FileSets).
 MAX_OBJECTS = 4 * fmt.MAX_LAYERS
 
 
 @dataclass
-class SignatureArtifact:
+class SignatureArtifact(Artifact):
     """One signature as an OCI artifact: its layer blob and manifest."""
 
-    blob: bytes
-    manifest: bytes
-    signature: bytes  # the cnpsfs digest of the signature object
-
-    @property
-    def blob_digest(self) -> str:
-        return digest_of(self.blob)
-
-    @property
-    def digest(self) -> str:
-        return digest_of(self.manifest)
+    signature: bytes = b""  # the cnpsfs digest of the signature object
 
 
 # --------------------------------------------------------------------------- export
@@ -91,12 +84,6 @@ def carried_objects(store: Store, subject: bytes) -> list[bytes]:
     return list(out.values())
 
 
-def _rfc3339(seconds: int) -> str:
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
 def signature_artifacts(store: Store, subject: bytes, image_manifest: bytes) -> list[SignatureArtifact]:
     """An artifact per readable signature filed under *subject*, referring to *image_manifest*.
 
@@ -107,7 +94,6 @@ def signature_artifacts(store: Store, subject: bytes, image_manifest: bytes) -> 
     if not stored:
         return []
     objects = [base64.b64encode(o).decode("ascii") for o in carried_objects(store, subject)]
-    subject_desc = {"mediaType": OCI_MANIFEST, "digest": digest_of(image_manifest), "size": len(image_manifest)}
     out = []
     for item in sorted(stored, key=lambda s: s.digest):
         assert item.signature is not None
@@ -125,16 +111,10 @@ def signature_artifacts(store: Store, subject: bytes, image_manifest: bytes) -> 
             continue
         from cnpsfs.trust.keys import format_key_id
 
-        manifest = canonical_json({
-            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
-            "config": {"mediaType": EMPTY_MEDIA_TYPE, "digest": EMPTY_DIGEST, "size": len(EMPTY_DATA),
-                       "data": base64.b64encode(EMPTY_DATA).decode("ascii")},
-            "layers": [{"mediaType": ARTIFACT_TYPE, "digest": digest_of(blob), "size": len(blob)}],
-            "subject": subject_desc,
-            "annotations": {ANN_SUBJECT: fmt.format_digest(payload.subject), ANN_KEY: format_key_id(payload.key_id),
-                            ANN_REVISION: str(payload.revision), ANN_CREATED: _rfc3339(payload.timestamp)},
-        })
-        out.append(SignatureArtifact(blob, manifest, item.digest))
+        manifest = artifact_manifest(ARTIFACT_TYPE, blob, image_manifest, {
+            ANN_SUBJECT: fmt.format_digest(payload.subject), ANN_KEY: format_key_id(payload.key_id),
+            ANN_REVISION: str(payload.revision), ANN_CREATED: rfc3339(payload.timestamp)})
+        out.append(SignatureArtifact(ARTIFACT_TYPE, blob, manifest, item.digest))
     return out
 
 
@@ -153,33 +133,9 @@ class CarriedSignature:
     objects: dict[bytes, bytes] = field(default_factory=dict)  # cnpsfs digest -> encoded object
 
 
-class _Rejected(Exception):
-    """An artifact that is ignored (logged), not an import error."""
-
-
 def parse_artifact_manifest(data: bytes, image_manifest_digest: str, what: str) -> str:
-    """Check an artifact manifest; returns its layer's digest (size checked by the reader)."""
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        raise _Rejected(f"{what}: not JSON") from None
-    if not isinstance(doc, dict) or doc.get("schemaVersion") != 2 or doc.get("mediaType") != OCI_MANIFEST:
-        raise _Rejected(f"{what}: not an OCI image manifest")
-    if doc.get("artifactType") != ARTIFACT_TYPE:
-        raise _Rejected(f"{what}: artifactType is {str(doc.get('artifactType'))[:80]!r}, not {ARTIFACT_TYPE}")
-    subject = doc.get("subject")
-    if not isinstance(subject, dict) or subject.get("digest") != image_manifest_digest:
-        got = subject.get("digest") if isinstance(subject, dict) else None
-        raise _Rejected(f"{what}: refers to {str(got)[:80]}, not to the image {short(image_manifest_digest)}")
-    layers = doc.get("layers")
-    if not isinstance(layers, list) or len(layers) != 1 or not isinstance(layers[0], dict):
-        raise _Rejected(f"{what}: must have exactly one layer")
-    layer = layers[0]
-    digest, size = layer.get("digest"), layer.get("size")
-    if layer.get("mediaType") != ARTIFACT_TYPE or not isinstance(digest, str) or not digest.startswith("sha256:") \
-            or len(digest) != 71 or not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_JSON:
-        raise _Rejected(f"{what}: its layer is not a {ARTIFACT_TYPE} blob of at most {MAX_JSON >> 20} MiB")
-    return digest
+    """Check a signature artifact manifest; returns its layer's digest (size checked by the reader)."""
+    return _parse_artifact_manifest(data, image_manifest_digest, what, ARTIFACT_TYPE)[0]
 
 
 def decode_blob(blob: bytes, what: str) -> CarriedSignature:
@@ -291,36 +247,20 @@ def matching(store: Store, carried: list[CarriedSignature], layer_roots: list[fm
     return out
 
 
-def collect(source: Any, manifest_digest: str) -> list[CarriedSignature]:
+def collect(source: Any, manifest_digest: str, listed: list[dict[str, Any]] | None = None) -> list[CarriedSignature]:
     """The cnpsfs signature artifacts *source* lists as referring to *manifest_digest*.
 
-    *source* is an ImageSource; one without ``referrers`` (a docker save archive) has
-    none. Listing failures are the source's errors (a registry that fails says so);
-    an artifact that cannot be read or does not decode is ignored with a warning.
+    *listed* is what the source lists (:func:`cnpsfs.oci.artifacts.list_referrers`; listed
+    here when None). Listing failures are the source's errors (a registry that fails says
+    so); an artifact that cannot be read or does not decode is ignored with a warning.
     """
-    from cnpsfs.oci.layout import read_blob
-    from cnpsfs.oci.model import Descriptor
-
-    lister = getattr(source, "referrers", None)
-    if lister is None:
-        return []
+    if listed is None:
+        listed = list_referrers(source, manifest_digest)
     found: list[CarriedSignature] = []
-    listed = [d for d in lister(manifest_digest) if d.get("artifactType") == ARTIFACT_TYPE]
-    if len(listed) > MAX_ARTIFACTS:
-        log.warning("%s: %d signature artifacts refer to %s; only the first %d are read", source.reference,
-                    len(listed), short(manifest_digest), MAX_ARTIFACTS)
-    for entry in listed[:MAX_ARTIFACTS]:
-        digest, size = entry.get("digest"), entry.get("size")
-        what = f"{source.reference}: signature artifact {str(digest)[:19]}"
+    for what, blob in read_artifacts(source, manifest_digest, listed, ARTIFACT_TYPE, "signature"):
         try:
-            if not isinstance(digest, str) or not isinstance(size, int) or isinstance(size, bool):
-                raise _Rejected(f"{what}: the referrers list gives no digest and size")
-            data = read_blob(source, Descriptor(OCI_MANIFEST, digest, size), what)
-            blob_digest = parse_artifact_manifest(data, manifest_digest, what)
-            layer = json.loads(data)["layers"][0]
-            blob = read_blob(source, Descriptor(ARTIFACT_TYPE, blob_digest, layer["size"]), f"{what}: blob")
             found.append(decode_blob(blob, what))
-        except (_Rejected, CnpsfsError) as exc:
+        except _Rejected as exc:
             log.warning("%s: ignored", exc)
     return found
 
