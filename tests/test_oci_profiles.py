@@ -251,3 +251,26 @@ def test_registry_without_referrers_api_gets_the_fallback_tag(profiled: dict[str
     imported, _ = import_oci(tmp_path / "store2", signed_dest, "example.org/signed@1")
     assert imported["digest"] == profiled["signed"] and len(imported["signatures"]) == 1
     assert [row["name"] for row in listed(tmp_path / "store2", "example.org/signed@1")] == ["default"]
+
+
+# --------------------------------------------------------------------------- replayed
+
+
+@pytest.mark.fuse
+def test_imported_profile_is_replayed_on_mount(profiled: dict[str, Any], tmp_path: Path) -> None:
+    """A mount of the imported image replays its imported ``default`` profile (recorded on
+    the exporting store's image: advice, not refused)."""
+    from cnpsfs_testlib import wait_until
+    from mountutil import mount_image
+
+    export(profiled["cli"], "example.org/bb@1", f"oci:{tmp_path / 'out'}:t")
+    store = tmp_path / "store"
+    import_oci(store, f"oci:{tmp_path / 'out'}:t")
+    (tmp_path / "mnt").mkdir()
+    with mount_image(store, "example.org/bb@1", tmp_path / "mnt") as mnt:
+        state = wait_until(lambda: (lambda s: s if s["state"] not in ("loading", "running") else None)(
+            mnt.status()["prefetch"]), timeout=60, what="the prefetch to end")
+        assert state["state"] == "done", state
+        assert state["digest"] == profiled["digests"]["default"] and state["recorded_on"] == profiled["image"]
+        assert state["walked"] > 0 and state["bytes"] > 0, state
+        assert (tmp_path / "mnt/bin/busybox").is_file()
