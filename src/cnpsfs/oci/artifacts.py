@@ -78,7 +78,7 @@ def parse_artifact_manifest(data: bytes, image_manifest_digest: str, what: str, 
     """Check an artifact manifest of *artifact_type*; its layer's digest and size (at most *limit*)."""
     try:
         doc = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise Rejected(f"{what}: not JSON") from None
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2 or doc.get("mediaType") != OCI_MANIFEST:
         raise Rejected(f"{what}: not an OCI image manifest")

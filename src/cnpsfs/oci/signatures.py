@@ -142,7 +142,7 @@ def decode_blob(blob: bytes, what: str) -> CarriedSignature:
     """The signature and objects of an artifact's blob, every field checked."""
     try:
         doc = json.loads(blob)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _Rejected(f"{what}: the blob is not JSON") from None
     if not isinstance(doc, dict) or set(doc) != {"signature", "objects"} or not isinstance(doc["objects"], list) \
             or not isinstance(doc["signature"], str) or not 0 < len(doc["objects"]) <= MAX_OBJECTS:
