@@ -516,3 +516,34 @@ def test_dead_writers_temporary_files_are_reclaimed_live_ones_kept(tmp_path: Pat
     remote.initialise()  # what every push does first
     assert sorted(p.name for p in blobs.iterdir()) == sorted([mine.name, other.name])
     assert not unowned.exists()
+
+
+def test_gc_during_a_push_waits_for_it(tmp_path: Path, registry: RegistryServer,
+                                       fault_proxy: Callable[[str], FaultProxy]) -> None:
+    """Found beside the matrix: a push keeps the packs it has built and not yet uploaded in
+    the store's tmp/, unlocked, and took no store lock, so a gc run meanwhile removed them
+    as a dead writer's and the push failed (``…/tmp/push-….pack: No such file or directory``).
+    A push now holds the store's shared lock as writers do: gc waits for it."""
+    cli = Cli(tmp_path / "store")
+    local_images(cli, tmp_path)
+    proxy = fault_proxy(registry.url)
+    proxy.request_delay = 0.1  # five 1 MiB packs, three requests each: seconds of uploads
+    url = f"docker://{proxy.host}/gc-during-push-{os.getpid()}"
+    push = cli.popen("push", IMAGE, url, "--pack-size", "1M", "--parallel", "1", stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while proxy.count("PUT", r"/blobs/uploads/") < 1:  # packs are built; the first is uploaded
+            assert push.poll() is None, push.communicate()
+            assert time.monotonic() < deadline, "the push uploaded nothing"
+            time.sleep(0.02)
+        gc_run = cli("gc")
+        _out, err = push.communicate(timeout=120)
+    finally:
+        if push.poll() is None:
+            push.kill()
+            push.wait()
+    assert push.returncode == 0, err.decode()
+    assert gc_run.rc == 0, gc_run
+    state = check_remote(url, tmp_path)
+    assert state.problems == [] and _ref_tag(IMAGE) in state.tags

@@ -131,6 +131,10 @@ def test_readers_swaps_import_and_gc_together(cli: Cli, tmp_path: Path, seconds:
             t.join(timeout=120)
         assert not any(t.is_alive() for t in threads), "a load thread did not stop"
         m.assert_alive()
+        # For docs/reliability.md (pytest -s shows it).
+        print(f"\nload: {seconds} s: {sum(reads)} reads by {READERS} readers, {len(swaps)} swaps,"
+              f" {imports[0]} import/gc rounds, {len(errors)} errors; daemon RSS {rss_start} KiB after"
+              f" warm-up, {rss_end} KiB at the end")
         assert not errors, errors[:5]
         assert min(reads) > 0 and sum(reads) > 1000, reads
         assert len(swaps) >= seconds // 2, f"only {len(swaps)} swaps in {seconds} s"

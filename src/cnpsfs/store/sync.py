@@ -252,80 +252,83 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
         finally:
             remote.close()
 
-    roots = [root, *extra_roots]
-    catalogue = _catalogue(local, remote, roots, tag[0] if tag else None, parallel)
-    present, lacking = _walk(local, catalogue, roots)
-    del catalogue
-    report.members_skipped = len(present)
-    report.members_sent = len(lacking)
+    # Held like any writer's: gc would sweep the spool packs waiting for upload (they are
+    # in the store's tmp/) and repack the blocks being read, so it waits for the push.
+    with local.shared_lock():
+        roots = [root, *extra_roots]
+        catalogue = _catalogue(local, remote, roots, tag[0] if tag else None, parallel)
+        present, lacking = _walk(local, catalogue, roots)
+        del catalogue
+        report.members_skipped = len(present)
+        report.members_sent = len(lacking)
 
-    # New packs, uploaded as each one is finished.
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel), thread_name_prefix="cnpsfs-push")
-    uploads: list[concurrent.futures.Future[bool]] = []
+        # New packs, uploaded as each one is finished.
+        pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel), thread_name_prefix="cnpsfs-push")
+        uploads: list[concurrent.futures.Future[bool]] = []
 
-    def upload(path: Path, blob: BlobRef) -> bool:
-        if backend.has_blobs([blob.digest]):
-            return False
-        backend.put_blob(blob.digest, path, blob.size)
-        if progress is not None:
-            progress(blob.size)
-        return True
+        def upload(path: Path, blob: BlobRef) -> bool:
+            if backend.has_blobs([blob.digest]):
+                return False
+            backend.put_blob(blob.digest, path, blob.size)
+            if progress is not None:
+                progress(blob.size)
+            return True
 
-    spool = _PackSpool(local.scratch_dir(), pack_size, lambda path, blob: uploads.append(pool.submit(upload, path,
-                                                                                                      blob)))
-    new_blocks: list[tuple[int, int, int, int, int, int]] = []  # (pack#, header, count, stored, raw, codec)
-    new_entries: dict[bytes, tuple[int, int, int, int]] = {}  # digest -> (new block#, type, inner, length)
-    try:
-        def emit(codec: int, payload: bytes, raw: int, headers: list[tuple[bytes, int, int]]) -> None:
-            record = encode_record_header(codec, len(payload), raw, headers) + payload
-            pack_no, at = spool.add(record)
-            block_no = len(new_blocks)
-            new_blocks.append((pack_no, at, len(headers), len(payload), raw, codec))
-            inner = 0
-            for digest, type_code, length in headers:
-                if digest in lacking:
-                    new_entries.setdefault(digest, (block_no, type_code, inner, length))
-                inner += length
+        spool = _PackSpool(local.scratch_dir(), pack_size, lambda path, blob: uploads.append(pool.submit(upload, path,
+                                                                                                          blob)))
+        new_blocks: list[tuple[int, int, int, int, int, int]] = []  # (pack#, header, count, stored, raw, codec)
+        new_entries: dict[bytes, tuple[int, int, int, int]] = {}  # digest -> (new block#, type, inner, length)
+        try:
+            def emit(codec: int, payload: bytes, raw: int, headers: list[tuple[bytes, int, int]]) -> None:
+                record = encode_record_header(codec, len(payload), raw, headers) + payload
+                pack_no, at = spool.add(record)
+                block_no = len(new_blocks)
+                new_blocks.append((pack_no, at, len(headers), len(payload), raw, codec))
+                inner = 0
+                for digest, type_code, length in headers:
+                    if digest in lacking:
+                        new_entries.setdefault(digest, (block_no, type_code, inner, length))
+                    inner += length
 
-        _pack_lacking(local, lacking, emit, block_size)
-        spool.close()
-        for fut in uploads:
-            if fut.result():
-                report.blobs_sent += 1
-            else:
-                report.blobs_skipped += 1
-        pool.shutdown(wait=True)
-        packs = [blob for _path, blob in spool.finished]
-        report.sent += sum(b.size for b, f in zip(packs, uploads, strict=True) if f.result())
-        report.skipped += sum(b.size for b, f in zip(packs, uploads, strict=True) if not f.result())
+            _pack_lacking(local, lacking, emit, block_size)
+            spool.close()
+            for fut in uploads:
+                if fut.result():
+                    report.blobs_sent += 1
+                else:
+                    report.blobs_skipped += 1
+            pool.shutdown(wait=True)
+            packs = [blob for _path, blob in spool.finished]
+            report.sent += sum(b.size for b, f in zip(packs, uploads, strict=True) if f.result())
+            report.skipped += sum(b.size for b, f in zip(packs, uploads, strict=True) if not f.result())
 
-        index, shard_blobs = _build_index(root, root_type, present, new_blocks, new_entries, packs, pairs)
-        for data in shard_blobs:
-            report.sent += _put_once(backend, data, report)
-        index_bytes = encode_index(index)
-        report.sent += _put_once(backend, index_bytes, report)
-        index_ref = BlobRef(sha256_name(index_bytes), len(index_bytes))
-        layers = [(MT_SHARD, BlobRef(sha256_name(d), len(d))) for d in shard_blobs]
-        layers += [(MT_PACK, blob) for blob in index.blobs]
-        pending = _pending_push(state_dir, remote_name, root)
-        created = _created(pending)
-        manifest = encode_manifest(index_ref, layers, root, root_type, report.ref, created)
-        if len(manifest) > MANIFEST_MAX:
-            raise CnpsfsError(f"{ref}: its manifest would be {len(manifest)} bytes ({len(layers)} blobs), more "
-                              f"than {MANIFEST_MAX}: push with a larger --pack-size")
-        backend.put_manifest(manifest)
-        report.sent += len(manifest)
-        if existing is None or index.attachments != _index_attachments(remote, existing):
-            backend.put_tag(digest_tag(root), manifest)  # new, or now with more signatures
-        if tag is not None:
-            backend.put_tag(ref_tag(*tag), manifest)  # last: every object it names is there now
-        report.manifest = sha256_name(manifest)
-        if pending is not None:
-            pending.unlink(missing_ok=True)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        spool.discard()
-        remote.close()
+            index, shard_blobs = _build_index(root, root_type, present, new_blocks, new_entries, packs, pairs)
+            for data in shard_blobs:
+                report.sent += _put_once(backend, data, report)
+            index_bytes = encode_index(index)
+            report.sent += _put_once(backend, index_bytes, report)
+            index_ref = BlobRef(sha256_name(index_bytes), len(index_bytes))
+            layers = [(MT_SHARD, BlobRef(sha256_name(d), len(d))) for d in shard_blobs]
+            layers += [(MT_PACK, blob) for blob in index.blobs]
+            pending = _pending_push(state_dir, remote_name, root)
+            created = _created(pending)
+            manifest = encode_manifest(index_ref, layers, root, root_type, report.ref, created)
+            if len(manifest) > MANIFEST_MAX:
+                raise CnpsfsError(f"{ref}: its manifest would be {len(manifest)} bytes ({len(layers)} blobs), more "
+                                  f"than {MANIFEST_MAX}: push with a larger --pack-size")
+            backend.put_manifest(manifest)
+            report.sent += len(manifest)
+            if existing is None or index.attachments != _index_attachments(remote, existing):
+                backend.put_tag(digest_tag(root), manifest)  # new, or now with more signatures
+            if tag is not None:
+                backend.put_tag(ref_tag(*tag), manifest)  # last: every object it names is there now
+            report.manifest = sha256_name(manifest)
+            if pending is not None:
+                pending.unlink(missing_ok=True)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            spool.discard()
+            remote.close()
     report.skipped += sum(loc.record_length for loc in {loc.block: loc for loc in present.values()}.values())
     report.seconds = time.monotonic() - started
     return report
