@@ -17,6 +17,7 @@ import pytest
 from cnpsfs_testlib import Cli
 from ociimages import busybox_image, run  # noqa: F401 (fixture)
 from servers import registry  # noqa: F401 (fixture)
+from test_oci_signatures import ReferrersRegistry, referrers_registry  # noqa: F401 (fixture)
 
 from cnpsfs import format as fmt
 from cnpsfs.image.profiles import store_profile
@@ -198,7 +199,7 @@ def _huge(blob: bytes, manifest: dict[str, Any]) -> bytes:
     (_truncated, "the profile does not decode"),
     (_bad_range, "ranges are not sorted"),
     (_signature_blob, "the profile does not decode"),
-    (_wrong_subject, "not to the image"),
+    (_wrong_subject, ""),  # not listed for this image at all: no warning
     (_huge, "blob of at most 16 MiB"),
 ])
 def test_malformed_profile_is_ignored_and_the_image_imports(profiled: dict[str, Any], tmp_path: Path, edit: Any,
@@ -251,6 +252,23 @@ def test_registry_without_referrers_api_gets_the_fallback_tag(profiled: dict[str
     imported, _ = import_oci(tmp_path / "store2", signed_dest, "example.org/signed@1")
     assert imported["digest"] == profiled["signed"] and len(imported["signatures"]) == 1
     assert [row["name"] for row in listed(tmp_path / "store2", "example.org/signed@1")] == ["default"]
+
+
+def test_registry_with_referrers_api(profiled: dict[str, Any], referrers_registry: ReferrersRegistry,  # noqa: F811
+                                     tmp_path: Path) -> None:
+    """A registry that lists referrers itself (OCI-Subject) gets no fallback tag; the
+    import lists the referrers once, for signatures and profiles together."""
+    dest = f"docker://{referrers_registry.host}/profapi/bb:1"
+    out = export(profiled["cli"], "example.org/bb@1", dest)
+    recorded = referrers_registry.referrers[("profapi/bb", out["manifest_digest"])]
+    assert sorted((m["digest"], m["artifactType"]) for m in recorded) == sorted((d, ARTIFACT_TYPE)
+                                                                                 for d in out["profiles"])
+    tags = json.loads(run("skopeo", "list-tags", "--tls-verify=false", f"docker://{referrers_registry.host}/profapi/bb"))
+    assert tags["Tags"] == ["1"]
+    before = referrers_registry.listed
+    imported, _ = import_oci(tmp_path / "store", dest)
+    assert referrers_registry.listed == before + 1
+    check_filed(profiled, tmp_path / "store", imported)
 
 
 # --------------------------------------------------------------------------- replayed
