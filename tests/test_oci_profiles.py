@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from cnpsfs_testlib import Cli
 from ociimages import busybox_image, run  # noqa: F401 (fixture)
-from servers import registry  # noqa: F401 (fixture)
-from test_oci_signatures import ReferrersRegistry, referrers_registry  # noqa: F401 (fixture)
+from servers import ReferrersRegistry, referrers_registry, registry  # noqa: F401 (fixtures)
 
 from cnpsfs import format as fmt
 from cnpsfs.image.profiles import store_profile

@@ -15,18 +15,13 @@ import base64
 import hashlib
 import http.client
 import json
-import re
-import threading
-import urllib.parse
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cnpsfs_testlib import Cli
 from ociimages import busybox_image, run  # noqa: F401 (fixture)
-from servers import fault_proxy, registry  # noqa: F401 (fixture)
+from servers import ReferrersRegistry, fault_proxy, referrers_registry, registry  # noqa: F401 (fixtures)
 from test_oci import podman  # noqa: F401 (fixture)
 
 from cnpsfs import format as fmt
@@ -334,95 +329,7 @@ def test_registry_without_referrers_api_gets_the_fallback_tag(signed: dict[str, 
     check_restored(signed, tmp_path / "store", restored)
 
 
-class ReferrersRegistry:
-    """A loopback proxy in front of docker-registry that adds the referrers API: a manifest
-    PUT with a ``subject`` is recorded and answered with ``OCI-Subject``, and ``GET
-    /v2/<name>/referrers/<digest>`` lists what was recorded (the registry stores the rest)."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.referrers: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        self.listed = 0
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *_args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                proxy.handle(self)
-
-            do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = do_GET
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def handle(self, req: BaseHTTPRequestHandler) -> None:
-        path = urllib.parse.urlsplit(req.path).path
-        length = int(req.headers.get("Content-Length") or 0)
-        body = req.rfile.read(length) if length else b""
-        match = re.fullmatch(r"/v2/(.+)/referrers/(sha256:[0-9a-f]{64})", path)
-        if req.command == "GET" and match:
-            self.listed += 1
-            data = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
-                               "manifests": self.referrers.get((match[1], match[2]), [])}).encode()
-            return self._reply(req, 200, {"Content-Type": OCI_INDEX}, data)
-        headers = {k: v for k, v in req.headers.items() if k.lower() not in ("connection", "content-length")}
-        conn = http.client.HTTPConnection(self.upstream, timeout=60)
-        try:
-            conn.request(req.command, req.path, body=body if req.command in ("PUT", "POST", "PATCH") else None,
-                         headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-            out = {k: v for k, v in resp.getheaders() if k.lower() not in ("connection", "content-length",
-                                                                           "transfer-encoding")}
-        finally:
-            conn.close()
-        manifest = re.fullmatch(r"/v2/(.+)/manifests/.+", path)
-        if req.command == "PUT" and manifest and resp.status == 201:
-            doc = json.loads(body)
-            if isinstance(doc.get("subject"), dict):
-                entry = {"mediaType": doc["mediaType"], "digest": "sha256:" + hashlib.sha256(body).hexdigest(),
-                         "size": len(body), "artifactType": doc.get("artifactType")}
-                self.referrers.setdefault((manifest[1], doc["subject"]["digest"]), []).append(entry)
-                out["OCI-Subject"] = doc["subject"]["digest"]
-        if req.command == "HEAD":
-            req.send_response(resp.status)
-            for k, v in out.items():
-                req.send_header(k, v)
-            req.send_header("Content-Length", resp.getheader("Content-Length") or "0")
-            req.end_headers()
-            return None
-        return self._reply(req, resp.status, out, data)
-
-    @staticmethod
-    def _reply(req: BaseHTTPRequestHandler, status: int, headers: dict[str, str], data: bytes) -> None:
-        req.send_response(status)
-        for k, v in headers.items():
-            req.send_header(k, v)
-        req.send_header("Content-Length", str(len(data)))
-        req.end_headers()
-        req.wfile.write(data)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def referrers_registry(registry: Any) -> Iterator[ReferrersRegistry]:  # noqa: F811
-    proxy = ReferrersRegistry(registry.host)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
-
-
-def test_registry_with_referrers_api(signed: dict[str, Any], referrers_registry: ReferrersRegistry,
+def test_registry_with_referrers_api(signed: dict[str, Any], referrers_registry: ReferrersRegistry,  # noqa: F811
                                      tmp_path: Path) -> None:
     dest = f"docker://{referrers_registry.host}/sigapi/bb:1"
     out = export(signed["cli"], "example.org/bb@1", dest)
