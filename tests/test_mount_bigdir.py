@@ -129,3 +129,40 @@ def test_warm_stat_of_listed_entries_makes_no_requests(mnt: Mount) -> None:
     after.subtract(before)
     assert +after == {}
     assert os.lstat(mnt / "big").st_nlink == 2 + len(SUBDIRS)
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_the_daemon_lets_go_of_what_the_kernel_forgets(mnt: Mount) -> None:
+    """A walk composes every entry; when the kernel drops its dentries and inodes it
+    FORGETs them, and the daemon lets go of the directories it composed for them (its
+    inode table shrinks to what is held, its RSS falls); walking again gives the same tree."""
+    drop = Path("/proc/sys/vm/drop_caches")
+    if not os.access(drop, os.W_OK):
+        if os.environ.get("CI") == "true":
+            pytest.fail("cannot write /proc/sys/vm/drop_caches (CI must run as root)")
+        pytest.skip("needs root: writes /proc/sys/vm/drop_caches")
+    walk = subprocess.run(["find", str(mnt.mountpoint)], capture_output=True, check=True, timeout=120).stdout
+    first = sorted(walk.splitlines())
+    assert len(first) == 1 + 1 + COUNT + len(SUBDIRS)
+    walked = mnt.status()
+    rss_walked = _rss(mnt.pid)
+    assert walked["inodes"] >= COUNT and walked["inode_table"]["entries"] >= COUNT, walked["inode_table"]
+    drop.write_text("2\n")  # dentries and inodes: the kernel sends FORGET for what it held
+    deadline = time.monotonic() + 20
+    while True:
+        status = mnt.status()
+        if status["inodes"] < 100 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert status["inodes"] < 100 and status["inode_table"]["entries"] < 100, status["inode_table"]
+    assert status["inode_table"]["held"] == 0, status["inode_table"]
+    rss_dropped = _rss(mnt.pid)
+    # The packed listing of 100,000 entries is about 17 MB; most of it goes back to the system.
+    assert rss_dropped < rss_walked - 8_000_000, (rss_walked, rss_dropped)
+    again = subprocess.run(["find", str(mnt.mountpoint)], capture_output=True, check=True, timeout=120).stdout
+    assert sorted(again.splitlines()) == first
+    assert mnt.status()["inodes"] >= COUNT

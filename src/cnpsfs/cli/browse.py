@@ -29,7 +29,7 @@ def _lookup_path(store: Store, ref: str, path: str) -> tuple[fmt.Entry, list[tup
     if store.object_type(digest) == T_IMAGE:
         generation = compose(store, store.get_image(digest))
         node = generation.resolve(path)
-        children = [(name, child.entry) for name, child in generation.listing(node)] if node.is_dir else None
+        children = [(name, child.entry) for name, child in generation.listing(node).pairs()] if node.is_dir else None
         return node.entry, children, generation
     entry = lookup(store, fileset_root(store, ref), path)
     if entry.kind is fmt.Kind.DIR and entry.tree is not None:

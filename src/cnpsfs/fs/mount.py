@@ -543,6 +543,7 @@ class MountService:
     def status(self) -> dict[str, Any]:
         assert self.ops is not None
         gen = self.ops.generation
+        table = gen.inodes.stats()
         return {
             "mountpoint": self.mountpoint,
             "pid": os.getpid(),
@@ -556,9 +557,10 @@ class MountService:
             "history": [vars(h) if not hasattr(h, "__slots__") else {k: getattr(h, k) for k in h.__slots__}
                         for h in self.history],
             "requests": dict(self.ops.requests),
-            "inodes": len(gen.nodes),
-            "kernel_inodes": len(self.ops.held),
+            "inodes": gen.entries + 1,  # composed and kept: the loaded tree, the root included
+            "kernel_inodes": len(self.ops.held) + table["held"],
             "inode_keys": len(gen.inodes),
+            "inode_table": table,
             "uptime": round(time.time() - self.started, 3),
             "prefetch": self.prefetch_status(),
             "prefetch_runs": [p.status() for p in self.prefetch_runs],  # the last 8, the current one last

@@ -22,6 +22,7 @@ traceback in the log.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import logging
@@ -39,8 +40,8 @@ from cnpsfs.errors import CnpsfsError
 from cnpsfs.fs.fetcher import ChunkFetcher
 from cnpsfs.fs.options import DEFAULT_CACHE_MIB, DEFAULT_THREADS
 from cnpsfs.fs.recorder import ProfileRecorder
-from cnpsfs.image.reader import ChunkCache, past_the_end
-from cnpsfs.image.view import DIR_SIZE, Generation, Node
+from cnpsfs.image.reader import ChunkCache, ExtentMap, past_the_end
+from cnpsfs.image.view import DIR_SIZE, Children, Generation, Node
 from cnpsfs.store import NotCached
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,23 @@ log = logging.getLogger(__name__)
 CACHE_TIMEOUT = 365 * 24 * 3600.0
 READAHEAD_BYTES = 4 << 20
 REPORTED_MAX = 4096  # distinct (file, failure) pairs remembered to log each once
+EMAPS_MAX = 4096  # extent maps of recently read files kept (a file's node is not kept)
+_S_IFREG = 0o100000
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
 
 _H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
+
+TRIM_ENTRIES = 50_000  # entries let go of before the C heap is handed back to the system
+
+
+def _trim_heap() -> None:
+    """``malloc_trim(0)`` where the C library has it (glibc): return freed heap pages."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _boundary(handler: _H) -> _H:
@@ -111,10 +124,16 @@ class Operations(pyfuse3.Operations):
         self._loads_done = trio.Event()
         self._swap_done: trio.Event | None = None
         # Lookup counts (pyfuse3's rules: counted in lookup and readdirplus, released in
-        # forget) and the node of every inode the kernel holds, so an inode it got from an
-        # earlier generation stays answerable until FORGET, and is let go of then.
+        # forget). Directories: here, with the node of every directory the kernel holds, so
+        # one it got from an earlier generation stays answerable until FORGET. Files: in
+        # their directory's packed Children (the inode table finds it by number), which
+        # stay answerable while any count is held.
         self.lookups: Counter[int] = Counter()
         self.held: dict[int, Node] = {}
+        self._emaps: OrderedDict[int, ExtentMap] = OrderedDict()
+        self._unload_later: set[int] = set()  # forgotten directories to let go of once no load runs
+        self._released = 0  # entries let go of since the heap was last trimmed
+        self._attr = pyfuse3.EntryAttributes()  # readdir fills one and replies a copy per entry
         self.requests: Counter[str] = Counter()
         self.limiter = trio.CapacityLimiter(threads)
         self.fetcher = ChunkFetcher(self.store, ChunkCache(cache_bytes), self.limiter)
@@ -160,20 +179,32 @@ class Operations(pyfuse3.Operations):
 
     def node(self, ino: int) -> Node:
         # The current generation first: a directory keeps its number across a swap, and
-        # the kernel must see its new listing. Otherwise a node the kernel got earlier (a
-        # file still open, a working directory that vanished, an unchanged subtree the
-        # new generation shares without having registered it).
+        # the kernel must see its new listing. Otherwise a directory the kernel got earlier
+        # (a working directory that vanished), or a file of any generation the inode table
+        # still knows (its content never changes under its number).
         node = self.generation.nodes.get(ino)
         if node is None:
             node = self.held.get(ino)
             if node is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                node = self.generation.node(ino)
+                if node is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
-    def _count(self, node: Node) -> None:
-        """The kernel took one more reference to *node* (a lookup or readdirplus entry)."""
-        self.lookups[node.ino] += 1
-        self.held[node.ino] = node
+    def lookup_count(self, ino: int) -> int:
+        """How many references the kernel holds to *ino* (for tests and status)."""
+        return self.lookups.get(ino, 0) or self.generation.inodes.held_count(ino)
+
+    def _count(self, node: Node, children: Children | None = None, index: int = -1) -> None:
+        """The kernel took one more reference to *node* (a lookup or readdirplus entry),
+        met as *children*[*index*] (files; None for ``.`` and ``..``, always directories)."""
+        if node.is_dir:
+            self.lookups[node.ino] += 1
+            self.held[node.ino] = node
+            return
+        if children is None:
+            raise AssertionError("a file counted without its directory")
+        self.generation.inodes.count(node.ino, children, index)
 
     def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         """The node's attributes, built once per node and kept on it (the image never changes).
@@ -210,7 +241,29 @@ class Operations(pyfuse3.Operations):
                 if kind is fmt.Kind.CHARDEV or kind is fmt.Kind.BLOCKDEV:
                     attr.st_rdev = os.makedev(*entry.rdev)
             attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = entry.mtime_ns
-            node.attr = attr
+            if node.is_dir:
+                node.attr = attr  # a file's node is made per request: caching it would cost the memory saved
+        return attr
+
+    def _packed_attributes(self, children: Children, index: int) -> pyfuse3.EntryAttributes:
+        """Attributes of *children*[*index*] in the shared readdir object, without making a node."""
+        packed = children.packed_at(index)
+        if packed is None:
+            return self.attributes(children.node_at(index))
+        mode, uid, gid, mtime, size, data = packed
+        attr = self._attr
+        attr.st_ino = children.inos[index]
+        attr.entry_timeout = CACHE_TIMEOUT
+        attr.attr_timeout = CACHE_TIMEOUT
+        attr.st_mode = _S_IFREG | mode
+        attr.st_nlink = 1
+        attr.st_uid = uid
+        attr.st_gid = gid
+        attr.st_rdev = 0
+        attr.st_size = size
+        attr.st_blksize = 4096
+        attr.st_blocks = (data + 511) // 512
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = mtime
         return attr
 
     def _io_error(self, what: str, exc: BaseException, *, node: Node | None = None) -> pyfuse3.FUSEError:
@@ -269,6 +322,8 @@ class Operations(pyfuse3.Operations):
             self._loads_in_flight -= 1
             if not self._loads_in_flight:
                 self._loads_done.set()
+                if self._unload_later:
+                    self._unload_forgotten()
         return node
 
     async def _worker(self, func: Any, *args: Any, limiter: trio.CapacityLimiter | None) -> Any:
@@ -307,15 +362,48 @@ class Operations(pyfuse3.Operations):
         log.debug("serving %s in %s mode", self.generation.label or "image", self.mode)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        inodes = self.generation.inodes
         for ino, count in inode_list:
+            self._read_end.pop(ino, None)
+            if ino not in self.lookups:
+                children = inodes.release(ino, count)
+                if children is not None and children.retired:
+                    inodes.unregister(children)  # an old generation's directory nobody holds any more
+                continue
             left = self.lookups[ino] - count
             if left > 0:
                 self.lookups[ino] = left
                 continue
             self.lookups.pop(ino, None)
             self.held.pop(ino, None)
-            self._read_end.pop(ino, None)
             self.listed_by_kernel.discard(ino)
+            if ino != 1:
+                self._unload_later.add(ino)
+        if self._unload_later:
+            self._unload_forgotten()
+
+    def _unload_forgotten(self) -> None:
+        """Let go of the composed children of directories the kernel forgot (what makes the
+        daemon's memory fall when the kernel drops its caches). Not while a load or a swap
+        runs: they read the tree on a worker. Code between awaits is atomic, so checking
+        here is enough."""
+        gen = self.generation
+        if self._loads_in_flight or self._swap_done is not None:
+            return
+        pending, self._unload_later = self._unload_later, set()
+        before = gen.entries
+        for ino in pending:
+            node = gen.nodes.get(ino)
+            if node is None or ino in self.lookups:
+                continue
+            if not gen.unload(node, lambda i: i in self.lookups):
+                log.debug("directory %s forgotten but still holding entries", fmt.show_path(node.path))
+        self._released += before - gen.entries
+        if self._released >= TRIM_ENTRIES:
+            # What was freed sits in the C heap between live blocks; glibc gives it back to
+            # the system only when asked (about a millisecond per 100 MB of heap).
+            self._released = 0
+            _trim_heap()
 
     # ------------------------------------------------------------------ metadata
 
@@ -333,10 +421,15 @@ class Operations(pyfuse3.Operations):
         elif name == b"..":
             child = self.node(parent.parent)
         else:
-            child = parent.children.get(name) if parent.children is not None else None
+            children = parent.children
+            index = children.index(name) if children is not None else None
+            child = children.node_at(index) if children is not None and index is not None else None
             if child is None or (child.is_dir and child.children is None):
                 parent = await self._children_loaded(parent)
-                child = parent.children.get(name) if parent.children is not None else None
+                children = parent.children
+                assert children is not None
+                index = children.index(name)
+                child = children.node_at(index) if index is not None else None
                 if child is not None and child.is_dir and child.children is None:
                     child = await self._children_loaded(child)  # its st_nlink counts its subdirectories
         recorder = self.recorder
@@ -355,7 +448,12 @@ class Operations(pyfuse3.Operations):
             missing.st_ino = 0
             missing.entry_timeout = CACHE_TIMEOUT
             return missing
-        self._count(child)
+        if name == b"." or name == b"..":
+            self._count(child)
+        else:
+            # Reloaded children can only be the parent's own (a directory is never let go
+            # of while a load runs), so *index* is still the child's.
+            self._count(child, parent.children, index if index is not None else -1)
         return self.attributes(child)
 
     @_boundary
@@ -405,9 +503,9 @@ class Operations(pyfuse3.Operations):
         self.requests["statfs"] += 1
         st = pyfuse3.StatvfsData()
         st.f_bsize = st.f_frsize = 4096
-        st.f_blocks = max(1, len(self.generation.nodes))
+        st.f_blocks = max(1, self.generation.entries + 1)
         st.f_bfree = st.f_bavail = 0
-        st.f_files = len(self.generation.nodes)
+        st.f_files = self.generation.entries + 1
         st.f_ffree = st.f_favail = 0
         st.f_namemax = fmt.NAME_MAX
         return st
@@ -432,7 +530,7 @@ class Operations(pyfuse3.Operations):
         node = self.node(fh or inode)
         if not node.listed or self._swap_done is not None:
             node = await self._children_loaded(node, listing=True)
-        listing = node.listing
+        listing = node.children
         assert listing is not None
         self.listed_by_kernel.add(node.ino)
         if self.recorder is not None:
@@ -453,18 +551,22 @@ class Operations(pyfuse3.Operations):
             if not reply(token, b"..", parent.attr or self.attributes(parent), 2):
                 return
             start_id = 2
-        # Every entry's attributes were built once (kept on its node); what is left per
-        # entry is the reply and the lookup count the kernel takes with it.
-        lookups = self.lookups
-        held = self.held
-        attributes = self.attributes
+        # Directories' attributes are kept on their nodes; a plain file's are filled from
+        # its packed record into one shared object (readdir_reply copies it), other
+        # entries' made per call. What is left per entry is the reply and the count.
+        names, dirs, inodes = listing.names, listing.dirs, self.generation.inodes
+        lookups, held, attributes, packed = self.lookups, self.held, self.attributes, self._packed_attributes
         for index in range(start_id - 2, end - 2):
-            name, child = listing[index]
-            if not reply(token, name, child.attr or attributes(child), index + 3):
+            child = dirs.get(index)
+            if child is not None:
+                if not reply(token, names[index], child.attr or attributes(child), index + 3):
+                    return
+                lookups[child.ino] += 1
+                held[child.ino] = child
+                continue
+            if not reply(token, names[index], packed(listing, index), index + 3):
                 return
-            ino = child.ino
-            lookups[ino] += 1
-            held[ino] = child
+            inodes.count(listing.inos[index], listing, index)
 
     @_boundary
     async def releasedir(self, fh: int, inode: int = 0) -> None:
@@ -491,8 +593,10 @@ class Operations(pyfuse3.Operations):
         node = self.node(ino)
         if node.entry.kind is not fmt.Kind.FILE:
             raise pyfuse3.FUSEError(errno.EISDIR if node.is_dir else errno.EINVAL)
-        emap = node.emap
-        if emap is None:
+        emap = self._emaps.get(ino)
+        if emap is not None:
+            self._emaps.move_to_end(ino)
+        else:
             try:
                 try:
                     # Inline extents, or an extents object in memory: a thread hop costs more.
@@ -502,6 +606,9 @@ class Operations(pyfuse3.Operations):
                     emap = await self._worker(self.generation.extent_map, node, limiter=None)
             except (CnpsfsError, OSError) as exc:
                 raise self._io_error(f"file {fmt.show_path(node.path)}", exc) from None
+            self._emaps[ino] = emap  # numbers are never reused, so a map stays right across swaps
+            if len(self._emaps) > EMAPS_MAX:
+                self._emaps.popitem(last=False)
         if self.recorder is not None:
             self.recorder.read(node.path, off, size, emap.size)
         pieces = list(emap.pieces(off, size))
@@ -579,6 +686,7 @@ class Operations(pyfuse3.Operations):
             old = self.generation
             generation, plan = await trio.to_thread.run_sync(build, old)
             self.generation = generation  # the swap: one assignment, no await before it
+            generation.install(old)  # files it kept are counted there from now on
             # Directories that changed keep their numbers: hold the new nodes, not the old
             # ones with their old subtrees (plan.dirs lists every changed one the kernel saw).
             for ino in plan.dirs:
@@ -590,6 +698,8 @@ class Operations(pyfuse3.Operations):
             done, self._swap_done = self._swap_done, None
             done.set()
         self.listed_by_kernel.difference_update(plan.dirs)  # the kernel is told to drop these listings
+        if self._unload_later:
+            self._unload_forgotten()
         await trio.to_thread.run_sync(self._invalidate, plan)
         return generation, plan
 
@@ -603,6 +713,7 @@ class Operations(pyfuse3.Operations):
         Returns how many inodes were invalidated.
         """
         held = [(node.ino, node.parent, node.path[-1] if node.path else b"") for node in self.held.values()]
+        held += self.generation.inodes.held_files()
         self.listed_by_kernel.clear()
         self._read_end.clear()
 
@@ -627,7 +738,7 @@ class Operations(pyfuse3.Operations):
             return ino in self.listed_by_kernel
         if what == "pages":
             return ino in self._read_end
-        return ino in self.lookups
+        return ino in self.lookups or self.generation.inodes.held_count(ino) > 0
 
     def _invalidate(self, plan: Any) -> None:
         for parent, name in plan.entries:

@@ -268,11 +268,11 @@ class Prefetcher:
             # A load would wait for the swap and then compose the next generation's tree,
             # whose own replay is about to start.
             raise _Stop("the mount swapped generations")
-        before = len(self.generation.nodes)
+        before = self.generation.entries
         node = await self.ops.load_directory(node, listing=listing, limiter=self.limiter)
         if self.ops.generation is not self.generation:
             raise _Stop("the mount swapped generations")
-        self.nodes += len(self.generation.nodes) - before
+        self.nodes += self.generation.entries - before
         return node
 
     async def _resolve(self, entry: fmt.ProfileEntry) -> Node | None:

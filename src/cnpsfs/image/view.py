@@ -29,10 +29,13 @@ kernel's caches for unchanged entries stay valid. Changed entries get fresh numb
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
+import struct
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,7 +119,13 @@ def _item_override(item: _Item) -> bool:
 
 @dataclass(slots=True)
 class Node:
-    """One inode of the composed tree."""
+    """One inode of the composed tree.
+
+    Directories are real, lasting objects (their children are composed once and kept
+    while the kernel or the tree needs them). Other nodes are made on demand from their
+    directory's packed :class:`Children` and thrown away after the request: a node of a
+    file is a view, equal but not identical from one request to the next.
+    """
 
     ino: int
     entry: fmt.Entry  # presented metadata (for directories: the winning source's)
@@ -124,16 +133,20 @@ class Node:
     path: tuple[bytes, ...]
     layer: LayerInfo | None  # layer that provides a non-directory
     sources: list[Source] = field(default_factory=list)  # directories: contributing layer dirs
-    children: dict[bytes, Node] | None = None  # directories, once loaded
-    listing: list[tuple[bytes, Node]] | None = None  # sorted children for readdir
+    children: Children | None = None  # directories, once loaded
     subdirs: int = -1
     listed: bool = False  # listing() done: every subdirectory's children are loaded too
-    emap: ExtentMap | None = None  # regular files, once opened
-    attr: Any = None  # cached attributes object built by the FUSE layer
+    emap: ExtentMap | None = None  # regular files: cached by whoever keeps the node
+    attr: Any = None  # directories: cached attributes object built by the FUSE layer
 
     @property
     def is_dir(self) -> bool:
         return self.entry.kind is fmt.Kind.DIR
+
+    @property
+    def listing(self) -> Children | None:
+        """Sorted children for readdir (index i is the i-th name), once loaded."""
+        return self.children
 
     @property
     def nlink(self) -> int:
@@ -164,23 +177,172 @@ class Node:
         return 0
 
 
+#: A plain regular file packed in :class:`Children`: flags, mode, uid, gid, mtime_ns, size,
+#: chunk offset, chunk length, chunk digest, content hash (99 bytes instead of ~700 as objects).
+_REC = struct.Struct("<BHIIqqII32s32s")
+_ONE_EXTENT = 1  # extents: one chunk range (else: none, an empty file)
+_EMPTY_EXTENTS = 2  # extents: () rather than None
+_NO_DIGEST = bytes(fmt.DIGEST_SIZE)
+_U32 = 1 << 32
+
+
+def _pack(entry: fmt.Entry) -> bytes | None:
+    """The record of a plain regular file (no xattrs, links or extents object); None otherwise."""
+    if entry.kind is not fmt.Kind.FILE or entry.xattrs or entry.link is not None or entry.content is not None:
+        return None
+    extents = entry.extents
+    if extents is None or not extents:
+        if entry.size or entry.hash is not None:
+            return None
+        return _REC.pack(_EMPTY_EXTENTS if extents is not None else 0, entry.mode, entry.uid, entry.gid,
+                         entry.mtime_ns, 0, 0, 0, _NO_DIGEST, _NO_DIGEST)
+    if len(extents) != 1 or entry.hash is None:
+        return None
+    digest, offset, length = extents[0]
+    if digest is None or offset >= _U32 or length >= _U32:
+        return None
+    return _REC.pack(_ONE_EXTENT, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size, offset, length,
+                     digest, entry.hash)
+
+
+class Children(Mapping[bytes, Node]):
+    """A composed directory's children, packed: what a million entries can afford.
+
+    Names sorted (readdir offsets are indices), one inode number and one kernel lookup
+    count per child in arrays, plain regular files as fixed records in one buffer;
+    directories are kept as :class:`Node` objects (few, and they own subtrees), anything
+    else as its :class:`fmt.Entry` (symlinks, devices, files with xattrs or hard links).
+    A file's node is made on demand (:meth:`node_at`).
+
+    Its inode numbers come from one block the :class:`InodeTable` handed out, so the
+    table finds a number's directory by bisecting block starts, with no per-entry key.
+    ``held`` and ``counts`` are the kernel's lookups of the block's numbers (kept on the
+    loop by the FUSE layer); a directory whose count drops to zero can be let go of.
+    """
+
+    __slots__ = ("_layer_ix", "_layers", "_recs", "base", "counts", "dirs", "extras", "held", "inos", "names",
+                 "parent", "path", "registered", "retired", "subdirs")
+
+    def __init__(self, parent: int, path: tuple[bytes, ...], base: int, names: list[bytes], inos: array,
+                 recs: bytes, extras: dict[int, fmt.Entry], dirs: dict[int, Node],
+                 layers: tuple[LayerInfo, ...], layer_ix: array | None) -> None:
+        self.parent = parent
+        self.path = path
+        self.names = names
+        self.inos = inos
+        self.base = base
+        self.counts = array("I", bytes(4 * len(names)))
+        self.held = 0
+        self._recs = recs
+        self.extras = extras
+        self.dirs = dirs
+        self._layers = layers
+        self._layer_ix = layer_ix
+        self.subdirs = len(dirs)
+        self.registered = False
+        self.retired = False
+
+    # Mapping
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return self.index(name) is not None  # type: ignore[arg-type]
+
+    def __getitem__(self, name: bytes) -> Node:
+        i = self.index(name)
+        if i is None:
+            raise KeyError(name)
+        return self.node_at(i)
+
+    def get(self, name: bytes, default: Any = None) -> Any:
+        i = self.index(name)
+        return default if i is None else self.node_at(i)
+
+    def index(self, name: bytes) -> int | None:
+        names = self.names
+        i = bisect.bisect_left(names, name)
+        return i if i < len(names) and names[i] == name else None
+
+    # Listing (a sequence of (name, node) pairs, as readdir walks it)
+    def pair(self, i: int) -> tuple[bytes, Node]:
+        return self.names[i], self.node_at(i)
+
+    def pairs(self) -> Iterator[tuple[bytes, Node]]:
+        return (self.pair(i) for i in range(len(self.names)))
+
+    def layer_at(self, i: int) -> LayerInfo:
+        return self._layers[self._layer_ix[i] if self._layer_ix is not None else 0]
+
+    def entry_at(self, i: int) -> fmt.Entry:
+        node = self.dirs.get(i)
+        if node is not None:
+            return node.entry
+        entry = self.extras.get(i)
+        if entry is not None:
+            return entry
+        flags, mode, uid, gid, mtime, size, offset, length, digest, content_hash = _REC.unpack_from(
+            self._recs, i * _REC.size)
+        if flags & _ONE_EXTENT:
+            return fmt.Entry(self.names[i], fmt.Kind.FILE, mode, uid, gid, mtime, {}, size,
+                             (fmt.Extent(digest, offset, length),), None, b"", (0, 0), None, None, content_hash)
+        return fmt.Entry(self.names[i], fmt.Kind.FILE, mode, uid, gid, mtime, {}, 0,
+                         () if flags & _EMPTY_EXTENTS else None)
+
+    def packed_at(self, i: int) -> tuple[int, int, int, int, int, int] | None:
+        """(mode, uid, gid, mtime_ns, size, data bytes) of a packed plain file, else None:
+        what attributes need, without making an entry."""
+        if i in self.dirs or i in self.extras:
+            return None
+        _f, mode, uid, gid, mtime, size, _o, _l, _d, _h = _REC.unpack_from(self._recs, i * _REC.size)
+        return mode, uid, gid, mtime, size, size
+
+    def node_at(self, i: int) -> Node:
+        node = self.dirs.get(i)
+        if node is not None:
+            return node
+        return Node(self.inos[i], self.entry_at(i), self.parent, (*self.path, self.names[i]), self.layer_at(i))
+
+    def owns(self, ino: int) -> bool:
+        """Whether *ino* is a number of this block (not a directory's or a hard link's)."""
+        i = ino - self.base
+        return 0 <= i < len(self.inos) and self.inos[i] == ino
+
+
 class InodeTable:
-    """Stable inode numbers: one per (path, object identity), shared across generations.
+    """Stable inode numbers, shared across generations, and where each number lives.
+
+    A directory has one number per path (key ``("d", path)``), the hard links of a
+    FileSet one per link group; those keys are few and kept in a dict. Every other child
+    takes its number from a block handed to its directory's :class:`Children` when it is
+    composed: the table keeps the blocks sorted by start (numbers only grow), so finding
+    a number's directory is a bisection and a million files cost no key each. A file
+    that a live swap finds unchanged keeps its number in the new directory: the table
+    then records it as moved there (:meth:`install`).
 
     Keys of nodes that no live generation shows and the kernel no longer holds are
     dropped by :meth:`retain` (a swap calls it when the table has grown enough since the
-    last time), so a mount that swaps for months keeps a table the size of its trees.
-    Numbers are never reused: a key that comes back after it was dropped gets a new one.
+    last time), and a directory's block is dropped when the directory is let go of, so a
+    mount keeps a table the size of what it serves. Numbers are never reused: a key or a
+    directory that comes back after it was dropped gets new ones.
     """
 
     def __init__(self, *, growth: float = 0.5, slack: int = 4096) -> None:
         self._by_key: dict[tuple[Any, ...], int] = {}
         self._next = ROOT_INODE + 1
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._kept = 0  # keys left by the last retain()
         # A sweep is due once the table grew by *growth* times what the last one kept, plus *slack*.
         self._growth = growth
         self._slack = slack
+        self._starts: list[int] = []  # block starts, ascending
+        self._blocks: list[Children] = []
+        # Numbers served from another directory than their block's: hard links (every
+        # directory listing one) and files a swap kept; the first location counts.
+        self._moved: dict[int, list[tuple[Children, int]]] = {}
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -195,8 +357,124 @@ class InodeTable:
                     self._next += 1
         return ino
 
+    def block(self, n: int) -> int:
+        """Reserve *n* consecutive numbers; returns the first."""
+        with self._lock:
+            start = self._next
+            self._next += max(n, 1)
+            return start
+
     def forget_key(self, key: tuple[Any, ...]) -> None:
         self._by_key.pop(key, None)
+
+    # ---------------------------------------------------------------- where numbers live
+
+    def register(self, children: Children) -> None:
+        """Make *children*'s numbers findable (idempotent)."""
+        if children.registered:
+            return
+        with self._lock:
+            if children.registered:
+                return
+            i = bisect.bisect_left(self._starts, children.base)
+            self._starts.insert(i, children.base)
+            self._blocks.insert(i, children)
+            for index, entry in children.extras.items():
+                if entry.link is not None:
+                    self._moved.setdefault(children.inos[index], []).append((children, index))
+            children.registered = True
+
+    def unregister(self, children: Children) -> None:
+        """Forget *children*'s numbers: nothing shows it and the kernel holds none of them."""
+        with self._lock:
+            if not children.registered:
+                return
+            i = bisect.bisect_left(self._starts, children.base)
+            if i < len(self._blocks) and self._blocks[i] is children:
+                del self._starts[i], self._blocks[i]
+            gone = [ino for ino, locs in self._moved.items() if any(c is children for c, _ in locs)] \
+                if self._moved else []
+            for ino in gone:
+                locs = [loc for loc in self._moved[ino] if loc[0] is not children]
+                if locs:
+                    self._moved[ino] = locs
+                else:
+                    del self._moved[ino]
+            children.registered = False
+
+    def locate(self, ino: int) -> tuple[Children, int] | None:
+        """The directory and index that answer for a file's number (its count lives there)."""
+        moved = self._moved.get(ino)
+        if moved:
+            return moved[0]
+        i = bisect.bisect_right(self._starts, ino) - 1
+        if i >= 0:
+            children = self._blocks[i]
+            if children.owns(ino):
+                return children, ino - children.base
+        return None
+
+    def install(self, moves: Iterable[tuple[int, Children, int]]) -> None:
+        """A swap's new generation is current: numbers it kept are answered, and counted, by
+        their new directory from now on (what the kernel held moves along). On the loop."""
+        for ino, children, index in moves:
+            self.register(children)
+            source = self.locate(ino)
+            if source is not None and source[0] is not children:
+                old, i = source
+                n = old.counts[i]
+                if n:
+                    old.counts[i] = 0
+                    old.held -= n
+                    children.counts[index] += n
+                    children.held += n
+            with self._lock:
+                locs = [loc for loc in self._moved.get(ino, ()) if loc[0] is not children]
+                self._moved[ino] = [(children, index), *locs]
+
+    def count(self, ino: int, children: Children, index: int, n: int = 1) -> None:
+        """The kernel took *n* references to file number *ino*, met at *children*[*index*]."""
+        moved = self._moved.get(ino)
+        if moved:
+            children, index = moved[0]
+        elif not children.registered:
+            self.register(children)
+        children.counts[index] += n
+        children.held += n
+
+    def release(self, ino: int, n: int) -> Children | None:
+        """The kernel dropped *n* references to file number *ino*; returns its directory's
+        packed children when their count reached zero (the caller may let them go)."""
+        where = self.locate(ino)
+        if where is None:
+            return None
+        children, index = where
+        have = children.counts[index]
+        n = min(n, have)
+        children.counts[index] = have - n
+        children.held -= n
+        return children if not children.held else None
+
+    def held_count(self, ino: int) -> int:
+        where = self.locate(ino)
+        return where[0].counts[where[1]] if where is not None else 0
+
+    def held_files(self) -> Iterator[tuple[int, int, bytes]]:
+        """(number, parent directory number, name) of every file the kernel holds."""
+        for children in list(self._blocks):
+            if children.held:
+                for index, n in enumerate(children.counts):
+                    if n:
+                        yield children.inos[index], children.parent, children.names[index]
+
+    def stats(self) -> dict[str, int]:
+        """What the table holds, for status: keys, blocks, entries in them, files the kernel
+        holds (and its references to them), numbers served from another block."""
+        blocks = list(self._blocks)
+        held = [c for c in blocks if c.held]
+        return {"keys": len(self._by_key), "blocks": len(blocks), "entries": sum(len(c) for c in blocks),
+                "held": sum(len(c.counts) - c.counts.count(0) for c in held),
+                "references": sum(c.held for c in held), "moved": len(self._moved)}
 
     def sweep_due(self) -> bool:
         """Whether enough keys may have died since the last :meth:`retain` to pay for one."""
@@ -209,7 +487,7 @@ class InodeTable:
         """
         with self._lock:
             before = len(self._by_key)
-            self._by_key = {key: ino for key, ino in self._by_key.items() if ino in live}
+            self._by_key = {key: ino for key, ino in self._by_key.items() if ino in live or ino in self._moved}
             self._kept = len(self._by_key)
             return before - self._kept
 
@@ -254,7 +532,11 @@ class Generation:
         # The nodes this generation created or took over from the previous one, by inode.
         # Only this generation's: nodes of earlier ones that the kernel still holds are
         # kept by the FUSE layer until the kernel forgets them, not copied forward here.
-        self.nodes: dict[int, Node] = {}
+        self.nodes: dict[int, Node] = {}  # directories only: files are packed in their Children
+        #: Files this generation's directories took over from the previous one, by number:
+        #: the inode table learns they moved once the generation is current (install).
+        self.moves: list[tuple[int, Children, int]] = []
+        self.entries = 0  # children composed (the size of the loaded tree, root aside)
         self._nested = any(layer.groups for layer in self.layers)
         root_sources = [self._layer_root_source(layer, ()) for layer in self.layers]
         root_entry = self._dir_metadata([s for s in root_sources if s is not None], b"")
@@ -435,7 +717,7 @@ class Generation:
 
     # ------------------------------------------------------------------ nodes
 
-    def load_children(self, node: Node) -> dict[bytes, Node]:
+    def load_children(self, node: Node) -> Children:
         """Compute a directory's children once (reads its layers' directory objects)."""
         children = node.children
         if children is not None:
@@ -449,42 +731,137 @@ class Generation:
                     and signature(old, old_mode) == signature(node, self.mode):
                 # Composes as in the previous generation: take its children, loaded parts included.
                 node.subdirs = old.subdirs
-                node.listing = old.listing
-                for child in old.children.values():
-                    self.nodes[child.ino] = child
+                self._adopt(old.children)
                 node.children = old.children
                 return node.children
             old_children = old.children if old is not None and old.is_dir else None
             merged = self._merge(node)
-            children = {}
-            subdirs = 0
-            for name, (entry, layer, sources) in merged.items():
+            names = sorted(merged)
+            base = self.inodes.block(len(names))
+            inos = array("Q", range(base, base + len(names)))
+            recs = bytearray(_REC.size * len(names))
+            extras: dict[int, fmt.Entry] = {}
+            dirs: dict[int, Node] = {}
+            layers: list[LayerInfo] = []
+            layer_ix: list[int] = []
+            moves: list[tuple[int, int]] = []
+            for index, name in enumerate(names):
+                entry, layer, sources = merged[name]
+                if not layers or layers[-1] is not layer:
+                    try:
+                        layer_pos = next(i for i, known in enumerate(layers) if known is layer)
+                    except StopIteration:
+                        layer_pos = len(layers)
+                        layers.append(layer)
+                else:
+                    layer_pos = len(layers) - 1
+                layer_ix.append(layer_pos)
                 path = (*node.path, name)
                 previous = old_children.get(name) if old_children is not None else None
                 if entry.kind is fmt.Kind.DIR:
-                    subdirs += 1
                     meta = self._dir_metadata(sources, name)
                     ino = self.inodes.number(("d", path))
                     child = Node(ino, meta, node.ino, path, None, sources)
                     if previous is not None and previous.is_dir and previous.ino == ino \
                             and signature(previous, old_mode) == signature(child, self.mode):
                         child = previous  # an unchanged subtree: share it, loaded parts included
+                        if child.children is not None:
+                            self._adopt(child.children)
+                    inos[index] = child.ino
+                    dirs[index] = child
+                    self.nodes[child.ino] = child
+                    continue
+                if entry.link is not None:
+                    inos[index] = self.inodes.number(("l", layer.fileset, layer.at, entry.link[0], identity(entry)))
+                    extras[index] = entry
+                    continue
+                if previous is not None and not previous.is_dir and previous.entry.link is None \
+                        and identity(previous.entry) == identity(entry):
+                    # The same file as before: it keeps its number (and the kernel its pages).
+                    inos[index] = previous.ino
+                    moves.append((previous.ino, index))
+                packed = _pack(entry)
+                if packed is None:
+                    extras[index] = entry
                 else:
-                    if entry.link is not None:
-                        key: tuple[Any, ...] = ("l", layer.fileset, layer.at, entry.link[0], identity(entry))
-                    else:
-                        key = ("f", path, identity(entry))
-                    ino = self.inodes.number(key)
-                    existing = self.nodes.get(ino)  # a hard link met before in this generation
-                    if existing is None and previous is not None and previous.ino == ino:
-                        existing = previous  # the same file as before: keep its cached attributes
-                    child = existing if existing is not None else Node(ino, entry, node.ino, path, layer)
-                self.nodes[child.ino] = child
-                children[name] = child
-            node.subdirs = subdirs
-            node.listing = sorted(children.items())
+                    recs[index * _REC.size : (index + 1) * _REC.size] = packed
+            ix = array("H", layer_ix) if len(layers) > 1 else None
+            children = Children(node.ino, node.path, base, names, inos, bytes(recs), extras, dirs, tuple(layers), ix)
+            self.inodes.register(children)
+            self.moves.extend((ino, children, index) for ino, index in moves)
+            self.entries += len(names)
+            node.subdirs = len(dirs)
             node.children = children  # published last: readers see all or nothing
             return children
+
+    def _adopt(self, children: Children) -> None:
+        """Take over *children* (loaded in the previous generation) with its loaded subtree."""
+        stack = [children]
+        while stack:
+            current = stack.pop()
+            self.inodes.register(current)
+            current.retired = False
+            self.entries += len(current)
+            for child in current.dirs.values():
+                self.nodes[child.ino] = child
+                if child.children is not None:
+                    stack.append(child.children)
+
+    def unload(self, node: Node, held: Callable[[int], bool]) -> bool:
+        """Let go of a directory's composed children and everything loaded below it, if
+        neither the kernel (*held*: a directory number it holds) nor anything else holds
+        them; they are composed again, with new numbers, when next needed. Returns
+        whether it did. Callers make sure no load or swap is running."""
+        if node.children is None:
+            return True
+        todo: list[Node] = []
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            children = current.children
+            if children is None:
+                continue
+            if children.held or (current is not node and held(current.ino)):
+                return False
+            todo.append(current)
+            stack.extend(children.dirs.values())
+        for current in todo:
+            children = current.children
+            assert children is not None
+            for child in children.dirs.values():
+                if self.nodes.get(child.ino) is child:
+                    del self.nodes[child.ino]
+            self.entries -= len(children)
+            self.inodes.unregister(children)
+            current.children = None
+            current.listed = False
+        return True
+
+    def install(self, old: Generation) -> None:
+        """This generation replaced *old* (after :func:`swap.prepare`): the files it kept
+        answer, and are counted, here from now on, and *old*'s own directories are let go
+        of once the kernel holds none of their entries (the FUSE layer calls it on the
+        loop, right after the switch; code that swaps without a mount calls it too)."""
+        inodes = self.inodes
+        inodes.install(self.moves)
+        self.moves = []
+        live = {id(c) for c in self.loaded_children()}
+        for children in old.loaded_children():
+            if id(children) not in live:
+                children.retired = True
+                if not children.held:
+                    inodes.unregister(children)
+
+    def loaded_children(self) -> list[Children]:
+        """Every packed directory of this generation's loaded tree."""
+        out: list[Children] = []
+        stack = [self.root]
+        while stack:
+            children = stack.pop().children
+            if children is not None:
+                out.append(children)
+                stack.extend(children.dirs.values())
+        return out
 
     def _counterpart(self, path: tuple[bytes, ...]) -> Node | None:
         """The previous generation's directory at *path*, through what it has loaded (reads nothing)."""
@@ -495,26 +872,32 @@ class Generation:
             children = node.children
             if children is None:
                 return None
-            child = children.get(part)
-            if child is None or not child.is_dir:
+            i = children.index(part)
+            child = children.dirs.get(i) if i is not None else None
+            if child is None:
                 return None
             node = child
         return node
 
     def loaded_inodes(self) -> set[int]:
-        """Every inode number in this generation's tree as far as it is loaded."""
+        """The numbers of this generation's loaded directories and of the hard links in them
+        (the keys an inode table sweep must keep; files have no key)."""
         seen = {ROOT_INODE}
-        stack = [self.root]
-        while stack:
-            children = stack.pop().children
-            if children is None:
-                continue
-            for child in children.values():
-                if child.ino not in seen:
-                    seen.add(child.ino)
-                    if child.children is not None:
-                        stack.append(child)
+        for children in self.loaded_children():
+            seen.update(child.ino for child in children.dirs.values())
+            seen.update(children.inos[i] for i, e in children.extras.items() if e.link is not None)
         return seen
+
+    def node(self, ino: int) -> Node | None:
+        """The node of a number this generation shows or a file number any generation gave
+        out that is still known (their content never changes)."""
+        node = self.nodes.get(ino)
+        if node is not None:
+            return node
+        where = self.inodes.locate(ino)
+        if where is None:
+            return None
+        return where[0].node_at(where[1])
 
     def lookup(self, parent: Node, name: bytes) -> Node | None:
         child = self.load_children(parent).get(name)
@@ -522,14 +905,13 @@ class Generation:
             self.load_children(child)  # its st_nlink needs its subdirectory count
         return child
 
-    def listing(self, node: Node) -> list[tuple[bytes, Node]]:
-        self.load_children(node)
-        assert node.listing is not None
-        for _name, child in node.listing:
-            if child.is_dir and child.children is None:
+    def listing(self, node: Node) -> Children:
+        children = self.load_children(node)
+        for child in children.dirs.values():
+            if child.children is None:
                 self.load_children(child)
         node.listed = True
-        return node.listing
+        return children
 
     def from_cache(self, func: Callable[[Node], Any], node: Node) -> bool:
         """Run *func(node)* (load_children or listing) only if it needs no disk or index read.
@@ -579,7 +961,7 @@ class Generation:
             yield current.path, current
             if current.is_dir:
                 children = self.load_children(current)
-                stack.extend(children[name] for name in sorted(children, reverse=True))
+                stack.extend(children.node_at(i) for i in reversed(range(len(children))))
 
     def check(self) -> None:
         """Compose every directory now, so conflicts surface before anything is served."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import NotFoundError
-from cnpsfs.image.view import Generation, Node, signature
+from cnpsfs.image.view import Children, Generation, Node, signature
 from cnpsfs.store import Store
 
 
@@ -77,16 +77,14 @@ def changed_dirs(old: Generation, new: Generation, *, into_added: bool = True) -
         yield pair
         if not pair.changed:
             continue
-        old_children: dict[bytes, Node] | None = None
-        for name, child in new.load_children(pair.new).items():
-            if not child.is_dir:
-                continue
+        old_children: Children | None = None
+        for child in new.load_children(pair.new).dirs.values():
+            name = child.path[-1]
             counterpart = None
             if was is not None:
                 if old_children is None:
                     old_children = old.load_children(was)
-                counterpart = old_children.get(name)
-                if counterpart is not None and not counterpart.is_dir:
-                    counterpart = None
+                index = old_children.index(name)
+                counterpart = old_children.dirs.get(index) if index is not None else None
             if counterpart is not None or into_added:
                 stack.append(DirPair((*pair.path, name), counterpart, child))
