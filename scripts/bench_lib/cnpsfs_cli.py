@@ -85,6 +85,10 @@ class CnpsfsCli:
         except json.JSONDecodeError:
             raise BenchError(f"cnpsfs {what} --json printed no JSON: {last_line(text)}") from None
 
+    def import_argv(self, store: Path, src: Path, version: str) -> list[str | os.PathLike[str]]:
+        """The command line :meth:`import_dir` runs (for callers that run it themselves)."""
+        return [self.exe, "--store", store, "import", "dir", src, "--name", IMAGE_NAME, "--version", version]
+
     def import_dir(self, store: Path, src: Path, version: str) -> str:
         proc = run(
             [self.exe, "--store", store, "import", "dir", src, "--name", IMAGE_NAME, "--version", version],
@@ -118,6 +122,20 @@ class CnpsfsCli:
             except BenchError as exc:
                 log.warning("cnpsfs umount failed, falling back: %s", exc)
         umount(mnt)
+
+    def status(self, mnt: Path) -> dict[str, Any] | None:
+        """``cnpsfs status MNT --json``, or None when it is missing or fails."""
+        if self._missing("status"):
+            return None
+        proc = subprocess.run([os.fspath(self.exe), "status", os.fspath(mnt), "--json"], capture_output=True,
+                              text=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            return None
+        try:
+            data = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            return None
+        return data if isinstance(data, dict) else None
 
     def counters(self, mnt: Path) -> dict[str, int] | None:
         """FUSE request counts per operation, or None while ``cnpsfs status`` does not exist.

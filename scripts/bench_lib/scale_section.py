@@ -12,10 +12,11 @@ Files are small (0 to about 600 bytes: a text line repeated, then a slice of a r
 and different from each other.
 
 Each tree is imported into a fresh cnpsfs store in every run (``cnpsfs import dir``, timed
-from dropped caches, store size by block usage). For comparison it is packed with
-``mksquashfs -comp zstd`` and mounted with ``squashfuse``; the squashfs images are cached
-beside the trees (3 minutes for 1m here), with the time their build took. ``native`` is the
-tree through a read-only bind mount.
+from dropped caches, with its peak RSS, store size by block usage). For comparison it is
+packed with ``mksquashfs -comp zstd`` and mounted with ``squashfuse`` and with the kernel's
+squashfs (loop device); the squashfs images are cached beside the trees (3 minutes for 1m
+here), with the time and peak RSS their build took. ``native`` is the tree through a
+read-only bind mount.
 
 A cycle is: unmount, (cold: drop caches), time the mount command until the mount point
 shows in mountinfo (``cnpsfs mount`` returns once the daemon answers), then time one probe
@@ -30,6 +31,12 @@ both alike. **warm**: one untimed mount and both probes first; then the store, i
 tree is in the page cache, but every mount is still new (the daemon and the kernel's
 dentries start empty). Medians over max(--reps, 5) repetitions (1 with --quick); both
 cycles of a repetition time a mount, so the mount medians have twice as many samples.
+
+Then one **walk** per system and tree (heavy at 1m, so once, whatever --reps says): a fresh
+mount, caches dropped, ``find MNT | wc -l`` timed (the count is checked), then again warm;
+for cnpsfs the daemon's RSS after mounting, after the walk and after ``echo 2 >
+/proc/sys/vm/drop_caches`` (the kernel then forgets its inodes and the daemon lets go of
+what it composed for them), with the inode table's size from ``cnpsfs status --json``.
 """
 
 from __future__ import annotations
@@ -38,7 +45,9 @@ import json
 import logging
 import os
 import random
-import resource
+import shlex
+import subprocess
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -55,6 +64,7 @@ from .common import (
     ensure_packages,
     fuse_unavailable,
     is_mounted,
+    last_line,
     median,
     rmtree,
     run,
@@ -72,6 +82,8 @@ POOL_BYTES = 1 << 20
 MAX_RANDOM = 320  # bytes of random pool per file, at most
 MOUNT_TIMEOUT = 60.0
 PROBES = ("stat", "ls")
+WALKS = ("find cold", "find warm")
+FORGET_WAIT = 3.0  # seconds for the kernel's FORGETs to reach the daemon after drop_caches
 MODES = ("cold", "warm")
 INFO_VERSION = 1  # bump when the generator changes: cached trees with another version are rebuilt
 
@@ -201,17 +213,29 @@ class System(ABC):
     def counters(self, mnt: Path) -> dict[str, int] | None:
         return None
 
+    def memory(self, mnt: Path) -> dict[str, Any] | None:
+        """The serving process's RSS and what it reports keeping (cnpsfs only)."""
+        return None
 
 
-def _timed_cold(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall, CPU) seconds of ``fn`` from dropped caches; CPU is user + system of the child processes it ran."""
+
+def _peak_of(argv: list[str | os.PathLike[str]]) -> tuple[str, float, float, int]:
+    """Run *argv* from dropped caches: (stdout, wall s, CPU s, peak RSS bytes) of that process
+    alone (os.wait4: RUSAGE_CHILDREN would give the largest of every child so far)."""
     drop_caches()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    fn()
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen([os.fspath(a) for a in argv], stdout=out, stderr=err)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        text, problem = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if proc.returncode != 0:
+        last = problem.strip().splitlines()[-1:] or ["(no message)"]
+        raise BenchError(f"{os.fspath(argv[0])} exited {proc.returncode}: {last[0]}")
+    return text, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024
 
 
 class Native(System):
@@ -236,12 +260,16 @@ class Cnpsfs(System):
         store = work / f"store-{tree.name}"
         rmtree(store)
         log.info("scale: cnpsfs import of %s", tree.name)
-        refs: list[str] = []
-        seconds, cpu = _timed_cold(lambda: refs.append(self.cli.import_dir(store, tree.path, tree.name)))
-        self.stores[tree.name] = (store, refs[0])
+        out, seconds, cpu, peak = _peak_of(self.cli.import_argv(store, tree.path, tree.name))
+        ref = last_line(out)
+        if ref == "(no message)":
+            raise BenchError("cnpsfs import printed no FileSet reference")
+        self.stores[tree.name] = (store, ref)
         apparent, blocks = du_bytes([store])
-        log.info("scale: cnpsfs import of %s: %.1f s (CPU %.1f s), %.1f MB", tree.name, seconds, cpu, blocks / 1e6)
-        return {"build_seconds": seconds, "cpu_seconds": cpu, "apparent_bytes": apparent, "block_bytes": blocks}
+        log.info("scale: cnpsfs import of %s: %.1f s (CPU %.1f s, peak RSS %.0f MB), %.1f MB", tree.name, seconds,
+                 cpu, peak / 1e6, blocks / 1e6)
+        return {"build_seconds": seconds, "cpu_seconds": cpu, "peak_rss": peak, "apparent_bytes": apparent,
+                "block_bytes": blocks}
 
     def _mount(self, tree: ScaleTree, mnt: Path) -> None:
         store, ref = self.stores[tree.name]
@@ -252,6 +280,17 @@ class Cnpsfs(System):
 
     def counters(self, mnt: Path) -> dict[str, int] | None:
         return self.cli.counters(mnt)
+
+    def memory(self, mnt: Path) -> dict[str, Any] | None:
+        status = self.cli.status(mnt)
+        if status is None or not isinstance(status.get("pid"), int):
+            return None
+        try:
+            with open(f"/proc/{status['pid']}/status") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+        return {"rss": rss, "inodes": status.get("inodes"), "inode_table": status.get("inode_table")}
 
 
 class Squashfuse(System):
@@ -278,19 +317,44 @@ class Squashfuse(System):
         tmp = img.with_name(img.name + ".tmp")
         tmp.unlink(missing_ok=True)
         log.info("scale: mksquashfs of %s", tree.name)
-        seconds, cpu = _timed_cold(
-            lambda: run(["mksquashfs", tree.path, tmp, "-comp", "zstd", "-noappend", "-no-progress"], timeout=3600)
-        )
+        _out, seconds, cpu, peak = _peak_of(["mksquashfs", tree.path, tmp, "-comp", "zstd", "-noappend",
+                                             "-no-progress"])
         size = tmp.stat().st_size
-        info = {"build_seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "apparent_bytes": size,
-                "block_bytes": size}
+        info = {"build_seconds": round(seconds, 2), "cpu_seconds": round(cpu, 2), "peak_rss": peak,
+                "apparent_bytes": size, "block_bytes": size}
         info_file.write_text(json.dumps(info) + "\n")
         tmp.rename(img)
-        log.info("scale: mksquashfs of %s: %.1f s (CPU %.1f s), %.1f MB", tree.name, seconds, cpu, size / 1e6)
+        log.info("scale: mksquashfs of %s: %.1f s (CPU %.1f s, peak RSS %.0f MB), %.1f MB", tree.name, seconds, cpu,
+                 peak / 1e6, size / 1e6)
         return {**info, "cached": False}
 
     def _mount(self, tree: ScaleTree, mnt: Path) -> None:
         run(["squashfuse", self.images[tree.name], mnt])
+
+
+class KernelSquashfs(System):
+    """The same cached images as squashfuse, through the kernel's squashfs on a loop device."""
+
+    name, label = "squashfs", "kernel squashfs (zstd, loop)"
+    packages: ClassVar[dict[str, str]] = {"mksquashfs": "squashfs-tools"}
+
+    def __init__(self, images: Squashfuse) -> None:
+        self.images = images
+
+    def unavailable(self) -> str | None:
+        if not Path("/dev/loop-control").exists():
+            return "no loop devices (/dev/loop-control missing)"
+        if "squashfs" not in Path("/proc/filesystems").read_text() and not Path("/sys/module/squashfs").exists():
+            return "the kernel has no squashfs"
+        return None
+
+    def prepare(self, tree: ScaleTree, work: Path) -> dict[str, Any]:
+        if tree.name not in self.images.images:
+            self.images.prepare(tree, work)
+        return {}
+
+    def _mount(self, tree: ScaleTree, mnt: Path) -> None:
+        run(["mount", "-t", "squashfs", "-o", "loop,ro", self.images.images[tree.name], mnt])
 
 
 # ---------------------------------------------------------------- probes
@@ -335,6 +399,7 @@ class ScaleResult:
     built: dict[str, dict[str, Any]] = field(default_factory=dict)
     samples: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     requests: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # "tree/mode/probe" -> counts
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # tree -> moment -> rss, inode table
 
     def add(self, tree: str, mode: str, key: str, value: float) -> None:
         self.samples.setdefault(tree, {}).setdefault(mode, {}).setdefault(key, []).append(value)
@@ -389,6 +454,48 @@ def _measure(system: System, trees: list[ScaleTree], mnt: Path, reps: int, resul
                      (result.med(tree.name, mode, "ls") or 0) * 1000)
 
 
+def _find(mnt: Path, expected: int) -> float:
+    """``find MNT | wc -l``, timed; the count must be the tree's."""
+    start = time.perf_counter()
+    proc = subprocess.run(f"find {shlex.quote(os.fspath(mnt))} | wc -l", shell=True, capture_output=True, text=True,
+                          timeout=1800, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0 or not proc.stdout.strip().isdigit():
+        raise BenchError(f"find {mnt} failed: {proc.stderr.strip()[-200:]}")
+    if int(proc.stdout) != expected:
+        raise BenchError(f"find {mnt} counted {int(proc.stdout)} entries, expected {expected}")
+    return seconds
+
+
+def _walk(system: System, trees: list[ScaleTree], mnt: Path, result: ScaleResult) -> None:
+    """One cold and one warm ``find | wc -l`` per tree; the daemon's memory around them (cnpsfs)."""
+    for tree in trees:
+        if is_mounted(mnt):
+            system.unmount(mnt)
+        drop_caches()
+        system.mount(tree, mnt)
+        memory: dict[str, Any] = {}
+        if (m := system.memory(mnt)) is not None:
+            memory["mounted"] = m
+        drop_caches()
+        before = system.counters(mnt)
+        result.add(tree.name, "walk", "find cold", _find(mnt, tree.files + tree.dirs))
+        if (requests := _delta(before, system.counters(mnt))) is not None:
+            result.requests[f"{tree.name}/cold/find"] = requests
+        if (m := system.memory(mnt)) is not None:
+            memory["walked"] = m
+        result.add(tree.name, "walk", "find warm", _find(mnt, tree.files + tree.dirs))
+        if memory:
+            Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes: the kernel FORGETs
+            time.sleep(FORGET_WAIT)
+            if (m := system.memory(mnt)) is not None:
+                memory["dropped"] = m
+            result.memory[tree.name] = memory
+        log.info("scale: %s %s: find cold %.2f s, warm %.2f s%s", system.name, tree.name,
+                 result.med(tree.name, "walk", "find cold") or 0, result.med(tree.name, "walk", "find warm") or 0,
+                 "".join(f", RSS {k} {v['rss'] / 1e6:.0f} MB" for k, v in memory.items()))
+
+
 MOUNT_IMPORTS = "import cnpsfs.cli, cnpsfs.fs.daemon, cnpsfs.store.maintenance, cnpsfs.image.manifest, cnpsfs.fs.mount"
 
 
@@ -425,7 +532,8 @@ def run_scale(cache: Path, work: Path, reps: int, cli: CnpsfsCli,
     }
     results: list[ScaleResult] = []
     try:
-        for system in (Native(), Cnpsfs(cli), Squashfuse(cache)):
+        squashfuse = Squashfuse(cache)
+        for system in (Native(), Cnpsfs(cli), squashfuse, KernelSquashfs(squashfuse)):
             if systems is not None and system.name not in systems and system.name != "native":
                 continue
             result = ScaleResult(system.name, system.label)
@@ -443,6 +551,7 @@ def run_scale(cache: Path, work: Path, reps: int, cli: CnpsfsCli,
                     if built := system.prepare(tree, base):
                         result.built[tree.name] = built
                 _measure(system, trees, mnt, reps, result)
+                _walk(system, trees, mnt, result)
             except BenchError as exc:
                 log.warning("scale: %s failed: %s", system.name, exc)
                 result.error = str(exc)
@@ -510,6 +619,34 @@ def scale_table(results: list[ScaleResult], info: dict[str, Any]) -> str:
         for label, key, counts in requests:
             top = ", ".join(f"{op} {n}" for op, n in sorted(counts.items(), key=lambda kv: -kv[1]))
             rows.append(f"| {label} | {key} | {sum(counts.values())}: {top} |")
+    walks = [r for r in results if any("walk" in modes for modes in r.samples.values())]
+    if walks:
+        rows += ["", "| system | `find \\| wc -l` cold: 1k → 1m | 1m: ratio to native | warm: 1k → 1m |",
+                 "|---|---|---|---|"]
+        native = next((r for r in walks if r.name == "native"), None)
+        base = native.med("1m", "walk", "find cold") if native is not None else None
+        for r in walks:
+            cold = r.med("1m", "walk", "find cold")
+            ratio = f"{cold / base:.2f}×" if cold is not None and base else ""
+            rows.append(f"| {r.label} | {_pair(r, 'walk', 'find cold')} | {ratio} | {_pair(r, 'walk', 'find warm')} |")
+    memory = [(r, tree, m) for r in results for tree, m in r.memory.items()]
+    if memory:
+        rows += ["", "| system | tree | RSS mounted | after the cold walk | after `drop_caches` (2) | "
+                 "entries composed: walked → dropped |", "|---|---|---|---|---|---|"]
+        for r, tree, m in memory:
+            def rss(moment: str, m: dict[str, Any] = m) -> str:
+                return f"{m[moment]['rss'] / 1e6:.0f} MB" if moment in m else ""
+
+            def inodes(moment: str, m: dict[str, Any] = m) -> str:
+                return f"{m[moment]['inodes']:,}" if isinstance(m.get(moment, {}).get("inodes"), int) else "?"
+            rows.append(f"| {r.label} | {tree} | {rss('mounted')} | {rss('walked')} | {rss('dropped')} | "
+                        f"{inodes('walked')} → {inodes('dropped')} |")
+    peaks = [(r.label, n, b) for r in results for n, b in r.built.items() if b.get("peak_rss")]
+    if peaks:
+        rows += ["", "| system | tree | import or image build: wall (CPU) | peak RSS |", "|---|---|---|---|"]
+        for label, n, b in peaks:
+            rows.append(f"| {label} | {n} | {b['build_seconds']:.1f} s ({b['cpu_seconds']:.1f} s) | "
+                        f"{b['peak_rss'] / 1e6:.0f} MB |")
     if floor := info.get("import_floor"):
         rows.append(f"\n_Python start-up and the imports of `cnpsfs mount` (`python -c '{MOUNT_IMPORTS}'`): "
                     f"{_ms(floor['cold'])} cold, {_ms(floor['warm'])} warm_")
