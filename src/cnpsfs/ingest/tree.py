@@ -304,20 +304,26 @@ def write_fileset(store: Store, builder: TreeBuilder, *, pool: concurrent.future
             builder.drop_volatile()
             _store_file_data(builder, content)
             content.finish()
-            root = _store_directories(builder, writer)
-            fileset = fmt.FileSet(opts.name, opts.version, root, opts.metadata)
-            try:
-                encoded = fmt.encode_fileset(fileset)
-            except FormatError as exc:
-                raise ImportRejected(f"{builder.source_name}: the root directory: {exc}") from None
-            digest = writer.add_object(encoded)
-            tags = [(opts.name, opts.version, T_FILESET, digest)] if opts.name and opts.version and opts.tag else []
-            writer.commit(tags)
             entries = sum(1 for _ in builder.walk())
-            return ImportResult(digest, fileset, entries, content.logical_bytes, writer.bytes_written)
+            root = _store_directories(builder, writer)
+            return commit_fileset(writer, opts, root, builder.source_name, entries, content.logical_bytes)
     finally:
         if own_pool:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+def commit_fileset(writer: StoreWriter, opts: ImportOptions, root: fmt.Entry, source_name: str, entries: int,
+                   logical_bytes: int) -> ImportResult:
+    """Store the FileSet object over *root* (whose tree is stored) and commit, with its tag."""
+    fileset = fmt.FileSet(opts.name, opts.version, root, opts.metadata)
+    try:
+        encoded = fmt.encode_fileset(fileset)
+    except FormatError as exc:
+        raise ImportRejected(f"{source_name}: the root directory: {exc}") from None
+    digest = writer.add_object(encoded)
+    tags = [(opts.name, opts.version, T_FILESET, digest)] if opts.name and opts.version and opts.tag else []
+    writer.commit(tags)
+    return ImportResult(digest, fileset, entries, logical_bytes, writer.bytes_written)
 
 
 def _store_file_data(builder: TreeBuilder, content: ContentWriter) -> None:
