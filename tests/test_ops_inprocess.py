@@ -361,6 +361,42 @@ def test_forget_releases_what_the_kernel_held(world: World) -> None:
     run(operations(compose(world.store, world.v1)), check)
 
 
+def test_a_forgotten_directory_is_let_go_of_and_comes_back_with_the_same_numbers(world: World) -> None:
+    """FORGET of a directory and all it held: its composed children go (the inode table no
+    longer knows their numbers); looked up again, every file has the number it had, and
+    after a swap the unchanged ones still do."""
+    async def check(ops: Operations) -> None:
+        gen = ops.generation
+        doc = await lookup_path(ops, "usr/share/doc")
+        listing = await list_dir(ops, doc.st_ino)
+        files = {name: ino for name, ino, _o in listing[2:]}
+        readme = await lookup_path(ops, "usr/share/doc/pkg3/README")
+        pkg3 = files[b"pkg3"]
+        # The kernel forgets what it held below doc (its pkgN directories are let go of),
+        # then doc itself (children before parents).
+        await ops.forget([(readme.st_ino, ops.lookup_count(readme.st_ino))])
+        await ops.forget([(ino, ops.lookup_count(ino)) for ino in files.values()])
+        assert ops.node(pkg3).children is None and ops.node(doc.st_ino).children is not None
+        loaded = gen.entries
+        await ops.forget([(doc.st_ino, ops.lookup_count(doc.st_ino))])
+        assert ops.node(doc.st_ino).children is None and gen.entries == loaded - len(files)
+        assert gen.inodes.locate(readme.st_ino) is None  # its block went with its directory
+        assert await fuse_errno(ops.getattr(readme.st_ino, CTX)) == errno.ENOENT
+        again = await lookup_path(ops, "usr/share/doc/pkg3/README")
+        assert again.st_ino == readme.st_ino and (await lookup_path(ops, "usr/share/doc/pkg3")).st_ino == pkg3
+        await ops.forget([(again.st_ino, 1)])
+        # Let go of again, then a swap: the changed directories are composed anew from the
+        # numbers they had, so what did not change keeps its number.
+        hostname = await lookup_path(ops, "etc/hostname")
+        etc = await lookup_path(ops, "etc")
+        await ops.forget([(hostname.st_ino, ops.lookup_count(hostname.st_ino))])
+        await ops.forget([(etc.st_ino, ops.lookup_count(etc.st_ino))])
+        await ops.swap(swapper(world, world.v2, ops))
+        assert (await lookup_path(ops, "etc/hostname")).st_ino == hostname.st_ino
+
+    run(operations(compose(world.store, world.v1)), check)
+
+
 # --------------------------------------------------------------------------- swaps through the operations
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, MissingObjectError
-from cnpsfs.image.view import Generation, Node
+from cnpsfs.image.view import Generation, Node, signature
 from cnpsfs.image.walk import changed_dirs
 
 
@@ -56,6 +56,11 @@ def prepare(old: Generation, new: Generation, *, held: Iterable[int] | None = No
                 new.load_children(new_node)  # shares the old children, reads nothing
             continue
         plan.changed_dirs += 1
+        if old_node is not None and old_node.children is None \
+                and old.inodes.remembers((old_node.path, signature(old_node, old.mode))):
+            # Composed before and let go of (the kernel forgot it): again, with the numbers
+            # it had, so unchanged files keep theirs. Reads what a changed directory costs.
+            old.load_children(old_node)
         new_children = new.load_children(new_node)
         _check_files(new, new_children.values(), old_node)
         # Loaded before the walk (it loads old directories only to pair their children):

@@ -221,7 +221,7 @@ class Children(Mapping[bytes, Node]):
     """
 
     __slots__ = ("_layer_ix", "_layers", "_recs", "base", "counts", "dirs", "extras", "held", "inos", "names",
-                 "parent", "path", "registered", "retired", "subdirs")
+                 "parent", "path", "registered", "rekept", "retired", "subdirs")
 
     def __init__(self, parent: int, path: tuple[bytes, ...], base: int, names: list[bytes], inos: array,
                  recs: bytes, extras: dict[int, fmt.Entry], dirs: dict[int, Node],
@@ -241,6 +241,9 @@ class Children(Mapping[bytes, Node]):
         self.subdirs = len(dirs)
         self.registered = False
         self.retired = False
+        #: Files whose number was kept from an earlier composition (composed again after being
+        #: let go of): findable through the table's moved numbers, as when a swap kept them.
+        self.rekept: list[int] = []
 
     # Mapping
     def __len__(self) -> int:
@@ -343,6 +346,10 @@ class InodeTable:
         # Numbers served from another directory than their block's: hard links (every
         # directory listing one) and files a swap kept; the first location counts.
         self._moved: dict[int, list[tuple[Children, int]]] = {}
+        # Directories let go of, by (path, composition signature): the block their files'
+        # numbers came from (and the numbers, where some were kept from an earlier
+        # generation), so that composing one again gives every file the number it had.
+        self._let_go: dict[tuple[Any, ...], tuple[int, array | None]] = {}
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -364,6 +371,18 @@ class InodeTable:
             self._next += max(n, 1)
             return start
 
+    def remember(self, key: tuple[Any, ...], base: int, inos: array | None) -> None:
+        with self._lock:
+            self._let_go[key] = (base, inos)
+
+    def recall(self, key: tuple[Any, ...]) -> tuple[int, array | None]:
+        """The block (and numbers) of a directory composed before, once; (0, None) if none."""
+        with self._lock:
+            return self._let_go.pop(key, (0, None))
+
+    def remembers(self, key: tuple[Any, ...]) -> bool:
+        return key in self._let_go
+
     def forget_key(self, key: tuple[Any, ...]) -> None:
         self._by_key.pop(key, None)
 
@@ -381,6 +400,9 @@ class InodeTable:
             self._blocks.insert(i, children)
             for index, entry in children.extras.items():
                 if entry.link is not None:
+                    self._moved.setdefault(children.inos[index], []).append((children, index))
+            if children.rekept:
+                for index in children.rekept:
                     self._moved.setdefault(children.inos[index], []).append((children, index))
             children.registered = True
 
@@ -488,6 +510,7 @@ class InodeTable:
         with self._lock:
             before = len(self._by_key)
             self._by_key = {key: ino for key, ino in self._by_key.items() if ino in live or ino in self._moved}
+            self._let_go = {key: v for key, v in self._let_go.items() if not key[0] or ("d", key[0]) in self._by_key}
             self._kept = len(self._by_key)
             return before - self._kept
 
@@ -737,8 +760,10 @@ class Generation:
             old_children = old.children if old is not None and old.is_dir else None
             merged = self._merge(node)
             names = sorted(merged)
-            base = self.inodes.block(len(names))
-            inos = array("Q", range(base, base + len(names)))
+            # Composed before and let go of: the same numbers again (the same composition).
+            base, kept = self.inodes.recall((node.path, signature(node, self.mode)))
+            base = base or self.inodes.block(len(names))
+            inos = array("Q", range(base, base + len(names))) if kept is None else kept
             recs = bytearray(_REC.size * len(names))
             extras: dict[int, fmt.Entry] = {}
             dirs: dict[int, Node] = {}
@@ -775,8 +800,8 @@ class Generation:
                     inos[index] = self.inodes.number(("l", layer.fileset, layer.at, entry.link[0], identity(entry)))
                     extras[index] = entry
                     continue
-                if previous is not None and not previous.is_dir and previous.entry.link is None \
-                        and identity(previous.entry) == identity(entry):
+                if kept is None and previous is not None and not previous.is_dir \
+                        and previous.entry.link is None and identity(previous.entry) == identity(entry):
                     # The same file as before: it keeps its number (and the kernel its pages).
                     inos[index] = previous.ino
                     moves.append((previous.ino, index))
@@ -787,6 +812,9 @@ class Generation:
                     recs[index * _REC.size : (index + 1) * _REC.size] = packed
             ix = array("H", layer_ix) if len(layers) > 1 else None
             children = Children(node.ino, node.path, base, names, inos, bytes(recs), extras, dirs, tuple(layers), ix)
+            if kept is not None:
+                children.rekept = [i for i in range(len(names)) if i not in dirs and i not in extras
+                                   and inos[i] != base + i]
             self.inodes.register(children)
             self.moves.extend((ino, children, index) for ino, index in moves)
             self.entries += len(names)
@@ -833,6 +861,12 @@ class Generation:
                     del self.nodes[child.ino]
             self.entries -= len(children)
             self.inodes.unregister(children)
+            inos = children.inos
+            moved = any(inos[i] != children.base + i for i in range(len(inos))
+                        if i not in children.dirs and i not in children.extras)
+            # Some files kept numbers from an earlier generation: remember them all.
+            self.inodes.remember((current.path, signature(current, self.mode)), children.base,
+                                 inos if moved else None)
             current.children = None
             current.listed = False
         return True
