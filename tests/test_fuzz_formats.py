@@ -848,6 +848,34 @@ def test_names_and_versions_with_a_trailing_newline_are_refused(cli: Any, tmp_pa
         check_tag_name("example.org/x\n")
 
 
+def test_outside_text_in_oci_errors_stays_on_one_line() -> None:
+    """What the long run found: ``served as … but declares mediaType <text>`` put a
+    manifest's own mediaType into the message verbatim, so a newline in it made a
+    two-line error (a forged log line); so did a foreign layer's media type and the
+    platforms an index offers."""
+    from cnpsfs.errors import ImportRejected
+    from cnpsfs.oci.model import OCI_MANIFEST, Platform, layer_compression, parse_manifest_document, select_platform
+
+    doc = json.loads(seeds("oci-manifest")[0])
+    doc["mediaType"] = "x\nforged: line"
+    with pytest.raises(ImportRejected) as exc:
+        parse_manifest_document(json.dumps(doc).encode(), OCI_MANIFEST, "fuzz")
+    assert "\n" not in str(exc.value) and "x\\nforged" in str(exc.value)
+    doc = json.loads(seeds("oci-manifest")[0])
+    doc["layers"][0]["mediaType"] = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip\n"
+    doc["layers"][0]["urls"] = ["https://example.org/x"]
+    manifest = parse_manifest_document(json.dumps(doc).encode(), None, "fuzz")
+    with pytest.raises(ImportRejected) as exc:
+        layer_compression(manifest.layers[0], "fuzz")  # type: ignore[union-attr]
+    assert "\n" not in str(exc.value)
+    index = json.loads(seeds("oci-manifest")[1])
+    index["manifests"][0]["platform"]["os"] = "linux\nforged"
+    parsed = parse_manifest_document(json.dumps(index).encode(), None, "fuzz")
+    with pytest.raises(ImportRejected) as exc:
+        select_platform(parsed, Platform("linux", "s390x"), "fuzz")  # type: ignore[arg-type]
+    assert "\n" not in str(exc.value)
+
+
 class _Registry:
     """The smallest registry that answers ``tags/list`` with a chosen body (loopback only)."""
 

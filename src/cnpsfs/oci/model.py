@@ -58,6 +58,14 @@ _DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _MAX_ITEMS = 10_000  # layers of a manifest, manifests of an index
 
 
+def shown(text: str) -> str:
+    """*text* from outside as it may appear in a one-line message: control characters
+    (a newline could forge a second line in a log) escaped as Python escapes them."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def check_digest(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
         raise ImportRejected(f"{where}: invalid digest {str(value)[:80]!r} (want sha256:<64 hex> or sha512:<128 hex>)")
@@ -238,7 +246,7 @@ def parse_manifest_document(data: bytes, media_type: str | None, what: str) -> M
     if media_type in DOCKER_SCHEMA1 or declared in DOCKER_SCHEMA1 or doc.get("schemaVersion") == 1:
         raise ImportRejected(f"{what}: Docker schema 1 manifests are not supported (convert with skopeo copy)")
     if media_type and declared and media_type != declared:
-        raise ImportRejected(f"{what}: served as {media_type} but declares mediaType {declared}")
+        raise ImportRejected(f"{what}: served as {shown(media_type)} but declares mediaType {shown(declared)}")
     kind = media_type or declared
     if not kind:
         # OCI allows mediaType to be absent; the shape then tells.
@@ -263,7 +271,7 @@ def parse_manifest_document(data: bytes, media_type: str | None, what: str) -> M
 def layer_compression(desc: Descriptor, what: str) -> str:
     """The compression a layer's media type names; unknown and foreign types are errors."""
     if desc.media_type == DOCKER_FOREIGN_GZIP or desc.urls:
-        raise ImportRejected(f"{what}: foreign layer ({desc.media_type}) cannot be imported")
+        raise ImportRejected(f"{what}: foreign layer ({shown(desc.media_type)}) cannot be imported")
     try:
         return LAYER_COMPRESSION[desc.media_type]
     except KeyError:
@@ -323,10 +331,11 @@ def select_platform(index: Index, want: Platform, what: str) -> Descriptor:
     for desc in index.manifests:
         if desc.platform is None or desc.platform.os in ("", "unknown"):
             continue  # attestations and other non-images
-        offered.append(str(desc.platform))
+        offered.append(shown(str(desc.platform)))
         if want.matches(desc.platform):
             if desc.media_type not in MANIFEST_TYPES + INDEX_TYPES:
-                raise ImportRejected(f"{what}: entry for {desc.platform} has unknown media type {desc.media_type!r}")
+                raise ImportRejected(f"{what}: entry for {shown(str(desc.platform))} has unknown media type "
+                                     f"{desc.media_type!r}")
             return desc
     if len(index.manifests) == 1 and index.manifests[0].platform is None:
         return index.manifests[0]  # an index of one image that names no platform (umoci, skopeo oci:)
