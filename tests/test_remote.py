@@ -474,6 +474,32 @@ def test_resolving_preloads_every_shard_and_directory_in_a_few_round_trips(sourc
         cached.close()
 
 
+def test_closing_fails_fetches_still_queued(source: SourceStore, served: str, fault_proxy: type[FaultProxy],
+                                            tmp_path: Path) -> None:
+    """A store is closed before the daemon forks: a fetch its pool never ran must fail, not hang."""
+    proxy = fault_proxy(served)
+    local = LocalStore(tmp_path / "store", create=True)
+    remote = remote_store(proxy.url, tmp_path / "store" / "remote", timeout=2.0, parallel=1)
+    cached = CachedStore(local, [remote])
+    cached.resolve(IMAGE_V2)
+    index = remote.open_image(cached.resolve(IMAGE_V2))
+    blocks = {}
+    for number in range(len(index.root.chunk_shards)):
+        for digest, row in index._shard(True, number):
+            loc = index.location(digest, *row)
+            blocks.setdefault(loc.blob, loc)  # one block in each blob: runs that cannot merge
+    assert len(blocks) >= 2
+    proxy.add("stall", path=r"^/blobs/", seconds=5, times=None)
+    cached.prefetch(list(blocks.values()))
+    futures = list(cached._inflight.values())
+    assert len(futures) == len(blocks)
+    start = time.monotonic()
+    cached.close()
+    assert time.monotonic() - start < 5
+    assert all(f.done() and isinstance(f.exception(), UnavailableError) for f in futures)
+    assert not cached._inflight
+
+
 def test_preload_respects_its_budgets(source: SourceStore, file_remote: tuple[Path, dict, dict]) -> None:
     directory, _v1, _v2 = file_remote
     remote = remote_store(f"file://{directory}")

@@ -158,6 +158,14 @@ class CachedStore(DecodedReads):
         self._flush_touches(force=True)
         for remote in self.remotes:
             remote.close()
+        # Fetches still queued when the pools shut down never run: whoever waits for them
+        # (in this process, or in a daemon forked after this close) must hear so, not hang.
+        with self._lock:
+            stranded, self._inflight = self._inflight, {}
+        for fut in stranded.values():
+            if not fut.done():
+                fut.set_exception(UnavailableError(f"{self.local.path}: a remote fetch was abandoned: the store "
+                                                   "was closed"))
         self.local.close()
 
     def scratch_dir(self) -> Path:
