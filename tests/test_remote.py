@@ -596,6 +596,13 @@ def test_unreachable_remote_fails_fast_and_clearly(tmp_path: Path) -> None:
         LocalStore(tmp_path / "store").resolve(IMAGE_V1)
 
 
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "7200"])
+def test_remote_timeout_must_be_a_bounded_number(tmp_path: Path, value: str) -> None:
+    """A read may not wait forever: --remote-timeout is a usage error unless 0.1 to 3600 s."""
+    result = Cli(tmp_path / "store")("ls", "--remote", "file:///nonexistent", "--remote-timeout", value, IMAGE_V1, "/")
+    assert result.rc == 2 and "--remote-timeout" in result.stderr and "Traceback" not in result.stderr
+
+
 # --------------------------------------------------------------------------- signatures travel with the image
 
 

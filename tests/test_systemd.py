@@ -115,6 +115,9 @@ def test_service_config_manifest_is_relative_to_the_file(tmp_path: Path) -> None
     ('image = "x"\nthreads = true\n', "threads"),
     ("image = ", "not valid TOML"),
     ('image = "x"\ninit_layer = "yes"\n', "init_layer must be"),
+    ('image = "x"\nremote_timeout = inf\n', "remote_timeout must be"),
+    ('image = "x"\nremote_timeout = nan\n', "remote_timeout must be"),
+    ('image = "x"\nremote_timeout = 0\n', "remote_timeout must be"),
     ('image = "x"\ninit_layer = ["data"]\n', "mount destination 'data'"),
 ])
 def test_service_config_errors_name_the_file(tmp_path: Path, text: str, message: str) -> None:

@@ -28,6 +28,7 @@ import click
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, UsageError
 from cnpsfs.store import T_FILESET, TYPE_NAMES, HostedStore, LocalStore, Store, check_tag_name, check_tag_version
+from cnpsfs.store.remoteconf import MAX_TIMEOUT
 
 if TYPE_CHECKING:  # importing these layers costs start-up time
     from cnpsfs.fs.mounting import Mounted
@@ -106,6 +107,8 @@ def _set_app(field: str) -> Any:
                 from cnpsfs.store.cached import parse_size
 
                 value = parse_size(value)
+            elif isinstance(value, float) and value != value:  # nan: FloatRange's comparisons let it through
+                raise click.BadParameter("not a number", ctx=ctx, param=_param)
             setattr(app, field, tuple(value) if isinstance(value, (list, tuple)) else value)
         return value
     return callback
@@ -119,8 +122,8 @@ def remote_options(func: Any) -> Any:
                      help="Read what the local store lacks from this remote (docker://HOST/REPO, "
                           "http(s)://HOST/PATH, file:///DIR, or a name from remotes.toml); repeatable, "
                           "tried in order. Fetched blocks are kept in the local store."),
-        click.option("--remote-timeout", type=click.FloatRange(min=0.1), default=None, metavar="SECONDS",
-                     expose_value=False, callback=_set_app("remote_timeout"),
+        click.option("--remote-timeout", type=click.FloatRange(min=0.1, max=MAX_TIMEOUT), default=None,
+                     metavar="SECONDS", expose_value=False, callback=_set_app("remote_timeout"),
                      help="How long a read may wait for a remote, retries included (default: the "
                           "remote's timeout, 30)."),
         click.option("--cache-size", default=None, metavar="SIZE", expose_value=False,

@@ -42,6 +42,7 @@ from cnpsfs.fs.options import (
 )
 from cnpsfs.image.initlayer import CONTAINER_FILES, CONTAINER_TMPFS, check_destination
 from cnpsfs.image.manifest import looks_like_file
+from cnpsfs.store.remoteconf import MAX_TIMEOUT
 
 DEFAULT_CONFIG_DIR = Path("/etc/cnpsfs/mounts")
 DEFAULT_MOUNTPOINT = "/var/lib/machines/%i"
@@ -153,8 +154,8 @@ def parse_config(text: str, name: str, source: Path) -> ServiceConfig:
         raise fail("remotes must be a list of remote names or URLs")
     remote_timeout = raw.get("remote_timeout")
     if remote_timeout is not None and (not isinstance(remote_timeout, (int, float)) or isinstance(remote_timeout, bool)
-                                       or remote_timeout <= 0):
-        raise fail("remote_timeout must be a positive number of seconds")
+                                       or not 0 < remote_timeout <= MAX_TIMEOUT):  # also false for nan
+        raise fail(f"remote_timeout must be more than 0 and at most {MAX_TIMEOUT:.0f} seconds")
     cache_size = raw.get("cache_size")
     if cache_size is not None and not isinstance(cache_size, str):
         raise fail('cache_size must be a size such as "20G"')
