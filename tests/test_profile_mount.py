@@ -300,11 +300,14 @@ def test_refusals(world: World, mountpoint: Path, tmp_path: Path) -> None:
         try:
             wait_until(lambda: mnt.status()["recording"] is not None, timeout=30, what="the recording to start")
             mnt.upgrade("example.org/up@2")
+            swapped = time.monotonic()
             _out, err = recording.communicate(timeout=90)
+            ended = time.monotonic() - swapped
         finally:
             if recording.poll() is None:
                 recording.kill()
         assert recording.returncode == 1 and b"abandoned: the mount swapped to generation 2" in err, err
+        assert ended < 30, f"the abandoned recording of 60 s ended {ended:.1f} s after the swap"
 
 
 @pytest.fixture(autouse=True)

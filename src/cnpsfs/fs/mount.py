@@ -434,7 +434,9 @@ class MountService:
                         fmt.format_digest(image)[:23], bad.error)
         if chosen is None or chosen.profile is None:
             self.prefetch_note = f"the image has no profile {name!r}"
-            log.info("no prefetch for generation %d: %s", generation.number, self.prefetch_note)
+            # Most images have none: worth a line only when the profile was asked for by name.
+            level = logging.INFO if self.options.profile is not None else logging.DEBUG
+            log.log(level, "no prefetch for generation %d: %s", generation.number, self.prefetch_note)
             return
         profile = chosen.profile
         if profile.image != image:

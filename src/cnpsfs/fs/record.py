@@ -98,7 +98,12 @@ def record_profile(mountpoint: str, name: str, *, seconds: float | None = None, 
             finally:
                 _stop_group(proc)
         elif not until_idle:
-            time.sleep(seconds or 0)
+            # Polled, so that a recording a swap abandoned says so now, not when its time is up.
+            deadline = time.monotonic() + (seconds or 0)
+            while (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(POLL_SECONDS, left))
+                if _request(control, {"op": "record-status"}).get("aborted"):
+                    break
         else:
             deadline = time.monotonic() + RECORD_MAX_SECONDS
             while time.monotonic() < deadline:
