@@ -47,6 +47,10 @@ IN_CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 #: ``auto`` uses the patched pyfuse3's kernel-cache extensions, ``stock`` asks for every request.
 #: Module-scoped mount fixtures take ``params=FUSE_MODES`` so every test runs in both.
 FUSE_MODES = ("auto", "stock")
+#: For the heavy cases (swaps under load, 100,000-entry directories, whole Debian trees):
+#: ``auto``, where the kernel caches and a swap must invalidate them, in the default run;
+#: ``stock`` too with ``--long``. test_mount.py and the fault tests keep both modes always.
+FUSE_MODES_STOCK_LONG = ("auto", pytest.param("stock", marks=pytest.mark.long))
 
 #: Daemon log lines that fail a test unless allowed.
 BAD_LOG_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback|Exception ignored")

@@ -73,7 +73,7 @@ def raw_entries(draw: st.DrawFn) -> dict[int, Any]:
     return raw
 
 
-@settings(max_examples=3000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(raw_entries())
 def test_the_fast_entry_decoder_agrees_with_the_field_by_field_one(raw: dict[int, Any]) -> None:
     """What entry_from_cbor builds in one go, _entry_fields builds (or refuses) the same."""

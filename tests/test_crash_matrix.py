@@ -38,7 +38,7 @@ from mountutil import write_manifest
 from cnpsfs.store import LocalStore
 from cnpsfs.store.maintenance import gc, verify
 
-SMOKE = 5
+SMOKE = 3
 LONG = 50
 MTIME = 1_600_000_000_000_000_000
 

@@ -57,7 +57,7 @@ from cnpsfs.store.backends import open_backend
 from cnpsfs.store.remote import RemoteStore
 from cnpsfs.store.wire import decode_manifest, parse_digest_tag, parse_ref_tag
 
-SMOKE = 5
+SMOKE = 3
 LONG = 50
 REGISTRY_SMOKE = 1
 REGISTRY_LONG = 12

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from cnpsfs_testlib import Cli
-from mountutil import FUSE, FUSE_MODES, Mount, getdents, mount_image
+from mountutil import FUSE, FUSE_MODES_STOCK_LONG, Mount, getdents, mount_image
 
 from cnpsfs import format as fmt
 from cnpsfs.ingest.tree import ImportOptions, TreeBuilder, write_fileset
@@ -59,7 +59,7 @@ def big_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=FUSE_MODES)
+@pytest.fixture(scope="module", params=FUSE_MODES_STOCK_LONG)
 def mnt(big_store: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     fuse_mode = request.param
     with mount_image(big_store, "example.org/bigdir-image@1", tmp_path_factory.mktemp(f"mnt-{fuse_mode}"),

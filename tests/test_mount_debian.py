@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 from cnpsfs_testlib import Cli
-from mountutil import FUSE, FUSE_MODES, Mount, compare_mount, file_digest, mount_image, needs_root, walk_lstat
+from mountutil import (
+    FUSE,
+    FUSE_MODES_STOCK_LONG,
+    Mount,
+    compare_mount,
+    file_digest,
+    mount_image,
+    needs_root,
+    walk_lstat,
+)
 
 pytestmark = [*FUSE, needs_root]
 
@@ -44,7 +53,7 @@ def source_digests() -> dict[bytes, str]:
     return {}
 
 
-@pytest.fixture(scope="module", params=FUSE_MODES)
+@pytest.fixture(scope="module", params=FUSE_MODES_STOCK_LONG)
 def mnt(debian_store: Path, request: pytest.FixtureRequest,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     fuse_mode = request.param
@@ -105,7 +114,7 @@ def test_chroot_ls_lR_is_identical_to_the_source(debian_rootfs: Path, mnt: Mount
         pytest.fail(f"ls -lR differs ({len(want)} vs {len(got)} lines):\n" + "\n".join(diff))
 
 
-@pytest.mark.parametrize("fuse_mode", FUSE_MODES)
+@pytest.mark.parametrize("fuse_mode", FUSE_MODES_STOCK_LONG)
 def test_32_concurrent_readers_agree_with_the_source(debian_store: Path, debian_rootfs: Path,
                                                      source_stats: dict[bytes, os.stat_result],
                                                      fuse_mode: str, tmp_path: Path) -> None:
@@ -142,7 +151,7 @@ def bench_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-@pytest.fixture(scope="module", params=FUSE_MODES)
+@pytest.fixture(scope="module", params=FUSE_MODES_STOCK_LONG)
 def python_mount(bench_store: Path, request: pytest.FixtureRequest) -> Iterator[Mount]:
     base, fuse_mode = bench_store, request.param
     (base / "image.toml").write_text('name = "example.org/bench-image"\nversion = "2"\n'

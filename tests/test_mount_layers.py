@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from cnpsfs_testlib import Cli
-from mountutil import FUSE, FUSE_MODES, Mount, mount_image, write_manifest
+from mountutil import FUSE, FUSE_MODES_STOCK_LONG, Mount, mount_image, write_manifest
 
 pytestmark = FUSE
 
@@ -77,7 +77,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "store"
 
 
-@pytest.fixture(scope="module", params=FUSE_MODES)
+@pytest.fixture(scope="module", params=FUSE_MODES_STOCK_LONG)
 def layered(images: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     fuse_mode = request.param
     with mount_image(images, "example.org/layered@1", tmp_path_factory.mktemp(f"layered-{fuse_mode}"),
@@ -85,7 +85,7 @@ def layered(images: Path, request: pytest.FixtureRequest, tmp_path_factory: pyte
         yield m
 
 
-@pytest.fixture(scope="module", params=FUSE_MODES)
+@pytest.fixture(scope="module", params=FUSE_MODES_STOCK_LONG)
 def union(images: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
     fuse_mode = request.param
     with mount_image(images, "example.org/union@1", tmp_path_factory.mktemp(f"union-{fuse_mode}"),

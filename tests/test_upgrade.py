@@ -26,7 +26,7 @@ from cnpsfs_testlib import Cli, digest_of, wait_until
 from conftest import build_debian_rootfs
 from mountutil import (
     FUSE,
-    FUSE_MODES,
+    FUSE_MODES_STOCK_LONG,
     Mount,
     PathMeta,
     file_digest,
@@ -162,7 +162,7 @@ def expected(data: Data, version: str, *, extra: bool = True) -> dict[str, PathM
     return _EXPECTED[key]
 
 
-@pytest.fixture(params=FUSE_MODES)
+@pytest.fixture(params=FUSE_MODES_STOCK_LONG)
 def fuse_mode(request: pytest.FixtureRequest) -> str:
     return request.param
 
