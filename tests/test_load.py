@@ -53,7 +53,7 @@ def _version(cli: Cli, root: Path, tag: str, seed: int) -> tuple[str, dict[str, 
 
 
 @pytest.mark.parametrize("seconds", [
-    pytest.param(20, id="smoke"),
+    pytest.param(15, id="smoke"),
     pytest.param(300, id="5min", marks=pytest.mark.long),
 ])
 def test_readers_swaps_import_and_gc_together(cli: Cli, tmp_path: Path, seconds: int) -> None:
