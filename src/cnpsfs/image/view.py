@@ -220,8 +220,8 @@ class Children(Mapping[bytes, Node]):
     loop by the FUSE layer); a directory whose count drops to zero can be let go of.
     """
 
-    __slots__ = ("_layer_ix", "_layers", "_recs", "base", "counts", "dirs", "extras", "held", "inos", "names",
-                 "parent", "path", "registered", "rekept", "retired", "subdirs")
+    __slots__ = ("_layer_ix", "_layers", "_recs", "base", "counts", "dirs", "extras", "held", "inos", "moved_inos",
+                 "names", "parent", "path", "registered", "rekept", "retired", "subdirs")
 
     def __init__(self, parent: int, path: tuple[bytes, ...], base: int, names: list[bytes], inos: array,
                  recs: bytes, extras: dict[int, fmt.Entry], dirs: dict[int, Node],
@@ -244,6 +244,9 @@ class Children(Mapping[bytes, Node]):
         #: Files whose number was kept from an earlier composition (composed again after being
         #: let go of): findable through the table's moved numbers, as when a swap kept them.
         self.rekept: list[int] = []
+        #: Numbers the table's moved map sends here (so that letting go of this directory
+        #: touches those alone, not every moved number of the mount).
+        self.moved_inos: list[int] = []
 
     # Mapping
     def __len__(self) -> int:
@@ -401,9 +404,11 @@ class InodeTable:
             for index, entry in children.extras.items():
                 if entry.link is not None:
                     self._moved.setdefault(children.inos[index], []).append((children, index))
+                    children.moved_inos.append(children.inos[index])
             if children.rekept:
                 for index in children.rekept:
                     self._moved.setdefault(children.inos[index], []).append((children, index))
+                    children.moved_inos.append(children.inos[index])
             children.registered = True
 
     def unregister(self, children: Children) -> None:
@@ -414,14 +419,13 @@ class InodeTable:
             i = bisect.bisect_left(self._starts, children.base)
             if i < len(self._blocks) and self._blocks[i] is children:
                 del self._starts[i], self._blocks[i]
-            gone = [ino for ino, locs in self._moved.items() if any(c is children for c, _ in locs)] \
-                if self._moved else []
-            for ino in gone:
-                locs = [loc for loc in self._moved[ino] if loc[0] is not children]
+            for ino in set(children.moved_inos):
+                locs = [loc for loc in self._moved.get(ino, ()) if loc[0] is not children]
                 if locs:
                     self._moved[ino] = locs
                 else:
-                    del self._moved[ino]
+                    self._moved.pop(ino, None)
+            children.moved_inos.clear()
             children.registered = False
 
     def locate(self, ino: int) -> tuple[Children, int] | None:
@@ -453,6 +457,7 @@ class InodeTable:
             with self._lock:
                 locs = [loc for loc in self._moved.get(ino, ()) if loc[0] is not children]
                 self._moved[ino] = [(children, index), *locs]
+                children.moved_inos.append(ino)
 
     def count(self, ino: int, children: Children, index: int, n: int = 1) -> None:
         """The kernel took *n* references to file number *ino*, met at *children*[*index*]."""
