@@ -28,7 +28,7 @@ import click
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, UsageError
 from cnpsfs.store import T_FILESET, TYPE_NAMES, HostedStore, LocalStore, Store, check_tag_name, check_tag_version
-from cnpsfs.store.remoteconf import MAX_TIMEOUT
+from cnpsfs.store.remotelimits import MAX_TIMEOUT
 
 if TYPE_CHECKING:  # importing these layers costs start-up time
     from cnpsfs.fs.mounting import Mounted

@@ -42,7 +42,7 @@ from cnpsfs.fs.options import (
 )
 from cnpsfs.image.initlayer import CONTAINER_FILES, CONTAINER_TMPFS, check_destination
 from cnpsfs.image.manifest import looks_like_file
-from cnpsfs.store.remoteconf import MAX_TIMEOUT
+from cnpsfs.store.remotelimits import MAX_TIMEOUT
 
 DEFAULT_CONFIG_DIR = Path("/etc/cnpsfs/mounts")
 DEFAULT_MOUNTPOINT = "/var/lib/machines/%i"

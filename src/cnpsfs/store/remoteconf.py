@@ -34,13 +34,10 @@ from typing import Any
 from cnpsfs.errors import UsageError
 from cnpsfs.store.backends import Backend, open_backend, parse_remote_url
 from cnpsfs.store.remote import DEFAULT_PARALLEL, DEFAULT_TIMEOUT, RemoteStore
+from cnpsfs.store.remotelimits import MAX_PARALLEL, MAX_RETRIES, MAX_TIMEOUT
 from cnpsfs.transport import HttpConfig
 
 SYSTEM_CONFIG = Path("/etc/cnpsfs/remotes.toml")
-#: Bounds of the settings (docs/remote.md): a remote's file cannot ask for an endless wait or pool.
-MAX_TIMEOUT = 3600.0
-MAX_PARALLEL = 64
-MAX_RETRIES = 100
 KEYS = {"url", "mirrors", "ca", "tls-verify", "proxy", "timeout", "connect-timeout", "retries", "parallel",
         "authfile", "creds-file"}
 
