@@ -455,7 +455,9 @@ def test_resolving_preloads_every_shard_and_directory_in_a_few_round_trips(sourc
         for digest in shards:  # every shard, once
             assert sum(1 for path, _r in gets if path.endswith(digest.split(":")[1])) == 1
         ranges = [rng for _p, rng in gets if rng]
-        assert meta and len(ranges) == len(merge_runs(meta)) <= len(index.root.blobs) * 2, ranges
+        # One request per merged run of metadata blocks, no more (how many runs there are
+        # depends on where the source's parallel import put its metadata blocks in packs).
+        assert meta and len(ranges) == len(merge_runs(meta)) <= len(meta), ranges
         assert cached.counters()["cache"]["preloaded_blocks"] == len(meta)
         # marker+tag, index, shards, metadata: four rounds, the requests of each at once
         assert proxy.max_in_flight >= 2
