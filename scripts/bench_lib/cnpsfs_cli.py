@@ -143,21 +143,7 @@ class CnpsfsCli:
         Accepted shapes: ``{"requests": {"lookup": 12, ...}}`` or a flat ``{"lookup": 12, ...}``;
         non-integer values are ignored so the status output can carry other fields too.
         """
-        if self._missing("status"):
-            return None
-        proc = subprocess.run(
-            [os.fspath(self.exe), "status", os.fspath(mnt), "--json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if proc.returncode != 0:
-            return None
-        try:
-            data = json.loads(proc.stdout)
-        except json.JSONDecodeError:
-            return None
+        data: Any = self.status(mnt)
         if isinstance(data, dict) and isinstance(data.get("requests"), dict):
             data = data["requests"]
         if not isinstance(data, dict):
