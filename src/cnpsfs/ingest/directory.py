@@ -18,7 +18,7 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import FormatError, ImportRejected
 from cnpsfs.format.chunker import LARGE_FILE
 from cnpsfs.ingest.content import ContentWriter, read_file_pieces
-from cnpsfs.ingest.tree import ImportOptions, ImportResult, TreeBuilder, commit_fileset, write_fileset
+from cnpsfs.ingest.tree import ImportOptions, ImportResult, TreeBuilder, commit_fileset, place_extents, write_fileset
 from cnpsfs.store import Store, StoreWriter
 
 #: Extended attributes that describe the host rather than the tree, never imported.
@@ -290,15 +290,7 @@ class _Streamer:
                     self._file_done(member_frame, member, extents)
 
     def _file_done(self, frame: _Frame, entry: fmt.Entry, extents: tuple[fmt.Extent, ...]) -> None:
-        if len(extents) > fmt.INLINE_EXTENTS_MAX:
-            try:
-                entry.content = self.writer.add_object(fmt.encode_extents_object(extents))
-            except FormatError as exc:
-                raise ImportRejected(f"{os.fsdecode(frame.path)}: {entry.name!r}: {exc}") from None
-            entry.extents = None
-        else:
-            entry.extents = extents
-            entry.content = None
+        place_extents(self.writer, entry, extents, os.fsdecode(frame.path))
         self._done(frame)
 
     def _done(self, frame: _Frame) -> None:

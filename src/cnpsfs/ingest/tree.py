@@ -283,6 +283,20 @@ class ImportResult:
     new_bytes: int
 
 
+def place_extents(writer: StoreWriter, entry: fmt.Entry, extents: tuple[fmt.Extent, ...], where: str) -> None:
+    """Give a file entry its extents: inline up to the format's limit, else as an extents
+    object written now (an entry the format refuses is an ImportRejected naming *where*)."""
+    if len(extents) > fmt.INLINE_EXTENTS_MAX:
+        try:
+            entry.content = writer.add_object(fmt.encode_extents_object(extents))
+        except FormatError as exc:
+            raise ImportRejected(f"{where}: {entry.name!r}: {exc}") from None
+        entry.extents = None
+    else:
+        entry.extents = extents
+        entry.content = None
+
+
 def write_fileset(store: Store, builder: TreeBuilder, *, pool: concurrent.futures.Executor | None = None,
                   on_progress: Callable[[int], None] | None = None,
                   prepare: Callable[[StoreWriter, ContentWriter], None] | None = None) -> ImportResult:
@@ -377,15 +391,7 @@ def _store_directories(builder: TreeBuilder, writer: StoreWriter) -> fmt.Entry:
             extents, entry.hash = extents_by_group[node.link_group]
         if extents is None:
             raise ImportRejected(f"{builder.source_name}: no data recorded for {entry.name!r}")
-        if len(extents) > fmt.INLINE_EXTENTS_MAX:
-            try:
-                entry.content = writer.add_object(fmt.encode_extents_object(extents))
-            except FormatError as exc:
-                raise ImportRejected(f"{builder.source_name}: {entry.name!r}: {exc}") from None
-            entry.extents = None
-        else:
-            entry.extents = extents
-            entry.content = None
+        place_extents(writer, entry, extents, builder.source_name)
 
     # Reversed pre-order visits every child before its parent, without recursion.
     for parts, node in reversed(list(builder.walk())):
