@@ -596,6 +596,26 @@ def test_block_stream_never_hands_out_wrong_bytes(tmp_path: Path, store: Store) 
         assert data is None or fmt.digest_bytes(data) == digest
 
 
+def test_block_stream_decodes_a_mostly_wanted_block_whole(tmp_path: Path, store: Store) -> None:
+    """A first advance past half the block decodes it in one call; damage is still caught."""
+    digests, contents = _one_block(store)
+    last = store.locate(digests[-1])
+    assert last is not None
+    stream = store.open_block(last)
+    got = stream.advance(last.raw // 2 + 1)
+    assert stream.done and got == dict(zip(digests, contents, strict=True))
+    (pack,) = store.packs_dir.glob("*.pack")
+    _flip(pack, last.offset + last.stored // 2)
+    stream = store.open_block(last)
+    try:
+        handed = stream.advance(last.raw)
+    except CorruptObjectError as exc:
+        assert "does not decompress" in str(exc) or "wrong size" in str(exc)
+    else:
+        assert None in handed.values()
+        assert all(data is None or fmt.digest_bytes(data) == d for d, data in handed.items())
+
+
 def test_live_roots_forget_a_zombie_daemon(tmp_path: Path) -> None:
     """A killed daemon nobody reaped is a zombie: its gc roots must not keep anything alive."""
     from cnpsfs.store.maintenance import live_roots

@@ -312,9 +312,9 @@ class LocalStore(DecodedReads):
         """
         assert isinstance(loc, Location), "a location from another store"
         payload, members = self.packs.read_record(loc)
-        # A stream keeps its decompression context between calls, possibly on other
-        # threads: it gets its own, never the per-thread one.
-        return BlockStream(loc, payload, members, zstandard.ZstdDecompressor(), self.describe(loc))
+        # A whole-block decode uses the calling thread's context; a stream that has to keep
+        # state between calls (possibly on other threads) makes its own.
+        return BlockStream(loc, payload, members, self._decompressor, self.describe(loc))
 
     def prefetch(self, locs: Iterable[ChunkLocation]) -> None:
         """Nothing to start ahead: a local block is one pread away."""
