@@ -14,8 +14,11 @@ Costs of a miss, and why they are what they are:
 * **One thread hop.** Once a block has been opened, the fetcher knows where each of its
   members is (from the block's record), so a later miss in a known block goes straight
   to the worker that decodes it. A chunk whose block is not known yet is located and
-  decoded in the same worker call. The store answers from the header offset its index
-  records, so opening a block is one read and no search.
+  decoded in the same worker call; when the chunks located together lie in several
+  blocks (a read-ahead), the other blocks are then decoded in parallel, one worker call
+  each, every one under its own single flight, so a reader waits only for its own
+  block. The store answers from the header offset its index records, so opening a
+  block is one read and no search.
 * **Single flight.** Concurrent misses in one known block wait on the loop for one
   load. A waiter whose chunks lie beyond where that load stopped continues the same
   block reader when it is its turn, rather than decoding the block a second time.
@@ -54,6 +57,8 @@ FAILED_MAX = 4096
 
 #: (block key, a location in it, the digests wanted, its reader or why it failed, members decoded)
 _Loaded = tuple[Hashable, ChunkLocation, list[bytes], BlockReader | BaseException, dict[bytes, bytes | None]]
+#: (block key, a location in it, the digests wanted, how far): located, left for another worker
+_Later = tuple[Hashable, ChunkLocation, list[bytes], int]
 
 
 def worker_threads(store: Store, threads: int, limit: int = 64) -> int:
@@ -101,7 +106,7 @@ class ChunkFetcher:
         smaller one so that demand reads always find a worker.
         """
         limiter = limiter or self.limiter
-        waits: set[Hashable] = set()
+        waits: set[bytes] = set()
         groups: dict[Hashable, tuple[ChunkLocation, list[bytes], int]] = {}
         unknown: list[bytes] = []
         for digest in dict.fromkeys(digests):
@@ -109,7 +114,7 @@ class ChunkFetcher:
                 continue
             pending = self._pending.get(digest)
             if pending is not None:
-                waits.add(pending)  # its block is being loaded: no need to look it up
+                waits.add(digest)  # its block is being loaded: no need to look it up
                 continue
             known = self._known.get(digest)
             loc = self._block_locs.get(known[0]) if known is not None else None
@@ -120,10 +125,7 @@ class ChunkFetcher:
             first, wanted, upto = groups.get(key, (loc, [], 0))
             wanted.append(digest)
             groups[key] = (first, wanted, max(upto, end))
-        for key in waits:
-            event = self._inflight.get(key)
-            if event is not None:
-                await event.wait()
+        await self._wait_for(waits)
         jobs = len(groups) + (1 if unknown else 0)
         if len(groups) > 1:
             # A remote-backed store starts these blocks together now (merged, in parallel);
@@ -143,19 +145,39 @@ class ChunkFetcher:
                     nursery.start_soon(self._locate_and_load, unknown, limiter, added)
         return added[0]
 
-    async def _load_block(self, key: Hashable, loc: ChunkLocation, wanted: list[bytes], upto: int,
-                          limiter: trio.CapacityLimiter, added: list[int]) -> None:
-        """Decode the known block *key* through *upto*, continuing its reader if it has one."""
-        while (event := self._inflight.get(key)) is not None:
-            await event.wait()
-            # The load we joined may have stopped short of our chunks: go on from there.
-            wanted = [d for d in wanted if not self.cache.contains(d) and d not in self._failed]
-            if not wanted:
-                return
+    async def _wait_for(self, digests: Iterable[bytes]) -> None:
+        """Wait until no load is bringing *digests* any more (a load may hand one on to another)."""
+        todo = [d for d in digests if d in self._pending]
+        while todo:
+            for key in {self._pending[d] for d in todo if d in self._pending}:
+                event = self._inflight.get(key)
+                if event is not None:
+                    await event.wait()
+            todo = [d for d in todo if d in self._pending]
+
+    def _claim(self, key: Hashable, wanted: list[bytes]) -> trio.Event:
+        """Mark *key* as being loaded for *wanted* (on the loop, no await: atomic)."""
         event = self._inflight[key] = trio.Event()
         for digest in wanted:
             self._pending[digest] = key
             self._failed.pop(digest, None)
+        return event
+
+    async def _load_block(self, key: Hashable, loc: ChunkLocation, wanted: list[bytes], upto: int,
+                          limiter: trio.CapacityLimiter, added: list[int], claimed: trio.Event | None = None) -> None:
+        """Decode the known block *key* through *upto*, continuing its reader if it has one.
+
+        *claimed* is the event of a claim already made for it (:meth:`_claim`)."""
+        if claimed is None:
+            while (event := self._inflight.get(key)) is not None:
+                await event.wait()
+                # The load we joined may have stopped short of our chunks: go on from there.
+                wanted = [d for d in wanted if not self.cache.contains(d) and d not in self._failed]
+                if not wanted:
+                    return
+            event = self._claim(key, wanted)
+        else:
+            event = claimed
         stream = self._streams.pop(key, None)
         relocate = False
         try:
@@ -174,23 +196,28 @@ class ChunkFetcher:
                 self._fail(digest, exc)
         finally:
             del self._inflight[key]
-            for digest in wanted:
-                self._pending.pop(digest, None)
+            self._release(wanted, key)
             event.set()
         if relocate:
             self._block_locs.pop(key, None)
             await self._locate_and_load(wanted, limiter, added)
 
     async def _locate_and_load(self, digests: list[bytes], limiter: trio.CapacityLimiter, added: list[int]) -> None:
-        """Locate *digests* and decode their blocks, in one worker call."""
+        """Locate *digests* and decode the first one's block in one worker call, then the
+        other blocks they are in, in parallel on other workers (a 4 MiB read-ahead is four
+        blocks: decoded one after the other on one worker, the read wanting the last of them
+        would wait for all four, with the other core idle).
+        """
         token = object()
         event = self._inflight[token] = trio.Event()
         for digest in digests:
             self._pending[digest] = token
             self._failed.pop(digest, None)
+        rest: list[tuple[Hashable, ChunkLocation, list[bytes], int, trio.Event | None]] = []  # _Later + claim
         try:
             self.hops += 1
-            located, loaded = await trio.to_thread.run_sync(self._locate_and_advance, digests, limiter=limiter)
+            located, loaded, later = await trio.to_thread.run_sync(self._locate_and_advance, digests,
+                                                                   limiter=limiter)
             for digest in digests:
                 if digest not in located:
                     self._fail(digest, MissingObjectError(f"{fmt.format_digest(digest)} is not in the store"))
@@ -200,14 +227,27 @@ class ChunkFetcher:
                         self._fail(digest, stream)
                     continue
                 added[0] += self._settle(key, loc, wanted, stream, members)
+            for key, loc, wanted, upto in later:
+                # Claimed now, before this call's waiters wake: they then wait for that load.
+                rest.append((key, loc, wanted, upto, None if key in self._inflight else self._claim(key, wanted)))
         except (CnpsfsError, OSError) as exc:
             for digest in digests:
                 self._fail(digest, exc)
         finally:
             del self._inflight[token]
-            for digest in digests:
-                self._pending.pop(digest, None)
+            self._release(digests, token)
             event.set()
+        if rest:
+            async with trio.open_nursery() as nursery:
+                for key, loc, wanted, upto, claim in rest:
+                    nursery.start_soon(self._load_block, key, loc, wanted, upto, limiter, added, claim)
+
+    def _release(self, digests: Iterable[bytes], key: Hashable) -> None:
+        """Forget that the load *key* brings *digests* (those another load has taken over stay)."""
+        pending = self._pending
+        for digest in digests:
+            if pending.get(digest) is key:
+                del pending[digest]
 
     def _settle(self, key: Hashable, loc: ChunkLocation, wanted: list[bytes], stream: BlockReader,
                 members: dict[bytes, bytes | None]) -> int:
@@ -263,29 +303,34 @@ class ChunkFetcher:
             stream = self.store.open_block(loc)
         return stream.advance(upto), stream
 
-    def _locate_and_advance(self, digests: list[bytes]) -> tuple[set[bytes], list[_Loaded]]:
-        """On a worker: where *digests* are, and their blocks decoded as far as they end.
+    def _locate_and_advance(self, digests: list[bytes]) -> tuple[set[bytes], list[_Loaded], list[_Later]]:
+        """On a worker: where *digests* are, the first one's block decoded as far as they end
+        in it, and the other blocks they are in, to be decoded by other workers.
 
-        A failure to open or decode one block is returned in place of its reader, so the
-        other blocks of the same call still count.
+        A failure to open or decode the block is returned in place of its reader.
         """
         locs = self.store.locate_many(digests)
         groups: dict[Hashable, tuple[ChunkLocation, list[bytes], int]] = {}
-        for digest, loc in locs.items():
+        for digest in digests:  # in the caller's order: the first block is the one wanted first
+            loc = locs.get(digest)
+            if loc is None:
+                continue
             first, wanted, upto = groups.get(loc.block, (loc, [], 0))
             wanted.append(digest)
             groups[loc.block] = (first, wanted, max(upto, loc.inner + loc.length))
         if len(groups) > 1:
             self.store.prefetch(loc for loc, _w, _u in groups.values())  # remote blocks: all at once
         loaded: list[_Loaded] = []
-        for key, (loc, wanted, upto) in groups.items():
+        later = [(key, loc, wanted, upto) for key, (loc, wanted, upto) in groups.items()]
+        if later:
+            key, loc, wanted, upto = later.pop(0)
             try:
                 members, stream = self._advance(None, loc, upto)
             except (CnpsfsError, OSError) as exc:
                 loaded.append((key, loc, wanted, exc, {}))
-                continue
-            loaded.append((key, loc, wanted, stream, members))
-        return set(locs), loaded
+            else:
+                loaded.append((key, loc, wanted, stream, members))
+        return set(locs), loaded, later
 
     async def get(self, digest: bytes) -> bytes:
         """The verified chunk *digest*: from the cache, else loaded (raises its load's failure)."""
