@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -193,3 +194,47 @@ def test_remote_backed_mounts_get_a_worker_per_remote_request() -> None:
     cached = SimpleNamespace(remotes=[SimpleNamespace(parallel=8), SimpleNamespace(parallel=4)])
     assert worker_threads(cached, 4) == 16
     assert worker_threads(cached, 60) == 64  # never past the mount's limit
+
+
+def test_blocks_located_together_are_decoded_in_parallel_each_once(tmp_path: Path) -> None:
+    """A read-ahead over several blocks: the first in the locating hop, the others on their
+    own workers at once; a reader waiting for a chunk of the last gets it from that load."""
+    store = LocalStore(tmp_path / "store", create=True)
+    data = [text_chunk(100 + i) for i in range(40)]
+    with store.writer() as w:
+        digests = [w.add(d, T_CHUNK) for d in data]
+        w.commit()
+    blocks = {loc.block for loc in store.locate_many(digests).values()}
+    assert len(blocks) >= 3
+    counting = CountingStore(store)
+    fetcher = new_fetcher(counting)
+    running = {"now": 0, "most": 0}
+    advance = fetcher._advance
+
+    def tracked(*args: Any) -> Any:
+        running["now"] += 1
+        running["most"] = max(running["most"], running["now"])
+        try:
+            time.sleep(0.05)  # long enough for the other workers to start meanwhile
+            return advance(*args)
+        finally:
+            running["now"] -= 1
+
+    fetcher._advance = tracked  # type: ignore[method-assign]
+    got: dict[bytes, bytes] = {}
+
+    async def main() -> None:
+        async def read(digest: bytes) -> None:
+            got[digest] = await fetcher.get(digest)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetcher.fetch, digests)
+            await trio.sleep(0.01)
+            nursery.start_soon(read, digests[-1])  # joins the read-ahead's load of the last block
+
+    run(main)
+    assert got == {digests[-1]: data[-1]}
+    assert all(fetcher.cached(d) for d in digests)
+    assert counting.calls["open_block"] == len(blocks), "each block opened once"
+    assert counting.calls["locate_many"] == 1 and counting.calls["get"] == 0
+    assert running["most"] >= 2, "the other blocks were decoded one after the other"
