@@ -572,6 +572,20 @@ def test_block_stream_decodes_only_as_far_as_asked_and_continues(store: Store) -
     assert {**first, **rest} == expected  # verified bytes, never anything else
 
 
+def test_a_continued_block_stream_decodes_to_the_end(store: Store) -> None:
+    """A second miss in a block means a front-to-back reader: one more load, not one per file."""
+    digests, contents = _one_block(store)
+    first_loc = store.locate(digests[0])
+    assert first_loc is not None
+    stream = store.open_block(first_loc)
+    first = stream.advance(first_loc.inner + first_loc.length)
+    assert not stream.done
+    following = store.locate(digests[len(first)])
+    assert following is not None
+    rest = stream.advance(following.inner + following.length)
+    assert stream.done and {**first, **rest} == dict(zip(digests, contents, strict=True))
+
+
 def test_block_stream_never_hands_out_wrong_bytes(tmp_path: Path, store: Store) -> None:
     digests, _contents = _one_block(store)
     loc = store.locate(digests[0])
