@@ -39,7 +39,8 @@ _PENDING_MAX = 64
 
 
 def _is_zero(data: bytes) -> bool:
-    return data.count(0) == len(data)
+    # The ends first: almost every chunk has a non-zero byte there, and count() reads it all.
+    return not data or (not data[-1] and not data[0] and data.count(0) == len(data))
 
 
 @dataclass(slots=True)
@@ -95,15 +96,21 @@ class _Stream:
     def finish(self) -> None:
         if self.buf:
             self._cut(final=True)
-        self._resolve_spans()
+        self._resolve_spans(wait=True)
         assert not self.spans, "every span ends inside the stream"
 
-    def _resolve_spans(self) -> None:
-        # Spans are in stream order; each is resolved as soon as the chunks covering it exist.
+    def _resolve_spans(self, *, wait: bool = False) -> None:
+        # Spans are in stream order; each is resolved once the chunks covering it are cut
+        # and hashed. Mid-stream (*wait* false) a span whose chunk digests are still being
+        # computed is left for a later round, so cutting never waits behind the pool.
         cut_end = self.base
         while self.spans and self.spans[0].start + self.spans[0].length <= cut_end:
-            span = self.spans.popleft()
-            span.sink(self._extents(span.start, span.length))
+            span = self.spans[0]
+            extents = self._extents(span.start, span.length, wait=wait)
+            if extents is None:
+                break
+            self.spans.popleft()
+            span.sink(extents)
         # Drop cuts no pending span can still need.
         first_needed = self.spans[0].start if self.spans else cut_end
         drop = 0
@@ -112,7 +119,8 @@ class _Stream:
         if drop:
             del self.cuts[:drop]
 
-    def _extents(self, start: int, length: int) -> tuple[fmt.Extent, ...]:
+    def _extents(self, start: int, length: int, *, wait: bool = True) -> tuple[fmt.Extent, ...] | None:
+        """The extents of [start, start+length), or None if *wait* is false and a digest is pending."""
         out: list[fmt.Extent] = []
         end = start + length
         for cstart, clen, future in self.cuts:
@@ -120,6 +128,8 @@ class _Stream:
                 continue
             if cstart >= end:
                 break
+            if not wait and not future.done():
+                return None
             lo = max(start, cstart)
             hi = min(end, cstart + clen)
             digest = future.result()

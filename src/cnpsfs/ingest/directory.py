@@ -18,7 +18,15 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import FormatError, ImportRejected
 from cnpsfs.format.chunker import LARGE_FILE
 from cnpsfs.ingest.content import ContentWriter, read_file_pieces
-from cnpsfs.ingest.tree import ImportOptions, ImportResult, TreeBuilder, commit_fileset, place_extents, write_fileset
+from cnpsfs.ingest.tree import (
+    ImportOptions,
+    ImportResult,
+    TreeBuilder,
+    commit_fileset,
+    hash_pool,
+    place_extents,
+    write_fileset,
+)
 from cnpsfs.store import Store, StoreWriter
 
 #: Extended attributes that describe the host rather than the tree, never imported.
@@ -316,15 +324,17 @@ def stream_directory(store: Store, root: bytes, options: ImportOptions,
     grow with the number of files (see :class:`_Streamer`)."""
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
                                                      thread_name_prefix="cnpsfs-import")
+    hashers = hash_pool()
     try:
         with store.writer(pool=executor) as writer:
-            content = ContentWriter(store, writer, executor)
+            content = ContentWriter(store, writer, hashers)
             content.on_progress = on_progress
             streamer = _Streamer(root, options, writer, content)
             root_entry = streamer.run()
             return commit_fileset(writer, options, root_entry, os.fsdecode(root), streamer.entries,
                                   content.logical_bytes)
     finally:
+        hashers.shutdown(wait=True, cancel_futures=True)
         executor.shutdown(wait=True, cancel_futures=True)
 
 

@@ -309,9 +309,10 @@ def write_fileset(store: Store, builder: TreeBuilder, *, pool: concurrent.future
     own_pool = pool is None
     executor = pool or concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
                                                              thread_name_prefix="cnpsfs-import")
+    hashers = hash_pool()
     try:
         with store.writer(pool=executor) as writer:
-            content = ContentWriter(store, writer, executor)
+            content = ContentWriter(store, writer, hashers)
             content.on_progress = on_progress
             if prepare is not None:
                 prepare(writer, content)
@@ -322,8 +323,16 @@ def write_fileset(store: Store, builder: TreeBuilder, *, pool: concurrent.future
             root = _store_directories(builder, writer)
             return commit_fileset(writer, opts, root, builder.source_name, entries, content.logical_bytes)
     finally:
+        hashers.shutdown(wait=True, cancel_futures=True)
         if own_pool:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads for chunk digests and store lookups, apart from the writer's compression pool:
+    a digest queued behind whole blocks being compressed would stall the cutting thread,
+    which waits for its chunks' digests to resolve a file's extents."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="cnpsfs-hash")
 
 
 def commit_fileset(writer: StoreWriter, opts: ImportOptions, root: fmt.Entry, source_name: str, entries: int,
