@@ -336,6 +336,93 @@ def test_missing_blob(cli: Cli, editor: LayoutEditor) -> None:
     assert_refused(cli, cli("import", "oci", f"oci:{editor.root}:full"), "layer 3/3", "cannot open")
 
 
+def _no_pack_left(store: Path) -> None:
+    """A refused import leaves no temporary pack behind (every layer's writer discarded)."""
+    tmp = store / "tmp"
+    assert not tmp.exists() or not [p for p in tmp.iterdir() if p.suffix == ".pack"], list(tmp.iterdir())
+
+
+def test_corrupt_layer_among_parallel_layers(cli: Cli, editor: LayoutEditor) -> None:
+    """Layers import at once, each decoded on a thread of its own: damage in the middle of
+    layer 2's deflate data fails on its decoding thread, stops the others, and is the one
+    error reported (not a sibling's cancellation)."""
+    layer = editor.manifest["layers"][1]
+    path = editor.path(layer["digest"])
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
+    path.write_bytes(bytes(data))
+    assert_refused(cli, cli("import", "oci", f"oci:{editor.root}:full"), "layer 2/3", "corrupt")
+    _no_pack_left(cli.store_path)
+
+
+def test_hostile_member_ahead_of_a_large_member(cli: Cli, editor: LayoutEditor) -> None:
+    """The tar thread refuses the first member while the decoding thread still has megabytes
+    to read: the import stops (the read-ahead thread with it) and nothing is tagged."""
+    members = [_member("../evil"), _member("big")]
+    ref = _add_layer(editor, _tar(members, {"../evil": b"pwned\n", "big": os.urandom(12 << 20)}))
+    assert_refused(cli, cli("import", "oci", ref), "layer 4/4", "'../evil'", "'..'")
+    _no_pack_left(cli.store_path)
+
+
+class _Source(io.RawIOBase):
+    """*pieces* pieces of data, then an error or the end; counts what was read."""
+
+    def __init__(self, pieces: int | None, error: Exception | None = None) -> None:
+        self.left, self.error, self.reads = pieces, error, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.left is not None:
+            if self.left == 0:
+                if self.error is not None:
+                    raise self.error
+                return 0
+            self.left -= 1
+        self.reads += 1
+        buffer[:4] = b"data"
+        return 4
+
+
+def test_read_ahead_hands_over_data_then_the_end_after_its_epilogue() -> None:
+    from cnpsfs.oci.blobs import ReadAhead
+
+    ran: list[str] = []
+    reader = ReadAhead(_Source(3), "layer", piece=4, epilogue=lambda: ran.append("epilogue"))
+    assert reader.read(100) == b"data"
+    assert io.BufferedReader(reader).read() == b"data" * 2
+    assert ran == ["epilogue"]  # before the end was reported
+    reader.close()
+
+
+def test_read_ahead_raises_the_producer_error_after_the_data_before_it() -> None:
+    from cnpsfs.errors import ImportRejected
+    from cnpsfs.oci.blobs import ReadAhead
+
+    reader = ReadAhead(_Source(2, ImportRejected("layer 1/1: corrupt gzip data")), "layer", piece=4)
+    assert reader.read(4) + reader.read(4) == b"datadata"
+    with pytest.raises(ImportRejected, match="corrupt gzip data"):
+        reader.read(4)
+    reader.close()
+
+
+def test_read_ahead_stops_when_its_consumer_goes_away() -> None:
+    """An endless source, a consumer that gives up after one piece: close() ends the thread
+    at once, having read no more than the queue holds."""
+    import threading
+
+    from cnpsfs.oci.blobs import ReadAhead
+
+    source = _Source(None)
+    reader = ReadAhead(source, "layer", piece=4, depth=2)
+    assert reader.read(4) == b"data"
+    reader.close(timeout=10)
+    assert not any(t.name == "cnpsfs-decode" and t.is_alive() for t in threading.enumerate())
+    assert source.reads <= 5
+
+
 # --------------------------------------------------------------------------- Debian
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
+import queue
 import tempfile
 import threading
 import zlib
@@ -24,6 +26,8 @@ import zstandard
 
 from cnpsfs.errors import ImportRejected
 from cnpsfs.oci.model import digest_of
+
+log = logging.getLogger(__name__)
 
 _READ = 1 << 20
 
@@ -196,6 +200,89 @@ class ZstdReader(io.RawIOBase):
             raise ImportRejected(f"{self.what}: corrupt zstd data ({exc})") from None
         buffer[: len(data)] = data
         return len(data)
+
+
+_EOF = object()
+
+
+class ReadAhead(io.RawIOBase):
+    """Reads *source* on a thread of its own, handing pieces over a bounded queue.
+
+    A layer's verification and decompression (sha256 of the blob, gunzip or zstd, sha256 of
+    the tar: zlib, zstandard and hashlib release the GIL) then run on one core while the
+    tar parser, the chunker and the store writer run on the other. At most *depth* pieces
+    of *piece* bytes wait in the queue, so memory stays bounded whatever the layer's size.
+
+    *epilogue* runs on the same thread after the source's end (draining what it left
+    unread, so every hash covers every byte) and before the end is reported: a consumer
+    that has read to the end may read every hasher. An exception on the thread is raised
+    by the consumer's next read. :meth:`close` stops the thread and waits for it.
+    """
+
+    def __init__(self, source: IO[bytes] | io.RawIOBase, what: str, *, piece: int = _READ, depth: int = 8,
+                 epilogue: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.what = what
+        self._queue: queue.Queue[Any] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._piece = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._run, args=(source, piece, epilogue), daemon=True,
+                                        name="cnpsfs-decode")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        """Queue *item*; False when the consumer went away (close) first."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, source: IO[bytes] | io.RawIOBase, piece: int, epilogue: Callable[[], None] | None) -> None:
+        try:
+            while True:
+                data = source.read(piece)
+                if not data:
+                    break
+                if not self._put(data):
+                    return
+            if epilogue is not None:
+                epilogue()
+            result: Any = _EOF
+        except BaseException as exc:  # handed to the reader, who raises it
+            result = exc
+        self._put(result)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._piece:
+            if self._done:
+                return 0
+            item = self._queue.get()  # the producer always ends: its reads have deadlines, its puts check _stop
+            if item is _EOF:
+                self._done = True
+                return 0
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._piece = memoryview(item)
+        n = min(len(buffer), len(self._piece))
+        buffer[:n] = self._piece[:n]
+        self._piece = self._piece[n:]
+        return n
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the thread and wait for it (its reads are bounded by the source's deadlines)."""
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("%s: the decoding thread did not stop within %.0f s", self.what, timeout)
+        super().close()
 
 
 def decompressor(src: IO[bytes], compression: str, what: str) -> IO[bytes]:

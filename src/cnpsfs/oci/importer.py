@@ -35,7 +35,7 @@ from cnpsfs.image.manifest import compose, store_image
 from cnpsfs.ingest.tar import TarImporter, import_tar_stream
 from cnpsfs.ingest.tree import ImportOptions
 from cnpsfs.oci.artifacts import list_referrers
-from cnpsfs.oci.blobs import Cancelled, HashingReader, decompressor, sniff_compression
+from cnpsfs.oci.blobs import Cancelled, HashingReader, ReadAhead, decompressor, sniff_compression
 from cnpsfs.oci.layout import ImageSource, read_blob
 from cnpsfs.oci.model import (
     ImageConfig,
@@ -312,13 +312,22 @@ def _import_layer(store: Store, source: ImageSource, desc: Any, diff_id: str, co
         stream = source.open_blob(desc)
     except CnpsfsError as exc:
         raise ImportRejected(f"{label}: {exc}") from None
+    reader: ReadAhead | None = None
     try:
         raw = HashingReader(stream, label, algorithm=desc.digest.partition(":")[0], limit=desc.size,
                             on_bytes=on_progress, abort=abort)
         raw_buffered = io.BufferedReader(raw, 1 << 20)
         plain = HashingReader(decompressor(raw_buffered, compression, label), label,
                               algorithm=diff_id.partition(":")[0])
-        tar_stream = io.BufferedReader(plain, 1 << 20)
+
+        def drain_raw() -> None:
+            # A decompressor may stop at its last frame: the blob digest covers every byte.
+            while raw_buffered.read(1 << 20):
+                pass
+
+        # Hashing and decompression run on the read-ahead's thread, the tar on this one.
+        reader = ReadAhead(plain, label, epilogue=drain_raw)
+        tar_stream = io.BufferedReader(reader, 1 << 20)
         inner = sniff_compression(tar_stream.peek(6)[:6])
         if inner:
             said = f"{compression}-compressed" if compression else "uncompressed"
@@ -326,10 +335,9 @@ def _import_layer(store: Store, source: ImageSource, desc: Any, diff_id: str, co
                                  f"but the data inside is {inner}-compressed")
 
         def finish() -> None:
-            # The tar ends at its end-of-archive blocks; the digests cover everything.
+            # The tar ends at its end-of-archive blocks; the digests cover everything. The
+            # read-ahead reports the end only after its thread hashed the last byte.
             while tar_stream.read(1 << 20):
-                pass
-            while raw_buffered.read(1 << 20):
                 pass
             if raw.count != desc.size:
                 raise ImportRejected(f"{label}: truncated: {raw.count} of the {desc.size} bytes the manifest gives")
@@ -355,6 +363,8 @@ def _import_layer(store: Store, source: ImageSource, desc: Any, diff_id: str, co
         log.info("%s: %d entries, %d bytes new", label, result.entries, result.new_bytes)
         return _RawLayer(result.digest, implicit, result.new_bytes)
     finally:
+        if reader is not None:
+            reader.close()
         stream.close()
 
 
