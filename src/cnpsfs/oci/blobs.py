@@ -20,12 +20,22 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import zstandard
 
 from cnpsfs.errors import ImportRejected
 from cnpsfs.oci.model import digest_of
+
+_inflater: Callable[[int], Any]
+try:  # ISA-L's inflate: the same gzip, CRC and length checks as zlib, at 2-3x the speed
+    from isal import isal_zlib
+
+    _inflater = isal_zlib.decompressobj
+    _INFLATE_ERRORS: tuple[type[Exception], ...] = (zlib.error, cast(type[Exception], isal_zlib.error))
+except ImportError:  # a platform without its wheels: zlib
+    _inflater = zlib.decompressobj
+    _INFLATE_ERRORS = (zlib.error,)
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +147,19 @@ class HashingReader(io.RawIOBase):
 
 
 class GzipReader(io.RawIOBase):
-    """gzip (one or more concatenated members) through zlib: CRC and length are checked.
+    """gzip (one or more concatenated members) through ISA-L (else zlib): CRC and length are checked.
 
     Output per call is bounded by the caller's buffer, so a gzip bomb costs time, not memory.
+    Inflating is the largest part of a layer's reading that cannot be split across cores (a
+    gzip stream decodes front to back), so it goes through the fastest inflate at hand;
+    both release the GIL while they work.
     """
 
     def __init__(self, src: IO[bytes], what: str) -> None:
         super().__init__()
         self.src = src
         self.what = what
-        self._d = zlib.decompressobj(31)
+        self._d = _inflater(31)
         self._in = b""
         self._started = False
 
@@ -160,7 +173,7 @@ class GzipReader(io.RawIOBase):
                     rest = self._d.unused_data or self.src.read(_READ)
                     if not rest:
                         return 0
-                    self._d = zlib.decompressobj(31)  # concatenated members are one gzip stream
+                    self._d = _inflater(31)  # concatenated members are one gzip stream
                     self._in = rest
                 if not self._in:
                     self._in = self.src.read(_READ)
@@ -173,7 +186,7 @@ class GzipReader(io.RawIOBase):
                 if out:
                     buffer[: len(out)] = out
                     return len(out)
-        except zlib.error as exc:
+        except _INFLATE_ERRORS as exc:
             raise ImportRejected(f"{self.what}: corrupt gzip data ({exc})") from None
 
 
