@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import random
+import resource
 import secrets
 import shutil
 import socket
@@ -75,6 +76,9 @@ class OciRow:
     seconds: dict[str, list[float]] = field(default_factory=lambda: {i: [] for i in IMAGES})
     stored_bytes: list[int] = field(default_factory=list)
     extra_seconds: list[float] = field(default_factory=list)
+    #: CPU seconds (user + system, the pull and its children) for the three images, per repetition:
+    #: what the machine's load does not change, unlike wall time.
+    cpu_seconds: list[float] = field(default_factory=list)
     extra_bytes: list[int] = field(default_factory=list)  # stored after the extra image too
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -87,6 +91,8 @@ class OciRow:
             out["stored_bytes"] = median(self.stored_bytes)
         if self.extra_seconds:
             out[f"{EXTRA}_seconds"] = median(self.extra_seconds)
+        if self.cpu_seconds:
+            out["cpu_seconds"] = median(self.cpu_seconds)
         if self.extra_bytes:
             out["stored_bytes_with_extra"] = median(self.extra_bytes)
         return out
@@ -262,6 +268,11 @@ def _unavailable(system: str, cli: CnpsfsCli) -> str | None:
     return None
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _stored_paths(system: str, out: Path, images: tuple[str, ...]) -> list[Path]:
     return {"cnpsfs": [out / "store"], "skopeo": [out / "layout"],
             "skopeo+umoci": [out / "layout", *(out / f"bundle-{i}" for i in images)],
@@ -285,17 +296,21 @@ def measure(registry: Registry, work: Path, reps: int, cli: CnpsfsCli, systems: 
             out.mkdir(parents=True)
             (out / "c.conf").write_text("[containers]\ndefault_ulimits = []\n")
             try:
+                cpu = 0.0
                 for image in (*IMAGES, EXTRA):
                     drop_caches()
-                    start = time.perf_counter()
+                    start, before = time.perf_counter(), _children_cpu()
                     _pull(row.name, registry, image, out, cli, driver)
                     took = time.perf_counter() - start
+                    if image != EXTRA:
+                        cpu += _children_cpu() - before
                     if image == EXTRA:
                         row.extra_seconds.append(took)
                         row.extra_bytes.append(du_bytes(_stored_paths(row.name, out, (*IMAGES, EXTRA)))[1])
                         continue
                     row.seconds[image].append(took)
                     if image == IMAGES[-1]:
+                        row.cpu_seconds.append(cpu)
                         row.stored_bytes.append(du_bytes(_stored_paths(row.name, out, IMAGES))[1])
                         if row.name == "skopeo+umoci":
                             row.notes["layout_bytes"] = du_bytes([out / "layout"])[1]
@@ -339,19 +354,20 @@ def run_oci(corpus: Corpus, cache: Path, work: Path, reps: int, cli: CnpsfsCli,
 def oci_table(rows: list[OciRow], info: dict[str, Any]) -> str:
     from .report import fmt_bytes, fmt_seconds
 
-    lines = ["| system | base (v1) | app (base + v2 layer) | rebuilt (app, new mtimes) | total | stored, 3 images "
-             f"| extra: {EXTRA} (base + 64 MiB random) | stored, 4 images |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | base (v1) | app (base + v2 layer) | rebuilt (app, new mtimes) | total | CPU, 3 images "
+             f"| stored, 3 images | extra: {EXTRA} (base + 64 MiB random) | stored, 4 images |",
+             "|---|---|---|---|---|---|---|---|---|"]
     summaries = {r.name: r.summary() for r in rows if not r.skipped}
     for row in rows:
         if row.skipped:
-            lines.append(f"| {row.label} | n/a ({row.skipped}) | | | | | | |")
+            lines.append(f"| {row.label} | n/a ({row.skipped}) | | | | | | | |")
             continue
         s = summaries[row.name]
         cells = [fmt_seconds(s[f"{i}_seconds"]) for i in IMAGES]
         extra = [fmt_seconds(s[f"{EXTRA}_seconds"]) if f"{EXTRA}_seconds" in s else "n/a",
                  fmt_bytes(s["stored_bytes_with_extra"]) if "stored_bytes_with_extra" in s else "n/a"]
-        lines.append(f"| {row.label} | {' | '.join(cells)} | {fmt_seconds(s['total_seconds'])} | "
+        cpu = fmt_seconds(s["cpu_seconds"]) if "cpu_seconds" in s else "n/a"
+        lines.append(f"| {row.label} | {' | '.join(cells)} | {fmt_seconds(s['total_seconds'])} | {cpu} | "
                      f"{fmt_bytes(s['stored_bytes'])} | {' | '.join(extra)} |")
     notes = []
     if "cnpsfs" in summaries and "skopeo" in summaries:
