@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, MissingObjectError
-from cnpsfs.image.view import Generation, Node, signature
+from cnpsfs.image.view import Children, Generation, signature
 from cnpsfs.image.walk import changed_dirs
+from cnpsfs.store import Store
 
 
 @dataclass(slots=True)
@@ -46,8 +47,13 @@ def prepare(old: Generation, new: Generation, *, held: Iterable[int] | None = No
     With *held*, the inode numbers the kernel still holds (lookups not yet forgotten),
     the inode table is swept if that is due; their keys are kept, so a name that comes
     back gets its old number. Without, no sweep (the caller had no snapshot to give).
+
+    Directories are compared on their packed children (names, inode numbers, records)
+    without making a node or an entry per name; the chunks of the files to check are
+    looked up in the store once for the whole swap.
     """
     plan = SwapPlan()
+    chunks = _Chunks(new.store)
     for pair in changed_dirs(old, new):
         old_node, new_node = pair.old, pair.new
         if not pair.changed:
@@ -62,44 +68,93 @@ def prepare(old: Generation, new: Generation, *, held: Iterable[int] | None = No
             # it had, so unchanged files keep theirs. Reads what a changed directory costs.
             old.load_children(old_node)
         new_children = new.load_children(new_node)
-        _check_files(new, new_children.values(), old_node)
         # Loaded before the walk (it loads old directories only to pair their children):
         # only what the kernel may have looked up needs invalidating.
-        if old_node is not None and old_node.children is not None:
-            old_children = old_node.children
-            plan.dirs.append(old_node.ino)
-            for name, old_child in old_children.items():
-                new_child = new_children.get(name)
-                if new_child is None or new_child.ino != old_child.ino:
-                    plan.entries.append((old_node.ino, name))
-                elif (new_child.is_dir and new_child is not old_child
-                      and (new_child.attr is None or old_child.attr is None or new_child.entry != old_child.entry)):
-                    plan.dirs.append(old_child.ino)
-            # New names: the kernel may hold a cached negative lookup for them.
-            plan.entries.extend((old_node.ino, name) for name in new_children if name not in old_children)
+        old_children = old_node.children if old_node is not None else None
+        old_pos = old_children.positions() if old_children is not None else None
+        chunks.add(new_children, old_children, old_pos)
+        if old_node is not None and old_children is not None and old_pos is not None:
+            _diff(plan, old_node.ino, old_children, old_pos, new_children)
+    chunks.check()
     new.previous = None
     if held is not None and new.inodes.sweep_due():
         plan.dropped_keys = new.inodes.retain(new.loaded_inodes() | set(held))
     return plan
 
 
-def _check_files(new: Generation, children: object, old_parent: Node | None) -> None:
-    """Every chunk of a new or changed file must be in the store before we switch to it."""
-    store = new.store
-    old_children = old_parent.children if old_parent is not None else None
-    for child in children:  # type: ignore[attr-defined]
-        if child.entry.kind is not fmt.Kind.FILE or not child.entry.size:
-            continue
-        if old_children is not None:
-            previous = old_children.get(child.entry.name)
-            if previous is not None and previous.ino == child.ino:
-                continue  # same object as before: already known to be readable
+def _diff(plan: SwapPlan, parent: int, old: Children, old_pos: dict[bytes, int], new: Children) -> None:
+    """What the kernel must forget of a directory it may have seen: names whose number
+    changed or that went or came, and subdirectories whose attributes changed."""
+    plan.dirs.append(parent)
+    new_pos = new.positions()
+    old_inos, new_inos = old.inos, new.inos
+    entries = plan.entries
+    for j, name in enumerate(old.names):
+        at = new_pos.get(name)
+        if at is None or new_inos[at] != old_inos[j]:
+            entries.append((parent, name))
+    for i, new_child in new.dirs.items():
+        was = old_pos.get(new.names[i])
+        if was is None or old_inos[was] != new_inos[i]:
+            continue  # a new name (invalidated as one below) or another inode (above)
+        old_child = old.dirs.get(was)
+        if old_child is not None and new_child is not old_child and (
+                new_child.attr is None or old_child.attr is None or new_child.entry != old_child.entry):
+            plan.dirs.append(old_child.ino)
+    # New names: the kernel may hold a cached negative lookup for them.
+    entries.extend((parent, name) for name in new.names if name not in old_pos)
+
+
+class _Chunks:
+    """Every chunk of a new or changed file must be in the store before we switch to it.
+
+    A file is skipped when the old generation's directory, loaded, shows the same inode
+    there (the same object as before: already known to be readable); the others' chunk
+    digests are gathered from their records (or extents) and looked up in one has-many
+    at the end, which names the first file, in walk order, that lacks one.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.wanted: dict[bytes, tuple[Children, int]] = {}  # digest -> first file that needs it
+
+    def add(self, children: Children, old: Children | None, old_pos: dict[bytes, int] | None) -> None:
+        wanted = self.wanted
+        names, inos = children.names, children.inos
+        old_inos = old.inos if old is not None else None
+        for i, digest in children.packed_chunks():
+            if old_pos is not None and old_inos is not None:
+                j = old_pos.get(names[i])
+                if j is not None and old_inos[j] == inos[i]:
+                    continue
+            if digest not in wanted:
+                wanted[digest] = (children, i)
+        for i, entry in children.extras.items():
+            if entry.kind is not fmt.Kind.FILE or not entry.size:
+                continue
+            if old_pos is not None and old_inos is not None:
+                j = old_pos.get(names[i])
+                if j is not None and old_inos[j] == inos[i]:
+                    continue
+            for digest in self._digests(children, i):
+                if digest not in wanted:
+                    wanted[digest] = (children, i)
+
+    def _digests(self, children: Children, i: int) -> set[bytes]:
         try:
-            extents = store.file_extents(child.entry)
+            extents = self.store.file_extents(children.entry_at(i))
         except MissingObjectError as exc:
-            raise CnpsfsError(f"{fmt.show_path(child.path)}: {exc}") from None
-        digests = {e.digest for e in extents if e.digest is not None}
-        missing = digests - store.existing(digests)
-        if missing:
-            raise CnpsfsError(f"{fmt.show_path(child.path)}: {len(missing)} chunk(s) missing from the store, "
-                              f"e.g. {fmt.format_digest(next(iter(missing)))}")
+            raise CnpsfsError(f"{fmt.show_path((*children.path, children.names[i]))}: {exc}") from None
+        return {e.digest for e in extents if e.digest is not None}
+
+    def check(self) -> None:
+        wanted = self.wanted
+        if not wanted:
+            return
+        missing = wanted.keys() - self.store.existing(wanted)
+        if not missing:
+            return
+        children, i = next(wanted[d] for d in wanted if d in missing)
+        lacks = len(self._digests(children, i) & missing) if i in children.extras else 1
+        raise CnpsfsError(f"{fmt.show_path((*children.path, children.names[i]))}: {lacks} chunk(s) missing from "
+                          f"the store, e.g. {fmt.format_digest(next(d for d in wanted if d in missing))}")

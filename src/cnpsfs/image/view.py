@@ -184,6 +184,11 @@ _ONE_EXTENT = 1  # extents: one chunk range (else: none, an empty file)
 _EMPTY_EXTENTS = 2  # extents: () rather than None
 _NO_DIGEST = bytes(fmt.DIGEST_SIZE)
 _U32 = 1 << 32
+#: Byte ranges of a record: what identity() compares (mode, uid, gid, mtime_ns, size; the
+#: content hash), and the chunk digest.
+_ID_HEAD = slice(1, struct.calcsize("<BHIIqq"))
+_DIGEST_AT = struct.calcsize("<BHIIqqII")
+_HASH_AT = _DIGEST_AT + fmt.DIGEST_SIZE
 
 
 def _pack(entry: fmt.Entry) -> bytes | None:
@@ -311,6 +316,35 @@ class Children(Mapping[bytes, Node]):
         if node is not None:
             return node
         return Node(self.inos[i], self.entry_at(i), self.parent, (*self.path, self.names[i]), self.layer_at(i))
+
+    def positions(self) -> dict[bytes, int]:
+        """Name -> index, for pairing a whole directory with another by name."""
+        return dict(zip(self.names, range(len(self.names)), strict=True))
+
+    def same_file(self, i: int, entry: fmt.Entry, packed: bytes | None) -> bool:
+        """Whether child *i* is a file without hard links and the same inode as *entry*
+        (equal :func:`identity`), whose record, when it packs, is *packed*: compared on
+        the record's bytes, without making an entry for *i*."""
+        if i in self.dirs:
+            return False
+        extra = self.extras.get(i)
+        if extra is not None:
+            return extra.link is None and identity(extra) == identity(entry)
+        if packed is None:
+            return identity(self.entry_at(i)) == identity(entry)
+        recs = self._recs
+        at = i * _REC.size
+        return (recs[at + _ID_HEAD.start : at + _ID_HEAD.stop] == packed[_ID_HEAD]
+                and recs[at + _HASH_AT : at + _REC.size] == packed[_HASH_AT:])
+
+    def packed_chunks(self) -> Iterator[tuple[int, bytes]]:
+        """(index, chunk digest) of every packed file with data (one chunk each)."""
+        recs = self._recs
+        size = _REC.size
+        for i in range(len(self.names)):
+            at = i * size
+            if recs[at] & _ONE_EXTENT:
+                yield i, recs[at + _DIGEST_AT : at + _HASH_AT]
 
     def owns(self, ino: int) -> bool:
         """Whether *ino* is a number of this block (not a directory's or a hard link's)."""
@@ -763,6 +797,7 @@ class Generation:
                 node.children = old.children
                 return node.children
             old_children = old.children if old is not None and old.is_dir else None
+            old_pos = old_children.positions() if old_children is not None else None
             merged = self._merge(node)
             names = sorted(merged)
             # Composed before and let go of: the same numbers again (the same composition).
@@ -786,13 +821,14 @@ class Generation:
                 else:
                     layer_pos = len(layers) - 1
                 layer_ix.append(layer_pos)
-                path = (*node.path, name)
-                previous = old_children.get(name) if old_children is not None else None
+                at = old_pos.get(name) if old_pos is not None else None
                 if entry.kind is fmt.Kind.DIR:
+                    path = (*node.path, name)
                     meta = self._dir_metadata(sources, name)
                     ino = self.inodes.number(("d", path))
                     child = Node(ino, meta, node.ino, path, None, sources)
-                    if previous is not None and previous.is_dir and previous.ino == ino \
+                    previous = old_children.dirs.get(at) if old_children is not None and at is not None else None
+                    if previous is not None and previous.ino == ino \
                             and signature(previous, old_mode) == signature(child, self.mode):
                         child = previous  # an unchanged subtree: share it, loaded parts included
                         if child.children is not None:
@@ -805,12 +841,12 @@ class Generation:
                     inos[index] = self.inodes.number(("l", layer.fileset, layer.at, entry.link[0], identity(entry)))
                     extras[index] = entry
                     continue
-                if kept is None and previous is not None and not previous.is_dir \
-                        and previous.entry.link is None and identity(previous.entry) == identity(entry):
-                    # The same file as before: it keeps its number (and the kernel its pages).
-                    inos[index] = previous.ino
-                    moves.append((previous.ino, index))
                 packed = _pack(entry)
+                if kept is None and at is not None and old_children is not None \
+                        and old_children.same_file(at, entry, packed):
+                    # The same file as before: it keeps its number (and the kernel its pages).
+                    inos[index] = old_children.inos[at]
+                    moves.append((inos[index], index))
                 if packed is None:
                     extras[index] = entry
                 else:
