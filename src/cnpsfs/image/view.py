@@ -186,28 +186,31 @@ _NO_DIGEST = bytes(fmt.DIGEST_SIZE)
 _U32 = 1 << 32
 #: Byte ranges of a record: what identity() compares (mode, uid, gid, mtime_ns, size; the
 #: content hash), and the chunk digest.
-_ID_HEAD = slice(1, struct.calcsize("<BHIIqq"))
+_ID_START, _ID_END = 1, struct.calcsize("<BHIIqq")
 _DIGEST_AT = struct.calcsize("<BHIIqqII")
 _HASH_AT = _DIGEST_AT + fmt.DIGEST_SIZE
 
 
-def _pack(entry: fmt.Entry) -> bytes | None:
-    """The record of a plain regular file (no xattrs, links or extents object); None otherwise."""
+def _pack_into(buf: bytearray, at: int, entry: fmt.Entry) -> bool:
+    """Write the record of a plain regular file (no xattrs, links or extents object) at
+    *at* in *buf*; False (nothing written) for any other entry."""
     if entry.kind is not fmt.Kind.FILE or entry.xattrs or entry.link is not None or entry.content is not None:
-        return None
+        return False
     extents = entry.extents
     if extents is None or not extents:
         if entry.size or entry.hash is not None:
-            return None
-        return _REC.pack(_EMPTY_EXTENTS if extents is not None else 0, entry.mode, entry.uid, entry.gid,
-                         entry.mtime_ns, 0, 0, 0, _NO_DIGEST, _NO_DIGEST)
+            return False
+        _REC.pack_into(buf, at, _EMPTY_EXTENTS if extents is not None else 0, entry.mode, entry.uid, entry.gid,
+                       entry.mtime_ns, 0, 0, 0, _NO_DIGEST, _NO_DIGEST)
+        return True
     if len(extents) != 1 or entry.hash is None:
-        return None
+        return False
     digest, offset, length = extents[0]
     if digest is None or offset >= _U32 or length >= _U32:
-        return None
-    return _REC.pack(_ONE_EXTENT, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size, offset, length,
-                     digest, entry.hash)
+        return False
+    _REC.pack_into(buf, at, _ONE_EXTENT, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.size, offset,
+                   length, digest, entry.hash)
+    return True
 
 
 class Children(Mapping[bytes, Node]):
@@ -321,10 +324,10 @@ class Children(Mapping[bytes, Node]):
         """Name -> index, for pairing a whole directory with another by name."""
         return dict(zip(self.names, range(len(self.names)), strict=True))
 
-    def same_file(self, i: int, entry: fmt.Entry, packed: bytes | None) -> bool:
+    def same_file(self, i: int, entry: fmt.Entry, packed: bytearray | None, at: int = 0) -> bool:
         """Whether child *i* is a file without hard links and the same inode as *entry*
-        (equal :func:`identity`), whose record, when it packs, is *packed*: compared on
-        the record's bytes, without making an entry for *i*."""
+        (equal :func:`identity`), whose record, when it packs, is at *at* in *packed*:
+        compared on the records' bytes, without making an entry for *i*."""
         if i in self.dirs:
             return False
         extra = self.extras.get(i)
@@ -333,9 +336,9 @@ class Children(Mapping[bytes, Node]):
         if packed is None:
             return identity(self.entry_at(i)) == identity(entry)
         recs = self._recs
-        at = i * _REC.size
-        return (recs[at + _ID_HEAD.start : at + _ID_HEAD.stop] == packed[_ID_HEAD]
-                and recs[at + _HASH_AT : at + _REC.size] == packed[_HASH_AT:])
+        mine = i * _REC.size
+        return (recs[mine + _ID_START : mine + _ID_END] == packed[at + _ID_START : at + _ID_END]
+                and recs[mine + _HASH_AT : mine + _REC.size] == packed[at + _HASH_AT : at + _REC.size])
 
     def packed_chunks(self) -> Iterator[tuple[int, bytes]]:
         """(index, chunk digest) of every packed file with data (one chunk each)."""
@@ -714,6 +717,16 @@ class Generation:
                 by_name.setdefault(entry.name, []).append((entry, item.layer, item))
         result: _Merged = {}
         for name, provided in by_name.items():
+            if len(provided) == 1:
+                # One provider (most names): nothing to merge, check or pick.
+                entry, layer, origin = provided[0]
+                if entry.kind is not fmt.Kind.DIR:
+                    result[name] = (entry, layer, [])
+                elif isinstance(origin, Source):
+                    result[name] = (entry, layer, [self._child_source(origin, entry, (*path, name))])
+                else:
+                    result[name] = (entry, layer, sorted(origin, key=lambda src: src.layer.fileset))
+                continue
             child_path = (*path, name)
             dirs = [p for p in provided if p[0].kind is fmt.Kind.DIR]
             others = [p for p in provided if p[0].kind is not fmt.Kind.DIR]
@@ -808,19 +821,17 @@ class Generation:
             extras: dict[int, fmt.Entry] = {}
             dirs: dict[int, Node] = {}
             layers: list[LayerInfo] = []
+            layer_pos: dict[int, int] = {}  # id(layer) -> position in layers
             layer_ix: list[int] = []
             moves: list[tuple[int, int]] = []
+            size = _REC.size
             for index, name in enumerate(names):
                 entry, layer, sources = merged[name]
-                if not layers or layers[-1] is not layer:
-                    try:
-                        layer_pos = next(i for i, known in enumerate(layers) if known is layer)
-                    except StopIteration:
-                        layer_pos = len(layers)
-                        layers.append(layer)
-                else:
-                    layer_pos = len(layers) - 1
-                layer_ix.append(layer_pos)
+                pos = layer_pos.get(id(layer))
+                if pos is None:
+                    pos = layer_pos[id(layer)] = len(layers)
+                    layers.append(layer)
+                layer_ix.append(pos)
                 at = old_pos.get(name) if old_pos is not None else None
                 if entry.kind is fmt.Kind.DIR:
                     path = (*node.path, name)
@@ -841,16 +852,14 @@ class Generation:
                     inos[index] = self.inodes.number(("l", layer.fileset, layer.at, entry.link[0], identity(entry)))
                     extras[index] = entry
                     continue
-                packed = _pack(entry)
+                packed = _pack_into(recs, index * size, entry)
+                if not packed:
+                    extras[index] = entry
                 if kept is None and at is not None and old_children is not None \
-                        and old_children.same_file(at, entry, packed):
+                        and old_children.same_file(at, entry, recs if packed else None, index * size):
                     # The same file as before: it keeps its number (and the kernel its pages).
                     inos[index] = old_children.inos[at]
                     moves.append((inos[index], index))
-                if packed is None:
-                    extras[index] = entry
-                else:
-                    recs[index * _REC.size : (index + 1) * _REC.size] = packed
             ix = array("H", layer_ix) if len(layers) > 1 else None
             children = Children(node.ino, node.path, base, names, inos, bytes(recs), extras, dirs, tuple(layers), ix)
             if kept is not None:
