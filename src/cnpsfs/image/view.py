@@ -35,6 +35,7 @@ import logging
 import struct
 import threading
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -572,6 +573,45 @@ def split_at(at: str) -> tuple[bytes, ...]:
     return tuple(p for p in at.encode("utf-8", "surrogateescape").split(b"/") if p)
 
 
+class DirectoryCache:
+    """Small directory objects read for merging several sources, kept decoded (LRU).
+
+    A directory many FileSets provide (``/usr``, ``/usr/share/doc``, ``/usr/bin`` in a
+    union of packages) is composed again by every swap that changes any of them, from
+    the same objects but one: decoding them again dominated a one-package swap. Objects
+    are named by content, so a kept one is never stale; only objects of at most
+    *max_object* entries are kept, *max_entries* in all (a few MiB), so a mount's memory
+    stays the size of what it serves.
+    """
+
+    def __init__(self, *, max_entries: int = 8192, max_object: int = 64) -> None:
+        self.max_entries = max_entries
+        self.max_object = max_object
+        self._lock = threading.Lock()
+        self._items: OrderedDict[bytes, fmt.Directory] = OrderedDict()
+        self.entries = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, store: Store, digest: bytes) -> fmt.Directory:
+        with self._lock:
+            directory = self._items.get(digest)
+            if directory is not None:
+                self._items.move_to_end(digest)
+                return directory
+        directory = store.get_directory(digest)
+        if len(directory.entries) <= self.max_object:
+            with self._lock:
+                if digest not in self._items:
+                    self._items[digest] = directory
+                    self.entries += len(directory.entries)
+                    while self.entries > self.max_entries:
+                        _digest, dropped = self._items.popitem(last=False)
+                        self.entries -= len(dropped.entries)
+        return directory
+
+
 class Generation:
     """One immutable composition of an image's layers.
 
@@ -593,6 +633,8 @@ class Generation:
         # compose identically are shared from it. swap.prepare clears it when done, so a
         # mount never keeps more than the generation it serves.
         self.previous = previous
+        #: Shared by a mount's generations: what a swap's merges read again of the last one's.
+        self.directories: DirectoryCache = previous.directories if previous is not None else DirectoryCache()
         self._lock = threading.RLock()
         # The nodes this generation created or took over from the previous one, by inode.
         # Only this generation's: nodes of earlier ones that the kernel still holds are
@@ -622,13 +664,21 @@ class Generation:
         inner = _synthetic_dir(child) if len(path) + 1 < len(layer.at) else dataclasses.replace(layer.root, name=child)
         return Source(layer, _synthetic_dir(path[-1] if path else b""), {child: inner})
 
-    def _source_children(self, source: Source) -> tuple[list[fmt.Entry], bool]:
+    def _source_children(self, source: Source, merged: bool = False) -> tuple[list[fmt.Entry], bool]:
+        """A source's entries; *merged*: one of several sources of a directory, whose
+        small directory objects are kept decoded for the next generation (see
+        :class:`DirectoryCache`)."""
         if source.synthetic is not None:
             return list(source.synthetic.values()), False
         tree = source.entry.tree
         assert tree is not None
         held = source.layer.directories
-        directory = held[tree] if held is not None else self.store.get_directory(tree)
+        if held is not None:
+            directory = held[tree]
+        elif merged:
+            directory = self.directories.get(self.store, tree)
+        else:
+            directory = self.store.get_directory(tree)
         return directory.entries, directory.opaque
 
     def _child_source(self, parent: Source, entry: fmt.Entry, path: tuple[bytes, ...]) -> Source:
@@ -685,7 +735,7 @@ class Generation:
                         result[name] = (entry, layer, [])
                 continue
             source = item
-            entries, opaque = self._source_children(source)
+            entries, opaque = self._source_children(source, len(items) > 1)
             if opaque:
                 result = {}
             for entry in entries:
@@ -710,7 +760,7 @@ class Generation:
                 for name, (entry, layer, sources) in self._merge_unit(path, item).items():
                     by_name.setdefault(name, []).append((entry, layer, sources))
                 continue
-            entries, _opaque = self._source_children(item)
+            entries, _opaque = self._source_children(item, len(items) > 1)
             for entry in entries:
                 if entry.kind is fmt.Kind.WHITEOUT:
                     continue  # whiteouts only have meaning between stacked layers
