@@ -457,12 +457,20 @@ class InodeTable:
             i = bisect.bisect_left(self._starts, children.base)
             if i < len(self._blocks) and self._blocks[i] is children:
                 del self._starts[i], self._blocks[i]
+            moved = self._moved
             for ino in set(children.moved_inos):
-                locs = [loc for loc in self._moved.get(ino, ()) if loc[0] is not children]
+                locs = moved.get(ino)
+                if locs is None:
+                    continue
+                if len(locs) == 1:
+                    if locs[0][0] is children:
+                        del moved[ino]
+                    continue
+                locs = [loc for loc in locs if loc[0] is not children]
                 if locs:
-                    self._moved[ino] = locs
+                    moved[ino] = locs
                 else:
-                    self._moved.pop(ino, None)
+                    del moved[ino]
             children.moved_inos.clear()
             children.registered = False
 
@@ -481,20 +489,33 @@ class InodeTable:
     def install(self, moves: Iterable[tuple[int, Children, int]]) -> None:
         """A swap's new generation is current: numbers it kept are answered, and counted, by
         their new directory from now on (what the kernel held moves along). On the loop."""
-        for ino, children, index in moves:
-            self.register(children)
-            source = self.locate(ino)
-            if source is not None and source[0] is not children:
-                old, i = source
-                n = old.counts[i]
-                if n:
-                    old.counts[i] = 0
-                    old.held -= n
-                    children.counts[index] += n
-                    children.held += n
-            with self._lock:
-                locs = [loc for loc in self._moved.get(ino, ()) if loc[0] is not children]
-                self._moved[ino] = [(children, index), *locs]
+        moved, starts, blocks = self._moved, self._starts, self._blocks
+        registered: Children | None = None
+        with self._lock:  # once for them all (a swap keeps thousands); what locate does, inline
+            for ino, children, index in moves:
+                if children is not registered:
+                    self.register(children)
+                    registered = children
+                locs = moved.get(ino)
+                source: tuple[Children, int] | None = None
+                if locs:
+                    source = locs[0]
+                else:
+                    at = bisect.bisect_right(starts, ino) - 1
+                    if at >= 0 and blocks[at].owns(ino):
+                        source = blocks[at], ino - blocks[at].base
+                if source is not None and source[0] is not children:
+                    old, i = source
+                    n = old.counts[i]
+                    if n:
+                        old.counts[i] = 0
+                        old.held -= n
+                        children.counts[index] += n
+                        children.held += n
+                if locs:
+                    moved[ino] = [(children, index), *(loc for loc in locs if loc[0] is not children)]
+                else:
+                    moved[ino] = [(children, index)]
                 children.moved_inos.append(ino)
 
     def count(self, ino: int, children: Children, index: int, n: int = 1) -> None:
