@@ -429,16 +429,20 @@ class InodeTable:
 
     # ---------------------------------------------------------------- where numbers live
 
-    def register(self, children: Children) -> None:
-        """Make *children*'s numbers findable (idempotent)."""
+    def register(self, children: Children, replacing: Children | None = None) -> None:
+        """Make *children*'s numbers findable (idempotent); *replacing*: the directory
+        whose block it takes over (see :meth:`Generation._block_for`)."""
         if children.registered:
             return
         with self._lock:
             if children.registered:
                 return
             i = bisect.bisect_left(self._starts, children.base)
-            self._starts.insert(i, children.base)
-            self._blocks.insert(i, children)
+            if replacing is not None and i < len(self._blocks) and self._blocks[i] is replacing:
+                self._blocks[i] = children
+            else:
+                self._starts.insert(i, children.base)
+                self._blocks.insert(i, children)
             for index, entry in children.extras.items():
                 if entry.link is not None:
                     self._moved.setdefault(children.inos[index], []).append((children, index))
@@ -486,16 +490,17 @@ class InodeTable:
                 return children, ino - children.base
         return None
 
-    def install(self, moves: Iterable[tuple[int, Children, int]]) -> None:
+    def install(self, moves: Iterable[tuple[int, Children, int]],
+                takeovers: Iterable[tuple[Children, Children]] = ()) -> None:
         """A swap's new generation is current: numbers it kept are answered, and counted, by
-        their new directory from now on (what the kernel held moves along). On the loop."""
+        their new directory from now on (what the kernel held moves along), and directories
+        composed anew take over their old one's block (:meth:`take_over`). On the loop."""
         moved, starts, blocks = self._moved, self._starts, self._blocks
-        registered: Children | None = None
+        targets: list[Children] = []
         with self._lock:  # once for them all (a swap keeps thousands); what locate does, inline
             for ino, children, index in moves:
-                if children is not registered:
-                    self.register(children)
-                    registered = children
+                if not targets or targets[-1] is not children:
+                    targets.append(children)
                 locs = moved.get(ino)
                 source: tuple[Children, int] | None = None
                 if locs:
@@ -517,6 +522,36 @@ class InodeTable:
                 else:
                     moved[ino] = [(children, index)]
                 children.moved_inos.append(ino)
+            # After the moves (located while the old blocks still answer), before the other
+            # targets are registered (a taken-over block must not be inserted twice).
+            for old, new in takeovers:
+                self.take_over(old, new)
+            for children in targets:
+                self.register(children)
+
+    def take_over(self, old: Children, new: Children) -> None:
+        """*new* answers for *old*'s block from now on: the numbers it kept in place, with
+        the kernel's counts of them; what the kernel still holds of *old*'s other numbers
+        is found in *old* through the moved map, until *old* is let go of."""
+        with self._lock:
+            self.register(new, replacing=old)
+            if not old.held:
+                return
+            base, moved = old.base, self._moved
+            old_inos, new_inos = old.inos, new.inos
+            for i in range(len(old_inos)):
+                n = old.counts[i]
+                if not n or old_inos[i] != base + i:
+                    continue  # not held, or a number moved in (its location is in the moved map)
+                ino = base + i
+                if i < len(new_inos) and new_inos[i] == ino:
+                    old.counts[i] = 0
+                    old.held -= n
+                    new.counts[i] += n
+                    new.held += n
+                elif ino not in moved:
+                    moved[ino] = [(old, i)]
+                    old.moved_inos.append(ino)
 
     def count(self, ino: int, children: Children, index: int, n: int = 1) -> None:
         """The kernel took *n* references to file number *ino*, met at *children*[*index*]."""
@@ -664,6 +699,8 @@ class Generation:
         #: Files this generation's directories took over from the previous one, by number:
         #: the inode table learns they moved once the generation is current (install).
         self.moves: list[tuple[int, Children, int]] = []
+        #: (old, new): directories composed anew that take over the old one's block on install.
+        self.takeovers: list[tuple[Children, Children]] = []
         self.entries = 0  # children composed (the size of the loaded tree, root aside)
         self._nested = any(layer.groups for layer in self.layers)
         root_sources = [self._layer_root_source(layer, ()) for layer in self.layers]
@@ -886,8 +923,7 @@ class Generation:
             names = sorted(merged)
             # Composed before and let go of: the same numbers again (the same composition).
             base, kept = self.inodes.recall((node.path, signature(node, self.mode)))
-            base = base or self.inodes.block(len(names))
-            inos = array("Q", range(base, base + len(names))) if kept is None else kept
+            inos = array("Q", bytes(8 * len(names))) if kept is None else kept
             recs = bytearray(_REC.size * len(names))
             extras: dict[int, fmt.Entry] = {}
             dirs: dict[int, Node] = {}
@@ -895,6 +931,8 @@ class Generation:
             layer_pos: dict[int, int] = {}  # id(layer) -> position in layers
             layer_ix: list[int] = []
             moves: list[tuple[int, int]] = []
+            files: list[int] = []  # indices of the children numbered from the block
+            same: dict[int, int] = {}  # index -> number of the same file in the old directory
             size = _REC.size
             for index, name in enumerate(names):
                 entry, layer, sources = merged[name]
@@ -926,22 +964,64 @@ class Generation:
                 packed = _pack_into(recs, index * size, entry)
                 if not packed:
                     extras[index] = entry
+                files.append(index)
                 if kept is None and at is not None and old_children is not None \
                         and old_children.same_file(at, entry, recs if packed else None, index * size):
                     # The same file as before: it keeps its number (and the kernel its pages).
-                    inos[index] = old_children.inos[at]
-                    moves.append((inos[index], index))
+                    same[index] = old_children.inos[at]
+            inherits: Children | None = None
+            fresh: list[int] = []
+            if kept is None:
+                if not base:  # else the block it had when it was composed before
+                    base, inherits = self._block_for(len(names), files, same, old_children)
+                for index in files:
+                    was = same.get(index)
+                    if was is None:
+                        if inherits is None:
+                            inos[index] = base + index
+                        else:
+                            fresh.append(index)
+                        continue
+                    inos[index] = was
+                    if was != base + index:
+                        moves.append((was, index))
+                if fresh:
+                    start = self.inodes.block(len(fresh))
+                    for offset, index in enumerate(fresh):
+                        inos[index] = start + offset
             ix = array("H", layer_ix) if len(layers) > 1 else None
             children = Children(node.ino, node.path, base, names, inos, bytes(recs), extras, dirs, tuple(layers), ix)
             if kept is not None:
-                children.rekept = [i for i in range(len(names)) if i not in dirs and i not in extras
-                                   and inos[i] != base + i]
-            self.inodes.register(children)
+                children.rekept = [i for i in files if inos[i] != base + i]
+            else:
+                children.rekept = fresh
+            if inherits is None:
+                self.inodes.register(children)
+            else:
+                self.takeovers.append((inherits, children))  # on install: until then, the old one answers
             self.moves.extend((ino, children, index) for ino, index in moves)
             self.entries += len(names)
             node.subdirs = len(dirs)
             node.children = children  # published last: readers see all or nothing
             return children
+
+    def _block_for(self, n: int, files: list[int], same: dict[int, int],
+                   old: Children | None) -> tuple[int, Children | None]:
+        """The first number of a new directory's block, and the old directory it takes the
+        block over from, if it does.
+
+        A directory composed anew in a swap whose files are mostly the old directory's,
+        at the same places (a package upgrade changing a few files), takes over the old
+        block: its unchanged files then keep their numbers where they are, without a
+        moved number each to record and install, and only the changed ones get numbers
+        of a fresh block, findable as moved. Otherwise a block of its own.
+        """
+        if old is not None and old.registered and not old.retired and same:
+            start = old.base
+            inherited = sum(1 for index, ino in same.items() if ino == start + index)
+            if inherited and 2 * inherited >= len(files):
+                return start, old
+        return self.inodes.block(n), None
 
     def _adopt(self, children: Children) -> None:
         """Take over *children* (loaded in the previous generation) with its loaded subtree."""
@@ -998,8 +1078,9 @@ class Generation:
         of once the kernel holds none of their entries (the FUSE layer calls it on the
         loop, right after the switch; code that swaps without a mount calls it too)."""
         inodes = self.inodes
-        inodes.install(self.moves)
+        inodes.install(self.moves, self.takeovers)
         self.moves = []
+        self.takeovers = []
         live = {id(c) for c in self.loaded_children()}
         for children in old.loaded_children():
             if id(children) not in live:
