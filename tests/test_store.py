@@ -586,6 +586,23 @@ def test_a_continued_block_stream_decodes_to_the_end(store: Store) -> None:
     assert stream.done and {**first, **rest} == dict(zip(digests, contents, strict=True))
 
 
+def test_prefetch_asks_the_kernel_to_read_the_records_ahead(store: LocalStore,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-ahead's blocks are advised (POSIX_FADV_WILLNEED), neighbours in one range."""
+    digests = []
+    for n in range(3):  # three blocks, written one after the other into one pack
+        digests += _one_block(store, count=4, size=300_000 + n)[0]
+    locs = list({loc.block: loc for loc in store.locate_many(digests).values()}.values())
+    assert len(locs) == 3
+    store.open_block(locs[0])  # the pack is open now, as it is once a mount has read it
+    calls: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)))
+    store.prefetch(locs)
+    first = min(loc.header or 0 for loc in locs)
+    last = max(loc.offset + loc.stored for loc in locs)
+    assert calls == [(first, last - first, os.POSIX_FADV_WILLNEED)]
+
+
 def test_block_stream_never_hands_out_wrong_bytes(tmp_path: Path, store: Store) -> None:
     digests, _contents = _one_block(store)
     loc = store.locate(digests[0])

@@ -30,6 +30,8 @@ RECORD_HEADER = struct.Struct("<4sBII I")  # b"BLK1", codec, stored length, raw 
 MEMBER_HEADER = struct.Struct("<32sBI")  # digest, type code, length (members follow in payload order)
 BLOCK_MAGIC = b"BLK1"
 PACK_ROLLOVER = 1 << 30
+#: Records closer than this are advised to the kernel as one range (one call, one I/O).
+ADVISE_GAP = 64 << 10
 
 Member = tuple[bytes, int, int, int]  # (digest, type code, inner offset, length)
 
@@ -121,6 +123,27 @@ class PackFiles:
         except OSError as exc:
             raise StoreError(f"cannot read pack {self.dir / self.name(pack)}.pack at offset {offset}:"
                              f" {exc.strerror or exc}") from exc
+
+    def advise(self, locs: Iterable[Location]) -> None:
+        """Start reading the records of *locs* in the background, adjacent ones merged;
+        best effort (packs not open yet, or without a header offset, are left alone)."""
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for loc in locs:
+            if loc.header is not None:
+                ranges.setdefault(loc.pack, []).append((loc.header, loc.offset + loc.stored))
+        for pack, spans in ranges.items():
+            fd = self._fds.get(pack)
+            if fd is None:
+                continue
+            spans.sort()
+            start, end = spans[0]
+            for s, e in [*spans[1:], (-1, -1)]:
+                if s != -1 and s <= end + ADVISE_GAP:
+                    end = max(end, e)
+                    continue
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                start, end = s, e
 
     def read_payload(self, loc: Location) -> bytes:
         """The stored payload of the block at *loc*, as on disk (maybe compressed)."""

@@ -146,7 +146,8 @@ class Store(Protocol):
 
     def prefetch(self, locs: Iterable[ChunkLocation]) -> None:
         """A hint that these blocks are opened next: a remote-backed store starts fetching them
-        together (merged, in parallel). Must not block: the FUSE loop may call it. Local: no-op."""
+        together (merged, in parallel), a local store asks the kernel to start reading them.
+        Must not block: the FUSE loop may call it."""
         ...
 
     def describe(self, loc: ChunkLocation) -> str:
