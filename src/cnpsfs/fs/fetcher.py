@@ -149,8 +149,10 @@ class ChunkFetcher:
         """Wait until no load is bringing *digests* any more (a load may hand one on to another)."""
         todo = [d for d in digests if d in self._pending]
         while todo:
-            for key in {self._pending[d] for d in todo if d in self._pending}:
-                event = self._inflight.get(key)
+            events = [self._inflight.get(key) for key in {self._pending[d] for d in todo if d in self._pending}]
+            if all(event is None for event in events):
+                return  # nothing in flight to wait for (never spin on the loop)
+            for event in events:
                 if event is not None:
                     await event.wait()
             todo = [d for d in todo if d in self._pending]
