@@ -71,7 +71,7 @@ class BlockStream:
     #: decodes to the block's end: one more load for the block, not one per file.
     CONTINUE_WHOLE = True
 
-    def __init__(self, loc: Location, payload: bytes, members: list[Member],
+    def __init__(self, loc: Location, payload: bytes | memoryview, members: list[Member],
                  dctx: zstandard.ZstdDecompressor | Callable[[], zstandard.ZstdDecompressor], where: str) -> None:
         """*dctx* is a decompressor for this stream alone, or a function returning one for
         the calling thread (the store's per-thread one): a stream may run on several threads,
@@ -80,9 +80,9 @@ class BlockStream:
         self.members = members  # in block order: inner offsets ascend
         self._where = where
         self._next = 0  # first member not handed out yet
-        self._payload: bytes | None = None
+        self._payload: bytes | memoryview | None = None
         self._reader: Any = None
-        self.data: bytes | bytearray
+        self.data: bytes | bytearray | memoryview
         if loc.codec == CODEC_ZSTD:
             self._payload = payload
             self._dctx = dctx
@@ -116,7 +116,13 @@ class BlockStream:
         payload = self._payload
         if payload is not None and self.decoded < want:
             if self._reader is None and want >= self.loc.raw * self.WHOLE_SHARE:
-                self.data = decompress_block(self.loc, payload, self._decoder(), self._where)
+                try:
+                    whole = self._decoder().decompress(payload, max_output_size=self.loc.raw)
+                except zstandard.ZstdError:
+                    raise CorruptObjectError(f"block at {self._where} does not decompress") from None
+                if len(whole) != self.loc.raw:
+                    raise CorruptObjectError(f"block at {self._where} has the wrong size")
+                self.data = whole
                 self._payload = None
             else:
                 if self._reader is None:

@@ -311,7 +311,7 @@ class LocalStore(DecodedReads):
         own (:class:`Location`) are valid here.
         """
         assert isinstance(loc, Location), "a location from another store"
-        payload, members = self.packs.read_record(loc)
+        payload, members = self.packs.read_record_view(loc)
         # A whole-block decode uses the calling thread's context; a stream that has to keep
         # state between calls (possibly on other threads) makes its own.
         return BlockStream(loc, payload, members, self._decompressor, self.describe(loc))

@@ -161,6 +161,17 @@ class PackFiles:
         with the index on codec and both lengths and its member lengths must add up
         (every member is verified against its digest before use anyway).
         """
+        data, start, members = self._record(loc)
+        return data[start:], members
+
+    def read_record_view(self, loc: Location) -> tuple[memoryview, list[Member]]:
+        """:meth:`read_record` with the payload as a view of what was read, not a copy (the
+        read path decodes it and lets it go; a block's payload is a few hundred KB)."""
+        data, start, members = self._record(loc)
+        return memoryview(data)[start:], members
+
+    def _record(self, loc: Location) -> tuple[bytes, int, list[Member]]:
+        """(bytes read, where the payload starts in them, members) of the block at *loc*."""
         if loc.header is not None:
             size = loc.offset + loc.stored - loc.header
             data = self.pread(loc.pack, size, loc.header)
@@ -169,9 +180,9 @@ class PackFiles:
             members = parse_record(data, 0, loc)
             if members is None or header_size(len(members)) != loc.offset - loc.header:
                 raise CorruptObjectError(f"block at {self.label(loc)}: its record header does not match the index")
-            return data[loc.offset - loc.header :], members
-        _header, members = self.find_header(loc)
-        return self.pread(loc.pack, loc.stored, loc.offset), members
+            return data, loc.offset - loc.header, members
+        _header, found = self.find_header(loc)
+        return self.pread(loc.pack, loc.stored, loc.offset), 0, found
 
     def find_header(self, loc: Location) -> tuple[int, list[Member]]:
         """(file offset of the record header, members) of the block whose payload is at *loc*."""
