@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError, UsageError
-from cnpsfs.store import T_FILESET, TYPE_NAMES, HostedStore, LocalStore, Store, check_tag_name, check_tag_version
 from cnpsfs.store.remotelimits import MAX_TIMEOUT
 
-if TYPE_CHECKING:  # importing these layers costs start-up time
+if TYPE_CHECKING:  # importing these layers costs start-up time: each is imported where it is used
+    from cnpsfs import format as fmt
     from cnpsfs.fs.mounting import Mounted
     from cnpsfs.ingest.tree import ImportOptions
+    from cnpsfs.store import HostedStore, LocalStore, Store
     from cnpsfs.trust import Checker
 
 
@@ -55,6 +55,8 @@ class App:
 
     def store(self, *, create: bool = False) -> HostedStore:
         if self._store is None:
+            from cnpsfs.store import LocalStore
+
             local = LocalStore(self.store_path, create=create or bool(self.remotes))
             if self.remotes:
                 from cnpsfs.store.cached import open_cached
@@ -67,6 +69,8 @@ class App:
 
     def local_store(self) -> LocalStore:
         """The store on this host itself (a cached store's local part): what df and verify inspect."""
+        from cnpsfs.store import LocalStore
+
         store = self.store()
         local = getattr(store, "local", store)
         assert isinstance(local, LocalStore)
@@ -271,6 +275,8 @@ def jsonable(value: Any) -> Any:
 
 def fileset_root(store: Store, ref: str) -> fmt.Entry:
     """The root directory entry of the FileSet *ref*; any other object is a usage error."""
+    from cnpsfs.store import T_FILESET, TYPE_NAMES
+
     digest = store.resolve(ref)
     type_code = store.object_type(digest)
     if type_code == T_FILESET:
@@ -289,6 +295,7 @@ def import_settings(name: str | None, version: str | None, sde: int | None, stri
                     default: str) -> ImportOptions:
     """The ImportOptions of ``--name``/``--version`` (checked as a tag) and the import flags."""
     from cnpsfs.ingest.tree import ImportOptions
+    from cnpsfs.store import check_tag_name, check_tag_version
 
     if version and not name:
         raise UsageError("--version needs --name")

@@ -2,35 +2,77 @@
 
 Each command group is a module of its own (browse, importing, exporting, store_cmds,
 image, commit, mounting, profile, service, bundle, build); they share only
-:mod:`cnpsfs.cli.context`, so this is the one module that knows them all.
+:mod:`cnpsfs.cli.context`, so this is the one module that knows them all. It imports
+none of them up front: a command's module loads when the command runs (or a help lists it),
+so a command pays only for its own imports at start-up.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
 import click
 
 from cnpsfs import __version__
-from cnpsfs.cli import (
-    browse,
-    build,
-    bundle,
-    commit,
-    exporting,
-    image,
-    importing,
-    mounting,
-    oci,
-    profile,
-    remote,
-    service,
-    store,
-    store_cmds,
-    trust,
-)
 from cnpsfs.cli.context import App, CnpsfsGroup, configure_logging
-from cnpsfs.store import default_store_path
+from cnpsfs.store.paths import default_store_path
+
+#: Every command of the root group and the module of this package that defines it (its
+#: ``COMMANDS``). A command's module is imported when the command runs or a help lists it:
+#: ``cnpsfs status`` should not load what ``cnpsfs build`` needs. tests/test_cli_startup.py
+#: checks this table against the modules.
+COMMAND_MODULES = {
+    **dict.fromkeys(("ls", "cat"), "browse"),
+    **dict.fromkeys(("build", "packages", "query", "diff", "why"), "build"),
+    "bundle": "bundle",
+    "commit": "commit",
+    "export": "exporting",
+    **dict.fromkeys(("image", "inspect"), "image"),
+    "import": "importing",
+    **dict.fromkeys(("mount", "umount", "status", "upgrade", "unlink", "link", "rollback"), "mounting"),
+    "profile": "profile",
+    **dict.fromkeys(("push", "pull", "remote", "cache"), "remote"),
+    "service": "service",
+    "store": "store",
+    **dict.fromkeys(("verify", "df", "gc", "tag"), "store_cmds"),
+    **dict.fromkeys(("key", "sign", "sbom"), "trust"),
+}
+
+#: Groups that other modules add subcommands to: ``import oci`` and ``export oci``.
+_SUBCOMMANDS = {"importing": ("import_group", "IMPORT_COMMANDS"), "exporting": ("export_group", "EXPORT_COMMANDS")}
+
+
+class _RootGroup(CnpsfsGroup):
+    """The root group, loading each command's module on first use (:data:`COMMAND_MODULES`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMAND_MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            load_commands(self, COMMAND_MODULES[cmd_name])
+        return self.commands.get(cmd_name)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                              list[str]]:
+        if args and args[0] not in COMMAND_MODULES:  # a typo: click's "did you mean" picks among all commands
+            for name in sorted(set(COMMAND_MODULES.values())):
+                load_commands(self, name)
+        return super().resolve_command(ctx, args)
+
+
+def load_commands(group: click.Group, name: str) -> None:
+    """Register the commands of the module *name* of this package on *group*."""
+    module: Any = importlib.import_module(f"cnpsfs.cli.{name}")
+    for command in module.COMMANDS:
+        group.add_command(command)
+    if name in _SUBCOMMANDS:
+        attr, commands = _SUBCOMMANDS[name]
+        for command in getattr(importlib.import_module("cnpsfs.cli.oci"), commands):
+            getattr(module, attr).add_command(command)
+
 
 MAIN_HELP = """\
 Mount root filesystems composed from content-addressed FileSets.
@@ -78,7 +120,7 @@ full reference.
 """
 
 
-@click.group(cls=CnpsfsGroup, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"],
+@click.group(cls=_RootGroup, help=MAIN_HELP, context_settings={"help_option_names": ["-h", "--help"],
                                                                    "max_content_width": 100})
 @click.option("--store", "store_path", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Content store directory (default: $CNPSFS_STORE, /var/lib/cnpsfs for root).")
@@ -94,12 +136,3 @@ def main(ctx: click.Context, store_path: Path | None, policy_arg: str | None, de
     ctx.obj = App(store_path or default_store_path(), debug, policy_arg=policy_arg)
     ctx.call_on_close(ctx.obj.close)  # a cached store commits what it fetched
 
-
-for _module in (importing, browse, exporting, store_cmds, store, image, commit, mounting, profile, service, bundle,
-                build, oci, trust, remote):
-    for _command in _module.COMMANDS:
-        main.add_command(_command)
-for _command in oci.IMPORT_COMMANDS:
-    importing.import_group.add_command(_command)
-for _command in oci.EXPORT_COMMANDS:
-    exporting.export_group.add_command(_command)

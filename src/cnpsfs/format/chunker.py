@@ -6,9 +6,10 @@ not beside the code that feeds the chunker (``cnpsfs.ingest.content``).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import pyfastcdc
+if TYPE_CHECKING:  # imported by new_chunker: reading objects (a mount) never cuts chunks
+    import pyfastcdc
 
 CDC_AVG = 64 * 1024
 CDC_MIN = 16 * 1024
@@ -21,5 +22,7 @@ LARGE_FILE = 256 * 1024
 
 def new_chunker() -> pyfastcdc.FastCDC:
     """A FastCDC 2020 chunker with the format's parameters."""
+    import pyfastcdc
+
     return pyfastcdc.FastCDC(CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX,
                              normalized_chunking=CDC_NORMALIZATION)

@@ -68,17 +68,6 @@ OLD_LAYOUTS = ("cnpsfs store layout 1\n",)
 LOCATIONS_MAX = 1 << 18
 
 
-def default_store_path() -> Path:
-    """``$CNPSFS_STORE``, else /var/lib/cnpsfs for root, else ``$XDG_DATA_HOME/cnpsfs``."""
-    env = os.environ.get("CNPSFS_STORE")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/cnpsfs")
-    data_home = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(data_home) / "cnpsfs"
-
-
 def _read_only_reason(path: Path) -> str | None:
     """Why this process cannot write the store at *path* (read-only media, permissions), or None."""
     try:
