@@ -12,6 +12,7 @@ contract in pyproject.toml keeps it so).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -140,6 +141,26 @@ def remote_options(func: Any) -> Any:
     return func
 
 
+#: What a command returns when its process has nothing left to do but exit: ``cnpsfs mount``,
+#: once its daemon answers. The standalone CLI then ends at once (:func:`exit_now`).
+EXIT_NOW = "exit now"
+
+
+def exit_now() -> NoReturn:
+    """Flush the output and end the process without the interpreter's teardown.
+
+    Called once every context is closed (the store too). What is skipped is freeing every
+    module and object one by one: for ``cnpsfs mount`` (pyfuse3, trio and the generation it
+    composed before forking its daemon) that took 30–45 ms after the mount already answered.
+    This process starts no threads and registers no atexit work beyond logging's.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
 class CnpsfsGroup(click.Group):
     """Translates domain errors into one-line messages and exit codes."""
 
@@ -164,6 +185,8 @@ class CnpsfsGroup(click.Group):
         except click.Abort:
             click.echo("cnpsfs: error: aborted", err=True)
             sys.exit(1)
+        if rv == EXIT_NOW:
+            exit_now()
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:

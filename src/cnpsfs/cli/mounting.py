@@ -11,6 +11,7 @@ import click
 
 from cnpsfs import format as fmt
 from cnpsfs.cli.context import (
+    EXIT_NOW,
     App,
     control,
     emit_json,
@@ -68,7 +69,7 @@ from cnpsfs.fs.options import (
 def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other: bool, fuse_mode: str,
               threads: int, cache_mib: int, upperdir: str | None, allow_downgrade: bool, init_layer: bool,
               init_dirs: tuple[str, ...], profile_name: str | None, no_prefetch: bool,
-              prefetch_mib: int | None) -> None:
+              prefetch_mib: int | None) -> str | None:
     """Mount the image REF (or a manifest file) read-only at MOUNTPOINT.
 
     Returns once the mount answers, with the daemon in the background (its log and
@@ -103,9 +104,10 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     trust = app.checker()
     if foreground:
         serve_image(app.store(), ref, mountpoint, options, trust=trust, allow_downgrade=allow_downgrade)
-        return
+        return None
     mounted = mount_image(app.store(), ref, mountpoint, options, trust=trust, allow_downgrade=allow_downgrade)
     report_mounted(mounted)
+    return EXIT_NOW  # the daemon serves: this process need not tear its Python down
 
 
 @click.command("umount")

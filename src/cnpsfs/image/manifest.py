@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +73,8 @@ def parse_config(raw: Any, source: str) -> dict[str, Any]:
 
 def parse_manifest(text: str, source: str = "manifest") -> dict[str, Any]:
     """Parse and validate a manifest without touching the store."""
+    import tomllib  # here: a mount of a stored image (the usual case) reads no manifest
+
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
