@@ -614,8 +614,9 @@ def _tune_gc() -> None:
     """Make the cyclic GC rare: loading a directory allocates an object or more per entry
     (entries, nodes, extents) and almost none of them form cycles, so with the default
     threshold a cold walk spent about 15 % of its time in collections that free nothing.
-    What exists before serving (imports, the first generation) is frozen out of them."""
-    gc.collect()
+    What exists before serving (imports, the first generation) is frozen out of them,
+    without a full collection first: that found only the few dozen objects imports leave
+    (attrs' class builders) and cost the daemon 20-50 ms before the mount answered."""
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
 
