@@ -150,6 +150,19 @@ def test_importing_twice_gives_the_same_digests(cli: Cli, busybox_image: Path) -
     assert index_counts(cli.store_path)["objects"] == before["objects"]
 
 
+def test_compression_level_changes_bytes_not_digests(busybox_image: Path, tmp_path: Path) -> None:  # noqa: F811
+    """--compression-level is the store's block compression: the same image, the same
+    digests, into two stores (each reads every layer)."""
+    results = {}
+    for level in ("1", "19"):
+        cli = Cli(tmp_path / f"store-{level}")
+        results[level] = json.loads(cli.ok("import", "oci", f"oci:{busybox_image}:full", "--json",
+                                           "--compression-level", level).stdout)
+    assert results["1"]["digest"] == results["19"]["digest"]
+    assert [x["fileset"] for x in results["1"]["layers"]] == [x["fileset"] for x in results["19"]["layers"]]
+    assert results["19"]["new_bytes"] < results["1"]["new_bytes"]
+
+
 def test_second_image_on_the_same_base_stores_only_its_new_layer(cli: Cli, busybox_image: Path) -> None:  # noqa: F811
     full = json.loads(cli.ok("import", "oci", f"oci:{busybox_image}:full", "--json").stdout)
     df_before = json.loads(cli.ok("df", "--json").stdout)["stored_bytes"]

@@ -65,12 +65,15 @@ def _registry_options(func: Any) -> Any:
 @click.option("--jobs", type=click.IntRange(1, 16), default=3, show_default=True, help="Layers read at once.")
 @click.option("--remove-signatures", is_flag=True,
               help="Ignore cnpsfs signature artifacts referring to the image.")
+@click.option("--compression-level", type=click.IntRange(1, 19), default=None, metavar="LEVEL",
+              help="zstd level of the store's new blocks (default: the store's, 9). Digests do not depend on "
+                   "it; 3 compresses the layers about 4x faster and stores about 5% more.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of text.")
 @pass_app
 def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None, platform_: str | None,
                    tls_verify: str | None, creds: str | None, authfile: str | None, cert_dir: str | None,
                    timeout: float | None, retry_times: int | None, jobs: int, remove_signatures: bool,
-                   as_json: bool) -> None:
+                   compression_level: int | None, as_json: bool) -> None:
     """Import an OCI or Docker image as an image of one FileSet per layer.
 
     Each layer's blob digest, size and uncompressed diff_id are checked against the
@@ -117,8 +120,9 @@ def import_oci_cmd(app: App, source: str, name: str | None, version_: str | None
     start = time.monotonic()
     try:
         with byte_progress(f"importing {source}", None) as advance:
-            result = import_oci(store, src, OciImportOptions(name, version, want, jobs, not remove_signatures,
-                                                             names_given, check), on_progress=advance)
+            options = OciImportOptions(name, version, want, jobs, not remove_signatures, names_given, check,
+                                       compression_level=compression_level)
+            result = import_oci(store, src, options, on_progress=advance)
     finally:
         src.close()
     seconds = time.monotonic() - start

@@ -103,6 +103,9 @@ class ImportOptions:
     metadata: dict[str, Any] = field(default_factory=dict)
     #: False: commit the FileSet untagged (an OCI layer, tagged only through its image).
     tag: bool = True
+    #: zstd level of the new blocks (None: the store's default). Blocks are not part of the
+    #: format: digests do not depend on it, only bytes stored and compression time.
+    compression_level: int | None = None
 
     def clamp(self, mtime_ns: int) -> int:
         if self.source_date_epoch is None:
@@ -311,7 +314,7 @@ def write_fileset(store: Store, builder: TreeBuilder, *, pool: concurrent.future
                                                              thread_name_prefix="cnpsfs-import")
     hashers = hash_pool()
     try:
-        with store.writer(pool=executor) as writer:
+        with store.writer(pool=executor, level=opts.compression_level) as writer:
             content = ContentWriter(store, writer, hashers)
             content.on_progress = on_progress
             if prepare is not None:

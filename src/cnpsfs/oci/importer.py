@@ -76,6 +76,8 @@ class OciImportOptions:
     check: Callable[[bytes, str], object] | None = None
     #: File the prefetch profiles that profile artifacts referring to the image carry under it.
     profiles: bool = True
+    #: zstd level of the layers' new blocks (None: the store's default, 9).
+    compression_level: int | None = None
 
 
 @dataclass
@@ -219,7 +221,8 @@ def import_oci(store: HostedStore, source: ImageSource, options: OciImportOption
             with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="cnpsfs-oci") as pool, \
                     concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cnpsfs-layer") as layers:
                 futures = {number: layers.submit(_import_layer, store, source, manifest.layers[number], diff_id,
-                                                 compressions[number], labels[number], pool, abort, on_progress)
+                                                 compressions[number], labels[number], pool, abort, on_progress,
+                                                 options.compression_level)
                            for diff_id, number in todo.items()}
                 concurrent.futures.wait(futures.values(), return_when=concurrent.futures.FIRST_EXCEPTION)
                 if any(f.done() and f.exception() is not None for f in futures.values()):
@@ -307,7 +310,7 @@ def _restore_signed(store: Store, source: ImageSource, options: OciImportOptions
 
 def _import_layer(store: Store, source: ImageSource, desc: Any, diff_id: str, compression: str, label: str,
                   pool: concurrent.futures.Executor, abort: threading.Event,
-                  on_progress: Callable[[int], None] | None) -> _RawLayer:
+                  on_progress: Callable[[int], None] | None, level: int | None = None) -> _RawLayer:
     try:
         stream = source.open_blob(desc)
     except CnpsfsError as exc:
@@ -348,7 +351,8 @@ def _import_layer(store: Store, source: ImageSource, desc: Any, diff_id: str, co
                 raise ImportRejected(f"{label}: diff_id mismatch: the uncompressed layer hashes to "
                                      f"{plain.digest()}, the config says {diff_id}")
 
-        options = ImportOptions(name=LAYER_NAME, version=diff_id, metadata={"oci.diff_id": diff_id}, tag=False)
+        options = ImportOptions(name=LAYER_NAME, version=diff_id, metadata={"oci.diff_id": diff_id}, tag=False,
+                                compression_level=level)
         seen: list[TarImporter] = []
 
         class Importer(TarImporter):

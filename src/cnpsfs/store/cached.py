@@ -171,8 +171,9 @@ class CachedStore(DecodedReads):
     def scratch_dir(self) -> Path:
         return self.local.scratch_dir()
 
-    def writer(self, *, pool: concurrent.futures.Executor | None = None) -> contextlib.AbstractContextManager[Any]:
-        return self.local.writer(pool=pool)
+    def writer(self, *, pool: concurrent.futures.Executor | None = None,
+               level: int | None = None) -> contextlib.AbstractContextManager[Any]:
+        return self.local.writer(pool=pool, level=level)
 
     # ------------------------------------------------------------------ names
 

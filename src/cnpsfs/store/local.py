@@ -428,12 +428,12 @@ class LocalStore(DecodedReads):
             yield
 
     @contextlib.contextmanager
-    def writer(self, *, level: int = DEFAULT_ZSTD_LEVEL,
+    def writer(self, *, level: int | None = None,
                pool: concurrent.futures.Executor | None = None) -> Iterator[StoreWriter]:
         """A writer whose objects become visible only when :meth:`StoreWriter.commit` runs."""
         self.check_writable("writing")
         with self.shared_lock():
-            w = StoreWriter(self, level, pool)
+            w = StoreWriter(self, DEFAULT_ZSTD_LEVEL if level is None else level, pool)
             try:
                 yield w
             finally:

@@ -178,9 +178,10 @@ class Store(Protocol):
         ...
 
     # ------------------------------------------------------------ writing
-    def writer(self, *, pool: concurrent.futures.Executor | None = None
+    def writer(self, *, pool: concurrent.futures.Executor | None = None, level: int | None = None
                ) -> contextlib.AbstractContextManager[StoreWriter, Any]:
-        """A writer whose objects become visible at its commit; *pool* runs its compression."""
+        """A writer whose objects become visible at its commit; *pool* runs its compression,
+        at zstd *level* (None: the store's default)."""
         ...
 
     def scratch_dir(self) -> Path:

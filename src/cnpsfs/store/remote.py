@@ -793,7 +793,7 @@ class RemoteStore(DecodedReads):
     def record_revision(self, name: str, revision: int, digest: bytes) -> None:
         raise self._read_only()
 
-    def writer(self, *, pool: Any = None) -> Any:
+    def writer(self, *, pool: Any = None, level: int | None = None) -> Any:
         raise self._read_only()
 
     def scratch_dir(self) -> Path:
