@@ -60,9 +60,10 @@ class CnpsfsCli:
     def oci_unavailable(self) -> str | None:
         return self._missing("import", "oci")
 
-    def import_oci(self, store: Path, source: str) -> dict[str, Any]:
+    def import_oci(self, store: Path, source: str, *options: str) -> dict[str, Any]:
         """``cnpsfs import oci SOURCE --json``: digest, layers (with ``reused``), new_bytes."""
-        proc = run([self.exe, "--store", store, "import", "oci", source, "--json"], capture=True, timeout=3600)
+        proc = run([self.exe, "--store", store, "import", "oci", source, "--json", *options], capture=True,
+                   timeout=3600)
         return self._json(proc.stdout, "import oci")
 
     def build_unavailable(self) -> str | None:
