@@ -71,10 +71,14 @@ def prepare(old: Generation, new: Generation, *, held: Iterable[int] | None = No
         # Loaded before the walk (it loads old directories only to pair their children):
         # only what the kernel may have looked up needs invalidating.
         old_children = old_node.children if old_node is not None else None
-        old_pos = old_children.positions() if old_children is not None else None
+        if old_node is None or old_children is None:
+            chunks.add(new_children, None, None)
+            continue
+        # Old index by name; None when both list the same names (most changed directories
+        # of an upgrade), so index i is the same name on both sides.
+        old_pos = None if old_children.names == new_children.names else old_children.positions()
         chunks.add(new_children, old_children, old_pos)
-        if old_node is not None and old_children is not None and old_pos is not None:
-            _diff(plan, old_node.ino, old_children, old_pos, new_children)
+        _diff(plan, old_node.ino, old_children, old_pos, new_children)
     chunks.check()
     new.previous = None
     if held is not None and new.inodes.sweep_due():
@@ -82,13 +86,24 @@ def prepare(old: Generation, new: Generation, *, held: Iterable[int] | None = No
     return plan
 
 
-def _diff(plan: SwapPlan, parent: int, old: Children, old_pos: dict[bytes, int], new: Children) -> None:
+def _diff(plan: SwapPlan, parent: int, old: Children, old_pos: dict[bytes, int] | None, new: Children) -> None:
     """What the kernel must forget of a directory it may have seen: names whose number
-    changed or that went or came, and subdirectories whose attributes changed."""
+    changed or that went or came, and subdirectories whose attributes changed.
+    *old_pos*: the old directory's index by name, None if it has the new one's names."""
     plan.dirs.append(parent)
-    new_pos = new.positions()
     old_inos, new_inos = old.inos, new.inos
     entries = plan.entries
+    if old_pos is None:
+        if old_inos != new_inos:
+            names = old.names
+            entries.extend((parent, names[i]) for i in range(len(names)) if old_inos[i] != new_inos[i])
+        for i, new_child in new.dirs.items():
+            old_child = old.dirs.get(i)
+            if old_child is not None and old_inos[i] == new_inos[i] and new_child is not old_child and (
+                    new_child.attr is None or old_child.attr is None or new_child.entry != old_child.entry):
+                plan.dirs.append(old_child.ino)
+        return
+    new_pos = new.positions()
     for j, name in enumerate(old.names):
         at = new_pos.get(name)
         if at is None or new_inos[at] != old_inos[j]:
@@ -119,23 +134,26 @@ class _Chunks:
         self.wanted: dict[bytes, tuple[Children, int]] = {}  # digest -> first file that needs it
 
     def add(self, children: Children, old: Children | None, old_pos: dict[bytes, int] | None) -> None:
+        """The files of *children* to check; *old*: the old directory, loaded (*old_pos* as
+        for :func:`_diff`), else every file with data is checked."""
         wanted = self.wanted
         names, inos = children.names, children.inos
         old_inos = old.inos if old is not None else None
+
+        def unchanged(i: int) -> bool:
+            if old_inos is None:
+                return False
+            j = i if old_pos is None else old_pos.get(names[i])
+            return j is not None and old_inos[j] == inos[i]
+
         for i, digest in children.packed_chunks():
-            if old_pos is not None and old_inos is not None:
-                j = old_pos.get(names[i])
-                if j is not None and old_inos[j] == inos[i]:
-                    continue
+            if old_inos is not None and unchanged(i):
+                continue
             if digest not in wanted:
                 wanted[digest] = (children, i)
         for i, entry in children.extras.items():
-            if entry.kind is not fmt.Kind.FILE or not entry.size:
+            if entry.kind is not fmt.Kind.FILE or not entry.size or unchanged(i):
                 continue
-            if old_pos is not None and old_inos is not None:
-                j = old_pos.get(names[i])
-                if j is not None and old_inos[j] == inos[i]:
-                    continue
             for digest in self._digests(children, i):
                 if digest not in wanted:
                     wanted[digest] = (children, i)

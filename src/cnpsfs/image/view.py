@@ -811,6 +811,17 @@ class Generation:
         return result
 
     def _merge_union(self, path: tuple[bytes, ...], items: list[_Item]) -> _Merged:
+        if len(items) == 1 and isinstance(items[0], Source):
+            # One directory object (most of a package's own tree): its entries as they are.
+            only = items[0]
+            result: _Merged = {}
+            for entry in self._source_children(only)[0]:
+                kind = entry.kind
+                if kind is fmt.Kind.DIR:
+                    result[entry.name] = (entry, only.layer, [self._child_source(only, entry, (*path, entry.name))])
+                elif kind is not fmt.Kind.WHITEOUT:  # whiteouts only have meaning between stacked layers
+                    result[entry.name] = (entry, only.layer, [])
+            return result
         # name -> [(entry, layer, the leaf source it came from, or a group's sources for it)]
         by_name: dict[bytes, list[tuple[fmt.Entry, LayerInfo, Source | list[Source]]]] = {}
         for item in items:
@@ -823,7 +834,7 @@ class Generation:
                 if entry.kind is fmt.Kind.WHITEOUT:
                     continue  # whiteouts only have meaning between stacked layers
                 by_name.setdefault(entry.name, []).append((entry, item.layer, item))
-        result: _Merged = {}
+        result = {}
         for name, provided in by_name.items():
             if len(provided) == 1:
                 # One provider (most names): nothing to merge, check or pick.
@@ -918,9 +929,11 @@ class Generation:
                 node.children = old.children
                 return node.children
             old_children = old.children if old is not None and old.is_dir else None
-            old_pos = old_children.positions() if old_children is not None else None
             merged = self._merge(node)
             names = sorted(merged)
+            # The old directory's names, by index: the same list (the common case) needs no map.
+            aligned = old_children is not None and old_children.names == names
+            old_pos = old_children.positions() if old_children is not None and not aligned else None
             # Composed before and let go of: the same numbers again (the same composition).
             base, kept = self.inodes.recall((node.path, signature(node, self.mode)))
             inos = array("Q", bytes(8 * len(names))) if kept is None else kept
@@ -941,7 +954,7 @@ class Generation:
                     pos = layer_pos[id(layer)] = len(layers)
                     layers.append(layer)
                 layer_ix.append(pos)
-                at = old_pos.get(name) if old_pos is not None else None
+                at = index if aligned else old_pos.get(name) if old_pos is not None else None
                 if entry.kind is fmt.Kind.DIR:
                     path = (*node.path, name)
                     meta = self._dir_metadata(sources, name)
