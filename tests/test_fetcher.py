@@ -238,3 +238,73 @@ def test_blocks_located_together_are_decoded_in_parallel_each_once(tmp_path: Pat
     assert counting.calls["open_block"] == len(blocks), "each block opened once"
     assert counting.calls["locate_many"] == 1 and counting.calls["get"] == 0
     assert running["most"] >= 2, "the other blocks were decoded one after the other"
+
+
+def _sequential_blocks(tmp_path: Path, count: int = 48) -> tuple[LocalStore, list[bytes], list[bytes]]:
+    store = LocalStore(tmp_path / "store", create=True)
+    data = [text_chunk(500 + i) for i in range(count)]
+    with store.writer() as w:
+        digests = [w.add(d, T_CHUNK) for d in data]
+        w.commit()
+    return store, digests, data
+
+
+def test_a_front_to_back_reader_gets_the_next_block_loaded_ahead(tmp_path: Path) -> None:
+    """Small files are stored in path order: once a reader takes a block to its end, the
+    block stored after it is decoded before the reader gets there, once, and in turn the next."""
+    store, digests, data = _sequential_blocks(tmp_path)
+    blocks = {store.locate(d).block for d in digests}  # type: ignore[union-attr]
+    assert len(blocks) >= 3
+    counting = CountingStore(store)
+    fetcher = new_fetcher(counting)
+    got: list[bytes] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.nursery = nursery
+            for digest in digests:  # one chunk at a time, as tar reads small files
+                got.append(await fetcher.get(digest))
+                await trio.sleep(0.002)  # the reader's own work: the load ahead runs meanwhile
+            fetcher.nursery = None
+
+    run(main)
+    assert got == data
+    assert fetcher.ahead_loads >= 1
+    # Every block decoded once: by demand (opens) or ahead of it, never both.
+    assert fetcher.opens + fetcher.ahead_loads == len(blocks)
+    assert counting.calls["get"] == 0
+
+
+def test_a_corrupt_block_loaded_ahead_fails_only_its_own_chunks(tmp_path: Path) -> None:
+    store, digests, data = _sequential_blocks(tmp_path)
+    locs = [store.locate(d) for d in digests]
+    keys = list(dict.fromkeys(loc.block for loc in locs if loc))
+    second = next(loc for loc in locs if loc and loc.block == keys[1])
+    pack = store.packs_dir / f"{store.pack_files()[second.pack]}.pack"
+    with open(pack, "r+b") as f:  # damage the second block's payload
+        f.seek(second.offset + second.stored // 2)
+        byte = f.read(1)
+        f.seek(second.offset + second.stored // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    fetcher = new_fetcher(store)
+    outcome: dict[bytes, bytes | None] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher.nursery = nursery
+            for digest in digests:
+                try:
+                    outcome[digest] = await fetcher.get(digest)
+                except CorruptObjectError:
+                    outcome[digest] = None
+                await trio.sleep(0.002)
+            fetcher.nursery = None
+
+    run(main)
+    for digest, loc, expected in zip(digests, locs, data, strict=True):
+        assert loc is not None
+        if loc.block == keys[1]:
+            assert outcome[digest] in (None, expected)  # never wrong bytes
+        else:
+            assert outcome[digest] == expected, "the blocks around it still read"
+    assert None in outcome.values()

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 KNOWN_MAX = 1 << 18
 #: Remembered load failures (digest -> exception), for the readers waiting on them.
 FAILED_MAX = 4096
+#: Blocks loaded ahead whose reader has not reached them yet (a mark each).
+CHAIN_MAX = 64
 
 #: (block key, a location in it, the digests wanted, its reader or why it failed, members decoded)
 _Loaded = tuple[Hashable, ChunkLocation, list[bytes], BlockReader | BaseException, dict[bytes, bytes | None]]
@@ -89,6 +91,12 @@ class ChunkFetcher:
         self._streams: OrderedDict[Hashable, BlockReader] = OrderedDict()
         self._known: dict[bytes, tuple[Hashable, int]] = {}  # digest -> (block key, end in block)
         self._block_locs: dict[Hashable, ChunkLocation] = {}  # a location in each known block
+        #: Where background loads run (the mount's read-ahead nursery); None: no next-block read-ahead.
+        self.nursery: trio.Nursery | None = None
+        #: The first member of each block loaded ahead of a front-to-back reader -> that block's
+        #: location: when the reader gets there, the block after it is loaded in turn.
+        self._chain: dict[bytes, ChunkLocation] = {}
+        self.ahead_loads = 0
         #: Worker calls made, for tests and `cnpsfs status`: hops and block opens.
         self.hops = 0
         self.opens = 0
@@ -184,9 +192,14 @@ class ChunkFetcher:
         relocate = False
         try:
             self.hops += 1
+            continued = stream is not None
             members, opened = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=limiter)
             stream = opened
             added[0] += self._settle(key, loc, wanted, opened, members)
+            if continued and opened.done:
+                # A second miss took the block to its end: a front-to-back reader. Load the
+                # block stored after it before the reader gets there.
+                self._load_next_soon(loc)
         except MissingObjectError as exc:
             # The block went away since we learnt where it is (a cache pack was evicted):
             # forget the location and look the chunks up afresh, once.
@@ -286,6 +299,49 @@ class ChunkFetcher:
             del self._streams[key]
         return added
 
+    def _load_next_soon(self, loc: ChunkLocation) -> None:
+        if self.nursery is not None and getattr(self.store, "open_next_block", None) is not None:
+            self.nursery.start_soon(self._load_next, loc)
+
+    async def _load_next(self, loc: ChunkLocation) -> None:
+        """Load the block stored after *loc*'s: its record read on a worker, then claimed on
+        the loop (a reader that gets there meanwhile waits for this load, no second decode),
+        then decoded whole. A hint: failures to read it are left for demand to meet."""
+        try:
+            opened = await trio.to_thread.run_sync(self._open_next, loc, limiter=self.limiter)
+        except (CnpsfsError, OSError) as exc:
+            log.debug("next-block read-ahead after %s: %s", self.store.describe(loc), exc)
+            return
+        if opened is None:
+            return
+        after, stream = opened
+        key = after.block
+        wanted = [d for d, _t, _i, _n in stream.members if not self.cache.contains(d) and d not in self._pending]
+        if key in self._inflight or not wanted:
+            return
+        event = self._claim(key, wanted)
+        try:
+            members = await trio.to_thread.run_sync(stream.advance, 1 << 62, limiter=self.limiter)  # to its end
+            self.ahead_loads += 1
+            self._settle(key, after, wanted, stream, members)
+        except (CnpsfsError, OSError) as exc:
+            log.debug("next-block read-ahead of %s: %s", self.store.describe(after), exc)
+        finally:
+            del self._inflight[key]
+            self._release(wanted, key)
+            event.set()
+        if len(self._chain) >= CHAIN_MAX:
+            self._chain.clear()
+        self._chain[stream.members[0][0]] = after
+
+    def _open_next(self, loc: ChunkLocation) -> tuple[ChunkLocation, BlockReader] | None:
+        """On a worker: the block after *loc*'s, opened (not decoded); None if there is none
+        or all of it is cached already (a large file's blocks come through its own read-ahead)."""
+        opened: tuple[ChunkLocation, BlockReader] | None = self.store.open_next_block(loc)  # type: ignore[attr-defined]
+        if opened is None or all(self.cache.contains(d) for d, _t, _i, _n in opened[1].members):
+            return None
+        return opened
+
     def _fail(self, digest: bytes, exc: BaseException) -> None:
         """Remember why *digest* could not be loaded, for its waiters; bounded (oldest forgotten first).
 
@@ -338,6 +394,10 @@ class ChunkFetcher:
         """The verified chunk *digest*: from the cache, else loaded (raises its load's failure)."""
         data = self.cache.get(digest)
         if data is not None:
+            if self._chain:
+                loc = self._chain.pop(digest, None)
+                if loc is not None:  # the reader reached a block loaded ahead: load the next
+                    self._load_next_soon(loc)
             return data
         await self.fetch((digest,))
         data = self.cache.get(digest)

@@ -140,7 +140,7 @@ class Operations(pyfuse3.Operations):
         self.extensions = use_extensions and HAVE_EXTENSIONS
         self.no_open = False
         self.no_opendir = False
-        self.readahead_nursery: trio.Nursery | None = None
+        self._readahead_nursery: trio.Nursery | None = None
         self._read_end: dict[int, int] = {}
         # Directories whose listing the kernel has read since it last forgot them: a replay
         # racing the program does not list them again (fs/prefetch.py).
@@ -648,6 +648,15 @@ class Operations(pyfuse3.Operations):
                 self.readahead_nursery.start_soon(self._prefetch, ahead)
         self._read_end[ino] = end
         return b"".join(out) if len(out) != 1 else out[0]
+
+    @property
+    def readahead_nursery(self) -> trio.Nursery | None:
+        """Where read-ahead runs (the mount's nursery); the fetcher's loads ahead run there too."""
+        return self._readahead_nursery
+
+    @readahead_nursery.setter
+    def readahead_nursery(self, nursery: trio.Nursery | None) -> None:
+        self._readahead_nursery = self.fetcher.nursery = nursery
 
     async def _prefetch(self, digests: list[bytes]) -> None:
         """Warm the chunk cache; errors are left for the read that needs the chunk to report."""

@@ -52,8 +52,8 @@ from cnpsfs.errors import (
 from cnpsfs.store.blocks import BlockCache, BlockStream, decompress_block
 from cnpsfs.store.index import Index, Location
 from cnpsfs.store.journal import JOURNAL_NAME, TagJournal
-from cnpsfs.store.packs import Member, PackFiles, atomic_write, flock
-from cnpsfs.store.protocol import TYPE_NAMES, ChunkLocation, DecodedReads, NotCached, Tag
+from cnpsfs.store.packs import BLOCK_MAGIC, RECORD_HEADER, Member, PackFiles, atomic_write, flock, header_size
+from cnpsfs.store.protocol import T_CHUNK, TYPE_NAMES, ChunkLocation, DecodedReads, NotCached, Tag
 from cnpsfs.store.writer import DEFAULT_ZSTD_LEVEL, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,27 @@ class LocalStore(DecodedReads):
         # A whole-block decode uses the calling thread's context; a stream that has to keep
         # state between calls (possibly on other threads) makes its own.
         return BlockStream(loc, payload, members, self._decompressor, self.describe(loc))
+
+    def open_next_block(self, loc: ChunkLocation) -> tuple[Location, BlockStream] | None:
+        """The data block stored right after *loc*'s in its pack (its location, and ready to
+        decode); None at the pack's end or when the next record holds objects, not chunks.
+
+        A read hint for front-to-back readers (tar, an export): small files are stored
+        together in path order, so the block after the one being finished holds the next
+        files. The record is checked like any other and every member verified on decode;
+        blocking I/O: call on a worker.
+        """
+        assert isinstance(loc, Location), "a location from another store"
+        start = loc.offset + loc.stored
+        head = self.packs.pread(loc.pack, RECORD_HEADER.size, start)
+        if len(head) < RECORD_HEADER.size:
+            return None
+        magic, codec, stored, raw, count = RECORD_HEADER.unpack(head)
+        if magic != BLOCK_MAGIC or not count:
+            return None
+        after = Location(loc.pack, start + header_size(count), stored, raw, codec, T_CHUNK, 0, 0, start)
+        stream = self.open_block(after)
+        return (after, stream) if all(m[1] == T_CHUNK for m in stream.members) else None
 
     def prefetch(self, locs: Iterable[ChunkLocation]) -> None:
         """Ask the kernel to start reading these blocks' records (``POSIX_FADV_WILLNEED``).
