@@ -132,6 +132,9 @@ def swap(store: Store, old_image: fmt.Image, new_image: fmt.Image, *, load_old: 
         if parts in after and after[parts].ino == ino:  # kept: counted where the new tree shows it
             where = new.inodes.locate(ino)
             assert where is not None and where[0] is new.resolve("/" + path.strip("/").rsplit("/", 1)[0]).children
+    # ... and is listed as held (what drop_kernel_caches invalidates, what status counts).
+    assert {ino for ino, _parent, _name in new.inodes.held_files()} == set(held.values())
+    assert new.inodes.stats()["references"] == 2 * len(held)
     return old, new, plan, before, held
 
 

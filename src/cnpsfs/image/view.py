@@ -384,6 +384,9 @@ class InodeTable:
         self._slack = slack
         self._starts: list[int] = []  # block starts, ascending
         self._blocks: list[Children] = []
+        # Directories whose block another took over (take_over) while the kernel still held
+        # some of their numbers: registered (found through the moved map) until let go of.
+        self._displaced: dict[int, Children] = {}
         # Numbers served from another directory than their block's: hard links (every
         # directory listing one) and files a swap kept; the first location counts.
         self._moved: dict[int, list[tuple[Children, int]]] = {}
@@ -461,6 +464,7 @@ class InodeTable:
             i = bisect.bisect_left(self._starts, children.base)
             if i < len(self._blocks) and self._blocks[i] is children:
                 del self._starts[i], self._blocks[i]
+            self._displaced.pop(id(children), None)
             moved = self._moved
             for ino in set(children.moved_inos):
                 locs = moved.get(ino)
@@ -537,6 +541,7 @@ class InodeTable:
             self.register(new, replacing=old)
             if not old.held:
                 return
+            self._displaced[id(old)] = old
             base, moved = old.base, self._moved
             old_inos, new_inos = old.inos, new.inos
             for i in range(len(old_inos)):
@@ -582,7 +587,7 @@ class InodeTable:
 
     def held_files(self) -> Iterator[tuple[int, int, bytes]]:
         """(number, parent directory number, name) of every file the kernel holds."""
-        for children in list(self._blocks):
+        for children in [*self._blocks, *self._displaced.values()]:
             if children.held:
                 for index, n in enumerate(children.counts):
                     if n:
@@ -592,7 +597,7 @@ class InodeTable:
         """What the table holds, for status: keys, blocks, entries in them, files the kernel
         holds (and its references to them), numbers served from another block."""
         blocks = list(self._blocks)
-        held = [c for c in blocks if c.held]
+        held = [c for c in [*blocks, *self._displaced.values()] if c.held]
         return {"keys": len(self._by_key), "blocks": len(blocks), "entries": sum(len(c) for c in blocks),
                 "held": sum(len(c.counts) - c.counts.count(0) for c in held),
                 "references": sum(c.held for c in held), "moved": len(self._moved)}
