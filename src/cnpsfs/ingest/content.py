@@ -14,8 +14,10 @@ canonical paths, so the same tree always gives the same chunks:
 A chunk made only of zero bytes is never stored: extents over it are holes, which is
 how sparse files stay cheap whatever source they come from.
 
-Hashing and compression run on a thread pool (both release the GIL); the calling thread
-cuts and appends records, so the pack layout is produced by one thread.
+Hashing and compression run on thread pools (both release the GIL); the calling thread
+cuts and appends records, so the pack layout is produced by one thread. The chunks cut in
+one round (up to 8 MiB of stream) are hashed and looked up in the store as one job: a
+future, a pool hand-off and an index query per chunk cost more Python than the hashing.
 """
 
 from __future__ import annotations
@@ -35,12 +37,22 @@ from cnpsfs.store import Store, StoreWriter
 _FLUSH = 8 << 20  # cut the buffered stream in pieces of this size
 _READ = 4 << 20
 _ZERO = bytes(_READ)
-_PENDING_MAX = 64
+#: Rounds of cut chunks hashed ahead of the writer (each up to _FLUSH bytes and a chunk).
+_PENDING_MAX = 3
 
 
 def _is_zero(data: bytes) -> bool:
     # The ends first: almost every chunk has a non-zero byte there, and count() reads it all.
     return not data or (not data[-1] and not data[0] and data.count(0) == len(data))
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """The chunks of one cut round and the job hashing them: per chunk, its digest (None
+    for an all-zero chunk, never stored) and whether the store already has it."""
+
+    chunks: list[bytes]
+    job: concurrent.futures.Future[list[tuple[bytes | None, bool]]]
 
 
 @dataclass(slots=True)
@@ -60,7 +72,7 @@ class _Stream:
         self.buf = bytearray()
         self.base = 0  # stream offset of buf[0]
         self.length = 0
-        self.cuts: list[tuple[int, int, concurrent.futures.Future[bytes | None]]] = []  # (start, len, digest)
+        self.cuts: list[tuple[int, int, _Batch, int]] = []  # (start, len, batch, index in it)
         self.spans: deque[_Span] = deque()
 
     def write(self, data: bytes | memoryview) -> None:
@@ -75,23 +87,17 @@ class _Stream:
     def _cut(self, *, final: bool) -> None:
         # Cut a snapshot: pyfastcdc's chunks are views into the buffer they were cut from.
         data = bytes(self.buf)
-        consumed = 0
-        pending: tuple[int, int] | None = None
-        for ch in self.owner.cdc.cut_buf(data):
-            if pending is not None:
-                self._emit(data, *pending)
-                consumed = pending[0] + pending[1]
-            pending = (ch.offset, ch.length)
-        if final and pending is not None:
-            self._emit(data, *pending)
-            consumed = len(data)
-        # The last chunk may have been cut short by the buffer's end: keep it for the next round.
+        cut = [(ch.offset, ch.length) for ch in self.owner.cdc.cut_buf(data)]
+        if not final:
+            cut = cut[:-1]  # the last chunk may have been cut short by the buffer's end: kept for the next round
+        consumed = cut[-1][0] + cut[-1][1] if cut else 0
+        if cut:
+            batch = self.owner.submit([data[offset : offset + length] for offset, length in cut])
+            base = self.base
+            self.cuts.extend((base + offset, length, batch, number) for number, (offset, length) in enumerate(cut))
         self.buf = bytearray(data[consumed:])
         self.base += consumed
         self._resolve_spans()
-
-    def _emit(self, data: bytes, offset: int, length: int) -> None:
-        self.cuts.append((self.base + offset, length, self.owner.submit(data[offset : offset + length])))
 
     def finish(self) -> None:
         if self.buf:
@@ -123,16 +129,16 @@ class _Stream:
         """The extents of [start, start+length), or None if *wait* is false and a digest is pending."""
         out: list[fmt.Extent] = []
         end = start + length
-        for cstart, clen, future in self.cuts:
+        for cstart, clen, batch, number in self.cuts:
             if cstart + clen <= start:
                 continue
             if cstart >= end:
                 break
-            if not wait and not future.done():
+            if not wait and not batch.job.done():
                 return None
             lo = max(start, cstart)
             hi = min(end, cstart + clen)
-            digest = future.result()
+            digest = batch.job.result()[number][0]
             prev = out[-1] if out else None
             if digest is None and prev is not None and prev.digest is None:
                 out[-1] = fmt.Extent(None, 0, prev.length + hi - lo)  # merge adjacent holes
@@ -150,44 +156,31 @@ class ContentWriter:
         self.pool = pool
         self.cdc = new_chunker()
         self.small = _Stream(self)
-        self.pending: deque[tuple[bytes, concurrent.futures.Future[tuple[bytes, bool]]]] = deque()
+        self.pending: deque[_Batch] = deque()
         self.logical_bytes = 0
         self.on_progress: Callable[[int], None] | None = None
 
-    def submit(self, data: bytes) -> concurrent.futures.Future[bytes | None]:
-        """Queue a chunk; the future yields its digest, or None for an all-zero chunk."""
-        result: concurrent.futures.Future[bytes | None] = concurrent.futures.Future()
-        if _is_zero(data):
-            result.set_result(None)
-            return result
-        job = self.pool.submit(self._hash, data)
-        self.pending.append((data, job))
-
-        def done(f: concurrent.futures.Future[tuple[bytes, bool]]) -> None:
-            if f.cancelled():
-                result.cancel()
-                return
-            exc = f.exception()
-            if exc is not None:
-                result.set_exception(exc)
-            else:
-                result.set_result(f.result()[0])
-
-        job.add_done_callback(done)
+    def submit(self, chunks: list[bytes]) -> _Batch:
+        """Queue one round of cut chunks for hashing; the writer gets them in this order."""
+        batch = _Batch(chunks, self.pool.submit(self._hash, chunks))
+        self.pending.append(batch)
         while len(self.pending) > _PENDING_MAX:
             self._drain_one()
-        return result
+        return batch
 
-    def _hash(self, data: bytes) -> tuple[bytes, bool]:
-        """Digest, and whether the store already has the chunk (runs on the pool)."""
-        digest = fmt.digest_bytes(data)
-        return digest, self.store.contains(digest)
+    def _hash(self, chunks: list[bytes]) -> list[tuple[bytes | None, bool]]:
+        """Digests, and whether the store already has each chunk (runs on the pool)."""
+        digests = [None if _is_zero(data) else fmt.digest_bytes(data) for data in chunks]
+        have = self.store.existing([d for d in digests if d is not None])
+        return [(digest, digest is None or digest in have) for digest in digests]
 
     def _drain_one(self) -> None:
-        data, job = self.pending.popleft()
-        digest, stored = job.result()
-        if not stored:
-            self.writer.add_chunk(digest, data)
+        batch = self.pending.popleft()
+        for data, (digest, stored) in zip(batch.chunks, batch.job.result(), strict=True):
+            if not stored:
+                assert digest is not None
+                self.writer.add_chunk(digest, data)
+        batch.chunks = []  # the writer holds what it needs; the digests stay for the extents
 
     def drain(self) -> None:
         while self.pending:
