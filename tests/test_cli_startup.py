@@ -26,7 +26,7 @@ NOT_AT_START = (
 #: What ``cnpsfs status`` (a control-socket client) never needs: the store and the daemon's side.
 NOT_IN_STATUS = (
     "cnpsfs.store.local", "cnpsfs.format.objects", "sqlite3", "zstandard", "cbor2", "blake3", "pyfuse3", "trio",
-    "cnpsfs.fs.mount", "cnpsfs.image",
+    "cnpsfs.fs.mount", "cnpsfs.image", "subprocess", "shutil", "_hashlib",
 )
 
 _LIST_MODULES = """

@@ -16,17 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import faulthandler
 import fcntl
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import signal
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +32,13 @@ from typing import Any
 from cnpsfs.errors import CnpsfsError, MountpointBusyError, UsageError
 from cnpsfs.fs.options import READY_TIMEOUT, UNMOUNT_TIMEOUT
 from cnpsfs.process import pid_alive
+
+# faulthandler, shutil, signal and subprocess are imported where used: `cnpsfs status` and
+# every live swap read a record here and need none of them.
+try:  # hashlib's own blake2b (it never takes OpenSSL's), without loading libcrypto for it
+    from _blake2 import blake2b
+except ImportError:  # a Python built without its builtin hashes
+    from hashlib import blake2b
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def _safe_runtime_dir(path: Path, uid: int) -> None:
 
 
 def mount_key(mountpoint: str) -> str:
-    return hashlib.blake2b(os.path.realpath(mountpoint).encode(), digest_size=8).hexdigest()
+    return blake2b(os.path.realpath(mountpoint).encode(), digest_size=8).hexdigest()
 
 
 @dataclass(slots=True)
@@ -249,6 +251,8 @@ def mount_failure_cause(*, allow_other: bool, fuse_output: str = "") -> str | No
                 "and writable by them, e.g. mode 0666 as Debian's fuse3 package installs it)")
     os.close(fd)
     if os.geteuid() != 0:
+        import shutil
+
         if shutil.which("fusermount3") is None:
             return "fusermount3 is not installed (apt-get install fuse3): users other than root mount through it"
         if allow_other and not _user_allow_other():
@@ -410,6 +414,9 @@ def redirect_output(log_file: str) -> None:
 
 def install_faulthandler() -> None:
     """SIGUSR1 dumps every thread's stack to the log: how to ask a hung mount what it does."""
+    import faulthandler
+    import signal
+
     faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
 
@@ -477,6 +484,8 @@ def _quiesce(record: MountRecord) -> None:
 
 
 def _unmount_fuse(real: str, record: MountRecord | None, *, lazy: bool) -> None:
+    import subprocess
+
     mountpoint = real
     args = ["fusermount3", "-u", *(["-z"] if lazy else []), real]
     result = subprocess.run(args, capture_output=True, text=True)
@@ -495,6 +504,8 @@ def _unmount_fuse(real: str, record: MountRecord | None, *, lazy: bool) -> None:
 
 
 def _stop_daemon(pid: int, timeout: float, *, terminate: bool = False) -> None:
+    import signal
+
     if terminate:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
