@@ -409,17 +409,22 @@ class Session:
         self._environ = env
         self._no_proxy = self.config.no_proxy if self.config.no_proxy is not None else \
             (_env(env, "no_proxy", "NO_PROXY") or "")
-        self._ssl = self._ssl_context()
+        # The TLS context is made for the first https:// URL: loading the system's CA bundle
+        # took 20-60 ms, which an http:// remote (a web server on a trusted network) never
+        # needs. A CA file or client certificate of the config is loaded now, so that a bad
+        # one is an error of the command, not of its first request.
+        self._ssl: ssl.SSLContext | None = self._ssl_context() if self.config.ca_file or self.config.client_cert \
+            else None
         self._pool_kw: dict[str, Any] = {
             "maxsize": self.config.max_connections,
             "block": False,
             "retries": False,
-            "ssl_context": self._ssl,
         }
         if not self.config.tls_verify:
             self._pool_kw.update(cert_reqs="CERT_NONE", assert_hostname=False)
             log.warning("TLS certificates are not verified (tls_verify=False)")
-        self._pools: dict[str | None, urllib3.PoolManager] = {}
+        #: Connection pools by proxy and by whether the target is https (only those carry the TLS context).
+        self._pools: dict[tuple[str | None, bool], urllib3.PoolManager] = {}
         self._lock = threading.Lock()
         self._redirects: OrderedDict[str, str] = OrderedDict()
         self._random = random.Random()
@@ -474,12 +479,18 @@ class Session:
             raise UsageError(f"proxy {proxy}: only http:// and https:// proxies are supported")
         return proxy
 
-    def _pool(self, proxy: str | None) -> urllib3.PoolManager:
+    def _pool(self, proxy: str | None, url: str) -> urllib3.PoolManager:
+        https = url[:8].lower() == "https://"
         with self._lock:
-            pool = self._pools.get(proxy)
+            pool = self._pools.get((proxy, https))
             if pool is None:
+                kw = self._pool_kw
+                if https:
+                    if self._ssl is None:
+                        self._ssl = self._ssl_context()
+                    kw = {**kw, "ssl_context": self._ssl}
                 if proxy is None:
-                    pool = urllib3.PoolManager(num_pools=32, **self._pool_kw)
+                    pool = urllib3.PoolManager(num_pools=32, **kw)
                 else:
                     parts = urlsplit(proxy)
                     headers = None
@@ -488,8 +499,8 @@ class Session:
                         userpass = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
                         headers = urllib3.make_headers(proxy_basic_auth=userpass)
                         target = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-                    pool = urllib3.ProxyManager(target, num_pools=32, proxy_headers=headers, **self._pool_kw)
-                self._pools[proxy] = pool
+                    pool = urllib3.ProxyManager(target, num_pools=32, proxy_headers=headers, **kw)
+                self._pools[(proxy, https)] = pool
             return pool
 
     # ------------------------------------------------------------------ calls
@@ -638,7 +649,7 @@ class Session:
                                       read=min(cfg.read_timeout, remaining))
             payload = body() if callable(body) else body
             try:
-                raw = self._pool(self.proxy_for(current)).urlopen(
+                raw = self._pool(self.proxy_for(current), current).urlopen(
                     method, current, body=payload, headers=hdrs, redirect=False, retries=False, timeout=timeout,
                     preload_content=False, decode_content=False, assert_same_host=False)
             except u3e.LocationParseError:
