@@ -19,6 +19,8 @@ import io
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
+from operator import lt
 from typing import Any, NamedTuple
 
 import blake3
@@ -590,6 +592,10 @@ def _decode_extents(raw: Any, limit: int) -> tuple[Extent, ...]:
 
 
 _new_tuple = tuple.__new__
+#: The kinds the shapes build, as plain globals: ``Kind.FILE`` is an enum class attribute
+#: lookup (~70 ns on 3.11), paid per entry on the decoding path.
+_FILE, _DIR, _SYMLINK = Kind.FILE, Kind.DIR, Kind.SYMLINK
+_DOTS = frozenset((b".", b".."))
 #: Keys, in canonical order, of the entry shapes entry_from_cbor recognises whole.
 _SHAPE_FILE = (0, 1, 2, 5, 7, 8, 14)
 _SHAPE_DIR = (0, 1, 2, 5, 12)
@@ -636,23 +642,33 @@ def entry_from_cbor(raw: Any, *, root: bool = False) -> Entry:
         if keys == _SHAPE_FILE:
             name, kind_value, mode, mtime, size, extents, content_hash = raw.values()
             if (type(kind_value) is int and kind_value == 1 and type(size) is int and 0 < size < _I64
-                    and type(content_hash) is bytes and len(content_hash) == DIGEST_SIZE
-                    and type(extents) is list and 0 < len(extents) <= INLINE_EXTENTS_MAX):
-                decoded = _fast_extents(extents, size)
+                    and type(content_hash) is bytes and len(content_hash) == DIGEST_SIZE and type(extents) is list):
+                decoded: tuple[Extent, ...] | None = None
+                if len(extents) == 1:
+                    # One chunk range (most small files): _fast_extents' checks, without its loop.
+                    item = extents[0]
+                    if type(item) is list and len(item) == 3:
+                        digest, offset, length = item
+                        if (type(digest) is bytes and len(digest) == DIGEST_SIZE and type(offset) is int
+                                and type(length) is int and length == size and offset >= 0
+                                and offset + length <= CHUNK_MAX):
+                            decoded = (_new_tuple(Extent, item),)
+                elif 0 < len(extents) <= INLINE_EXTENTS_MAX:
+                    decoded = _fast_extents(extents, size)
                 if decoded is not None:
-                    shaped = Entry(name, Kind.FILE, mode, 0, 0, mtime, {}, size, decoded, None, b"", (0, 0), None,
+                    shaped = Entry(name, _FILE, mode, 0, 0, mtime, {}, size, decoded, None, b"", (0, 0), None,
                                    None, content_hash)
         elif keys == _SHAPE_DIR:
             name, kind_value, mode, mtime, tree = raw.values()
             if type(kind_value) is int and kind_value == 2 and type(tree) is bytes and len(tree) == DIGEST_SIZE:
-                shaped = Entry(name, Kind.DIR, mode, 0, 0, mtime, {}, 0, None, None, b"", (0, 0), tree)
+                shaped = Entry(name, _DIR, mode, 0, 0, mtime, {}, 0, None, None, b"", (0, 0), tree)
         elif keys == _SHAPE_SYMLINK:
             name, kind_value, mode, mtime, target = raw.values()
             if (type(kind_value) is int and kind_value == 3 and type(target) is bytes
                     and 0 < len(target) <= PATH_MAX and b"\0" not in target):
-                shaped = Entry(name, Kind.SYMLINK, mode, 0, 0, mtime, {}, 0, None, None, target)
+                shaped = Entry(name, _SYMLINK, mode, 0, 0, mtime, {}, 0, None, None, target)
         if (shaped is not None and type(name) is bytes and 0 < len(name) <= NAME_MAX and b"/" not in name
-                and b"\0" not in name and name != b"." and name != b".." and type(mode) is int
+                and b"\0" not in name and name not in _DOTS and type(mode) is int
                 and 0 <= mode <= 0o7777 and type(mtime) is int and -_I64 <= mtime < _I64):
             return shaped
     get = raw.get
@@ -780,9 +796,11 @@ def decode_directory(data: bytes) -> Directory:
     opaque = obj.get(3, False)
     if type(opaque) is not bool:
         raise FormatError("directory opaque flag (key 3) is not a boolean")
-    decoded = [entry_from_cbor(e) for e in entries]
+    decoded = list(map(entry_from_cbor, entries))
     names = [e.name for e in decoded]
-    if names != sorted(set(names)):
+    # Strictly increasing, pair by pair in C: sorted and without duplicates, as
+    # ``names == sorted(set(names))`` says, without building the set and the sorted copy.
+    if not all(map(lt, names, islice(names, 1, None))):
         raise FormatError("directory entries are not sorted by name, or a name appears twice")
     return Directory(decoded, opaque)
 

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 DIR_SIZE = 4096
+#: The kinds the per-entry loops compare with, as plain globals: ``_DIR`` is a
+#: module and an enum class attribute lookup (~90 ns on 3.11), paid per child composed.
+_DIR, _FILE, _WHITEOUT = fmt.Kind.DIR, fmt.Kind.FILE, fmt.Kind.WHITEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +145,7 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return self.entry.kind is fmt.Kind.DIR
+        return self.entry.kind is _DIR
 
     @property
     def listing(self) -> Children | None:
@@ -161,7 +164,7 @@ class Node:
         if self.is_dir:
             return DIR_SIZE // 512
         entry = self.entry
-        if entry.kind is not fmt.Kind.FILE:
+        if entry.kind is not _FILE:
             return 0
         data = sum(e.length for e in entry.extents if e.digest is not None) if entry.extents is not None else entry.size
         return (data + 511) // 512
@@ -169,11 +172,11 @@ class Node:
     @property
     def size(self) -> int:
         kind = self.entry.kind
-        if kind is fmt.Kind.FILE:
+        if kind is _FILE:
             return self.entry.size
         if kind is fmt.Kind.SYMLINK:
             return len(self.entry.target)
-        if kind is fmt.Kind.DIR:
+        if kind is _DIR:
             return DIR_SIZE
         return 0
 
@@ -195,7 +198,7 @@ _HASH_AT = _DIGEST_AT + fmt.DIGEST_SIZE
 def _pack_into(buf: bytearray, at: int, entry: fmt.Entry) -> bool:
     """Write the record of a plain regular file (no xattrs, links or extents object) at
     *at* in *buf*; False (nothing written) for any other entry."""
-    if entry.kind is not fmt.Kind.FILE or entry.xattrs or entry.link is not None or entry.content is not None:
+    if entry.kind is not _FILE or entry.xattrs or entry.link is not None or entry.content is not None:
         return False
     extents = entry.extents
     if extents is None or not extents:
@@ -302,9 +305,9 @@ class Children(Mapping[bytes, Node]):
         flags, mode, uid, gid, mtime, size, offset, length, digest, content_hash = _REC.unpack_from(
             self._recs, i * _REC.size)
         if flags & _ONE_EXTENT:
-            return fmt.Entry(self.names[i], fmt.Kind.FILE, mode, uid, gid, mtime, {}, size,
+            return fmt.Entry(self.names[i], _FILE, mode, uid, gid, mtime, {}, size,
                              (fmt.Extent(digest, offset, length),), None, b"", (0, 0), None, None, content_hash)
-        return fmt.Entry(self.names[i], fmt.Kind.FILE, mode, uid, gid, mtime, {}, 0,
+        return fmt.Entry(self.names[i], _FILE, mode, uid, gid, mtime, {}, 0,
                          () if flags & _EMPTY_EXTENTS else None)
 
     def packed_at(self, i: int) -> tuple[int, int, int, int, int, int] | None:
@@ -627,7 +630,7 @@ def identity(entry: fmt.Entry) -> tuple[Any, ...]:
 
 
 def _synthetic_dir(name: bytes) -> fmt.Entry:
-    return fmt.Entry(name, fmt.Kind.DIR, 0o755)
+    return fmt.Entry(name, _DIR, 0o755)
 
 
 def split_at(at: str) -> tuple[bytes, ...]:
@@ -790,29 +793,31 @@ class Generation:
             if isinstance(item, _Unit):
                 # A group's merged result: no whiteouts or opaque markers are left in it.
                 for name, (entry, layer, sources) in self._merge_unit(path, item).items():
-                    if entry.kind is fmt.Kind.DIR:
+                    if entry.kind is _DIR:
                         current = result.get(name)
-                        below = current[2] if current is not None and current[0].kind is fmt.Kind.DIR else []
+                        below = current[2] if current is not None and current[0].kind is _DIR else []
                         result[name] = (entry, layer, [*below, *sources])
                     else:
                         result[name] = (entry, layer, [])
                 continue
             source = item
+            layer = source.layer
             entries, opaque = self._source_children(source, len(items) > 1)
             if opaque:
                 result = {}
             for entry in entries:
                 name = entry.name
-                if entry.kind is fmt.Kind.WHITEOUT:
+                kind = entry.kind
+                if kind is _WHITEOUT:
                     result.pop(name, None)
                     continue
-                if entry.kind is fmt.Kind.DIR:
+                if kind is _DIR:
                     current = result.get(name)
-                    sources = current[2] if current is not None and current[0].kind is fmt.Kind.DIR else []
+                    sources = current[2] if current is not None and current[0].kind is _DIR else []
                     sources = [*sources, self._child_source(source, entry, (*path, name))]
-                    result[name] = (entry, source.layer, sources)
+                    result[name] = (entry, layer, sources)
                 else:
-                    result[name] = (entry, source.layer, [])
+                    result[name] = (entry, layer, [])
         return result
 
     def _merge_union(self, path: tuple[bytes, ...], items: list[_Item]) -> _Merged:
@@ -822,9 +827,9 @@ class Generation:
             result: _Merged = {}
             for entry in self._source_children(only)[0]:
                 kind = entry.kind
-                if kind is fmt.Kind.DIR:
+                if kind is _DIR:
                     result[entry.name] = (entry, only.layer, [self._child_source(only, entry, (*path, entry.name))])
-                elif kind is not fmt.Kind.WHITEOUT:  # whiteouts only have meaning between stacked layers
+                elif kind is not _WHITEOUT:  # whiteouts only have meaning between stacked layers
                     result[entry.name] = (entry, only.layer, [])
             return result
         # name -> [(entry, layer, the leaf source it came from, or a group's sources for it)]
@@ -836,7 +841,7 @@ class Generation:
                 continue
             entries, _opaque = self._source_children(item, len(items) > 1)
             for entry in entries:
-                if entry.kind is fmt.Kind.WHITEOUT:
+                if entry.kind is _WHITEOUT:
                     continue  # whiteouts only have meaning between stacked layers
                 by_name.setdefault(entry.name, []).append((entry, item.layer, item))
         result = {}
@@ -844,7 +849,7 @@ class Generation:
             if len(provided) == 1:
                 # One provider (most names): nothing to merge, check or pick.
                 entry, layer, origin = provided[0]
-                if entry.kind is not fmt.Kind.DIR:
+                if entry.kind is not _DIR:
                     result[name] = (entry, layer, [])
                 elif isinstance(origin, Source):
                     result[name] = (entry, layer, [self._child_source(origin, entry, (*path, name))])
@@ -852,8 +857,8 @@ class Generation:
                     result[name] = (entry, layer, sorted(origin, key=lambda src: src.layer.fileset))
                 continue
             child_path = (*path, name)
-            dirs = [p for p in provided if p[0].kind is fmt.Kind.DIR]
-            others = [p for p in provided if p[0].kind is not fmt.Kind.DIR]
+            dirs = [p for p in provided if p[0].kind is _DIR]
+            others = [p for p in provided if p[0].kind is not _DIR]
             if dirs and others:
                 raise self._conflict(child_path, dirs[0][1], others[0][1], "a directory and a file")
             if dirs:
@@ -883,12 +888,12 @@ class Generation:
     def _dir_metadata(self, sources: list[Source], name: bytes) -> fmt.Entry:
         if len(sources) == 1 and sources[0].synthetic is None and not self._nested:
             only = sources[0].entry
-            if only.name == name and not only.link and only.kind is fmt.Kind.DIR:
+            if only.name == name and not only.link and only.kind is _DIR:
                 return only  # what the general path would copy field by field
         entry = self._pick_metadata(self.mode, self._items(sources, 0))
         if entry is None:
             return _synthetic_dir(name)
-        return fmt.Entry(name, fmt.Kind.DIR, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
+        return fmt.Entry(name, _DIR, entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs,
                          tree=entry.tree)
 
     def _pick_metadata(self, mode: fmt.CompositionMode, items: list[_Item]) -> fmt.Entry | None:
@@ -952,15 +957,20 @@ class Generation:
             files: list[int] = []  # indices of the children numbered from the block
             same: dict[int, int] = {}  # index -> number of the same file in the old directory
             size = _REC.size
+            last: LayerInfo | None = None  # most children come from the layer the previous one came from
+            pos = 0
             for index, name in enumerate(names):
                 entry, layer, sources = merged[name]
-                pos = layer_pos.get(id(layer))
-                if pos is None:
-                    pos = layer_pos[id(layer)] = len(layers)
-                    layers.append(layer)
+                if layer is not last:
+                    last = layer
+                    found = layer_pos.get(id(layer))
+                    if found is None:
+                        found = layer_pos[id(layer)] = len(layers)
+                        layers.append(layer)
+                    pos = found
                 layer_ix.append(pos)
                 at = index if aligned else old_pos.get(name) if old_pos is not None else None
-                if entry.kind is fmt.Kind.DIR:
+                if entry.kind is _DIR:
                     path = (*node.path, name)
                     meta = self._dir_metadata(sources, name)
                     ino = self.inodes.number(("d", path))
