@@ -10,9 +10,9 @@ pyfastcdc are for importers only, and ``cnpsfs status`` needs none of it.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from cnpsfs import lazy
 from cnpsfs.errors import FormatError
 
 if TYPE_CHECKING:
@@ -186,9 +186,4 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cnpsfs.format' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cnpsfs.format.{module}"), name)
-    globals()[name] = value
-    return value
+    return lazy.load(__name__, _WHERE, name)

@@ -215,10 +215,60 @@ class ZstdReader(io.RawIOBase):
         return len(data)
 
 
-_EOF = object()
+#: What a :class:`QueuedReader`'s producer queues after its last piece.
+EOF = object()
 
 
-class ReadAhead(io.RawIOBase):
+class QueuedReader(io.RawIOBase):
+    """A readable stream fed by a thread of its own over a bounded queue.
+
+    The producer (a subclass's thread) queues pieces with :meth:`_put`, then ``EOF`` or the
+    exception that ended it; the consumer's reads take them in order and raise that
+    exception. At most *depth* pieces wait, so memory stays bounded whatever the stream's
+    size, and :meth:`_put` gives up once :meth:`close` was called, so a producer never
+    blocks on a consumer that went away. Shared by the layer decoder (:class:`ReadAhead`)
+    and the registry's blob fetch (``oci.registry``).
+    """
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self._queue: queue.Queue[Any] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._piece = memoryview(b"")
+        self._done = False
+
+    def _put(self, item: Any) -> bool:
+        """Queue *item*; False when the consumer went away (close) first."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.25)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._piece:
+            if self._done:
+                return 0
+            item = self._queue.get()  # the producer always ends: its reads have deadlines, its puts check _stop
+            if item is EOF:
+                self._done = True
+                return 0
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            self._piece = memoryview(item)
+        n = min(len(buffer), len(self._piece))
+        buffer[:n] = self._piece[:n]
+        self._piece = self._piece[n:]
+        return n
+
+
+class ReadAhead(QueuedReader):
     """Reads *source* on a thread of its own, handing pieces over a bounded queue.
 
     A layer's verification and decompression (sha256 of the blob, gunzip or zstd, sha256 of
@@ -234,25 +284,11 @@ class ReadAhead(io.RawIOBase):
 
     def __init__(self, source: IO[bytes] | io.RawIOBase, what: str, *, piece: int = _READ, depth: int = 8,
                  epilogue: Callable[[], None] | None = None) -> None:
-        super().__init__()
+        super().__init__(depth)
         self.what = what
-        self._queue: queue.Queue[Any] = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._piece = memoryview(b"")
-        self._done = False
         self._thread = threading.Thread(target=self._run, args=(source, piece, epilogue), daemon=True,
                                         name="cnpsfs-decode")
         self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        """Queue *item*; False when the consumer went away (close) first."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.25)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def _run(self, source: IO[bytes] | io.RawIOBase, piece: int, epilogue: Callable[[], None] | None) -> None:
         try:
@@ -264,30 +300,10 @@ class ReadAhead(io.RawIOBase):
                     return
             if epilogue is not None:
                 epilogue()
-            result: Any = _EOF
+            result: Any = EOF
         except BaseException as exc:  # handed to the reader, who raises it
             result = exc
         self._put(result)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._piece:
-            if self._done:
-                return 0
-            item = self._queue.get()  # the producer always ends: its reads have deadlines, its puts check _stop
-            if item is _EOF:
-                self._done = True
-                return 0
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            self._piece = memoryview(item)
-        n = min(len(buffer), len(self._piece))
-        buffer[:n] = self._piece[:n]
-        self._piece = self._piece[n:]
-        return n
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop the thread and wait for it (its reads are bounded by the source's deadlines)."""

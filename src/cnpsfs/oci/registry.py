@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import queue
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cnpsfs.errors import CnpsfsError, UsageError
-from cnpsfs.oci.blobs import scratch_file
+from cnpsfs.oci.blobs import EOF, QueuedReader, scratch_file
 from cnpsfs.oci.model import CONFIG_TYPES, INDEX_TYPES, MANIFEST_TYPES, MAX_JSON, Descriptor
 from cnpsfs.transport.auth import lookup_credentials
 from cnpsfs.transport.http import HttpConfig, Session
@@ -31,7 +30,6 @@ from cnpsfs.transport.registry import RegistryClient
 
 #: Pieces of a layer in flight between the network thread and the importer.
 _QUEUE_PIECES = 64
-_EOF = object()
 
 
 @dataclass
@@ -80,66 +78,32 @@ def parse(spec: str, *, default_tag: str | None = "latest") -> ImageReference:
     return parse_reference(f"docker://{spec}", default_tag=default_tag)
 
 
-class _BlobPipe(io.RawIOBase):
+class _BlobPipe(QueuedReader):
     """A blob as a readable stream: the client's fetch runs on a thread of its own and hands
     pieces over a bounded queue (a slow importer slows the download, never the reverse)."""
 
     def __init__(self, client: RegistryClient, desc: Descriptor) -> None:
-        super().__init__()
-        self._queue: queue.Queue[Any] = queue.Queue(_QUEUE_PIECES)
-        self._closed = threading.Event()
-        self._piece = memoryview(b"")
-        self._done = False
+        super().__init__(_QUEUE_PIECES)
         self._thread = threading.Thread(target=self._fetch, args=(client, desc), daemon=True,
                                         name=f"cnpsfs-fetch-{desc.digest[7:19]}")
         self._thread.start()
 
     def _fetch(self, client: RegistryClient, desc: Descriptor) -> None:
         def sink(data: bytes) -> None:
-            while not self._closed.is_set():
-                try:
-                    self._queue.put(data, timeout=0.5)
-                    return
-                except queue.Full:
-                    continue
-            raise _Stopped
+            if not self._put(data):
+                raise _Stopped
 
         try:
             client.fetch_blob(desc.digest, sink, size=desc.size)
-            result: Any = _EOF
+            result: Any = EOF
         except _Stopped:
             return
         except BaseException as exc:  # handed to the reader, who raises it
             result = exc
-        while not self._closed.is_set():
-            try:
-                self._queue.put(result, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self._piece:
-            if self._done:
-                return 0
-            item = self._queue.get()  # the fetch has deadlines of its own: it always ends
-            if item is _EOF:
-                self._done = True
-                return 0
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            self._piece = memoryview(item)
-        n = min(len(buffer), len(self._piece))
-        buffer[:n] = self._piece[:n]
-        self._piece = self._piece[n:]
-        return n
+        self._put(result)
 
     def close(self) -> None:
-        self._closed.set()
+        self._stop.set()
         super().close()
 
 

@@ -11,8 +11,9 @@ and should not pay for SQLite, zstandard and the pack files' code on the way.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from cnpsfs import lazy
 
 if TYPE_CHECKING:
     from cnpsfs.store.local import LocalStore
@@ -78,9 +79,4 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cnpsfs.store' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cnpsfs.store.{module}"), name)
-    globals()[name] = value
-    return value
+    return lazy.load(__name__, _WHERE, name)

@@ -14,8 +14,9 @@ package, and a mount without a policy should not pay for the rest of it.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from cnpsfs import lazy
 
 if TYPE_CHECKING:
     from cnpsfs.trust.checker import Checker, Decision, TrustError, check_image, subject_of
@@ -31,9 +32,4 @@ __all__ = ["Checker", "Decision", "Policy", "PolicyError", "TrustError", "check_
 
 
 def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'cnpsfs.trust' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"cnpsfs.trust.{module}"), name)
-    globals()[name] = value
-    return value
+    return lazy.load(__name__, _WHERE, name)
