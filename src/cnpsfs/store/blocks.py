@@ -66,10 +66,6 @@ class BlockStream:
     #: and the growing buffer (a sequential reader wants whole blocks; measured about a
     #: third less CPU per byte than streaming the same block).
     WHOLE_SHARE = 0.5
-    #: A second miss in a block means it is read front to back (tar, an export, a small
-    #: file after its neighbour: they are stored in path order), so a continued stream
-    #: decodes to the block's end: one more load for the block, not one per file.
-    CONTINUE_WHOLE = True
 
     def __init__(self, loc: Location, payload: bytes | memoryview, members: list[Member],
                  dctx: zstandard.ZstdDecompressor | Callable[[], zstandard.ZstdDecompressor], where: str) -> None:
@@ -111,7 +107,10 @@ class BlockStream:
         digest. Raises CorruptObjectError when the payload does not decode.
         """
         want = min(self.loc.raw, max(upto + self.SLACK, self.decoded))
-        if self.CONTINUE_WHOLE and self.decoded and want > self.decoded:
+        if self.decoded and want > self.decoded:
+            # A second miss in a block means it is read front to back (tar, an export, a small
+            # file after its neighbour: they are stored in path order), so a continued stream
+            # decodes to the block's end: one more load for the block, not one per file.
             want = self.loc.raw
         payload = self._payload
         if payload is not None and self.decoded < want:
