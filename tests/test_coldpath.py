@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -237,6 +239,44 @@ def test_one_readdir_reply_holds_a_listing_and_the_request_past_its_end_does_not
     run(operations(generation, FakeKernel()), check)
 
 
+def test_a_listing_is_names_only_until_its_reader_looks_a_name_up(world: World) -> None:
+    """Lean listings, decided per process: names only (but subdirectories) and no lookup
+    counted, until the reader looks up a name from such a listing; then attributes, and
+    the kernel is told to drop the lean listings it caches. Other readers stay lean."""
+    generation = compose(world.store, world.v1)
+    kernel = FakeKernel()
+
+    async def check(ops: Operations) -> None:
+        if not ops.lean_listings:
+            pytest.skip("pyfuse3 without patch 0003: listings always carry attributes")
+        usr = await lookup_path(ops, "usr")
+        bin_ = await ops.lookup(usr.st_ino, b"share", SimpleNamespace(pid=1))  # files and a subdirectory
+        node = ops.node(bin_.st_ino)
+        files = {name for name, child in node.children.pairs() if not child.is_dir}
+        subdirs = {name for name, child in node.children.pairs() if child.is_dir}
+        assert files and subdirs
+        name_walk = Listing(pid=100)
+        await ops.readdir(bin_.st_ino, 0, name_walk)
+        assert name_walk.names_only == files
+        assert {name for name, _ino, _off in name_walk.entries} == files | subdirs | {b".", b".."}
+        assert all(ops.lookup_count(node.children.node_at(i).ino) == 0
+                   for i in range(len(node.children)) if node.children.names[i] in files)
+        assert {ino for name, ino, _off in name_walk.entries if name in files} == {
+            node.children.node_at(node.children.index(name)).ino for name in files}  # d_ino as stat says
+        first = min(files)
+        await ops.lookup(bin_.st_ino, first, SimpleNamespace(pid=100))
+        assert 100 in ops.attribute_readers
+        assert bin_.st_ino in kernel.inodes  # its cached lean listing dropped
+        stat_walk = Listing(pid=100)
+        await ops.readdir(bin_.st_ino, 0, stat_walk)
+        assert stat_walk.names_only == set()
+        other = Listing(pid=200)
+        await ops.readdir(bin_.st_ino, 0, other)
+        assert other.names_only == files
+
+    run(operations(generation, kernel), check)
+
+
 def test_attributes_are_what_the_entries_say(world: World) -> None:
     """Built without the Node properties: the same numbers as a stat of the source."""
     generation = compose(world.store, world.v1)
@@ -336,3 +376,52 @@ def test_a_cold_listing_is_two_readdirs_however_wide(wide: tuple[Path, str, Path
         st_src = os.lstat(src / "d0/a-rather-long-file-name-to-fill-the-reply-0042")
         assert (st_mnt.st_size, st_mnt.st_mode, st_mnt.st_mtime_ns) == (st_src.st_size, st_src.st_mode,
                                                                           st_src.st_mtime_ns)
+
+
+@pytest.fixture
+def many_dirs(tmp_path: Path) -> tuple[Path, str, Path]:
+    """40 directories of 10 files each, a symlink and a subdirectory in each."""
+    require_fuse()
+    src = tmp_path / "src"
+    for d in range(40):
+        sub = src / f"dir{d:02d}"
+        (sub / "sub").mkdir(parents=True)
+        for f in range(10):
+            (sub / f"file{f}").write_bytes(b"x" * (d * 10 + f))
+        (sub / "link").symlink_to("file0")
+    store = tmp_path / "store"
+    ref = cnpsfs("import", "dir", src, "--name", "example.org/many", "--version", "1", store=store).stdout
+    return store, ref.strip().splitlines()[-1], src
+
+
+def _find(root: Path, *args: str) -> list[str]:
+    out = subprocess.run(["find", str(root), *args], check=True, capture_output=True, text=True, timeout=60).stdout
+    return sorted(line.replace(str(root), "", 1) for line in out.splitlines())
+
+
+def test_a_name_walk_links_no_files_and_a_stat_walk_gets_attributes(many_dirs: tuple[Path, str, Path],
+                                                                      tmp_path: Path) -> None:
+    """Lean listings (patch 0003): ``find`` without predicates is listed names only, and
+    the kernel takes no file inode; a walker that stats what it lists is recognised by its
+    first lookup in such a listing and gets attributes from then on, so it costs about one
+    directory's lookups, not one per file; every name, type and size is the source's."""
+    store, ref, src = many_dirs
+    with mount_image(store, ref, tmp_path / "mnt") as mount:
+        if "lean-listings" not in mount.status()["fuse_mode"]:
+            pytest.skip("pyfuse3 without patch 0003 (readdir_reply_name): listings carry attributes")
+        assert _find(mount.mountpoint, "-printf", "%y %P\n") == _find(src, "-printf", "%y %P\n")
+        status = mount.status()
+        assert status["inode_table"]["held"] == 0, status["inode_table"]  # no file was linked
+        assert status["kernel_inodes"] == 40 * 2  # the directories (the root is not counted)
+        before = mount.requests()
+        sizes = _find(mount.mountpoint, "-printf", "%s %y %P\n")  # stats every entry
+        lookups = mount.requests().get("lookup", 0) - before.get("lookup", 0)
+        assert sizes == _find(src, "-printf", "%s %y %P\n")
+        assert 1 <= lookups <= 2 * 12, lookups  # 440 files and links: the first directory's, not each
+        assert mount.status()["inode_table"]["held"] > 400
+    # A cold stat walk on a fresh mount: the same, from the first listing on.
+    with mount_image(store, ref, tmp_path / "mnt2") as mount:
+        before = mount.requests()
+        assert _find(mount.mountpoint, "-printf", "%s %m %y %P\n") == _find(src, "-printf", "%s %m %y %P\n")
+        lookups = mount.requests().get("lookup", 0) - before.get("lookup", 0)
+        assert lookups <= 2 * 12, lookups

@@ -144,6 +144,8 @@ class Listing:
 
     room: int = 1 << 30
     entries: list[tuple[bytes, int, int]] = field(default_factory=list)  # name, st_ino, next offset
+    pid: int = 0  # the reading process, as ReaddirToken.pid
+    names_only: set[bytes] = field(default_factory=set)  # entries replied without attributes
 
 
 @dataclass
@@ -159,8 +161,16 @@ class FakeKernel:
         token.entries.append((name, attr.st_ino, next_id))
         return True
 
+    def readdir_reply_name(self, token: Listing, name: bytes, ino: int, mode: int, next_id: int) -> bool:
+        if len(token.entries) >= token.room:
+            return False
+        token.entries.append((name, ino, next_id))
+        token.names_only.add(name)
+        return True
+
     def seam(self) -> Kernel:
         return Kernel(readdir_reply=self.readdir_reply,  # type: ignore[arg-type]
+                      readdir_reply_name=self.readdir_reply_name,  # type: ignore[arg-type]
                       invalidate_entry=lambda parent, name: self.entries.append((parent, name)),
                       invalidate_inode=self.inodes.append)
 

@@ -55,6 +55,11 @@ _S_IFREG = 0o100000
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
+# Listings without attributes (patches/pyfuse3/0003): entries the kernel lists but does not
+# link, for readers that only want names (docs/architecture.md, "Lean listings").
+HAVE_LEAN_LISTINGS = bool(getattr(pyfuse3, "READDIR_REPLY_NAME", 0))
+ATTRIBUTE_READERS_MAX = 256  # processes remembered as wanting attributes (an LRU)
+_READDIR_REPLY_NAME: Callable[[Any, bytes, int, int, int], bool] | None = getattr(pyfuse3, "readdir_reply_name", None)
 
 _H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
 
@@ -101,6 +106,7 @@ class Kernel:
     """
 
     readdir_reply: Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool] = pyfuse3.readdir_reply
+    readdir_reply_name: Callable[[Any, bytes, int, int, int], bool] | None = _READDIR_REPLY_NAME
     invalidate_entry: Callable[[int, bytes], None] = pyfuse3.invalidate_entry
     invalidate_inode: Callable[[int], None] = pyfuse3.invalidate_inode
     notify_store: Callable[[int, int, bytes], None] = pyfuse3.notify_store
@@ -140,6 +146,20 @@ class Operations(pyfuse3.Operations):
         self.extensions = use_extensions and HAVE_EXTENSIONS
         self.no_open = False
         self.no_opendir = False
+        # Lean listings: a reader that has not asked for the attributes of entries it was
+        # listed gets its listings as names only (READDIRPLUS entries with node id 0), which
+        # the kernel lists without instantiating a dentry and an inode each: what a name
+        # walk (find, ls, a glob) costs the kernel most. A LOOKUP from that reader in a
+        # directory listed lean marks it as one that stats what it lists (find -printf,
+        # tar, ls -l), and from then on its listings carry attributes: the kernel's own
+        # READDIRPLUS_AUTO heuristic, decided per process. Subdirectories always carry
+        # theirs (a walk descends into them).
+        self.lean_listings = self.extensions and HAVE_LEAN_LISTINGS and self.kernel.readdir_reply_name is not None
+        self.attribute_readers: OrderedDict[int, None] = OrderedDict()
+        self.lean_listed: set[int] = set()  # directories whose kernel listing left entries unlinked
+        #: Thread ids of this daemon's own readers of the mount (the prefetch): they want
+        #: what they touch linked for the program, so they always get attributes.
+        self.own_tids: set[int] = set()
         self._readahead_nursery: trio.Nursery | None = None
         self._read_end: dict[int, int] = {}
         # Directories whose listing the kernel has read since it last forgot them: a replay
@@ -175,6 +195,8 @@ class Operations(pyfuse3.Operations):
             parts.append("no-open")
         if self.no_opendir:
             parts.append("no-opendir")
+        if self.lean_listings:
+            parts.append("lean-listings")
         return "+".join(parts)
 
     def node(self, ino: int) -> Node:
@@ -432,6 +454,10 @@ class Operations(pyfuse3.Operations):
                 child = children.node_at(index) if index is not None else None
                 if child is not None and child.is_dir and child.children is None:
                     child = await self._children_loaded(child)  # its st_nlink counts its subdirectories
+        if parent.ino in self.lean_listed and self.lean_listings:
+            pid = getattr(ctx, "pid", 0)
+            if pid not in self.attribute_readers and pid not in self.own_tids:
+                self._attribute_reader(pid)
         recorder = self.recorder
         if recorder is not None and getattr(ctx, "pid", 0) != self.own_pid:
             recorder.directory(parent.path)
@@ -542,6 +568,12 @@ class Operations(pyfuse3.Operations):
         if start_id >= end:
             return
         reply = self.kernel.readdir_reply
+        lean = False
+        if self.lean_listings:
+            pid = getattr(token, "pid", 0)
+            if pid not in self.attribute_readers and pid not in self.own_tids:
+                lean = True
+                self.lean_listed.add(node.ino)
         if start_id == 0:
             if not reply(token, b".", node.attr or self.attributes(node), 1):
                 return
@@ -556,6 +588,9 @@ class Operations(pyfuse3.Operations):
         # entries' made per call. What is left per entry is the reply and the count.
         names, dirs, inodes = listing.names, listing.dirs, self.generation.inodes
         lookups, held, attributes, packed = self.lookups, self.held, self.attributes, self._packed_attributes
+        if lean:
+            self._lean_entries(listing, start_id - 2, end - 2, token)
+            return
         for index in range(start_id - 2, end - 2):
             child = dirs.get(index)
             if child is not None:
@@ -567,6 +602,53 @@ class Operations(pyfuse3.Operations):
             if not reply(token, names[index], packed(listing, index), index + 3):
                 return
             inodes.count(listing.inos[index], listing, index)
+
+    def _lean_entries(self, listing: Children, start: int, stop: int, token: Any) -> None:
+        """Reply *listing*[start:stop] without attributes, but for subdirectories.
+
+        Nothing is counted: the kernel takes no reference to an entry with node id 0.
+        """
+        names, dirs, extras, inos = listing.names, listing.dirs, listing.extras, listing.inos
+        reply, reply_name, attributes, lookups, held = (
+            self.kernel.readdir_reply, self.kernel.readdir_reply_name, self.attributes, self.lookups, self.held)
+        assert reply_name is not None  # lean listings are on only with it
+        for index in range(start, stop):
+            child = dirs.get(index)
+            if child is not None:
+                if not reply(token, names[index], child.attr or attributes(child), index + 3):
+                    return
+                lookups[child.ino] += 1
+                held[child.ino] = child
+                continue
+            extra = extras.get(index)
+            mode = _S_IFREG if extra is None else fmt.KIND_IFMT[extra.kind]
+            if not reply_name(token, names[index], inos[index], mode, index + 3):
+                return
+
+    def _attribute_reader(self, pid: int) -> None:
+        """*pid* looked up a name that a lean listing gave it: it reads attributes.
+
+        Its listings carry them from now on. The listings the kernel keeps from lean
+        replies are dropped, so that this reader, walking a tree a name walk has listed,
+        gets them again with attributes instead of one LOOKUP per entry.
+        """
+        readers = self.attribute_readers
+        readers[pid] = None
+        if len(readers) > ATTRIBUTE_READERS_MAX:
+            readers.popitem(last=False)
+        dirs, self.lean_listed = self.lean_listed, set()
+        self.listed_by_kernel.difference_update(dirs)
+        # Before the reply, so the reader's next listing is already one with attributes.
+        # Inline: an inode invalidation takes no lock a waiting request holds (unlike an
+        # entry's, which takes the directory's), and costs a few µs each.
+        self._invalidate_listings(dirs)
+
+    def _invalidate_listings(self, dirs: set[int]) -> None:
+        for ino in dirs:
+            try:
+                self.kernel.invalidate_inode(ino)
+            except OSError as exc:
+                log.debug("invalidate_inode(%d): %s", ino, exc)
 
     @_boundary
     async def releasedir(self, fh: int, inode: int = 0) -> None:

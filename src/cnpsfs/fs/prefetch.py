@@ -367,6 +367,8 @@ class Prefetcher:
     def _warm_kernel(self, batch: list[_Job]) -> tuple[int, int, int]:
         """On a worker: the lookups and page stores of *batch*; (paths looked up, files and bytes stored)."""
         assert self.push_to is not None
+        # Listings for this thread carry attributes (the program will stat what it lists).
+        self.ops.own_tids.add(threading.get_native_id())
         root = os.fsencode(self.push_to)
         looked = files = pushed = 0
         kernel_has = self.ops.kernel_has
