@@ -53,12 +53,18 @@ import trio
 
 log = logging.getLogger("hellofs")
 
-MODES = ("classic", "cachedir", "noopen")
+MODES = ("classic", "cachedir", "noopen", "names")
 EXTENSION_MODES = ("cachedir", "noopen")
+#: "names": classic, but listings carry names only (patch 0003, readdir_reply_name).
 TIMEOUT = 300.0
 MTIME_NS = 1_700_000_000 * 10**9
 
 ROOT = pyfuse3.ROOT_INODE
+
+
+def has_reply_name() -> bool:
+    """True if the installed pyfuse3 has readdir_reply_name (patch 0003)."""
+    return getattr(pyfuse3, "READDIR_REPLY_NAME", 0) >= 1
 
 
 def has_extensions() -> bool:
@@ -132,6 +138,7 @@ class HelloOps(pyfuse3.Operations):
         self.read_calls: list[tuple[int, int]] = []
         self.fh_calls: collections.defaultdict[str, list[tuple[int, int]]] = collections.defaultdict(list)
         self.readdir_inodes: list[int] = []
+        self.readdir_pids: list[int] = []
         self.inode_mismatches = 0
         self.handles: dict[int, int] = {}
         self._next_fh = 1
@@ -268,6 +275,12 @@ class HelloOps(pyfuse3.Operations):
         inode = self._check_inode(fh, inode)
         self.readdir_inodes.append(inode)
         entries = sorted(self._node(inode).children.items())
+        if self.mode == "names":
+            self.readdir_pids.append(token.pid)
+            for i, (name, child) in enumerate(entries[start_id:], start_id):
+                if not pyfuse3.readdir_reply_name(token, name, child, self.tree.nodes[child].mode, i + 1):
+                    break
+            return
         for i, (name, child) in enumerate(entries[start_id:], start_id):
             if not pyfuse3.readdir_reply(token, name, self._attr(self.tree.nodes[child]), i + 1):
                 break
@@ -307,6 +320,7 @@ class Control:
                 "read_calls": self.ops.read_calls[-1000:],
                 "fh_calls": {k: v[-1000:] for k, v in self.ops.fh_calls.items()},
                 "readdir_inodes": self.ops.readdir_inodes[-1000:],
+                "readdir_pids": self.ops.readdir_pids[-1000:],
                 "inode_mismatches": self.ops.inode_mismatches,
                 "open_handles": len(self.ops.handles),
                 "capabilities": self.ops.capabilities,
@@ -398,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     faulthandler.register(signal.SIGUSR1)
     if args.mode in EXTENSION_MODES and not has_extensions():
         sys.exit(f"hellofs: mode {args.mode} needs pyfuse3 with KERNEL_CACHE_EXTENSIONS")
+    if args.mode == "names" and not has_reply_name():
+        sys.exit("hellofs: mode names needs pyfuse3 with READDIR_REPLY_NAME")
 
     ops = HelloOps(Tree(), args.mode)
     options = set(pyfuse3.default_options)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import os
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -352,3 +353,30 @@ def test_invalidate_inode_refreshes_cached_symlink(fresh: hellofs.HelloMount) ->
     assert os.readlink(link) == "d/a.txt"
     assert read_file(link) == EXPECTED["d/a.txt"]
     assert delta(fresh, before)["readlink"] >= 1
+
+
+# ---------------------------------------------------------------- listings without attributes (0003)
+
+
+@pytest.fixture(scope="module")
+def names(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hellofs.HelloMount]:
+    if not hellofs.has_reply_name():
+        pytest.skip("needs READDIR_REPLY_NAME (patch 0003)")
+    yield from _mount(tmp_path_factory.mktemp("names"), "names")
+
+
+def test_names_only_listing_gives_names_types_and_inodes_without_lookups(names: hellofs.HelloMount) -> None:
+    """readdir_reply_name: getdents sees the name, d_ino and d_type; the kernel links
+    nothing, so a stat afterwards is a LOOKUP; ReaddirToken.pid is the reader's."""
+    before = names.counts()
+    with os.scandir(names.mountpoint / "d") as it:
+        seen = {entry.name: (entry.inode(), entry.is_dir(follow_symlinks=False),
+                             entry.is_file(follow_symlinks=False)) for entry in it}
+    after = delta(names, before)
+    assert sorted(seen) == ["a.txt", "b.txt"]
+    assert all(is_file and not is_dir and ino > 0 for ino, is_dir, is_file in seen.values())
+    assert after["lookup"] == 1  # d itself; none for the entries listed
+    assert names.call("stats")["readdir_pids"][-1] == threading.get_native_id()
+    st = os.stat(names.mountpoint / "d" / "a.txt")
+    assert st.st_ino == seen["a.txt"][0] and st.st_size == len(EXPECTED["d/a.txt"])
+    assert delta(names, before)["lookup"] == 2  # the stat asked: the listing linked nothing
