@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -158,11 +159,12 @@ def test_record_then_a_cold_mount_with_the_profile_reads_less(world: World, moun
         expected = run_script(mnt)
         without = mnt.requests()["read"] - before["read"]
     assert expected.splitlines() == printed
-    # Cold, with it: the replay finishes, then the same program.
+    # Cold, with it: the replay finishes (--wait-prefetch: before the mount returns), then the same program.
     drop_caches()
-    with mount_image(world.store, "example.org/app@1", mountpoint) as mnt:
-        state = wait_until(lambda: prefetch_settled(mnt), timeout=PREFETCH_TIMEOUT, what="the prefetch to end")
+    with mount_image(world.store, "example.org/app@1", mountpoint, args=["--wait-prefetch=60"]) as mnt:
+        state = mnt.status()["prefetch"]
         assert state["state"] == "done" and state["digest"] == digest, state
+        assert state["first_push_seconds"] is not None and state["planned_bytes"] > 0
         assert state["walked"] == state["entries"] and state["missing"] == 0 and state["pushed_files"] > 100
         before = mnt.requests()
         assert run_script(mnt) == expected
@@ -254,7 +256,11 @@ def test_prefetch_during_live_upgrades(world: World, mountpoint: Path) -> None:
 
 def test_unmount_during_prefetch(world: World, mountpoint: Path) -> None:
     world.attach("example.org/up@1", every_file_profile(world.source, world.digests["example.org/up@1"]))
-    with mount_image(world.store, "example.org/up@1", mountpoint, allow_log=[CAPPED]) as mnt:
+    # --wait-prefetch is bounded: a replay longer than it goes on after the mount returns.
+    late = "WARNING: the replay did not end within --wait-prefetch's 0.05 s: the mount is ready, the replay goes on"
+    with mount_image(world.store, "example.org/up@1", mountpoint, allow_log=[CAPPED, re.escape(late)],
+                     args=["--wait-prefetch=0.05"]) as mnt:
+        assert late in mnt.log()
         assert wait_until(lambda: mnt.status()["prefetch"]["state"] == "running", timeout=30,
                           what="the prefetch to start")
         started = time.monotonic()

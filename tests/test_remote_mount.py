@@ -318,6 +318,40 @@ def test_latency_parallel_fetches_and_merged_ranges(source: SourceStore, served:
           f"({blocks} blocks in {requests} requests)")
 
 
+def test_a_profile_replay_fetches_its_blocks_at_once(source: SourceStore, fault_proxy: type[FaultProxy],
+                                                     tmp_path: Path) -> None:
+    """A lazy mount replaying a profile over a 20 ms remote: the replay tells the store where
+    every block of the profile is as soon as it plans it, so the blocks come in parallel,
+    merged, not one round trip at a time in program order; python then reads from the kernel."""
+    mnt_dir = tmp_path / "mnt"
+    with mount_image(source.path, IMAGE_V2, mnt_dir, args=["--no-prefetch"]) as mnt:
+        # Named, not "default": the module's other mounts of this source must not replay it.
+        source.cli.ok("profile", "record", mnt.mountpoint, "--name", "python", "--", "chroot", mnt.mountpoint,
+                      "python3", "-c", PYTHON_CODE, env=CHROOT_ENV)
+    remote = tmp_path / "remote"
+    source.cli.ok("push", IMAGE_V2, f"file://{remote}")
+    server = start_nginx(remote, tmp_path / "nginx", server_conf=NGINX_REMOTE_CONF)
+    try:
+        proxy = fault_proxy(server.url)
+        proxy.request_delay = 0.020
+        args = ["--remote", proxy.url, "--profile", "python", "--wait-prefetch=60"]
+        with mount_image(tmp_path / "store", IMAGE_V2, mnt_dir, args=args) as mnt:
+            state = mnt.status()["prefetch"]  # --wait-prefetch: the replay ended before the mount returned
+            assert state["state"] == "done" and state["hinted"] > 0 and state["pushed_files"] > 50, state
+            replayed = remote_counters(mnt)
+            assert replayed["range_requests"] < replayed["blocks"], replayed  # merged
+            assert proxy.max_in_flight >= 2  # in parallel
+            before = mnt.requests()
+            result = chroot(mnt.mountpoint, "python3", "-c", PYTHON_CODE)
+            assert result.returncode == 0, result.stderr
+            after = remote_counters(mnt)
+            reads = mnt.requests()["read"] - before["read"]
+            assert after["blocks"] - replayed["blocks"] <= 2, (replayed, after)  # the replay fetched what python read
+            assert reads <= 10, reads
+    finally:
+        stop_process(server.proc)
+
+
 # --------------------------------------------------------------------------- crashes and the bound
 
 

@@ -30,6 +30,8 @@ from cnpsfs.fs.options import (
     FUSE_MODES,
     PREFETCH_MIB_RANGE,
     THREADS_RANGE,
+    WAIT_PREFETCH_DEFAULT,
+    WAIT_PREFETCH_RANGE,
     MountOptions,
 )
 
@@ -65,11 +67,16 @@ from cnpsfs.fs.options import (
 @click.option("--no-prefetch", is_flag=True, help="Replay no profile (for measuring and debugging).")
 @click.option("--prefetch-mib", type=click.IntRange(*PREFETCH_MIB_RANGE), default=None, metavar="MIB",
               help="Stop a replay after MIB of pages (default: a quarter of the available memory).")
+@click.option("--wait-prefetch", type=click.FloatRange(*WAIT_PREFETCH_RANGE), is_flag=False,
+              flag_value=WAIT_PREFETCH_DEFAULT, default=None, metavar="SECONDS",
+              help="Return only once the profile's replay is done, or after SECONDS (alone: "
+                   f"{WAIT_PREFETCH_DEFAULT:.0f}). Default: return as soon as the mount answers, the replay "
+                   "going on in the background.")
 @pass_app
 def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other: bool, fuse_mode: str,
               threads: int, cache_mib: int, upperdir: str | None, allow_downgrade: bool, init_layer: bool,
               init_dirs: tuple[str, ...], profile_name: str | None, no_prefetch: bool,
-              prefetch_mib: int | None) -> str | None:
+              prefetch_mib: int | None, wait_prefetch: float | None) -> str | None:
     """Mount the image REF (or a manifest file) read-only at MOUNTPOINT.
 
     Returns once the mount answers, with the daemon in the background (its log and
@@ -84,7 +91,9 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     The image's prefetch profile (`cnpsfs profile record`) is replayed in the
     background, on mount and after every live upgrade: directories composed, chunks
     decoded and verified, pages stored in the kernel's cache, always after the
-    program's own requests (`cnpsfs status` shows the progress and the hits).
+    program's own requests (`cnpsfs status` shows the progress and the hits). The
+    replay starts while the mount comes up and the mount returns without waiting for
+    it, unless --wait-prefetch is given.
     """
     from cnpsfs.fs.mounting import mount_image, serve_image
     from cnpsfs.image.initlayer import CONTAINER_FILES, CONTAINER_TMPFS, check_destination
@@ -100,7 +109,7 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     options = MountOptions(allow_other=allow_other, use_extensions=fuse_mode == "auto", threads=threads,
                            cache_mib=cache_mib, writable=upperdir, init_layer=init,
                            init_files=CONTAINER_FILES if init is not None else (), prefetch=not no_prefetch,
-                           profile=profile_name, prefetch_mib=prefetch_mib)
+                           profile=profile_name, prefetch_mib=prefetch_mib, wait_prefetch=wait_prefetch)
     trust = app.checker()
     if foreground:
         serve_image(app.store(), ref, mountpoint, options, trust=trust, allow_downgrade=allow_downgrade)

@@ -92,6 +92,8 @@ class MountService:
     prefetch_runs: collections.deque[Prefetcher] = field(default_factory=lambda: collections.deque(maxlen=8))
     prefetch_note: str = "not started"
     _prefetch_scope: trio.CancelScope | None = None
+    _prefetch_done: trio.Event | None = None  # set when the replay started last ends
+    _serving: trio.Event = field(default_factory=trio.Event)  # the mount answers: pushes may go through it
     # A profile being recorded (`cnpsfs profile record`), and the task that ends it on time.
     recording: ProfileRecorder | None = None
     _recording_scope: trio.CancelScope | None = None
@@ -175,15 +177,19 @@ class MountService:
                 nursery.cancel_scope.cancel()  # the kernel ended the session (unmounted)
 
             nursery.start_soon(serve)
+            # The replay's store work (the profile, its directories, its blocks) needs no
+            # kernel: it starts now, while the mount is proven; its pushes wait for that.
+            self._start_prefetch()
             # Prove the mount answers before telling anyone it is ready.
             st = await trio.to_thread.run_sync(os.stat, self.mountpoint)
             self.device = st.st_dev
             await trio.to_thread.run_sync(_raise_readahead, st.st_dev)
+            self._serving.set()
+            await self._wait_for_prefetch()
             # On a thread: a writable mount's overlayfs looks up our root while mounting.
             await trio.to_thread.run_sync(on_ready)
             self.ready = True
             self.notifier.ready(self.status_line())
-            self._start_prefetch()
             if self.notifier.watchdog_interval is not None:
                 nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
 
@@ -404,7 +410,8 @@ class MountService:
         else:
             self.prefetch_note = "loading the profile"
             scope = self._prefetch_scope = trio.CancelScope()
-            self._nursery.start_soon(self._prefetch, scope, self.ops.generation, self.profile_subject)
+            done = self._prefetch_done = trio.Event()
+            self._nursery.start_soon(self._prefetch, scope, done, self.ops.generation, self.profile_subject)
             return
         log.debug("no prefetch for generation %d: %s", self.ops.generation.number, self.prefetch_note)
 
@@ -415,7 +422,8 @@ class MountService:
 
         return profile_subject(self.image, self.image_digest)
 
-    async def _prefetch(self, scope: trio.CancelScope, generation: Generation, image: bytes) -> None:
+    async def _prefetch(self, scope: trio.CancelScope, done: trio.Event, generation: Generation, image: bytes
+                        ) -> None:
         name = self.options.profile or fmt.DEFAULT_PROFILE
         try:
             with scope:
@@ -423,12 +431,36 @@ class MountService:
         finally:
             if self._prefetch_scope is scope:
                 self._prefetch_scope = None
+            done.set()
+
+    async def _wait_for_prefetch(self) -> None:
+        """``--wait-prefetch``: before saying the mount is ready, give the first replay up to
+        that many seconds to finish (by default the mount is ready as soon as it answers:
+        a profile is advice, and a replay that is late costs time, not correctness)."""
+        seconds = self.options.wait_prefetch
+        done = self._prefetch_done
+        if not seconds or done is None:
+            return
+        started = time.monotonic()
+        with trio.move_on_after(seconds):
+            await done.wait()
+        waited = time.monotonic() - started
+        if done.is_set():
+            log.info("waited %.3f s for the replay before reporting the mount ready (--wait-prefetch)", waited)
+        else:
+            log.warning("the replay did not end within --wait-prefetch's %g s: the mount is ready, the replay goes on",
+                     seconds)
 
     async def _replay(self, generation: Generation, image: bytes, name: str) -> None:
         from cnpsfs.image.profiles import find_profile
 
         assert self.ops is not None
-        chosen, malformed = await trio.to_thread.run_sync(find_profile, self.store, image, name)
+        try:
+            chosen, malformed = await trio.to_thread.run_sync(find_profile, self.store, image, name)
+        except (CnpsfsError, OSError) as exc:  # the store cannot say: advice not taken, the mount goes on
+            self.prefetch_note = f"the profiles could not be read: {exc}"
+            log.warning("no prefetch for generation %d: %s", generation.number, self.prefetch_note)
+            return
         for bad in malformed:
             log.warning("profile %s of image %s is unusable, ignored: %s", fmt.format_digest(bad.digest)[:23],
                         fmt.format_digest(image)[:23], bad.error)
@@ -446,7 +478,8 @@ class MountService:
         mib = self.options.prefetch_mib
         self.prefetcher = Prefetcher(self.ops, generation, profile, chosen.digest,
                                      budget_bytes=mib << 20 if mib is not None else None,
-                                     push_to=self.mountpoint if self.options.prefetch_pages else None)
+                                     push_to=self.mountpoint if self.options.prefetch_pages else None,
+                                     serving=self._serving)
         self.prefetch_runs.append(self.prefetcher)
         self.prefetch_note = ""
         await self.prefetcher.run()

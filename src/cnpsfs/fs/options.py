@@ -17,6 +17,9 @@ THREADS_RANGE = (1, 64)
 DEFAULT_CACHE_MIB = 128
 CACHE_MIB_RANGE = (8, 1 << 20)
 PREFETCH_MIB_RANGE = (1, 1 << 20)
+#: ``--wait-prefetch`` without a value, and the longest it may be given (seconds).
+WAIT_PREFETCH_DEFAULT = 10.0
+WAIT_PREFETCH_RANGE = (0.0, 60.0)  # well under READY_TIMEOUT
 #: "auto" uses the kernel-cache extensions when the installed pyfuse3 has them.
 FUSE_MODES = ("auto", "stock")
 #: How long ``mount`` waits for the daemon to report that the mount answers.
@@ -46,6 +49,8 @@ class MountOptions:
     profile: str | None = None  # which profile (--profile NAME, which must exist); None: "default" if any
     prefetch_pages: bool = PREFETCH_PAGES
     prefetch_mib: int | None = None  # stop a replay after this much (--prefetch-mib); None: fs/prefetch.py's shares
+    #: Before reporting ready, wait up to this many seconds for the first replay (--wait-prefetch); None: do not wait.
+    wait_prefetch: float | None = None
 
     @property
     def cache_bytes(self) -> int:

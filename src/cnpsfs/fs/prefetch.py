@@ -27,10 +27,11 @@ numbers), so pages pushed for an inode are right for every generation that shows
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -48,9 +49,11 @@ log = logging.getLogger(__name__)
 
 #: Worker threads of a prefetch (its own limiter; the mount's demand workers stay free).
 PREFETCH_THREADS = 2
-#: Tasks loading chunk batches at once, and batches queued between the walk and them.
+#: Tasks loading chunk batches at once (in profile order); a remote-backed mount waits on
+#: the network more than on a CPU, so there they are as many as its requests in flight.
 FETCHERS = 2
-PIPELINE = 4
+#: Batches the walk may plan ahead of the loads (each up to BATCH_BYTES of ranges).
+AHEAD = 16
 #: A batch is sent to the fetchers once it names this many chunks or bytes of ranges, or
 #: holds this many paths: large enough that a batch's blocks load in parallel and its
 #: lookups take one worker call, small enough to stop near the budget.
@@ -100,23 +103,45 @@ class _Lookup:
 _Job = _FileJob | _Lookup
 
 
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """Jobs of consecutive profile entries, and the chunks they need that were not cached."""
+
+    jobs: list[_Job]
+    digests: list[bytes]
+    loaded: trio.Event = field(default_factory=trio.Event)
+
+
 class Prefetcher:
     """One replay of one profile for one generation of a mount."""
 
     def __init__(self, ops: Operations, generation: Generation, profile: fmt.Profile, digest: bytes, *,
                  threads: int = PREFETCH_THREADS, budget_bytes: int | None = None, nodes_max: int = NODES_MAX,
-                 push_to: str | None = None) -> None:
+                 push_to: str | None = None, serving: trio.Event | None = None) -> None:
         self.ops = ops
         self.generation = generation
         self.profile = profile
         self.digest = digest
-        self.limiter = trio.CapacityLimiter(threads)
+        remotes = getattr(ops.store, "remotes", None) or ()
+        self.fetchers = max(FETCHERS, min(threads * 4, sum(getattr(r, "parallel", 0) for r in remotes)))
+        # A worker loading a remote block mostly waits for it: one per fetcher there.
+        self.limiter = trio.CapacityLimiter(max(threads, self.fetchers) if remotes else threads)
+        self._push_limiter = trio.CapacityLimiter(1)  # pushes in order, beside the loads
         if budget_bytes is None:
             budget_bytes = int(available_memory() * MEMORY_SHARE) if push_to is not None \
                 else int(ops.fetcher.cache.capacity * CACHE_SHARE)
         self.budget = budget_bytes
         self.nodes_max = nodes_max
         self.push_to = push_to  # the mountpoint, to push pages into the kernel's cache; None: chunk cache only
+        # Set once the mount answers: the replay may start before (its store work does not
+        # need the kernel), its pushes go through the mount and wait for it.
+        self.serving = serving
+        self._hints: list[bytes] | None = [] if remotes else None
+        self._hint_more = trio.Event()
+        self._walk_done = False
+        self.hinted = 0  # chunks whose blocks were hinted to the store ahead of their loads
+        self.planned = 0  # bytes of file ranges the walk planned
+        self.first_push: float | None = None  # seconds from the start to the first batch in the kernel
         self.scope = trio.CancelScope()
         self.state = "running"
         self.reason = ""
@@ -179,16 +204,36 @@ class Prefetcher:
         self._report()
 
     async def _run(self) -> None:
-        send, receive = trio.open_memory_channel[list[_Job]](PIPELINE)
+        # Stages that do not wait for each other's round trips: the walk plans batches in
+        # profile order, running ahead of the loads (up to AHEAD batches); on a remote-backed
+        # mount the hinter tells the store at once where every planned batch's blocks are,
+        # and the remote starts fetching them all, merged and in parallel as its pool
+        # allows; the fetchers load batches in order on the replay's workers; the pusher,
+        # once the mount serves, warms the kernel with each batch in order as soon as its
+        # chunks are loaded.
+        fetch_send, fetch_receive = trio.open_memory_channel[_Batch](AHEAD)
+        push_send, push_receive = trio.open_memory_channel[_Batch](math.inf)
         async with trio.open_nursery() as nursery:
-            for _ in range(FETCHERS):
-                nursery.start_soon(self._fetcher, receive.clone())
-            await receive.aclose()
-            async with send:
-                try:
-                    await self._walk(send)
-                except _Stop as stop:  # caught here: out of the nursery it would be a group
-                    self.state, self.reason = "stopped", str(stop)
+            for _ in range(self.fetchers):
+                nursery.start_soon(self._fetcher, fetch_receive.clone())
+            await fetch_receive.aclose()
+            if self.push_to is not None:
+                nursery.start_soon(self._pusher, push_receive)
+            else:
+                await push_receive.aclose()
+                push_send = None  # type: ignore[assignment]
+            if self._hints_wanted():
+                nursery.start_soon(self._hinter)
+            try:
+                async with fetch_send:
+                    await self._walk(fetch_send, push_send)
+            except _Stop as stop:  # caught here: out of the nursery it would be a group
+                self.state, self.reason = "stopped", str(stop)
+            finally:
+                if push_send is not None:
+                    await push_send.aclose()
+                self._hint_more.set()  # the hinter ends once it has seen the end
+                self._walk_done = True
 
     def _report(self) -> None:
         why = f" ({self.reason})" if self.reason else ""
@@ -211,6 +256,11 @@ class Prefetcher:
             return f"reached its share of the chunk cache, {self.budget / (1 << 20):.1f} MiB"
         return None
 
+    def _left_behind(self) -> bool:
+        """Whether what is still queued should be dropped: the budget is reached, or the
+        generation it was planned for is no longer the mount's."""
+        return bool(self._over_budget()) or self.ops.generation is not self.generation
+
     def _check_budget(self) -> None:
         over = self._over_budget()
         if over:
@@ -220,9 +270,20 @@ class Prefetcher:
         if self.ops.generation is not self.generation:
             raise _Stop("the mount swapped generations")
 
-    async def _walk(self, send: trio.MemorySendChannel[list[_Job]]) -> None:
-        batch: list[_Job] = []
-        chunks = size = 0
+    async def _walk(self, send: trio.MemorySendChannel[_Batch], push: trio.MemorySendChannel[_Batch] | None) -> None:
+        jobs: list[_Job] = []
+        digests: list[bytes] = []
+        size = 0
+
+        async def emit() -> None:
+            batch = _Batch(jobs, list(dict.fromkeys(digests)))
+            if push is not None:
+                push.send_nowait(batch)  # unbounded: the fetch channel bounds how far the walk runs ahead
+            if batch.digests and self._hints is not None:
+                self._hints.extend(batch.digests)
+                self._hint_more.set()
+            await send.send(batch)
+
         for entry in self.profile.entries:
             await self.ops.demand_quiet()
             await trio.lowlevel.checkpoint()  # inline steps must not hold the loop across entries
@@ -238,15 +299,16 @@ class Prefetcher:
             if node is None and entry.touch is not fmt.Touch.LOOKUP:  # an absent name is what a LOOKUP may record
                 self.missing += 1
             if job is not None:
-                batch.append(job)
+                jobs.append(job)
                 if isinstance(job, _FileJob):
-                    chunks += len(job.digests)
+                    digests.extend(job.digests)
                     size += sum(n for _o, n in job.spans)
-                if chunks >= BATCH_CHUNKS or size >= BATCH_BYTES or len(batch) >= BATCH_JOBS:
-                    await send.send(batch)
-                    batch, chunks, size = [], 0, 0
-        if batch:
-            await send.send(batch)
+                    self.planned += sum(n for _o, n in job.spans)
+                if len(digests) >= BATCH_CHUNKS or size >= BATCH_BYTES or len(jobs) >= BATCH_JOBS:
+                    await emit()
+                    jobs, digests, size = [], [], 0
+        if jobs:
+            await emit()
 
     async def _job(self, node: Node | None, entry: fmt.ProfileEntry) -> _Job | None:
         """What the fetchers do for *entry*: load a file's chunks (and store its pages), or
@@ -319,26 +381,70 @@ class Prefetcher:
             return None
         return _FileJob(node, emap, spans, digests)
 
-    async def _fetcher(self, receive: trio.MemoryReceiveChannel[list[_Job]]) -> None:
+    def _hints_wanted(self) -> bool:
+        """Hints pay where a block's load waits for something other than this process: a
+        remote's round trips. A local store's reads are the kernel's page cache or disk,
+        which the fetcher's own hint per batch already covers."""
+        return bool(getattr(self.ops.store, "remotes", None))
+
+    async def _hinter(self) -> None:
+        """Tell the store where the planned chunks are as soon as the walk plans them, all
+        of them in one call per wake-up, on a thread of its own (locating may read the index)."""
+        assert self._hints is not None
+        store = self.ops.store
+        limiter = trio.CapacityLimiter(1)
+
+        def hint(digests: list[bytes]) -> None:
+            store.prefetch(store.locate_many(digests).values())
+
+        while True:
+            await self._hint_more.wait()
+            self._hint_more = trio.Event()
+            todo, self._hints[:] = list(self._hints), []
+            cache = self.ops.fetcher.cache
+            todo = [d for d in todo if not cache.contains(d)]
+            if todo:
+                self.hinted += len(todo)
+                try:
+                    await trio.to_thread.run_sync(hint, todo, limiter=limiter)
+                except (CnpsfsError, OSError) as exc:  # the loads meet it again and report it
+                    log.debug("prefetch: blocks not hinted: %s", exc)
+            if self._walk_done and not self._hints:
+                return
+
+    async def _fetcher(self, receive: trio.MemoryReceiveChannel[_Batch]) -> None:
         async with receive:
             async for batch in receive:
-                if self._over_budget():
-                    continue  # the walk stops at its next entry; what is queued is dropped
-                await self.ops.demand_quiet()
-                cache = self.ops.fetcher.cache
-                todo = [d for d in dict.fromkeys(d for job in batch if isinstance(job, _FileJob) for d in job.digests)
-                        if not cache.contains(d)]
-                if todo:
-                    self.bytes += await self.ops.fetcher.fetch(todo, limiter=self.limiter)
-                    prefetched = self.ops.prefetched
-                    for digest in todo:
-                        if cache.contains(digest):
-                            if len(prefetched) < PREFETCHED_MAX:
-                                prefetched.add(digest)
-                            self.chunks += 1
-                if self.push_to is not None:
+                try:
+                    if self._left_behind():
+                        continue  # the walk stops at its next entry; what is queued is dropped
                     await self.ops.demand_quiet()
-                    await self._push(batch)
+                    cache = self.ops.fetcher.cache
+                    todo = [d for d in batch.digests if not cache.contains(d)]
+                    if todo:
+                        self.bytes += await self.ops.fetcher.fetch(todo, limiter=self.limiter)
+                        prefetched = self.ops.prefetched
+                        for digest in todo:
+                            if cache.contains(digest):
+                                if len(prefetched) < PREFETCHED_MAX:
+                                    prefetched.add(digest)
+                                self.chunks += 1
+                finally:
+                    batch.loaded.set()
+
+    async def _pusher(self, receive: trio.MemoryReceiveChannel[_Batch]) -> None:
+        """Warm the kernel with each batch, in profile order, once its chunks are loaded and
+        the mount serves (the lookups go through it)."""
+        async with receive:
+            async for batch in receive:
+                await batch.loaded.wait()
+                if self.serving is not None:
+                    await self.serving.wait()
+                if self._left_behind():
+                    continue
+                await self._push(batch.jobs)
+                if self.first_push is None:
+                    self.first_push = time.monotonic() - self.started
 
     # ------------------------------------------------------------------ the kernel's caches
 
@@ -355,7 +461,7 @@ class Prefetcher:
         with self._in_mount_lock:
             self._in_mount += 1
         try:
-            looked, files, pushed = await trio.to_thread.run_sync(self._warm_kernel, batch, limiter=self.limiter,
+            looked, files, pushed = await trio.to_thread.run_sync(self._warm_kernel, batch, limiter=self._push_limiter,
                                                                   abandon_on_cancel=True)
         except OSError as exc:
             log.debug("prefetch: the kernel's caches not warmed: %s", exc)
@@ -441,7 +547,8 @@ class Prefetcher:
                 "entries": len(self.profile.entries), "walked": self.walked, "missing": self.missing,
                 "errors": self.errors, "chunks": self.chunks, "bytes": self.bytes, "budget_bytes": self.budget,
                 "pushed_files": self.pushed_files, "pushed_bytes": self.pushed_bytes, "looked_up": self.looked_up,
-                "nodes": self.nodes,
+                "nodes": self.nodes, "planned_bytes": self.planned, "hinted": self.hinted,
+                "first_push_seconds": round(self.first_push, 3) if self.first_push is not None else None,
                 "seconds": round((self.ended or time.monotonic()) - self.started, 3)}
 
 
