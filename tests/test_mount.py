@@ -332,6 +332,9 @@ def test_warm_listdir_does_not_read_again(mnt: Mount) -> None:
     for _ in range(20):
         assert os.listdir(path) == want
     delta = _delta(mnt, before)
+    # A cache drop by another process (drop_caches) makes the kernel look the path itself
+    # (usr, lib) up again: that is the path walk, not the listing, which would be an entry each.
+    assert delta.pop("lookup", 0) <= 2, delta
     if mnt.mode == "auto":
         assert delta == {}, "cache_readdir + no-opendir: listings come from the kernel's cache"
     else:
