@@ -30,7 +30,6 @@ from cnpsfs.fs.options import (
     FUSE_MODES,
     PREFETCH_MIB_RANGE,
     THREADS_RANGE,
-    WAIT_PREFETCH_DEFAULT,
     WAIT_PREFETCH_RANGE,
     MountOptions,
 )
@@ -67,11 +66,9 @@ from cnpsfs.fs.options import (
 @click.option("--no-prefetch", is_flag=True, help="Replay no profile (for measuring and debugging).")
 @click.option("--prefetch-mib", type=click.IntRange(*PREFETCH_MIB_RANGE), default=None, metavar="MIB",
               help="Stop a replay after MIB of pages (default: a quarter of the available memory).")
-@click.option("--wait-prefetch", type=click.FloatRange(*WAIT_PREFETCH_RANGE), is_flag=False,
-              flag_value=WAIT_PREFETCH_DEFAULT, default=None, metavar="SECONDS",
-              help="Return only once the profile's replay is done, or after SECONDS (alone: "
-                   f"{WAIT_PREFETCH_DEFAULT:.0f}). Default: return as soon as the mount answers, the replay "
-                   "going on in the background.")
+@click.option("--wait-prefetch", type=click.FloatRange(*WAIT_PREFETCH_RANGE), default=None, metavar="SECONDS",
+              help="Return only once the profile's replay is done, or after SECONDS at most. Default: "
+                   "return as soon as the mount answers, the replay going on in the background.")
 @pass_app
 def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other: bool, fuse_mode: str,
               threads: int, cache_mib: int, upperdir: str | None, allow_downgrade: bool, init_layer: bool,

@@ -17,8 +17,7 @@ THREADS_RANGE = (1, 64)
 DEFAULT_CACHE_MIB = 128
 CACHE_MIB_RANGE = (8, 1 << 20)
 PREFETCH_MIB_RANGE = (1, 1 << 20)
-#: ``--wait-prefetch`` without a value, and the longest it may be given (seconds).
-WAIT_PREFETCH_DEFAULT = 10.0
+#: The longest ``--wait-prefetch`` may be given (seconds).
 WAIT_PREFETCH_RANGE = (0.0, 60.0)  # well under READY_TIMEOUT
 #: "auto" uses the kernel-cache extensions when the installed pyfuse3 has them.
 FUSE_MODES = ("auto", "stock")
