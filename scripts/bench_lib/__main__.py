@@ -18,7 +18,7 @@ from typing import Any
 
 from .build_section import build_table, run_build
 from .cnpsfs_cli import CnpsfsCli
-from .common import BenchError, du_bytes, exclusive_work_dir, require_root, umount_all_under
+from .common import BenchError, du_bytes, exclusive_work_dir, median, require_root, umount_all_under
 from .corpus import DEFAULT_CACHE, Corpus, ensure_corpus
 from .import_section import run_import
 from .mount_section import MEASURES, run_mount
@@ -170,6 +170,8 @@ def _run_sections(args: argparse.Namespace, started: float) -> tuple[list[str], 
         if table := requests_table(results):
             out += ["## cnpsfs FUSE requests per measure", "", table, ""]
         out += [f"- differs from native: {n}" for n in consistency_notes(results)]
+        out += [f"- {res.label}: mount time before {key} (cold), median {median(times) * 1000:.0f} ms of "
+                f"{len(times)}" for res in results for key, times in res.notes.get("profiled_mount_s", {}).items()]
     if "swap" in args.sections:
         swaps, swap_info = run_swap(args.work, max(args.reps, 5) if not args.quick else 1, cli)
         sections["swap"] = {"results": swaps, "info": swap_info,
