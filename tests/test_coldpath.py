@@ -39,6 +39,7 @@ from cnpsfs.errors import FormatError, MissingObjectError
 from cnpsfs.format.objects import _entry_fields
 from cnpsfs.fs.operations import Operations
 from cnpsfs.image.manifest import compose
+from cnpsfs.image.view import Generation
 from cnpsfs.store import LocalStore
 
 # --------------------------------------------------------------------------- decoding
@@ -203,6 +204,30 @@ def test_the_directory_decoder_agrees_with_the_reference_on_valid_and_mutated_ob
         assert fast == slow, data.hex()
         accepted += fast is not None
     assert len(objects) <= accepted < len(cases) // 2  # both outcomes exercised
+
+
+def test_a_directory_of_one_layer_composes_as_the_general_merge_does(world: World,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The packed composition of single-source directories (entries packed straight from
+    their CBOR maps) gives the same children, numbers, records and entries as the merge."""
+    fast = compose(world.store, world.v1)
+    fast_walk = [(path, node.ino, node.entry) for path, node in fast.walk()]
+    monkeypatch.setattr(Generation, "_single_source", lambda self, node: None)
+    slow = compose(world.store, world.v1)
+    slow_walk = [(path, node.ino, node.entry) for path, node in slow.walk()]
+    assert fast_walk == slow_walk
+    kinds = set()
+    for (path, _ino, entry), (_p, _i, _e) in zip(fast_walk, slow_walk, strict=True):
+        if entry.kind is not fmt.Kind.DIR:
+            continue
+        a, b = fast.resolve(b"/" + b"/".join(path)).children, slow.resolve(b"/" + b"/".join(path)).children
+        assert (a.names, list(a.inos), a.base, a.extras, sorted(a.dirs)) == (
+            b.names, list(b.inos), b.base, b.extras, sorted(b.dirs)), path
+        assert [a.packed_at(i) for i in range(len(a))] == [b.packed_at(i) for i in range(len(b))], path
+        assert [a.entry_at(i) for i in range(len(a))] == [b.entry_at(i) for i in range(len(b))], path
+        kinds.update(a.entry_at(i).kind for i in range(len(a)))
+        kinds.update("link" for i in range(len(a)) if a.entry_at(i).link)
+    assert {fmt.Kind.FILE, fmt.Kind.DIR, fmt.Kind.SYMLINK, "link"} <= kinds  # every path of the packing taken
 
 
 # --------------------------------------------------------------------------- READDIR and attributes

@@ -496,6 +496,10 @@ class ReadCountingStore:
         self.directories.append(digest)
         return self.inner.get_directory(digest)
 
+    def get_directory_items(self, digest: bytes) -> tuple[list[Any], bool]:
+        self.directories.append(digest)
+        return self.inner.get_directory_items(digest)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 

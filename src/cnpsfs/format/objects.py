@@ -623,6 +623,35 @@ def _fast_extents(raw: list[Any], size: int) -> tuple[Extent, ...] | None:
     return tuple(out) if total == size else None
 
 
+def plain_file_fields(raw: Any) -> tuple[bytes, int, int, int, bytes, int, int, bytes] | None:
+    """(name, mode, mtime_ns, size, chunk digest, offset, length, content hash) of an entry
+    that is a file of one chunk range (owner root, no xattrs, no hard link: most entries
+    of a tree), every check of :func:`entry_from_cbor` passed; None for anything else, which
+    :func:`entry_from_cbor` then decides (and names what is wrong).
+
+    For decoders that pack such entries without making an :class:`Entry` (a cold mount's
+    directories); :func:`entry_from_cbor` builds its own from it, so both accept the same.
+    """
+    if type(raw) is not dict or tuple(raw) != _SHAPE_FILE:
+        return None
+    name, kind_value, mode, mtime, size, extents, content_hash = raw.values()
+    if not (type(kind_value) is int and kind_value == 1 and type(size) is int and 0 < size < _I64
+            and type(content_hash) is bytes and len(content_hash) == DIGEST_SIZE
+            and type(extents) is list and len(extents) == 1):
+        return None
+    item = extents[0]
+    if type(item) is not list or len(item) != 3:
+        return None
+    digest, offset, length = item
+    if (type(digest) is bytes and len(digest) == DIGEST_SIZE and type(offset) is int and type(length) is int
+            and length == size and offset >= 0 and offset + length <= CHUNK_MAX
+            and type(name) is bytes and 0 < len(name) <= NAME_MAX and b"/" not in name and b"\0" not in name
+            and name not in _DOTS and type(mode) is int and 0 <= mode <= 0o7777
+            and type(mtime) is int and -_I64 <= mtime < _I64):
+        return name, mode, mtime, size, digest, offset, length, content_hash
+    return None
+
+
 def entry_from_cbor(raw: Any, *, root: bool = False) -> Entry:
     """An entry from its decoded CBOR map, every field checked.
 
@@ -634,6 +663,10 @@ def entry_from_cbor(raw: Any, *, root: bool = False) -> Entry:
     if type(raw) is not dict:
         raise FormatError("malformed directory entry: not a map")
     if not root:
+        plain = plain_file_fields(raw)
+        if plain is not None:  # most entries
+            return Entry(plain[0], _FILE, plain[1], 0, 0, plain[2], {}, plain[3], (_new_tuple(Extent, plain[4:7]),),
+                         None, b"", (0, 0), None, None, plain[7])
         # The three shapes nearly every entry has (a file with one or more inline
         # extents, a directory, a symlink; owner root, no xattrs, no hard link) are known
         # by their keys alone: the values then unpack in order, without a lookup each.
@@ -644,16 +677,7 @@ def entry_from_cbor(raw: Any, *, root: bool = False) -> Entry:
             if (type(kind_value) is int and kind_value == 1 and type(size) is int and 0 < size < _I64
                     and type(content_hash) is bytes and len(content_hash) == DIGEST_SIZE and type(extents) is list):
                 decoded: tuple[Extent, ...] | None = None
-                if len(extents) == 1:
-                    # One chunk range (most small files): _fast_extents' checks, without its loop.
-                    item = extents[0]
-                    if type(item) is list and len(item) == 3:
-                        digest, offset, length = item
-                        if (type(digest) is bytes and len(digest) == DIGEST_SIZE and type(offset) is int
-                                and type(length) is int and length == size and offset >= 0
-                                and offset + length <= CHUNK_MAX):
-                            decoded = (_new_tuple(Extent, item),)
-                elif 0 < len(extents) <= INLINE_EXTENTS_MAX:
+                if 0 < len(extents) <= INLINE_EXTENTS_MAX:  # one chunk range: plain_file_fields said no
                     decoded = _fast_extents(extents, size)
                 if decoded is not None:
                     shaped = Entry(name, _FILE, mode, 0, 0, mtime, {}, size, decoded, None, b"", (0, 0), None,
@@ -787,7 +811,10 @@ def _metadata(obj: dict[int, Any], key: int, what: str) -> dict[str, Any]:
     return value
 
 
-def decode_directory(data: bytes) -> Directory:
+def directory_items(data: bytes) -> tuple[list[Any], bool]:
+    """A directory object's entry maps, undecoded, and its opaque flag: the object's own
+    checks done. Each entry must still pass :func:`entry_from_cbor` (or
+    :func:`plain_file_fields`), and the names :func:`check_sorted_names`."""
     obj = _expect(decode_object(data), TYPE_DIR)
     entries = _field(obj, 2, list, "directory entries")
     if len(entries) > MAX_DIR_ENTRIES:
@@ -796,12 +823,21 @@ def decode_directory(data: bytes) -> Directory:
     opaque = obj.get(3, False)
     if type(opaque) is not bool:
         raise FormatError("directory opaque flag (key 3) is not a boolean")
-    decoded = list(map(entry_from_cbor, entries))
-    names = [e.name for e in decoded]
-    # Strictly increasing, pair by pair in C: sorted and without duplicates, as
-    # ``names == sorted(set(names))`` says, without building the set and the sorted copy.
+    return entries, opaque
+
+
+def check_sorted_names(names: list[bytes]) -> None:
+    """A directory's names, in object order, must be strictly increasing."""
+    # Pair by pair in C: sorted and without duplicates, as ``names == sorted(set(names))``
+    # says, without building the set and the sorted copy.
     if not all(map(lt, names, islice(names, 1, None))):
         raise FormatError("directory entries are not sorted by name, or a name appears twice")
+
+
+def decode_directory(data: bytes) -> Directory:
+    entries, opaque = directory_items(data)
+    decoded = list(map(entry_from_cbor, entries))
+    check_sorted_names([e.name for e in decoded])
     return Directory(decoded, opaque)
 
 

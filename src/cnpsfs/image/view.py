@@ -939,13 +939,17 @@ class Generation:
                 node.children = old.children
                 return node.children
             old_children = old.children if old is not None and old.is_dir else None
+            # Composed before and let go of: the same numbers again (the same composition).
+            base, kept = self.inodes.recall((node.path, signature(node, self.mode)))
+            if old_children is None and kept is None:
+                single = self._single_source(node)
+                if single is not None:
+                    return self._compose_single(node, single, base)
             merged = self._merge(node)
             names = sorted(merged)
             # The old directory's names, by index: the same list (the common case) needs no map.
             aligned = old_children is not None and old_children.names == names
             old_pos = old_children.positions() if old_children is not None and not aligned else None
-            # Composed before and let go of: the same numbers again (the same composition).
-            base, kept = self.inodes.recall((node.path, signature(node, self.mode)))
             inos = array("Q", bytes(8 * len(names))) if kept is None else kept
             recs = bytearray(_REC.size * len(names))
             extras: dict[int, fmt.Entry] = {}
@@ -1032,6 +1036,87 @@ class Generation:
             node.subdirs = len(dirs)
             node.children = children  # published last: readers see all or nothing
             return children
+
+    def _single_source(self, node: Node) -> Source | None:
+        """The one layer directory that makes *node*, read from the store, if that is all
+        there is to it (no merge, no group, nothing synthetic or held in memory)."""
+        if self._nested or len(node.sources) != 1:
+            return None
+        source = node.sources[0]
+        if source.synthetic is not None or source.layer.directories is not None or source.entry.tree is None:
+            return None
+        return source
+
+    def _compose_single(self, node: Node, source: Source, base: int) -> Children:
+        """:meth:`load_children` for a directory of one layer directory composed afresh
+        (most of a cold mount): its entries packed straight from the object's CBOR maps.
+
+        A file of one chunk range (most entries) goes from its map to its record without
+        an :class:`fmt.Entry` (:func:`fmt.plain_file_fields` makes every check
+        :func:`fmt.entry_from_cbor` would); anything else is decoded and placed as the
+        general path places it. The same children, numbers and checks as a merge of one
+        source: whiteouts dropped (nothing is below them), the opaque flag moot.
+        """
+        tree = source.entry.tree
+        assert tree is not None
+        raw_entries, _opaque = self.store.get_directory_items(tree)
+        size = _REC.size
+        recs = bytearray(size * len(raw_entries))
+        pack, plain, decode = _REC.pack_into, fmt.plain_file_fields, fmt.entry_from_cbor
+        every: list[bytes] = []  # in object order, whiteouts too: what the order check needs
+        names: list[bytes] = []
+        extras: dict[int, fmt.Entry] = {}
+        dirs: dict[int, Node] = {}
+        links: dict[int, int] = {}
+        files: list[int] = []
+        layer = source.layer
+        for raw in raw_entries:
+            fields = plain(raw)
+            if fields is not None:
+                name, mode, mtime, fsize, digest, offset, length, content_hash = fields
+                index = len(names)
+                pack(recs, index * size, _ONE_EXTENT, mode, 0, 0, mtime, fsize, offset, length, digest, content_hash)
+                every.append(name)
+                names.append(name)
+                files.append(index)
+                continue
+            entry = decode(raw)
+            name = entry.name
+            every.append(name)
+            kind = entry.kind
+            if kind is _WHITEOUT:
+                continue
+            index = len(names)
+            names.append(name)
+            if kind is _DIR:
+                path = (*node.path, name)
+                sources = [self._child_source(source, entry, path)]
+                child = Node(self.inodes.number(("d", path)), self._dir_metadata(sources, name), node.ino, path,
+                             None, sources)
+                dirs[index] = child
+                self.nodes[child.ino] = child
+            elif entry.link is not None:
+                links[index] = self.inodes.number(("l", layer.fileset, layer.at, entry.link[0], identity(entry)))
+                extras[index] = entry
+            else:
+                if not _pack_into(recs, index * size, entry):
+                    extras[index] = entry
+                files.append(index)
+        fmt.check_sorted_names(every)
+        if not base:
+            base = self.inodes.block(len(names))
+        inos = array("Q", range(base, base + len(names)))
+        for index, child in dirs.items():
+            inos[index] = child.ino
+        for index, ino in links.items():
+            inos[index] = ino
+        del recs[len(names) * size:]
+        children = Children(node.ino, node.path, base, names, inos, bytes(recs), extras, dirs, (layer,), None)
+        self.inodes.register(children)
+        self.entries += len(names)
+        node.subdirs = len(dirs)
+        node.children = children  # published last: readers see all or nothing
+        return children
 
     def _block_for(self, n: int, files: list[int], same: dict[int, int],
                    old: Children | None) -> tuple[int, Children | None]:

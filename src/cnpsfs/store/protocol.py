@@ -120,6 +120,10 @@ class Store(Protocol):
         ...
 
     def get_directory(self, digest: bytes) -> fmt.Directory: ...
+    def get_directory_items(self, digest: bytes) -> tuple[list[Any], bool]:
+        """A directory object's entry maps undecoded, and its opaque flag (fmt.directory_items)."""
+        ...
+
     def get_fileset(self, digest: bytes) -> fmt.FileSet: ...
     def get_image(self, digest: bytes) -> fmt.Image: ...
     def file_extents(self, entry: fmt.Entry) -> tuple[fmt.Extent, ...]: ...
@@ -226,6 +230,9 @@ class DecodedReads:
 
     def get_directory(self, digest: bytes) -> fmt.Directory:
         return fmt.decode_directory(self.get(digest))
+
+    def get_directory_items(self, digest: bytes) -> tuple[list[Any], bool]:
+        return fmt.directory_items(self.get(digest))
 
     def get_fileset(self, digest: bytes) -> fmt.FileSet:
         return fmt.decode_fileset(self.get(digest))
