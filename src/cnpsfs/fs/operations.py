@@ -586,11 +586,11 @@ class Operations(pyfuse3.Operations):
         # Directories' attributes are kept on their nodes; a plain file's are filled from
         # its packed record into one shared object (readdir_reply copies it), other
         # entries' made per call. What is left per entry is the reply and the count.
-        names, dirs, inodes = listing.names, listing.dirs, self.generation.inodes
+        # A lean listing (see lean_listings) replies files, symlinks and devices by name
+        # only, counting nothing: the kernel takes no reference to an entry with node id 0.
+        names, dirs, extras, inodes = listing.names, listing.dirs, listing.extras, self.generation.inodes
         lookups, held, attributes, packed = self.lookups, self.held, self.attributes, self._packed_attributes
-        if lean:
-            self._lean_entries(listing, start_id - 2, end - 2, token)
-            return
+        reply_name = self.kernel.readdir_reply_name
         for index in range(start_id - 2, end - 2):
             child = dirs.get(index)
             if child is not None:
@@ -599,31 +599,15 @@ class Operations(pyfuse3.Operations):
                 lookups[child.ino] += 1
                 held[child.ino] = child
                 continue
+            if lean and reply_name is not None:  # lean listings are on only with it
+                extra = extras.get(index)
+                mode = _S_IFREG if extra is None else fmt.KIND_IFMT[extra.kind]
+                if not reply_name(token, names[index], listing.inos[index], mode, index + 3):
+                    return
+                continue
             if not reply(token, names[index], packed(listing, index), index + 3):
                 return
             inodes.count(listing.inos[index], listing, index)
-
-    def _lean_entries(self, listing: Children, start: int, stop: int, token: Any) -> None:
-        """Reply *listing*[start:stop] without attributes, but for subdirectories.
-
-        Nothing is counted: the kernel takes no reference to an entry with node id 0.
-        """
-        names, dirs, extras, inos = listing.names, listing.dirs, listing.extras, listing.inos
-        reply, reply_name, attributes, lookups, held = (
-            self.kernel.readdir_reply, self.kernel.readdir_reply_name, self.attributes, self.lookups, self.held)
-        assert reply_name is not None  # lean listings are on only with it
-        for index in range(start, stop):
-            child = dirs.get(index)
-            if child is not None:
-                if not reply(token, names[index], child.attr or attributes(child), index + 3):
-                    return
-                lookups[child.ino] += 1
-                held[child.ino] = child
-                continue
-            extra = extras.get(index)
-            mode = _S_IFREG if extra is None else fmt.KIND_IFMT[extra.kind]
-            if not reply_name(token, names[index], inos[index], mode, index + 3):
-                return
 
     def _attribute_reader(self, pid: int) -> None:
         """*pid* looked up a name that a lean listing gave it: it reads attributes.
