@@ -161,6 +161,12 @@ class LatencyProxy:
             def log_message(self, *_args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                # As nginx and the registry do: without it each small response's body waits
+                # behind its headers for the client's delayed ACK (Nagle, up to 40 ms).
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def do_GET(self) -> None:
                 proxy._handle(self)
 
