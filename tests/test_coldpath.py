@@ -96,6 +96,13 @@ def test_the_fast_entry_decoder_agrees_with_the_field_by_field_one(raw: dict[int
     except FormatError:
         slow = None
     assert fast == slow, raw
+    # The packing decoder's fields (plain_file_fields): only for what the field-by-field
+    # decoder accepts as a file of one chunk range, and exactly its fields.
+    plain = fmt.plain_file_fields(raw)
+    if plain is not None:
+        assert slow is not None and slow.kind is fmt.Kind.FILE and slow.extents is not None, raw
+        assert (slow.uid, slow.gid, slow.xattrs, slow.link, slow.content) == (0, 0, {}, None, None), raw
+        assert plain == (slow.name, slow.mode, slow.mtime_ns, slow.size, *slow.extents[0], slow.hash), raw
 
 
 def test_a_directory_of_every_common_shape_decodes_as_encoded() -> None:
