@@ -479,13 +479,22 @@ class Fault:
         return re.search(self.path, path) is not None
 
 
+
+class ListeningServer(ThreadingHTTPServer):
+    """A threaded server with a listen backlog of a real server's size: the standard 5 drops
+    the SYNs of a client opening a dozen connections at once, which then wait 1 s to retry."""
+
+    request_queue_size = 128
+
+
 class FaultProxy:
     """A threaded HTTP reverse proxy on 127.0.0.1 in front of *upstream* (``http://HOST:PORT``).
 
     ``request_delay`` / ``connection_delay`` (seconds) simulate RTT (this kernel has no
     netem); ``bandwidth`` (bytes/s, shared by all connections) caps throughput. Faults are
     added with :meth:`add`. ``requests[(METHOD, PATH)]`` and ``bytes_sent[PATH]`` count what
-    was served; ``log`` lists (method, path, status, range) per request; ``connections`` counts
+    was served; ``log`` lists (method, path, status, range) per request, ``spans`` when each
+    began and ended (:meth:`rounds` counts the round trips in turn); ``connections`` counts
     TCP connections and ``max_in_flight`` the most requests served at once. :meth:`presign`
     turns blob GETs into 307 redirects to fake presigned storage URLs on ``localhost``.
     """
@@ -502,6 +511,8 @@ class FaultProxy:
         self.requests: Counter[tuple[str, str]] = Counter()
         self.bytes_sent: Counter[str] = Counter()
         self.log: list[tuple[str, str, int, str | None]] = []
+        #: (start, end, method, path, range) of every request served, in the order they ended.
+        self.spans: list[tuple[float, float, str, str, str | None]] = []
         self.connections = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -532,6 +543,7 @@ class FaultProxy:
                     time.sleep(proxy.connection_delay)
 
             def do_GET(self) -> None:
+                start = time.monotonic()
                 with proxy._lock:
                     proxy.in_flight += 1
                     proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
@@ -540,10 +552,12 @@ class FaultProxy:
                 finally:
                     with proxy._lock:
                         proxy.in_flight -= 1
+                        proxy.spans.append((start, time.monotonic(), self.command,
+                                            urllib.parse.urlsplit(self.path).path, self.headers.get("Range")))
 
             do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ListeningServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = int(self._httpd.server_address[1])
         self.host = f"127.0.0.1:{self.port}"
@@ -552,6 +566,18 @@ class FaultProxy:
         self._thread.start()
 
     # -- control
+
+    def rounds(self) -> int:
+        """Round trips one after the other among the requests served (:attr:`spans`): a
+        request's round is one more than that of the latest-rounded request that had ended
+        before it began. What a client's request count alone does not show: which requests
+        waited for others. Load-independent as long as requests issued together overlap."""
+        with self._lock:
+            spans = sorted(self.spans)
+        depth: list[int] = []
+        for start, _end, *_rest in spans:
+            depth.append(1 + max((d for (_s, e, *_r), d in zip(spans, depth, strict=False) if e <= start), default=0))
+        return max(depth, default=0)
 
     def add(self, action: str, **kw: Any) -> Fault:
         fault = Fault(action, **kw)
@@ -562,6 +588,7 @@ class FaultProxy:
     def clear(self) -> None:
         with self._lock:
             self.faults.clear()
+            self.spans.clear()
             self.requests.clear()
             self.bytes_sent.clear()
             self.log.clear()

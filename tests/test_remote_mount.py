@@ -352,6 +352,95 @@ def test_a_profile_replay_fetches_its_blocks_at_once(source: SourceStore, fault_
         stop_process(server.proc)
 
 
+
+def _mount_requests(proxy: FaultProxy) -> list[tuple[str, str | None]]:
+    return [(path, rng) for _s, _e, _m, path, rng in sorted(proxy.spans)]
+
+
+def test_a_lazy_mount_takes_two_rounds_after_the_tag(source: SourceStore, served: Restartable,
+                                                     fault_proxy: type[FaultProxy], remote_dir: Path,
+                                                     tmp_path: Path) -> None:
+    """At 20 ms RTT the mount's metadata comes in two rounds: the tag (beside the layout's
+    marker), then the index, every shard and the manifest's meta-ranges at once; nothing is
+    asked twice, and no lookup of the walk waits for the network. A remote pushed before
+    meta-ranges (the annotation removed), or whose annotation names the wrong bytes, still
+    mounts, verified, in one more round (the metadata blocks after the shards)."""
+    proxy = fault_proxy(served.url)
+    proxy.request_delay = 0.020
+    with mount_image(tmp_path / "store", IMAGE_V2, tmp_path / "mnt", args=["--remote", proxy.url, "--no-prefetch"]) \
+            as mnt:
+        requests = _mount_requests(proxy)
+        rounds = proxy.rounds()
+        counters = remote_counters(mnt)
+        assert len(set(requests)) == len(requests), requests  # nothing fetched twice
+        assert counters["early_runs"] > 0, counters  # the metadata blocks came from the meta-ranges
+        assert rounds <= 2, (rounds, requests)  # was 4: tag, index, shards, metadata blocks
+        before = len(proxy.spans)
+        walked = walk_lstat(mnt.mountpoint)
+        assert len(proxy.spans) == before  # every directory was fetched with the mount
+        assert len(walked) > 1000
+        result = chroot(mnt.mountpoint, "python3", "-c", PYTHON_CODE)
+        assert result.returncode == 0, result.stderr
+    print(f"mount at 20 ms: {len(requests)} requests in {rounds} rounds")
+
+    # The same remote as an older pusher wrote it (no annotation), and with one naming wrong bytes.
+    for variant in ("none", "wrong"):
+        old = tmp_path / f"remote-{variant}"
+        subprocess.run(["cp", "-a", str(remote_dir), str(old)], check=True)
+        for tag_file in (old / "tags").iterdir():
+            doc = json.loads(tag_file.read_bytes())
+            ranges = doc["annotations"].pop("org.cnpsfs.meta-ranges", None)
+            assert ranges, tag_file  # this push wrote them
+            if variant == "wrong":  # a pack's first bytes: not where the metadata blocks are
+                pack = next(layer for layer in doc["layers"] if layer["mediaType"].endswith("pack.v1"))
+                doc["annotations"]["org.cnpsfs.meta-ranges"] = f"{pack['digest']}@8+4096"
+            tag_file.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))
+        server = start_nginx(old, tmp_path / f"nginx-{variant}", server_conf=NGINX_REMOTE_CONF)
+        try:
+            proxy = fault_proxy(server.url)
+            proxy.request_delay = 0.020
+            with mount_image(tmp_path / f"store-{variant}", IMAGE_V2, tmp_path / "mnt",
+                             args=["--remote", proxy.url, "--no-prefetch"]) as mnt:
+                requests = _mount_requests(proxy)
+                rounds = proxy.rounds()
+                assert rounds <= 3, (variant, rounds, requests)  # the shards with the index still
+                assert remote_counters(mnt)["corrupt"] == 0
+                compare_mount(mnt.mountpoint, source.v2_tree)
+        finally:
+            stop_process(server.proc)
+        print(f"{variant}: {len(requests)} requests in {rounds} rounds")
+
+
+def test_a_corrupt_or_missing_index_blob_names_the_remote_and_the_blob(source: SourceStore, served: Restartable,
+                                                                      fault_proxy: type[FaultProxy],
+                                                                      tmp_path: Path) -> None:
+    """The index and the shards are fetched at once now: a bad one still fails the mount
+    with one line naming the remote and the blob, and nothing is mounted."""
+    from mountutil import cnpsfs, is_mounted
+
+    remote = RemoteSpec(name=served.url, urls=(served.url,)).open()
+    try:
+        index = remote.open_image(remote.resolve(IMAGE_V2))
+        shard = index.root.object_shards[0].blob.digest
+        index_blob = index.manifest.index.digest
+    finally:
+        remote.close()
+    for blob, action in ((shard, "flip"), (index_blob, "status")):
+        proxy = fault_proxy(served.url)
+        hexpart = blob.split(":", 1)[1]
+        if action == "flip":
+            proxy.add("flip", path=hexpart, times=None, at=20)
+        else:
+            proxy.add("status", path=hexpart, times=None, status=404)
+        (tmp_path / "mnt").mkdir(exist_ok=True)
+        result = cnpsfs("mount", "--remote", proxy.url, "--remote-timeout", "5", IMAGE_V2, tmp_path / "mnt",
+                        store=tmp_path / f"store-{action}")
+        assert result.returncode == 1, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert proxy.host in line and hexpart in line, result.stderr
+        assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+        assert not is_mounted(tmp_path / "mnt")
+
 # --------------------------------------------------------------------------- crashes and the bound
 
 

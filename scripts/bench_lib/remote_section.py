@@ -139,6 +139,14 @@ class Nginx:
         self.log.close()
 
 
+
+class ListeningServer(ThreadingHTTPServer):
+    """A threaded server with a listen backlog of a real server's size: the standard 5 drops
+    the SYNs of a client opening a dozen connections at once, which then wait 1 s to retry."""
+
+    request_queue_size = 128
+
+
 class LatencyProxy:
     """A reverse proxy adding *rtt* seconds to every request and counting the bytes it returns.
 
@@ -172,7 +180,7 @@ class LatencyProxy:
 
             do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ListeningServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.host = f"127.0.0.1:{self._server.server_address[1]}"
         self.url = f"http://{self.host}"

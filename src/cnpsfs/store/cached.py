@@ -200,7 +200,7 @@ class CachedStore(DecodedReads):
         unavailable: UnavailableError | None = None
         for remote in self.remotes:
             try:
-                digest = remote.resolve(ref, want=want)
+                digest = remote.resolve(ref, want=want, warm=True)
             except UnavailableError as exc:
                 unavailable = unavailable or exc
                 errors.append(str(exc))
@@ -225,8 +225,16 @@ class CachedStore(DecodedReads):
         image's metadata is a few per cent of it and lies in a few runs of blocks that
         merged Range requests fetch in parallel (:meth:`ImageIndex.preload`). Waits for
         them (bounded by the remote's timeout); a failure here is left for the read that
-        needs the block to report.
+        needs the block to report. The ranges the remote fetched ahead (the manifest's
+        meta-ranges, :meth:`RemoteStore.open_manifest`) serve these fetches, and are then
+        dropped.
         """
+        try:
+            self._warm_blocks(remote, digest)
+        finally:
+            remote.drop_early()
+
+    def _warm_blocks(self, remote: RemoteStore, digest: bytes) -> None:
         try:
             locs = remote.open_image(digest).preload()
         except CnpsfsError as exc:

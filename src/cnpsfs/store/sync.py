@@ -58,6 +58,7 @@ from cnpsfs.store.wire import (
     encode_index,
     encode_manifest,
     encode_shard,
+    meta_ranges,
     parse_ref_tag,
     ref_tag,
     sha256_name,
@@ -312,7 +313,8 @@ def push(local: LocalStore, ref: str, backend: Backend, *, name: str | None = No
             layers += [(MT_PACK, blob) for blob in index.blobs]
             pending = _pending_push(state_dir, remote_name, root)
             created = _created(pending)
-            manifest = encode_manifest(index_ref, layers, root, root_type, report.ref, created)
+            manifest = encode_manifest(index_ref, layers, root, root_type, report.ref, created,
+                                       meta_ranges(index, shard_blobs))
             if len(manifest) > MANIFEST_MAX:
                 raise CnpsfsError(f"{ref}: its manifest would be {len(manifest)} bytes ({len(layers)} blobs), more "
                                   f"than {MANIFEST_MAX}: push with a larger --pack-size")

@@ -53,6 +53,12 @@ MT_PACK = "application/vnd.cnpsfs.pack.v1"
 ANN_ROOT = "org.cnpsfs.root"
 ANN_REF = "org.cnpsfs.ref"
 ANN_CREATED = "org.opencontainers.image.created"
+#: Where the image's metadata blocks are (docs/format.md 3.5): advice that lets a mount fetch
+#: them in the same round as the image index instead of one round after its shards.
+ANN_META_RANGES = "org.cnpsfs.meta-ranges"
+#: A reader ignores a meta-ranges annotation with more ranges or bytes than this.
+META_RANGES_MAX = 256
+META_RANGES_BYTES_MAX = 32 << 20
 
 INDEX_TYPE = "cnpsfs/remote-index"
 SHARD_MAGIC = b"CNPSIS01"
@@ -76,6 +82,7 @@ _TAG_UNESCAPES = {v[1]: k for k, v in _TAG_ESCAPES.items()}
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST_TAG_RE = re.compile(r"blake3-([0-9a-f]{64})")
 _SHA256_RE = re.compile(r"sha256:([0-9a-f]{64})")
+_META_RANGE_RE = re.compile(r"(sha256:[0-9a-f]{64})@([0-9]{1,15})\+([0-9]{1,15})")
 
 
 # --------------------------------------------------------------------------- tags
@@ -359,12 +366,71 @@ class ManifestInfo:
     ref: str | None
     created: str | None
     layers: tuple[BlobRef, ...]
+    #: The layers whose media type is a shard's (the index says which kind each is).
+    shards: tuple[BlobRef, ...] = ()
+    #: ``org.cnpsfs.meta-ranges``, checked against the layers: (pack blob, offset, length); ()
+    #: when absent or not usable (it is advice: everything fetched is verified anyway).
+    meta_ranges: tuple[tuple[BlobRef, int, int], ...] = ()
+
+
+def encode_meta_ranges(ranges: Iterable[tuple[str, int, int]]) -> str:
+    """The ``org.cnpsfs.meta-ranges`` value: ``sha256:<hex>@OFFSET+LENGTH``, space-separated."""
+    return " ".join(f"{blob}@{offset}+{length}" for blob, offset, length in ranges)
+
+
+def decode_meta_ranges(text: Any, layers: Sequence[tuple[str, BlobRef]]) -> tuple[tuple[BlobRef, int, int], ...]:
+    """The ranges of a meta-ranges annotation, or () when it breaks a rule of docs/format.md 3.5."""
+    if not isinstance(text, str) or not text:
+        return ()
+    packs = {b.digest: b for mt, b in layers if mt == MT_PACK}
+    out: list[tuple[BlobRef, int, int]] = []
+    total = 0
+    for item in text.split(" "):
+        m = _META_RANGE_RE.fullmatch(item)
+        blob = packs.get(m.group(1)) if m else None
+        if m is None or blob is None:
+            return ()
+        offset, length = int(m.group(2)), int(m.group(3))
+        total += length
+        if length == 0 or offset + length > blob.size or len(out) >= META_RANGES_MAX or total > META_RANGES_BYTES_MAX:
+            return ()
+        out.append((blob, offset, length))
+    return tuple(out)
+
+
+def meta_ranges(index: IndexRoot, shard_blobs: Iterable[bytes], *, gap: int = 16 * 1024,
+                limit: int = 4 * 1024 * 1024) -> str | None:
+    """A pusher's ``org.cnpsfs.meta-ranges`` for *index*: every block holding an object (the
+    blocks its object shards name), as byte ranges of its packs, records less than *gap*
+    apart merged up to *limit* bytes a range; None when there are more ranges or bytes than
+    a reader takes (docs/format.md 3.5) or a shard is not among *shard_blobs*."""
+    by_digest = {sha256_name(data): data for data in shard_blobs}
+    numbers: set[int] = set()
+    for ref in index.object_shards:
+        data = by_digest.get(ref.blob.digest)
+        if data is None:
+            return None
+        numbers.update(row[0] for _digest, row in Shard(data, "the pushed index", index))
+    spans = sorted((index.blocks[n].blob, index.blocks[n].header, index.blocks[n].header + index.blocks[n].length)
+                   for n in numbers)
+    runs: list[list[int]] = []  # [blob number, start, end]
+    for blob, start, end in spans:
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == blob and start - last[2] <= gap and end - last[1] <= limit:
+            last[2] = max(last[2], end)
+        else:
+            runs.append([blob, start, end])
+    if not runs or len(runs) > META_RANGES_MAX or sum(e - s for _b, s, e in runs) > META_RANGES_BYTES_MAX:
+        return None
+    return encode_meta_ranges((index.blobs[b].digest, s, e - s) for b, s, e in runs)
 
 
 def encode_manifest(index: BlobRef, layers: Sequence[tuple[str, BlobRef]], root: bytes, root_type: int,
-                    ref: str | None, created: str | None) -> bytes:
+                    ref: str | None, created: str | None, meta_ranges: str | None = None) -> bytes:
     """The OCI image manifest of a pushed image: compact JSON, keys sorted."""
     annotations = {ANN_ROOT: fmt.format_digest(root)}
+    if meta_ranges:
+        annotations[ANN_META_RANGES] = meta_ranges
     if ref:
         annotations[ANN_REF] = ref
     if created:
@@ -401,6 +467,7 @@ def decode_manifest(data: bytes, where: str) -> ManifestInfo:
     if not isinstance(layers, list):
         raise bad("no layers")
     blobs = tuple(_descriptor(layer, bad) for layer in layers)
+    typed = [(layer.get("mediaType"), blob) for layer, blob in zip(layers, blobs, strict=True)]
     annotations = doc.get("annotations")
     if not isinstance(annotations, dict):
         raise bad("no annotations")
@@ -412,7 +479,9 @@ def decode_manifest(data: bytes, where: str) -> ManifestInfo:
     created = annotations.get(ANN_CREATED)
     root_type = T_IMAGE if doc["artifactType"] == ARTIFACT_IMAGE else T_FILESET
     return ManifestInfo(sha256_name(data), index, root, root_type, ref if isinstance(ref, str) else None,
-                        created if isinstance(created, str) else None, blobs)
+                        created if isinstance(created, str) else None, blobs,
+                        tuple(b for mt, b in typed if mt == MT_SHARD),
+                        decode_meta_ranges(annotations.get(ANN_META_RANGES), typed))
 
 
 def _descriptor(desc: Any, bad: Any) -> BlobRef:
