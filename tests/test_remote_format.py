@@ -182,3 +182,33 @@ def test_remotes_toml(tmp_path: Path) -> None:
     user.write_text('[remotes.bad]\nurl = "file:///x"\ntimeout = "3"\n')
     with pytest.raises(UsageError, match="timeout has the wrong type"):
         load_remotes([user])
+
+
+def test_meta_ranges_are_advice_checked_against_the_layers() -> None:
+    """docs/format.md 3.5: a usable org.cnpsfs.meta-ranges names pack layers, inside them,
+    within the bounds; any broken rule makes the whole annotation ignored, not the image."""
+    from cnpsfs.store.wire import META_RANGES_MAX, MT_PACK, MT_SHARD, encode_meta_ranges
+
+    pack, shard = BlobRef(sha256_name(b"p"), 5000), BlobRef(sha256_name(b"s"), 90)
+    layers = [(MT_SHARD, shard), (MT_PACK, pack)]
+    index = BlobRef(sha256_name(b"i"), 1)
+
+    def ranges(text: str | None) -> tuple[tuple[BlobRef, int, int], ...]:
+        data = encode_manifest(index, layers, b"\x07" * 32, T_IMAGE, None, None, text)
+        info = decode_manifest(data, "m")
+        assert info.shards == (shard,)
+        return info.meta_ranges
+
+    good = encode_meta_ranges([(pack.digest, 8, 100), (pack.digest, 4000, 1000)])
+    assert json.loads(encode_manifest(index, layers, b"\x07" * 32, T_IMAGE, None, None, good))["annotations"][
+        "org.cnpsfs.meta-ranges"] == f"{pack.digest}@8+100 {pack.digest}@4000+1000"
+    assert ranges(good) == ((pack, 8, 100), (pack, 4000, 1000))
+    assert ranges(None) == ()
+    for bad in (f"{pack.digest}@4000+1001",  # past the blob's end
+                f"{shard.digest}@0+10",  # not a pack layer
+                f"{sha256_name(b'x')}@0+10",  # not a layer at all
+                f"{pack.digest}@0+0",  # empty
+                f"{pack.digest}@8+100  {pack.digest}@200+1",  # two spaces
+                f"{pack.digest}:8-100",  # another syntax
+                " ".join([f"{pack.digest}@0+1"] * (META_RANGES_MAX + 1))):  # too many
+        assert ranges(bad) == (), bad
