@@ -229,6 +229,26 @@ def test_lazy_mount_from_the_registry(source: SourceStore, registry_repo: str, t
         assert counters["blocks"] > 0 and counters["errors"] == 0
 
 
+
+def test_a_lazy_mount_from_the_registry_takes_three_rounds(source: SourceStore, registry_repo: str,
+                                                          registry: RegistryServer, fault_proxy: type[FaultProxy],
+                                                          tmp_path: Path) -> None:
+    """The registry too: the client's /v2/ ping (it chooses the scheme and learns the
+    authentication, so it comes first), the manifest, then the config (the index), the shard
+    layers and the meta-ranges at once; nothing twice."""
+    proxy = fault_proxy(f"http://{registry.host}")
+    proxy.request_delay = 0.020
+    repo = registry_repo.replace(registry.host, proxy.host)
+    with mount_image(tmp_path / "store", IMAGE_V2, tmp_path / "mnt", args=["--remote", repo, "--no-prefetch"]) as mnt:
+        requests = _mount_requests(proxy)
+        rounds = proxy.rounds()
+        assert len(set(requests)) == len(requests), requests
+        assert requests[0] == ("/v2/", None)
+        assert rounds <= 3, (rounds, requests)  # was 5
+        assert remote_counters(mnt)["early_runs"] > 0
+        assert file_digest(mnt.mountpoint / "usr/bin/bash") == file_digest(source.v2_tree / "usr/bin/bash")
+    print(f"registry at 20 ms: {len(requests)} requests in {rounds} rounds")
+
 @pytest.fixture
 def own_registry(tmp_path: Path) -> Iterator[RegistryServer]:
     """A registry of this test's own: its blob files are shared by every repository in it."""
