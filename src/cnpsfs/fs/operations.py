@@ -454,7 +454,7 @@ class Operations(pyfuse3.Operations):
                 child = children.node_at(index) if index is not None else None
                 if child is not None and child.is_dir and child.children is None:
                     child = await self._children_loaded(child)  # its st_nlink counts its subdirectories
-        if parent.ino in self.lean_listed and self.lean_listings:
+        if parent.ino in self.lean_listed:  # filled only with lean listings on
             pid = getattr(ctx, "pid", 0)
             if pid not in self.attribute_readers and pid not in self.own_tids:
                 self._attribute_reader(pid)

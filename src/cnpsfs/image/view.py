@@ -990,7 +990,7 @@ class Generation:
                     self.nodes[child.ino] = child
                     continue
                 if entry.link is not None:
-                    inos[index] = self.inodes.number(("l", layer.fileset, layer.at, entry.link[0], identity(entry)))
+                    inos[index] = self._link_number(layer, entry)
                     extras[index] = entry
                     continue
                 packed = _pack_into(recs, index * size, entry)
@@ -1036,6 +1036,12 @@ class Generation:
             node.subdirs = len(dirs)
             node.children = children  # published last: readers see all or nothing
             return children
+
+    def _link_number(self, layer: LayerInfo, entry: fmt.Entry) -> int:
+        """The number of a FileSet's hard link group: the same in every directory that
+        lists one of its links (by the group's first path and the file's identity)."""
+        assert entry.link is not None
+        return self.inodes.number(("l", layer.fileset, layer.at, entry.link[0], identity(entry)))
 
     def _single_source(self, node: Node) -> Source | None:
         """The one layer directory that makes *node*, read from the store, if that is all
@@ -1096,7 +1102,7 @@ class Generation:
                 dirs[index] = child
                 self.nodes[child.ino] = child
             elif entry.link is not None:
-                links[index] = self.inodes.number(("l", layer.fileset, layer.at, entry.link[0], identity(entry)))
+                links[index] = self._link_number(layer, entry)
                 extras[index] = entry
             else:
                 if not _pack_into(recs, index * size, entry):
