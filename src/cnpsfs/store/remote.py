@@ -235,7 +235,7 @@ class ImageIndex:
         with lock:  # one load per shard however many threads miss it
             shard = self._shards.get(key)
             if shard is None:
-                ref = (self.root.chunk_shards if chunk else self.root.object_shards)[number].blob
+                ref = self._shard_ref(chunk, number)
                 started = self._started.pop(ref.digest, None)
                 data = started.result() if started is not None else self.remote.index_blob(ref, "index shard")
                 shard = Shard(data, f"{self.remote.name}: index shard {ref.digest}", self.root)
