@@ -136,6 +136,10 @@ class Prefetcher:
         # Set once the mount answers: the replay may start before (its store work does not
         # need the kernel), its pushes go through the mount and wait for it.
         self.serving = serving
+        # Chunks planned and not yet hinted to the store; None: no hinter. Hints pay where a
+        # block's load waits for something other than this process, a remote's round trips;
+        # a local store's reads are the page cache or disk, which the fetcher's own hint per
+        # batch already covers.
         self._hints: list[bytes] | None = [] if remotes else None
         self._hint_more = trio.Event()
         self._walk_done = False
@@ -222,7 +226,7 @@ class Prefetcher:
             else:
                 await push_receive.aclose()
                 push_send = None  # type: ignore[assignment]
-            if self._hints_wanted():
+            if self._hints is not None:
                 nursery.start_soon(self._hinter)
             try:
                 async with fetch_send:
@@ -380,12 +384,6 @@ class Prefetcher:
         if not digests and not self.push_to:
             return None
         return _FileJob(node, emap, spans, digests)
-
-    def _hints_wanted(self) -> bool:
-        """Hints pay where a block's load waits for something other than this process: a
-        remote's round trips. A local store's reads are the kernel's page cache or disk,
-        which the fetcher's own hint per batch already covers."""
-        return bool(getattr(self.ops.store, "remotes", None))
 
     async def _hinter(self) -> None:
         """Tell the store where the planned chunks are as soon as the walk plans them, all
