@@ -33,7 +33,7 @@ from mountutil import (
 
 from cnpsfs import format as fmt
 from cnpsfs.errors import MountpointBusyError
-from cnpsfs.fs.daemon import check_mountpoint
+from cnpsfs.fs.daemon import MountRecord, check_mountpoint
 from cnpsfs.image.manifest import compose, load_image
 from cnpsfs.store import LocalStore
 
@@ -234,6 +234,28 @@ def test_sigterm_unmounts(fault_store: Path, tmp_path: Path) -> None:
         assert cnpsfs("status", m.mountpoint).returncode != 0, "the record went with the daemon"
     finally:
         finish_mount(m)
+
+
+def test_unmount_leaves_no_runtime_files(fault_store: Path, tmp_path: Path) -> None:
+    """An unmounted mountpoint leaves nothing behind in the runtime directory, nor an empty log.
+
+    A log the daemon wrote to is kept (it says why a mount failed), one per mountpoint.
+    """
+    mountpoint = tmp_path / "mnt"
+    m = start_mount(fault_store, "example.org/faults-image@1", mountpoint)
+    record = MountRecord.path_for(str(mountpoint))
+    leftovers = [record, record.with_suffix(".lock"), record.with_suffix(".log")]
+    try:
+        assert cat(m / "etc/small") == FILES["etc/small"]
+        assert record.exists() and record.with_suffix(".lock").exists()
+    finally:
+        finish_mount(m)
+    logged = record.with_suffix(".log")
+    if logged.exists():  # the daemon logged something (a warning on this host): kept, and not empty
+        assert logged.stat().st_size > 0
+        leftovers.remove(logged)
+    assert [p for p in leftovers if p.exists()] == []
+    assert not any(p.name.startswith(record.stem) for p in record.parent.iterdir() if p.suffix != ".log")
 
 
 # --------------------------------------------------------------------------- refused mounts

@@ -122,8 +122,21 @@ class MountRecord:
         return cls(**data)
 
     def remove(self) -> None:
+        """Remove the record, and the log too when the daemon wrote nothing to it.
+
+        A log with lines in it is kept (it says why a mount failed or what it served), and
+        the next mount on the same mountpoint appends to it, so logs stay one per
+        mountpoint; empty ones would otherwise pile up, one per mountpoint ever used.
+        """
         with contextlib.suppress(FileNotFoundError):
             self.path_for(self.mountpoint).unlink()
+        _remove_if_empty(self.log_file)
+
+
+def _remove_if_empty(path: str) -> None:
+    with contextlib.suppress(OSError):
+        if path and os.stat(path).st_size == 0:
+            os.unlink(path)
 
 
 def lock_mountpoint(mountpoint: str) -> int:
@@ -204,6 +217,7 @@ def forget_dead_mounts(rt: Path | None = None) -> list[MountRecord]:
         if not attached:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+            _remove_if_empty(record.log_file)
             log.info("removed the record of %s: its daemon (pid %d) is gone", record.mountpoint, record.pid)
     return dead
 
