@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +257,31 @@ def test_unmount_leaves_no_runtime_files(fault_store: Path, tmp_path: Path) -> N
         leftovers.remove(logged)
     assert [p for p in leftovers if p.exists()] == []
     assert not any(p.name.startswith(record.stem) for p in record.parent.iterdir() if p.suffix != ".log")
+
+
+def test_refused_mount_leaves_no_lock_file(fault_store: Path, tmp_path: Path) -> None:
+    """A mount refused after taking the mountpoint's lock removes the lock file it made."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    lock = MountRecord.path_for(str(mountpoint)).with_suffix(".lock")
+    result = cnpsfs("mount", "example.org/no-such-image@1", mountpoint, store=fault_store)
+    assert result.returncode == 1 and "no-such-image" in result.stderr, result.stderr
+    assert not lock.exists()
+
+
+def test_daemon_ended_by_plain_umount_removes_its_lock_file(fault_store: Path, tmp_path: Path) -> None:
+    """A daemon whose mount was taken away by umount(8), not cnpsfs, still cleans up as it exits."""
+    mountpoint = tmp_path / "mnt"
+    m = start_mount(fault_store, "example.org/faults-image@1", mountpoint)
+    record = MountRecord.path_for(str(mountpoint))
+    try:
+        assert record.with_suffix(".lock").exists()
+        m.expect_exit = True
+        subprocess.run(["umount", str(mountpoint)], check=True, timeout=30)
+        wait_until(lambda: not pid_alive(m.pid), timeout=20, what="the daemon to exit after umount(8)")
+        assert not record.exists() and not record.with_suffix(".lock").exists()
+    finally:
+        finish_mount(m)
 
 
 # --------------------------------------------------------------------------- refused mounts

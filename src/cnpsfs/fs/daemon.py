@@ -172,6 +172,21 @@ def lock_mountpoint(mountpoint: str) -> int:
         os.close(fd)
 
 
+def unlock_mountpoint(fd: int, mountpoint: str) -> None:
+    """Let go of a mountpoint lock taken by :func:`lock_mountpoint`, removing its file first.
+
+    For the one holding it when it is done with the mountpoint (a mount that failed, a
+    daemon about to exit). Removing the file while still holding the lock is safe: a mount
+    that opened it meanwhile finds, once it gets the lock, that the path no longer names
+    the file it locked, and takes a new one.
+    """
+    path = runtime_dir() / f"{mount_key(os.path.realpath(mountpoint))}.lock"
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    os.close(fd)
+
+
 def _release_lock_file(real: str) -> None:
     """Remove a mountpoint's lock file when nobody holds it (after its daemon exited)."""
     path = runtime_dir() / f"{mount_key(real)}.lock"

@@ -70,8 +70,10 @@ def mount_image(store: HostedStore, ref: str, mountpoint: str, options: MountOpt
 
     try:
         pid = spawn_daemon(child, timeout=mount.options.ready_timeout)
-    finally:
-        os.close(mount.lock)  # the daemon holds its own copy of the mountpoint lock
+    except BaseException:
+        mount.unlock()  # the daemon is gone (spawn_daemon reaped it): nothing holds the mountpoint
+        raise
+    os.close(mount.lock)  # the daemon holds its own copy of the mountpoint lock
     mount.record.pid = pid
     return Mounted(mount.label, mount.record)
 
@@ -87,9 +89,11 @@ def serve_image(store: HostedStore, ref: str, mountpoint: str, options: MountOpt
     """
     mount = _Mount(store, ref, mountpoint, options or MountOptions(), trust, allow_downgrade)
     try:
-        mount.serve(on_ready or mount.log_ready)
+        mount.serve(on_ready or mount.log_ready)  # lets go of the mountpoint lock once unmounted
     finally:
-        os.close(mount.lock)
+        if mount.lock >= 0:  # still mounted, or serve failed before serving: the lock ends with us
+            os.close(mount.lock)
+            mount.lock = -1
 
 
 class _Mount:
@@ -100,12 +104,21 @@ class _Mount:
         from cnpsfs.fs.daemon import lock_mountpoint
 
         # Held until this process, or the daemon it forks, exits: one mount per directory.
+        self.mountpoint = mountpoint
         self.lock = lock_mountpoint(mountpoint)
         try:
             self._prepare(store, ref, mountpoint, options, trust, allow_downgrade)
         except BaseException:
-            os.close(self.lock)
+            self.unlock()
             raise
+
+    def unlock(self) -> None:
+        """Let go of the mountpoint lock and remove its file (once; nothing else holds it)."""
+        from cnpsfs.fs.daemon import unlock_mountpoint
+
+        if self.lock >= 0:
+            fd, self.lock = self.lock, -1
+            unlock_mountpoint(fd, self.mountpoint)
 
     def _prepare(self, store: HostedStore, ref: str, mountpoint: str, options: MountOptions, trust: Checker | None,
                  allow_downgrade: bool) -> None:
@@ -175,6 +188,8 @@ class _Mount:
             self.record.remove()
             unregister_roots(self.store, runtime=runtime)
             self.store.close()  # a remote-backed store commits the blocks it fetched last
+            if mounted_fstype(self.real) is None:
+                self.unlock()  # else (a mount left attached) the lock goes with the process
 
 
 def _check_profile(store: Store, image: fmt.Image, digest: bytes | None, name: str) -> None:
