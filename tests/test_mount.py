@@ -86,7 +86,8 @@ def test_status_names_the_fuse_mode(mnt: Mount) -> None:
     status = mnt.status()
     if mnt.mode == "auto":
         lean = "+lean-listings" if getattr(pyfuse3, "READDIR_REPLY_NAME", 0) else ""  # patch 0003
-        assert status["fuse_mode"] == "kernel-cache+no-open+no-opendir" + lean, status["fuse_mode"]
+        buffers = "+read-buffers" if getattr(pyfuse3, "READ_REPLY_BUFFERS", 0) else ""  # patch 0004
+        assert status["fuse_mode"] == "kernel-cache+no-open+no-opendir" + lean + buffers, status["fuse_mode"]
     else:
         assert status["fuse_mode"] == "stock"
     assert status["image"]["name"] == "example.org/synthetic-image"

@@ -206,11 +206,18 @@ async def lookup_path(ops: Operations, path: str) -> pyfuse3.EntryAttributes:
     return attr
 
 
+async def read(ops: Operations, fh: int, off: int, size: int) -> bytes:
+    """What the kernel gets for a READ: the reply's pieces joined (a list where the
+    operations reply from buffers, patch 0004)."""
+    reply = await ops.read(fh, off, size)
+    return reply if isinstance(reply, bytes) else b"".join(reply)
+
+
 async def read_all(ops: Operations, ino: int, size: int, piece: int = 128 * 1024) -> bytes:
     info = await ops.open(ino, os.O_RDONLY, CTX)
     out = []
     for off in range(0, size + 1, piece):
-        out.append(await ops.read(info.fh, off, piece))
+        out.append(await read(ops, info.fh, off, piece))
     await ops.release(info.fh)
     return b"".join(out)
 
@@ -283,9 +290,45 @@ def test_every_path_answers_as_the_source_tree(world: World) -> None:
         # A sparse file reads its hole as zeros and counts only its data in st_blocks.
         sparse = await lookup_path(ops, "usr/share/sparse")
         assert sparse.st_blocks * 512 < sparse.st_size / 4
-        assert await ops.read(sparse.st_ino, (1 << 20) - 2, 4) == bytes(4)
+        assert await read(ops, sparse.st_ino, (1 << 20) - 2, 4) == bytes(4)
         statfs = await ops.statfs(CTX)
         assert statfs.f_namemax == 255 and statfs.f_files == generation.entries + 1
+
+    run(operations(generation), check)
+
+
+@pytest.mark.parametrize("buffers", [True, False], ids=["buffers", "joined"])
+def test_a_read_replies_views_of_its_chunks_or_one_joined_buffer(world: World, buffers: bool) -> None:
+    """With replies from buffers (patch 0004) a READ returns its pieces as they are: the
+    cached chunk itself or a memoryview of it, never a copy; without, one bytes object.
+    Either way the bytes, across chunk boundaries and holes, are the file's."""
+    generation = compose(world.store, world.v1)
+    data = big(1, 1_300_000)
+
+    async def check(ops: Operations) -> None:
+        ops.read_buffers = buffers  # what a patched pyfuse3 (and auto mode) turns on
+        tool = await lookup_path(ops, "usr/bin/tool")
+        for off, size in ((0, 1 << 20), (100_000, 300_000), (len(data) - 5, 4096), (len(data), 10)):
+            reply = await ops.read(tool.st_ino, off, size)
+            if buffers:
+                assert isinstance(reply, list)
+                assert all(isinstance(p, bytes | memoryview) for p in reply)
+                got = b"".join(reply)
+            else:
+                assert isinstance(reply, bytes)
+                got = reply
+            assert got == data[off : off + size], (off, size)
+        if buffers:
+            reply = await ops.read(tool.st_ino, 0, 1 << 20)
+            assert isinstance(reply, list) and len(reply) > 1  # several chunks, not joined
+            cached = [ops.fetcher.cache.get(e.digest) for e, _i, _n in
+                      ops._emaps[tool.st_ino].pieces(0, 1 << 20)]
+            for piece, chunk in zip(reply, cached, strict=True):
+                base = piece.obj if isinstance(piece, memoryview) else piece
+                assert base is chunk or (isinstance(chunk, memoryview) and base is chunk.obj)
+        sparse = await lookup_path(ops, "usr/share/sparse")
+        assert await read(ops, sparse.st_ino, (1 << 20) - 2, 4) == bytes(4)
+        assert ops.mode.endswith("+read-buffers") == (buffers and ops.extensions)
 
     run(operations(generation), check)
 
@@ -327,9 +370,9 @@ def test_a_missing_chunk_is_eio_for_the_reads_that_need_it(world: World) -> None
     async def check(ops: Operations) -> None:
         tool = await lookup_path(ops, "usr/bin/tool")
         assert await fuse_errno(ops.read(tool.st_ino, start + 10, 4096)) == errno.EIO
-        assert await ops.read(tool.st_ino, 0, 4096) == big(1, 1_300_000)[:4096]  # the chunk before is fine
+        assert await read(ops, tool.st_ino, 0, 4096) == big(1, 1_300_000)[:4096]  # the chunk before is fine
         hostname = await lookup_path(ops, "etc/hostname")
-        assert await ops.read(hostname.st_ino, 0, 100) == b"inprocess\n"
+        assert await read(ops, hostname.st_ino, 0, 100) == b"inprocess\n"
 
     run(operations(generation), check)
 

@@ -28,6 +28,7 @@ from test_ops_inprocess import (
     lib_files,
     list_dir,
     lookup_path,
+    read,
     read_all,
     run,
     swapper,
@@ -86,8 +87,8 @@ async def workload(ops: Operations) -> dict[str, bytes]:
     doc = await lookup_path(ops, "usr/share/doc")
     await list_dir(ops, doc.st_ino)
     tool = await lookup_path(ops, "usr/bin/tool")
-    out["tool-head"] = await ops.read(tool.st_ino, 0, 256 << 10)
-    out["tool-mid"] = await ops.read(tool.st_ino, 640 << 10, 128 << 10)
+    out["tool-head"] = await read(ops, tool.st_ino, 0, 256 << 10)
+    out["tool-mid"] = await read(ops, tool.st_ino, 640 << 10, 128 << 10)
     lib = await lookup_path(ops, "usr/lib/libbig.so")
     out["libbig"] = await read_all(ops, lib.st_ino, lib.st_size)
     await ops.lookup((await lookup_path(ops, "etc")).st_ino, b"not-there", CTX)

@@ -15,6 +15,14 @@ Modes:
     ``opendir`` returns ``FileInfo(cache_readdir=True)``, symlink targets are
     cached, and handlers receive the inode next to the handle (which they check
     against the handle). Needs the patched pyfuse3.
+``buffers``
+    classic, but ``read`` returns its data as a list of pieces (memoryview
+    slices and bytes of varying sizes), replied by pyfuse3 with one gathered
+    write. Needs the patched pyfuse3 (READ_REPLY_BUFFERS, patch 0004). The
+    tree has three files more: ``big.bin`` (seeded random bytes, read in a
+    few large pieces), ``fine.bin`` (read in 16-byte pieces, more than
+    READ_REPLY_BUFFERS_MAX per read) and ``bad.bin`` (its read returns a
+    piece that is not a buffer).
 ``noopen``
     ``open`` and ``opendir`` raise ENOSYS so the kernel opens by itself, symlink
     targets are cached, and ``read``/``readdir`` find their inode in the extra
@@ -34,9 +42,11 @@ import argparse
 import collections
 import errno
 import faulthandler
+import itertools
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -53,9 +63,14 @@ import trio
 
 log = logging.getLogger("hellofs")
 
-MODES = ("classic", "cachedir", "noopen", "names")
+MODES = ("classic", "cachedir", "noopen", "names", "buffers")
 EXTENSION_MODES = ("cachedir", "noopen")
 #: "names": classic, but listings carry names only (patch 0003, readdir_reply_name).
+#: "buffers": classic, but read replies from a list of pieces (patch 0004, READ_REPLY_BUFFERS).
+BIG_SIZE = 3 * 1024 * 1024 + 12345
+FINE_SIZE = 200_000
+#: The lengths the pieces of a "buffers" reply cycle through (of big.bin).
+PIECES = (1, 4096, 17, 65536, 3, 100_000)
 TIMEOUT = 300.0
 MTIME_NS = 1_700_000_000 * 10**9
 
@@ -65,6 +80,20 @@ ROOT = pyfuse3.ROOT_INODE
 def has_reply_name() -> bool:
     """True if the installed pyfuse3 has readdir_reply_name (patch 0003)."""
     return getattr(pyfuse3, "READDIR_REPLY_NAME", 0) >= 1
+
+
+def has_read_buffers() -> bool:
+    """True if the installed pyfuse3 replies reads from a list of buffers (patch 0004)."""
+    return getattr(pyfuse3, "READ_REPLY_BUFFERS", 0) >= 1
+
+
+def big_data() -> bytes:
+    """big.bin's content: seeded, so a test process and the daemon agree on it."""
+    return random.Random(4).randbytes(BIG_SIZE)
+
+
+def fine_data() -> bytes:
+    return bytes(i * 7 % 251 for i in range(FINE_SIZE))
 
 
 def has_extensions() -> bool:
@@ -149,6 +178,12 @@ class HelloOps(pyfuse3.Operations):
         # (and are simply unused by stock pyfuse3, which does not know them).
         self.enable_cache_symlinks = mode in EXTENSION_MODES
         self.pass_inode_to_fh_handlers = mode in EXTENSION_MODES
+        self.buffer_replies = 0  # reads answered with a list of pieces ("buffers")
+        self.buffer_pieces = 0
+        if mode == "buffers":
+            tree.add(ROOT, b"big.bin", stat.S_IFREG | 0o644, big_data())
+            tree.add(ROOT, b"fine.bin", stat.S_IFREG | 0o644, fine_data())
+            tree.add(ROOT, b"bad.bin", stat.S_IFREG | 0o644, b"x" * 100)
 
     def init(self) -> None:
         if self.mode in EXTENSION_MODES:
@@ -225,10 +260,33 @@ class HelloOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSYS)
         return pyfuse3.FileInfo(fh=self._new_handle(inode), keep_cache=True)
 
-    async def read(self, fh: int, off: int, size: int, inode: int = 0) -> bytes:
+    async def read(self, fh: int, off: int, size: int, inode: int = 0) -> Any:
         self.counts["read"] += 1
         self.read_calls.append((fh, inode))
-        return self._node(self._check_inode(fh, inode)).data[off : off + size]
+        node = self._node(self._check_inode(fh, inode))
+        if self.mode != "buffers":
+            return node.data[off : off + size]
+        return self._pieces(node, off, size)
+
+    def _pieces(self, node: Node, off: int, size: int) -> list[Any]:
+        """The data in pieces: memoryview slices of the file and bytes copies, alternating."""
+        view = memoryview(node.data)[off : off + size]
+        name = next(k for k, v in self.tree.nodes[ROOT].children.items() if v == node.inode) \
+            if node.inode in self.tree.nodes[ROOT].children.values() else b""
+        if name == b"bad.bin":
+            return [view[:10], 42]
+        lengths = itertools.repeat(16) if name == b"fine.bin" else itertools.cycle(PIECES)
+        out: list[Any] = []
+        pos = 0
+        for i, length in enumerate(lengths):
+            if pos >= len(view):
+                break
+            piece = view[pos : pos + length]
+            out.append(piece if i % 2 == 0 else bytes(piece))
+            pos += length
+        self.buffer_replies += 1
+        self.buffer_pieces += len(out)
+        return out
 
     async def write(self, fh: int, off: int, buf: bytes, inode: int = 0) -> int:
         self.counts["write"] += 1
@@ -327,6 +385,8 @@ class Control:
                 "no_open": self.ops.no_open,
                 "no_opendir": self.ops.no_opendir,
                 "extensions": has_extensions(),
+                "buffer_replies": self.ops.buffer_replies,
+                "buffer_pieces": self.ops.buffer_pieces,
             }
         if op == "inode":
             return {"inode": self.tree.resolve(cmd["path"])}
@@ -414,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"hellofs: mode {args.mode} needs pyfuse3 with KERNEL_CACHE_EXTENSIONS")
     if args.mode == "names" and not has_reply_name():
         sys.exit("hellofs: mode names needs pyfuse3 with READDIR_REPLY_NAME")
+    if args.mode == "buffers" and not has_read_buffers():
+        sys.exit("hellofs: mode buffers needs pyfuse3 with READ_REPLY_BUFFERS")
 
     ops = HelloOps(Tree(), args.mode)
     options = set(pyfuse3.default_options)

@@ -10,6 +10,7 @@ scripts/install-pyfuse3 and skip on stock pyfuse3.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import re
 import threading
@@ -380,3 +381,58 @@ def test_names_only_listing_gives_names_types_and_inodes_without_lookups(names: 
     st = os.stat(names.mountpoint / "d" / "a.txt")
     assert st.st_ino == seen["a.txt"][0] and st.st_size == len(EXPECTED["d/a.txt"])
     assert delta(names, before)["lookup"] == 2  # the stat asked: the listing linked nothing
+
+
+# ---------------------------------------------------------------- read replies from buffers (0004)
+
+
+@pytest.fixture(scope="module")
+def buffers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[hellofs.HelloMount]:
+    if not hellofs.has_read_buffers():
+        pytest.skip("needs READ_REPLY_BUFFERS (patch 0004)")
+    yield from _mount(tmp_path_factory.mktemp("buffers"), "buffers")
+
+
+def test_read_replied_from_a_list_of_buffers_gives_the_bytes_in_order(buffers: hellofs.HelloMount) -> None:
+    """A read returning memoryview slices and bytes of mixed sizes reaches the reader whole
+    and in order, at every offset the kernel asks (fuse_reply_iov)."""
+    before = buffers.call("stats")
+    big = hellofs.big_data()
+    assert read_file(buffers.mountpoint / "big.bin") == big
+    with open(buffers.mountpoint / "big.bin", "rb", buffering=0) as fh:
+        for off, size in ((1, 5), (65535, 70000), (len(big) - 3, 100), (len(big), 10)):
+            assert os.pread(fh.fileno(), size, off) == big[off : off + size], (off, size)
+    assert read_file(buffers.mountpoint / "d" / "b.txt") == EXPECTED["d/b.txt"]
+    after = buffers.call("stats")
+    assert after["buffer_replies"] > before["buffer_replies"]
+    assert after["buffer_pieces"] - before["buffer_pieces"] > after["buffer_replies"] - before["buffer_replies"]
+
+
+def test_read_from_more_buffers_than_one_write_takes_is_joined(buffers: hellofs.HelloMount) -> None:
+    """More than READ_REPLY_BUFFERS_MAX pieces in one reply (16-byte pieces) still arrive."""
+    before = buffers.call("stats")
+    assert read_file(buffers.mountpoint / "fine.bin") == hellofs.fine_data()
+    after = buffers.call("stats")
+    replies = after["buffer_replies"] - before["buffer_replies"]
+    assert replies >= 1
+    assert (after["buffer_pieces"] - before["buffer_pieces"]) / replies > pyfuse3.READ_REPLY_BUFFERS_MAX
+
+
+def test_read_reply_with_a_piece_that_is_no_buffer_is_eio(tmp_path: Path) -> None:
+    """The reader gets an error at once (the kernel is not left waiting for a reply): EIO,
+    or ENOTCONN where the kernel retried the failed read-ahead as a smaller READ after the
+    TypeError had ended the daemon's main loop (as a read returning a non-buffer does in
+    stock pyfuse3)."""
+    if not hellofs.has_read_buffers():
+        pytest.skip("needs READ_REPLY_BUFFERS (patch 0004)")
+    mnt = hellofs.HelloMount(tmp_path / "mnt", "buffers", tmp_path)
+    mnt.start()
+    try:
+        with pytest.raises(OSError) as info:
+            read_file(mnt.mountpoint / "bad.bin")
+        assert info.value.errno in (errno.EIO, errno.ENOTCONN)
+        assert mnt.proc is not None
+        mnt.proc.wait(timeout=20)
+    finally:
+        mnt.stop()
+    assert "TypeError" in mnt.log()

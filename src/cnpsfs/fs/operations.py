@@ -60,6 +60,10 @@ HAVE_EXTENSIONS = bool(getattr(pyfuse3, "KERNEL_CACHE_EXTENSIONS", 0))
 HAVE_LEAN_LISTINGS = bool(getattr(pyfuse3, "READDIR_REPLY_NAME", 0))
 ATTRIBUTE_READERS_MAX = 256  # processes remembered as wanting attributes (an LRU)
 _READDIR_REPLY_NAME: Callable[[Any, bytes, int, int, int], bool] | None = getattr(pyfuse3, "readdir_reply_name", None)
+# Replies from buffers (patches/pyfuse3/0004): a READ answered with its chunks' slices as
+# they are, gathered by the kernel (fuse_reply_iov), not joined into a fresh buffer first.
+HAVE_READ_BUFFERS = bool(getattr(pyfuse3, "READ_REPLY_BUFFERS", 0))
+_ZEROS = bytes(1 << 20)  # a hole's piece of a reply is a slice of this, not a new buffer
 
 _H = TypeVar("_H", bound=Callable[..., Awaitable[Any]])
 
@@ -110,6 +114,8 @@ class Kernel:
     invalidate_entry: Callable[[int, bytes], None] = pyfuse3.invalidate_entry
     invalidate_inode: Callable[[int], None] = pyfuse3.invalidate_inode
     notify_store: Callable[[int, int, bytes], None] = pyfuse3.notify_store
+    #: ``read`` may return its pieces as a list (pyfuse3 replies them with one gathered write).
+    read_buffers: bool = HAVE_READ_BUFFERS
 
 
 class Operations(pyfuse3.Operations):
@@ -155,6 +161,10 @@ class Operations(pyfuse3.Operations):
         # READDIRPLUS_AUTO heuristic, decided per process. Subdirectories always carry
         # theirs (a walk descends into them).
         self.lean_listings = self.extensions and HAVE_LEAN_LISTINGS and self.kernel.readdir_reply_name is not None
+        # Replies from buffers: a READ returns the slices of its chunks (views, no copy) and
+        # pyfuse3 hands them to the kernel as one gathered write; without the patch (or in
+        # stock mode) they are joined into one reply, as pyfuse3 wants.
+        self.read_buffers = self.extensions and self.kernel.read_buffers
         self.attribute_readers: OrderedDict[int, None] = OrderedDict()
         self.lean_listed: set[int] = set()  # directories whose kernel listing left entries unlinked
         #: Thread ids of this daemon's own readers of the mount (the prefetch): they want
@@ -197,6 +207,8 @@ class Operations(pyfuse3.Operations):
             parts.append("no-opendir")
         if self.lean_listings:
             parts.append("lean-listings")
+        if self.read_buffers:
+            parts.append("read-buffers")
         return "+".join(parts)
 
     def node(self, ino: int) -> Node:
@@ -653,7 +665,8 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int, inode: int = 0) -> bytes:
+    async def read(self, fh: int, off: int, size: int,  # type: ignore[override]  # stock pyfuse3: -> bytes
+                   inode: int = 0) -> bytes | Sequence[bytes | memoryview]:
         self.requests["read"] += 1
         ino = fh or inode
         node = self.node(ino)
@@ -684,7 +697,7 @@ class Operations(pyfuse3.Operations):
                 if ext.digest in self.prefetched:
                     self.prefetched.discard(ext.digest)
                     self.prefetch_hits += 1
-        out = []
+        out: list[bytes | memoryview] = []
         if missing:
             self.demand_misses += len(missing)
             self._demand_begin()
@@ -693,11 +706,12 @@ class Operations(pyfuse3.Operations):
                 await self.fetcher.fetch(missing)  # their blocks in parallel, each once
             for ext, inner, n in pieces:
                 if ext.digest is None:
-                    out.append(bytes(n))
+                    out.append(memoryview(_ZEROS)[:n] if n <= len(_ZEROS) else bytes(n))
                     continue
                 chunk = await self.fetcher.get(ext.digest)
                 start = ext.offset + inner
-                piece = chunk[start : start + n]
+                # A view, not a copy: the reply is copied once, by the kernel (or the join).
+                piece = chunk if start == 0 and n == len(chunk) else memoryview(chunk)[start : start + n]
                 if len(piece) != n:
                     raise past_the_end(ext, len(chunk))
                 out.append(piece)
@@ -713,7 +727,9 @@ class Operations(pyfuse3.Operations):
             if ahead:
                 self.readahead_nursery.start_soon(self._prefetch, ahead)
         self._read_end[ino] = end
-        return b"".join(out) if len(out) != 1 else out[0]
+        if self.read_buffers:
+            return out
+        return out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
 
     @property
     def readahead_nursery(self) -> trio.Nursery | None:
