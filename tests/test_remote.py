@@ -13,6 +13,7 @@ import logging
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from cnpsfs.errors import CorruptObjectError, NotFoundError, UnavailableError
 from cnpsfs.store import LocalStore
 from cnpsfs.store.cached import CachedStore, cache_summary, evict
 from cnpsfs.store.maintenance import gc, reachable, verify
+from cnpsfs.store.protocol import T_IMAGE
 from cnpsfs.store.remote import RemoteStore
 from cnpsfs.store.remoteconf import RemoteSpec
 from cnpsfs.store.sync import pull
@@ -474,6 +476,52 @@ def test_resolving_preloads_every_shard_and_directory_in_a_few_round_trips(sourc
         assert len(proxy.log) == before, proxy.log[before:before + 5]  # everything came with the preload
     finally:
         cached.close()
+
+
+def test_a_lookup_begun_ahead_is_taken_by_resolve_without_asking_again(source: SourceStore, served: str,
+                                                                        fault_proxy: type[FaultProxy],
+                                                                        tmp_path: Path) -> None:
+    """What ``cnpsfs mount --remote`` does before its imports: resolve_ahead returns at once
+    while the tag, the index, the shards and the meta-ranges come in on a thread; resolve
+    then takes that answer, with no request and no round trip of its own. A failure there
+    is resolve's; a tag the local store has asks nothing; close waits for the thread."""
+    delay = 0.3
+    proxy = fault_proxy(served)
+    proxy.request_delay = delay
+    local = LocalStore(tmp_path / "store", create=True)
+    remote = remote_store(proxy.url, tmp_path / "store" / "remote")
+    cached = CachedStore(local, [remote])
+    try:
+        start = time.monotonic()
+        cached.resolve_ahead(IMAGE_V2)
+        assert time.monotonic() - start < delay  # nothing waited for
+        deadline = time.monotonic() + 30
+        while any(t.name == "cnpsfs-resolve" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        served_ahead = len(proxy.log)
+        assert served_ahead >= 3, proxy.log  # the tag, the index, the shards (and the meta-ranges)
+        start = time.monotonic()
+        root = cached.resolve(IMAGE_V2)
+        assert time.monotonic() - start < delay, "resolve waited for a round trip"
+        cached.get_image(root)  # in the cache: its block came with the meta-ranges
+        assert len(proxy.log) == served_ahead, proxy.log[served_ahead:]
+        whole = [path for method, path, _status, rng in proxy.log if method == "GET" and not rng]
+        assert len(whole) == len(set(whole)), whole  # the tag and each index blob once
+
+        cached.resolve_ahead("example.org/nothing@1")  # a failure is resolve's, as it would have been
+        with pytest.raises(NotFoundError, match=r"example\.org/nothing@1"):
+            cached.resolve("example.org/nothing@1")
+
+        before = len(proxy.log)
+        local.set_tag("example.org/here", "1", T_IMAGE, root)
+        cached.resolve_ahead("example.org/here@1")  # the local store has it: nothing asked
+        assert cached.resolve("example.org/here@1") == root
+        assert len(proxy.log) == before
+
+        cached.resolve_ahead(IMAGE_V1)  # never taken: close waits for it
+    finally:
+        cached.close()
+    assert not any(t.name == "cnpsfs-resolve" for t in threading.enumerate())
 
 
 def test_closing_fails_fetches_still_queued(source: SourceStore, served: str, fault_proxy: type[FaultProxy],

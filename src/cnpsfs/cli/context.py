@@ -68,6 +68,17 @@ class App:
                 self._store = local
         return self._store
 
+    def resolve_ahead(self, ref: str) -> None:
+        """With ``--remote``: open the store now and begin looking *ref* up in the remote, so
+        its round trips overlap what the command does before it needs the answer (a lazy
+        mount: importing and preparing its daemon). Nothing without remotes."""
+        if self.remotes:
+            from cnpsfs.store.cached import CachedStore
+
+            store = self.store()
+            if isinstance(store, CachedStore):
+                store.resolve_ahead(ref)
+
     def local_store(self) -> LocalStore:
         """The store on this host itself (a cached store's local part): what df and verify inspect."""
         from cnpsfs.store import LocalStore

@@ -92,9 +92,6 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
     replay starts while the mount comes up and the mount returns without waiting for
     it, unless --wait-prefetch is given.
     """
-    from cnpsfs.fs.mounting import mount_image, serve_image
-    from cnpsfs.image.initlayer import CONTAINER_FILES, CONTAINER_TMPFS, check_destination
-
     if profile_name is not None:
         if no_prefetch:
             raise UsageError("--profile and --no-prefetch exclude each other")
@@ -102,6 +99,14 @@ def mount_cmd(app: App, ref: str, mountpoint: str, foreground: bool, allow_other
             fmt.check_profile_name(profile_name)
         except CnpsfsError as exc:
             raise UsageError(str(exc)) from None
+    if app.remotes:
+        from cnpsfs.image.manifest import looks_like_file
+
+        if not looks_like_file(ref):
+            app.resolve_ahead(ref)  # the remote's round trips overlap the imports below
+    from cnpsfs.fs.mounting import mount_image, serve_image
+    from cnpsfs.image.initlayer import CONTAINER_FILES, CONTAINER_TMPFS, check_destination
+
     init = (*CONTAINER_TMPFS, *(check_destination(d) for d in init_dirs)) if init_layer or init_dirs else None
     options = MountOptions(allow_other=allow_other, use_extensions=fuse_mode == "auto", threads=threads,
                            cache_mib=cache_mib, writable=upperdir, init_layer=init,

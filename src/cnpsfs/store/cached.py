@@ -195,6 +195,24 @@ class CachedStore(DecodedReads):
         # of every network error below (and confuse what their root cause was).
         return self._resolve_remote(ref, want, local_error)
 
+    def resolve_ahead(self, ref: str) -> None:
+        """Begin looking tag *ref* up in the first remote when the local store has no such tag.
+
+        A lazy mount calls this as soon as it has its store, so the remote's round trips
+        run while it imports and prepares its daemon; its :meth:`resolve` then finds the
+        answers there (:meth:`RemoteStore.resolve_ahead`). The local check runs here, on
+        the caller's thread and connection: a tag this store has needs no network.
+        """
+        if not self.remotes or ref.startswith(fmt.DIGEST_PREFIX):
+            return
+        name, _, version = ref.partition("@")
+        try:
+            if self.local.index.tag(name, version or None) is not None:
+                return
+        except CnpsfsError:
+            return  # resolve() reports it
+        self.remotes[0].resolve_ahead(ref)
+
     def _resolve_remote(self, ref: str, want: int | None, local_error: NotFoundError | None) -> bytes:
         errors: list[str] = []
         unavailable: UnavailableError | None = None

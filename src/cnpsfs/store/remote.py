@@ -348,6 +348,8 @@ class RemoteStore(DecodedReads):
         self._early: dict[str, list[tuple[int, int, concurrent.futures.Future[bytes]]]] = {}
         #: NAME and VERSION of the tag the last :meth:`resolve` went through (None for a digest).
         self.last_ref: tuple[str, str] | None = None
+        #: Lookups begun by :meth:`resolve_ahead`, by reference: the thread and its answer.
+        self._ahead: dict[str, tuple[threading.Thread, concurrent.futures.Future[bytes]]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -355,7 +357,16 @@ class RemoteStore(DecodedReads):
         return f"RemoteStore({self.name!r})"
 
     def close(self) -> None:
-        """Release connections and threads; the store stays usable (they are made again on demand)."""
+        """Release connections and threads; the store stays usable (they are made again on demand).
+
+        A lookup begun by :meth:`resolve_ahead` and never asked for is waited for first (it
+        ends within the remote's timeout): no thread of ours may outlive this, since a
+        mount forks its daemon right after.
+        """
+        with self._lock:
+            ahead, self._ahead = list(self._ahead.values()), {}
+        for thread, _answer in ahead:
+            thread.join()
         with self._lock:
             pools, self._pool, self._index_pool = (self._pool, self._index_pool), None, None
         for pool in pools:
@@ -532,6 +543,11 @@ class RemoteStore(DecodedReads):
         are fetched in parallel with the index itself, so the mount's metadata takes one
         round after the tag instead of three (docs/format.md 3.7).
         """
+        manifest = decode_manifest(data, f"{self.name}: {what}")
+        with self._lock:
+            known = self._indexes.get(manifest.root)
+        if known is not None and known.manifest == manifest:
+            return known  # read already (a second resolve of the same tag)
         index = self.read_manifest(data, what, warm=warm)
         with self._lock:
             return self._indexes.setdefault(index.digest, index)
@@ -589,11 +605,46 @@ class RemoteStore(DecodedReads):
 
     # ------------------------------------------------------------------ names
 
+    def resolve_ahead(self, ref: str) -> None:
+        """Begin ``resolve(ref, warm=True)`` on a thread of its own; :meth:`resolve` takes its answer.
+
+        What a lazy mount does first, so the tag, the index, its shards and the meta-ranges
+        are on their way while the command still imports and prepares the daemon's modules
+        (hundreds of milliseconds of a cold start; the lookup is two or three round trips).
+        The thread does network and state-directory work only, never the local store's
+        SQLite (connections must not cross the daemon's fork); :meth:`close` waits for it.
+        """
+        answer: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+        def work() -> None:
+            try:
+                answer.set_result(self.resolve(ref, warm=True))
+            except BaseException as exc:  # handed to whoever resolves ref next
+                answer.set_exception(exc)
+
+        thread = threading.Thread(target=work, name="cnpsfs-resolve", daemon=True)
+        with self._lock:
+            if ref in self._ahead:
+                return
+            self._ahead[ref] = (thread, answer)
+        thread.start()
+
     def resolve(self, ref: str, *, want: int | None = None, warm: bool = False) -> bytes:
         """A reference's digest on this remote (``blake3:<hex>``, ``NAME@VERSION`` or ``NAME``).
 
-        *warm*: see :meth:`open_manifest`.
+        *warm*: see :meth:`open_manifest`. A lookup of *ref* begun by :meth:`resolve_ahead`
+        is waited for, and its failure is this call's; its answers (the tag's manifest, the
+        index) are then reused, not fetched again.
         """
+        with self._lock:
+            ahead = self._ahead.get(ref)
+            if ahead is not None and ahead[0] is not threading.current_thread():  # not the lookup itself
+                del self._ahead[ref]
+            else:
+                ahead = None
+        if ahead is not None:
+            ahead[0].join()
+            ahead[1].result()
         if ref.startswith(fmt.DIGEST_PREFIX):
             hexpart = ref[len(fmt.DIGEST_PREFIX):].lower()
             if len(hexpart) != 64:
