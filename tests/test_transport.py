@@ -258,7 +258,7 @@ def test_credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 def test_push_pull_roundtrip(registry: RegistryServer, tmp_path: Path) -> None:
     c = client(registry)
     digest, blobs = push_image(c, "v1")
-    assert c.base_url == f"http://{registry.host}"  # loopback: plain HTTP after https failed
+    assert c.base_url == f"http://{registry.host}"  # loopback: plain HTTP, tried first
     m = c.get_manifest("v1")
     assert m.digest == digest and m.media_type == OCI_MANIFEST
     assert c.get_manifest(digest).data == m.data
@@ -357,10 +357,26 @@ def test_plain_http_policy(registry: RegistryServer) -> None:
     one_line(info.value, "registry.example", "plain HTTP")
     # tls_verify=False allows plain HTTP for any host.
     RegistryClient("registry.example", "x", scheme="http", session=Session(HttpConfig(tls_verify=False)))
-    # A loopback registry that does not speak TLS: https is tried first, then http.
+    # A loopback registry that does not speak TLS: plain http is tried first, and answers.
     c = client(registry)
     c.ping()
     assert c.base_url.startswith("http://")
+
+
+def test_a_loopback_registry_is_pinged_over_plain_http_first(registry: RegistryServer, fault_proxy: Any,
+                                                             tls_registry: RegistryServer) -> None:
+    """One request, one connection, no TLS attempt before it (what a lazy mount from a local
+    registry pays before its first manifest); a loopback TLS registry still gets https,
+    after its 400 to the plain request."""
+    proxy = fault_proxy(registry.url)
+    c = client(proxy)
+    c.ping()
+    assert c.base_url == f"http://{proxy.host}"
+    assert proxy.connections == 1 and [entry[:2] for entry in proxy.log] == [("GET", "/v2/")], proxy.log
+    cfg = HttpConfig(**{**FAST.__dict__, "ca_file": tls_registry.ca_file})
+    secure = client(tls_registry, config=cfg)
+    secure.ping()
+    assert secure.base_url == f"https://{tls_registry.host}"
 
 
 def test_connection_refused_is_one_line() -> None:

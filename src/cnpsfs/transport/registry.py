@@ -5,6 +5,8 @@ What it does (the OCI distribution spec v1.1, and how real registries bend it):
 - ping ``/v2/``: learns the auth scheme; over https, or plain http only for loopback
   hosts (127.0.0.0/8, ::1, localhost) and with ``tls_verify=False``, where it falls back
   to http when the server does not speak TLS (never when a certificate fails to verify);
+  on loopback hosts plain http is tried first, and https when the server answers it with
+  a 400 (a TLS server's answer to plain HTTP) or not at all;
 - auth: none, Basic, or the Bearer token flow (``WWW-Authenticate: Bearer realm=,
   service=, scope=``), anonymous or with Basic credentials at the realm; tokens cached
   per scope set and refreshed shortly before ``expires_in`` (missing: 60 s) runs out; a
@@ -53,6 +55,7 @@ from cnpsfs.errors import (
     RemoteDataError,
     RemoteNotFoundError,
     TransportError,
+    TransportTimeout,
     UsageError,
 )
 from cnpsfs.transport.auth import Credentials
@@ -207,7 +210,8 @@ class RegistryClient:
         self.monolithic_max = MONOLITHIC_MAX
         self.chunk_size = CHUNK_SIZE
         host = urlsplit(f"//{self.endpoint}").hostname or self.endpoint
-        self._plain_allowed = is_loopback(host) or not self.session.config.tls_verify
+        self._loopback = is_loopback(host)
+        self._plain_allowed = self._loopback or not self.session.config.tls_verify
         if scheme not in (None, "http", "https"):
             raise UsageError(f"unknown scheme {scheme!r} for {registry}")
         if scheme == "http" and not self._plain_allowed:
@@ -272,17 +276,25 @@ class RegistryClient:
         with self._lock:
             if self._pinged:
                 return
-            schemes = [self._scheme] if self._scheme else (["https", "http"] if self._plain_allowed else ["https"])
+            schemes = [self._scheme] if self._scheme else self._schemes_to_try()
             last: TransportError | None = None
             for scheme in schemes:
                 url = f"{scheme}://{self.endpoint}/v2/"
                 try:
                     resp = self.session.request("GET", url, max_body=1024 * 1024, resource="/v2/")
                 except TransportError as exc:
+                    if scheme == "https" and isinstance(exc, TLSNotSpokenError) and last is not None:
+                        raise last from None  # plain HTTP after all: what it answered is the error
                     last = exc
-                    if not isinstance(exc, TLSNotSpokenError) or scheme == schemes[-1]:
+                    if scheme == schemes[-1] or isinstance(exc, TransportTimeout) or (
+                            scheme == "https" and not isinstance(exc, TLSNotSpokenError)):
                         raise
-                    log.debug("%s: %s; trying plain http", self.registry, exc)
+                    log.debug("%s: %s; trying %s", self.registry, exc, schemes[-1])
+                    continue
+                if scheme == "http" and resp.status == 400 and scheme != schemes[-1]:
+                    # What a TLS server (Go's, nginx) answers a plain request: try https.
+                    last = status_error(resp, "/v2/")
+                    log.debug("%s: plain http answered 400; trying https", self.registry)
                     continue
                 if resp.status == 401:
                     header = resp.header("WWW-Authenticate") or ""
@@ -301,6 +313,15 @@ class RegistryClient:
                 return
             assert last is not None
             raise last
+
+    def _schemes_to_try(self) -> list[str]:
+        """The ping's order: https, then http where plain HTTP is allowed and TLS is not spoken;
+        on loopback hosts plain http first (a local registry mostly speaks it, and a TLS
+        server answers it with a 400, after which https is tried), which saves building a
+        TLS context and an attempt on the path of every lazy mount from a local registry."""
+        if not self._plain_allowed:
+            return ["https"]
+        return ["http", "https"] if self._loopback else ["https", "http"]
 
     def _basic(self) -> str:
         assert self.credentials is not None
