@@ -11,6 +11,12 @@ canonical paths, so the same tree always gives the same chunks:
   files (same package, same directory) compress together, and because the cut points
   are content-defined an insertion elsewhere only disturbs the chunks around it.
 
+Which open block a chunk joins (docs/format.md 2.1) is decided here too, from the files
+it holds: a large file's chunks go to the data stream (or the cold one), a small-file
+chunk to the hot stream unless every file it holds is cold (see :mod:`cnpsfs.ingest.layout`),
+so the files a program reads at start-up share blocks with each other, not with sources
+and documentation nobody reads then. That changes blocks only, never a digest.
+
 A chunk made only of zero bytes is never stored: extents over it are holes, which is
 how sparse files stay cheap whatever source they come from.
 
@@ -32,7 +38,7 @@ import blake3
 
 from cnpsfs import format as fmt
 from cnpsfs.format.chunker import new_chunker
-from cnpsfs.store import Store, StoreWriter
+from cnpsfs.store import DataStream, Store, StoreWriter
 
 _FLUSH = 8 << 20  # cut the buffered stream in pieces of this size
 _READ = 4 << 20
@@ -55,6 +61,7 @@ class _Batch:
     for an all-zero chunk, never stored) and whether the store already has it."""
 
     chunks: list[bytes]
+    streams: list[DataStream]  # the open block each chunk joins
     job: concurrent.futures.Future[list[tuple[bytes | None, bool]]]
 
 
@@ -70,8 +77,12 @@ class _Span:
 class _Stream:
     """A byte stream cut by FastCDC; chunks are hashed and stored as they complete."""
 
-    def __init__(self, writer: ContentWriter) -> None:
+    def __init__(self, writer: ContentWriter, stream: DataStream | None = None) -> None:
+        """*stream*: the block stream of every chunk (a large file's); None for the small-file
+        stream, whose chunks are hot when they hold a byte of a hot span (:meth:`add_span`)."""
         self.owner = writer
+        self.stream = stream
+        self.hot: deque[list[int]] = deque()  # [start, end) of hot spans, in order, adjacent ones merged
         self.buf = bytearray()
         self.base = 0  # stream offset of buf[0]
         self.length = 0
@@ -84,8 +95,28 @@ class _Stream:
         if len(self.buf) >= _FLUSH:
             self._cut(final=False)
 
-    def add_span(self, start: int, length: int, sink: Callable[[tuple[fmt.Extent, ...]], None]) -> None:
+    def add_span(self, start: int, length: int, sink: Callable[[tuple[fmt.Extent, ...]], None],
+                 *, hot: bool = True) -> None:
         self.spans.append(_Span(start, length, sink))
+        if hot and length:
+            if self.hot and self.hot[-1][1] == start:
+                self.hot[-1][1] = start + length
+            else:
+                self.hot.append([start, start + length])
+
+    def _streams(self, cut: list[tuple[int, int]]) -> list[DataStream]:
+        """The block stream of each chunk cut (offsets relative to ``self.base``, in order)."""
+        if self.stream is not None:
+            return [self.stream] * len(cut)
+        out = []
+        hot = self.hot
+        for offset, length in cut:
+            start = self.base + offset
+            end = start + length
+            while hot and hot[0][1] <= start:
+                hot.popleft()
+            out.append(DataStream.HOT if hot and hot[0][0] < end else DataStream.COLD)
+        return out
 
     def _cut(self, *, final: bool) -> None:
         # Cut a snapshot: pyfastcdc's chunks are views into the buffer they were cut from.
@@ -95,7 +126,7 @@ class _Stream:
             cut = cut[:-1]  # the last chunk may have been cut short by the buffer's end: kept for the next round
         consumed = cut[-1][0] + cut[-1][1] if cut else 0
         if cut:
-            batch = self.owner.submit([data[offset : offset + length] for offset, length in cut])
+            batch = self.owner.submit([data[offset : offset + length] for offset, length in cut], self._streams(cut))
             base = self.base
             self.cuts.extend((base + offset, length, batch, number) for number, (offset, length) in enumerate(cut))
         self.buf = bytearray(data[consumed:])
@@ -163,9 +194,9 @@ class ContentWriter:
         self.logical_bytes = 0
         self.on_progress: Callable[[int], None] | None = None
 
-    def submit(self, chunks: list[bytes]) -> _Batch:
+    def submit(self, chunks: list[bytes], streams: list[DataStream]) -> _Batch:
         """Queue one round of cut chunks for hashing; the writer gets them in this order."""
-        batch = _Batch(chunks, self.pool.submit(self._hash, chunks))
+        batch = _Batch(chunks, streams, self.pool.submit(self._hash, chunks))
         self.pending.append(batch)
         while len(self.pending) > _PENDING_MAX:
             self._drain_one()
@@ -179,11 +210,11 @@ class ContentWriter:
 
     def _drain_one(self) -> None:
         batch = self.pending.popleft()
-        for data, (digest, stored) in zip(batch.chunks, batch.job.result(), strict=True):
+        for data, stream, (digest, stored) in zip(batch.chunks, batch.streams, batch.job.result(), strict=True):
             if not stored:
                 assert digest is not None
-                self.writer.add_chunk(digest, data)
-        batch.chunks = []  # the writer holds what it needs; the digests stay for the extents
+                self.writer.add_chunk(digest, data, stream=stream)
+        batch.chunks, batch.streams = [], []  # the writer holds what it needs; the digests stay for the extents
 
     def drain(self) -> None:
         while self.pending:
@@ -191,24 +222,26 @@ class ContentWriter:
 
     # ------------------------------------------------------------------ files
 
-    def add_small(self, data: bytes, sink: Callable[[tuple[fmt.Extent, ...]], None]) -> bytes:
+    def add_small(self, data: bytes, sink: Callable[[tuple[fmt.Extent, ...]], None], *, cold: bool = False) -> bytes:
         """Append a small file to the FileSet's shared stream (call in canonical order).
 
         Returns the file's content hash; *sink* receives its extents once they are cut.
+        *cold*: the file is unlikely to be read at start-up (:mod:`cnpsfs.ingest.layout`).
         """
         start = self.small.length
-        self.small.add_span(start, len(data), sink)
+        self.small.add_span(start, len(data), sink, hot=not cold)
         self.small.write(data)
         self._progress(len(data))
         return fmt.digest_bytes(data)
 
     def add_large(self, pieces: Iterable[bytes | memoryview | int],
-                  size: int) -> tuple[tuple[fmt.Extent, ...], bytes]:
+                  size: int, *, cold: bool = False) -> tuple[tuple[fmt.Extent, ...], bytes]:
         """Cut one large file on its own; returns its extents and content hash.
 
         *pieces* yields data, or an int for that many zeros (a hole in the source).
+        *cold*: its chunks go to the cold block stream.
         """
-        stream = _Stream(self)
+        stream = _Stream(self, DataStream.COLD if cold else DataStream.DATA)
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         result: list[tuple[fmt.Extent, ...]] = []
         stream.add_span(0, size, result.append)

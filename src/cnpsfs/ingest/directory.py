@@ -18,6 +18,7 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import FormatError, ImportRejected
 from cnpsfs.format.chunker import LARGE_FILE
 from cnpsfs.ingest.content import ContentWriter, read_file_pieces
+from cnpsfs.ingest.layout import PYCACHE, compiled_stems, in_cold_tree, is_cold
 from cnpsfs.ingest.tree import (
     ImportOptions,
     ImportResult,
@@ -162,6 +163,7 @@ class _Frame:
     parent: _Frame | None
     entries: list[fmt.Entry]
     waiting: int = 1  # files whose extents are not cut yet, subdirectories not stored yet, +1 while open
+    compiled: frozenset[bytes] = frozenset()  # stems of its .py files with compiled forms (ingest.layout)
 
 
 @dataclass(slots=True, eq=False)
@@ -207,7 +209,7 @@ class _Streamer:
         self.entries = 1
         top = _Frame(self.root, (), entry, None, [])
         # Depth first, siblings by name bytes: the canonical order of TreeBuilder.walk.
-        stack: list[tuple[_Frame, Iterator[bytes]]] = [(top, iter(self._names(self.root)))]
+        stack: list[tuple[_Frame, Iterator[bytes]]] = [(top, iter(self._listing(top, root_st.st_dev)))]
         while stack:
             frame, names = stack[-1]
             name = next(names, None)
@@ -217,7 +219,7 @@ class _Streamer:
                 continue
             child = self._add(frame, name, root_st.st_dev)
             if child is not None:
-                stack.append((child, iter(self._names(child.path))))
+                stack.append((child, iter(self._listing(child, root_st.st_dev))))
         self.content.finish()  # the stream's tail: every pending span is cut now
         for group in self.groups.values():
             first = b"/".join(group.members[0][0])
@@ -227,6 +229,27 @@ class _Streamer:
                 self._done(frame)  # the hold for its links
         assert self.root_entry is not None, "the root directory was stored last"
         return self.root_entry
+
+    def _listing(self, frame: _Frame, root_dev: int) -> list[bytes]:
+        """The names in *frame*'s directory, sorted; notes which of its sources are compiled."""
+        names = self._names(frame.path)
+        if in_cold_tree((*frame.parts, b"")):
+            return names  # cold whatever their names
+        pycache: list[bytes] = []
+        if PYCACHE in names:
+            path = os.path.join(frame.path, PYCACHE)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                st = None  # gone: the walk reports it when it gets there
+            if st is not None and stat.S_ISDIR(st.st_mode) and st.st_dev == root_dev:
+                # As the walk will see it; an unreadable one fails there, with its name.
+                try:
+                    pycache = self._names(path)
+                except ImportRejected:
+                    pycache = []
+        frame.compiled = compiled_stems(names, pycache)
+        return names
 
     @staticmethod
     def _names(path: bytes) -> list[bytes]:
@@ -276,13 +299,15 @@ class _Streamer:
         if entry.kind is not fmt.Kind.FILE:
             return None
         frame.waiting += 1
+        cold = is_cold(parts, frame.compiled)
         if entry.size >= LARGE_FILE:
             source = PathSource(path, st.st_size)
-            extents, entry.hash = self.content.add_large(source.pieces(), entry.size)
+            extents, entry.hash = self.content.add_large(source.pieces(), entry.size, cold=cold)
             self._data(frame, entry, group, extents)
         elif entry.size:
             data = PathSource(path, st.st_size).read_all()
-            entry.hash = self.content.add_small(data, lambda extents: self._data(frame, entry, group, extents))
+            entry.hash = self.content.add_small(data, lambda extents: self._data(frame, entry, group, extents),
+                                                cold=cold)
         else:
             self._data(frame, entry, group, ())
         return None

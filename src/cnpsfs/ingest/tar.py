@@ -27,6 +27,7 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import ImportRejected
 from cnpsfs.format.chunker import LARGE_FILE
 from cnpsfs.ingest.content import ContentWriter
+from cnpsfs.ingest.layout import in_cold_tree
 from cnpsfs.ingest.tree import ImportOptions, ImportResult, SpoolSource, TreeBuilder, split_path, write_fileset
 from cnpsfs.store import Store, StoreWriter
 
@@ -187,7 +188,9 @@ class TarImporter:
             data = tf.extractfile(member)
             assert data is not None
             if member.size >= LARGE_FILE:
-                node.extents, entry.hash = content.add_large(self._pieces(data, member.size, what), member.size)
+                # Cut as it arrives, before its siblings are known: only the path rule applies.
+                node.extents, entry.hash = content.add_large(self._pieces(data, member.size, what), member.size,
+                                                             cold=in_cold_tree(parts))
             else:
                 buf = data.read(member.size)
                 if len(buf) != member.size:

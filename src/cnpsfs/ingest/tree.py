@@ -20,6 +20,7 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import FormatError, ImportRejected
 from cnpsfs.format.chunker import LARGE_FILE
 from cnpsfs.ingest.content import ContentWriter
+from cnpsfs.ingest.layout import PYCACHE, compiled_stems, is_cold
 from cnpsfs.store import T_FILESET, Store, StoreWriter
 
 PATH_MAX = 4095
@@ -363,8 +364,12 @@ def _store_file_data(builder: TreeBuilder, content: ContentWriter) -> None:
         for _parts, node in members:
             node.entry.link = (b"/".join(first), len(members)) if len(members) > 1 else None
     done: set[object] = set()
-    for _parts, node in builder.walk():
+    compiled: dict[tuple[bytes, ...], frozenset[bytes]] = {}  # by directory path (ingest.layout)
+    for parts, node in builder.walk():
         entry = node.entry
+        if node.children is not None:
+            compiled[parts] = _compiled(node)
+            continue
         if entry.kind is not fmt.Kind.FILE or node.extents is not None:
             continue
         if node.link_group is not None:
@@ -372,15 +377,24 @@ def _store_file_data(builder: TreeBuilder, content: ContentWriter) -> None:
                 continue
             done.add(node.link_group)
         assert node.source is not None
+        cold = is_cold(parts, compiled.get(parts[:-1], frozenset()))
         if entry.size >= LARGE_FILE:
-            node.extents, entry.hash = content.add_large(node.source.pieces(), entry.size)
+            node.extents, entry.hash = content.add_large(node.source.pieces(), entry.size, cold=cold)
         elif entry.size:
             data = node.source.read_all()
             if len(data) != entry.size:
                 raise ImportRejected(f"{builder.source_name}: {entry.name!r} changed size while importing")
-            entry.hash = content.add_small(data, _setter(node))
+            entry.hash = content.add_small(data, _setter(node), cold=cold)
         else:
             node.extents = ()
+
+
+def _compiled(directory: Node) -> frozenset[bytes]:
+    """:func:`~cnpsfs.ingest.layout.compiled_stems` of a directory node of the tree."""
+    children = directory.children or {}
+    pycache = children.get(PYCACHE)
+    inner = pycache.children if pycache is not None and pycache.children is not None else {}
+    return compiled_stems(children, inner)
 
 
 def _setter(node: Node) -> Callable[[tuple[fmt.Extent, ...]], None]:

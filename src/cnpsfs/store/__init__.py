@@ -32,13 +32,14 @@ if TYPE_CHECKING:
         TYPE_NAMES,
         BlockReader,
         ChunkLocation,
+        DataStream,
         HostedStore,
         NotCached,
         Store,
         StoreWriter,
         Tag,
     )
-    from cnpsfs.store.writer import BLOCK_TARGET, META_BLOCK_TARGET
+    from cnpsfs.store.writer import BLOCK_TARGET, COLD_BLOCK_TARGET, META_BLOCK_TARGET, SMALL_BLOCK_TARGET
 
 #: Where each name lives: the submodule of this package loaded when the name is first used.
 _WHERE = {
@@ -46,14 +47,16 @@ _WHERE = {
     **dict.fromkeys(("check_tag_name", "check_tag_version"), "names"),
     "default_store_path": "paths",
     **dict.fromkeys(("T_CHUNK", "T_DIR", "T_EXTENTS", "T_FILESET", "T_IMAGE", "T_PROFILE", "T_PROVENANCE",
-                     "T_SIGNATURE", "TYPE_CODES", "TYPE_NAMES", "BlockReader", "ChunkLocation", "HostedStore",
-                     "NotCached", "Store", "StoreWriter", "Tag"), "protocol"),
-    **dict.fromkeys(("BLOCK_TARGET", "META_BLOCK_TARGET"), "writer"),
+                     "T_SIGNATURE", "TYPE_CODES", "TYPE_NAMES", "BlockReader", "ChunkLocation", "DataStream",
+                     "HostedStore", "NotCached", "Store", "StoreWriter", "Tag"), "protocol"),
+    **dict.fromkeys(("BLOCK_TARGET", "COLD_BLOCK_TARGET", "META_BLOCK_TARGET", "SMALL_BLOCK_TARGET"), "writer"),
 }
 
 __all__ = [
     "BLOCK_TARGET",
+    "COLD_BLOCK_TARGET",
     "META_BLOCK_TARGET",
+    "SMALL_BLOCK_TARGET",
     "TYPE_CODES",
     "TYPE_NAMES",
     "T_CHUNK",
@@ -66,6 +69,7 @@ __all__ = [
     "T_SIGNATURE",
     "BlockReader",
     "ChunkLocation",
+    "DataStream",
     "HostedStore",
     "LocalStore",
     "NotCached",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import enum
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,15 @@ class BlockReader(Protocol):
         ...
 
 
+class DataStream(enum.IntEnum):
+    """Which open data block a writer puts a chunk in (docs/format.md 2.1). It decides only
+    which chunks share a block (what a cold read decodes or fetches), never a digest."""
+
+    DATA = 0  # large files' chunks, and chunks added without a stream (gc's repack)
+    HOT = 1  # chunks of small files, unless every file they hold is cold
+    COLD = 2  # chunks only of files unlikely to be read when a program starts
+
+
 class StoreWriter(Protocol):
     """Adds chunks and objects; nothing is visible to readers until :meth:`commit`."""
 
@@ -102,7 +112,8 @@ class StoreWriter(Protocol):
 
     def has(self, digest: bytes) -> bool: ...
     def add(self, data: bytes, type_code: int) -> bytes: ...
-    def add_chunk(self, digest: bytes, data: bytes, type_code: int = T_CHUNK) -> None: ...
+    def add_chunk(self, digest: bytes, data: bytes, type_code: int = T_CHUNK,
+                  stream: DataStream = DataStream.DATA) -> None: ...
     def add_object(self, encoded: bytes) -> bytes: ...
     def commit(self, tags: Iterable[tuple[str, str, int, bytes]] = (), *,
                attach: Iterable[tuple[bytes, bytes]] = ()) -> object:

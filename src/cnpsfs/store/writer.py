@@ -32,7 +32,7 @@ from cnpsfs import format as fmt
 from cnpsfs.errors import CnpsfsError
 from cnpsfs.store.blocks import compress_block
 from cnpsfs.store.packs import PACK_MAGIC, PACK_ROLLOVER, encode_record_header, fsync_dir, store_io, write_all
-from cnpsfs.store.protocol import T_CHUNK, TYPE_CODES, Tag
+from cnpsfs.store.protocol import T_CHUNK, TYPE_CODES, DataStream, Tag
 
 if TYPE_CHECKING:
     from cnpsfs.store.local import LocalStore
@@ -41,7 +41,18 @@ BLOCK_TARGET = 1 << 20
 #: Directory, extents, FileSet and image objects go in blocks of their own, smaller ones:
 #: a cold lookup then decodes metadata only, and little of it.
 META_BLOCK_TARGET = 128 << 10
+#: Hot small-file chunks (docs/format.md 2.1): a cold read of one small file decodes, and a
+#: lazy mount fetches, a quarter of what a 1 MiB block costs (docs/performance.md).
+SMALL_BLOCK_TARGET = 256 << 10
+#: Cold chunks (sources beside their compiled forms, documentation) are seldom read: larger
+#: blocks compress better and pay for the smaller hot ones.
+COLD_BLOCK_TARGET = 4 << 20
 DEFAULT_ZSTD_LEVEL = 9
+
+
+#: Each stream's seal target (the metadata block's is META_BLOCK_TARGET).
+STREAM_TARGETS = {DataStream.DATA: BLOCK_TARGET, DataStream.HOT: SMALL_BLOCK_TARGET,
+                  DataStream.COLD: COLD_BLOCK_TARGET}
 
 
 @dataclass(slots=True)
@@ -68,8 +79,9 @@ class StoreWriter:
         # digest -> (writer pack#, offset, stored, raw, codec, type, inner, length, header); None while in an
         # open block
         self._new: dict[bytes, tuple[int, int, int, int, int, int, int, int, int] | None] = {}
-        self._open = _OpenBlock()  # file chunks
+        self._open = {stream: _OpenBlock() for stream in DataStream}  # file chunks, by stream
         self._open_meta = _OpenBlock()  # objects: kept apart from file data
+        self.targets = dict(STREAM_TARGETS)
         self._sealed: deque[tuple[list[tuple[bytes, int, bytes]], _BlockFuture]] = deque()
         self._packs: list[tuple[Path, int]] = []  # (tmp path, fd)
         self._current_size = 0
@@ -98,24 +110,28 @@ class StoreWriter:
         self._current_size = len(PACK_MAGIC)
         return fd
 
-    def add_chunk(self, digest: bytes, data: bytes, type_code: int = T_CHUNK) -> None:
-        """Queue a blob for the current block unless the store or this writer has it."""
+    def add_chunk(self, digest: bytes, data: bytes, type_code: int = T_CHUNK,
+                  stream: DataStream = DataStream.DATA) -> None:
+        """Queue a blob for the open block of its kind unless the store or this writer has it.
+
+        Objects go to the metadata block; chunks to the data block of *stream*.
+        """
         if digest in self._new:
             return
         self._new[digest] = None
         meta = type_code != T_CHUNK
-        block = self._open_meta if meta else self._open
+        block = self._open_meta if meta else self._open[stream]
         block.members.append((digest, type_code, data))
         block.size += len(data)
-        if block.size >= (META_BLOCK_TARGET if meta else BLOCK_TARGET):
-            self.seal(meta=meta)
+        if block.size >= (META_BLOCK_TARGET if meta else self.targets[stream]):
+            self.seal(meta=meta, stream=stream)
 
-    def seal(self, *, meta: bool = False) -> None:
-        """Close the open data block (or metadata block): compress it on the pool and queue it."""
+    def seal(self, *, meta: bool = False, stream: DataStream = DataStream.DATA) -> None:
+        """Close an open data block (or the metadata block): compress it on the pool and queue it."""
         if meta:
             members, self._open_meta = self._open_meta.members, _OpenBlock()
         else:
-            members, self._open = self._open.members, _OpenBlock()
+            members, self._open[stream] = self._open[stream].members, _OpenBlock()
         if not members:
             return
         if self.pool is not None:
@@ -151,7 +167,8 @@ class StoreWriter:
             inner += len(data)
 
     def flush(self) -> None:
-        self.seal()
+        for stream in DataStream:
+            self.seal(stream=stream)
         self.seal(meta=True)
         while self._sealed:
             self._write_sealed()
