@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
+import struct
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import cbor2
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mountutil import cnpsfs, mount_image, require_fuse
+from test_compose import WH, L, generation, make_fileset, names, read, tree
 from test_ops_inprocess import (
     FakeKernel,
     Listing,
@@ -40,7 +44,8 @@ from cnpsfs.format.objects import _entry_fields
 from cnpsfs.fs.operations import Operations
 from cnpsfs.image.manifest import compose
 from cnpsfs.image.view import Generation
-from cnpsfs.store import LocalStore
+from cnpsfs.store import LocalStore, Store
+from cnpsfs.store.protocol import T_FILESET
 
 # --------------------------------------------------------------------------- decoding
 
@@ -103,6 +108,12 @@ def test_the_fast_entry_decoder_agrees_with_the_field_by_field_one(raw: dict[int
         assert slow is not None and slow.kind is fmt.Kind.FILE and slow.extents is not None, raw
         assert (slow.uid, slow.gid, slow.xattrs, slow.link, slow.content) == (0, 0, {}, None, None), raw
         assert plain == (slow.name, slow.mode, slow.mtime_ns, slow.size, *slow.extents[0], slow.hash), raw
+    # The packed composition's decoder (pack_directory), on a directory of this one entry.
+    try:
+        packed: list[fmt.Entry] | None = _unpacked_entries([raw])
+    except FormatError:
+        packed = None
+    assert packed == (None if slow is None else [slow]), raw
 
 
 def test_a_directory_of_every_common_shape_decodes_as_encoded() -> None:
@@ -147,13 +158,11 @@ def _reference_directory(data: bytes) -> fmt.Directory:
     return fmt.Directory(entries, opaque)
 
 
-def test_the_directory_decoder_agrees_with_the_reference_on_valid_and_mutated_objects() -> None:
-    """Whole directory objects, valid and then damaged byte by byte (flipped, dropped,
-    duplicated, truncated) or value by value (one field swapped for an edge value, two
-    entries swapped): the decoder builds what the reference builds, or both refuse."""
+def _directory_cases() -> tuple[list[bytes], list[bytes]]:
+    """Whole directory objects, valid (the first list) and then, in the second, those
+    damaged byte by byte (flipped, dropped, duplicated, truncated) or value by value (one
+    field swapped for an edge value, two entries swapped), the valid ones first."""
     import random
-
-    import cbor2
 
     rng = random.Random(14)
     hashed = bytes(range(100, 132))
@@ -198,6 +207,13 @@ def test_the_directory_decoder_agrees_with_the_reference_on_valid_and_mutated_ob
                 entries[i][rng.choice([0, 1, 2, 5, 7, 8, 10, 12, 14])] = rng.choice(edges)
             if mutated != raw:
                 cases.append(cbor2.dumps(mutated, canonical=True))
+    return objects, cases
+
+
+def test_the_directory_decoder_agrees_with_the_reference_on_valid_and_mutated_objects() -> None:
+    """On valid and damaged directory objects (_directory_cases) the decoder builds what
+    the reference builds, or both refuse."""
+    objects, cases = _directory_cases()
     accepted = 0
     for data in cases:
         try:
@@ -211,6 +227,131 @@ def test_the_directory_decoder_agrees_with_the_reference_on_valid_and_mutated_ob
         assert fast == slow, data.hex()
         accepted += fast is not None
     assert len(objects) <= accepted < len(cases) // 2  # both outcomes exercised
+
+
+_RECORD = struct.Struct("<BHIIqqII32s32s")  # the packed composition's record (image.view)
+
+
+def _unpacked(data: bytes) -> list[fmt.Entry]:
+    """A directory object's entries as fmt.pack_directory gives them: the packed files
+    unpacked from their records, the others as it decoded them."""
+    return _unpacked_entries(fmt.directory_items(data)[0])
+
+
+def _unpacked_entries(raw_entries: list[Any]) -> list[fmt.Entry]:
+    names, recs, others = fmt.pack_directory(raw_entries, _RECORD, 7)
+    assert len(names) == len(raw_entries) and len(recs) == _RECORD.size * len(names)
+    decoded = dict(others)
+    entries = []
+    for i, name in enumerate(names):
+        record = _RECORD.unpack_from(recs, i * _RECORD.size)
+        if i in decoded:
+            assert decoded[i].name == name and record == _RECORD.unpack(bytes(_RECORD.size))  # nothing packed
+            entries.append(decoded[i])
+            continue
+        flags, mode, uid, gid, mtime, size, offset, length, digest, content_hash = record
+        assert (flags, uid, gid) == (7, 0, 0)
+        entries.append(fmt.Entry(name, fmt.Kind.FILE, mode, 0, 0, mtime, {}, size,
+                                 (fmt.Extent(digest, offset, length),), None, b"", (0, 0), None, None, content_hash))
+    return entries
+
+
+def test_the_packing_decoder_agrees_with_the_reference_on_valid_and_mutated_objects() -> None:
+    """fmt.pack_directory (the packed composition's decoder) accepts exactly the
+    directory objects decode_directory accepts, with the same entries, and packs every
+    file of one chunk range whose map has the seven keys of the common shape (owner root,
+    an mtime, no xattrs or link)."""
+    objects, cases = _directory_cases()
+    accepted = packed = 0
+    for data in cases:
+        try:
+            fast: list[fmt.Entry] | None = _unpacked(data)
+        except FormatError:
+            fast = None
+        try:
+            slow: list[fmt.Entry] | None = _reference_directory(data).entries
+        except FormatError:
+            slow = None
+        assert fast == slow, data.hex()
+        if fast is not None:
+            accepted += 1
+            raw_entries = fmt.directory_items(data)[0]
+            _names, _recs, others = fmt.pack_directory(raw_entries, _RECORD, 7)
+            kept = {i for i, _entry in others}
+            for i, (raw, entry) in enumerate(zip(raw_entries, fast, strict=True)):
+                plain = (sorted(raw) == [0, 1, 2, 5, 7, 8, 14] and entry.kind is fmt.Kind.FILE
+                         and entry.extents is not None and len(entry.extents) == 1
+                         and entry.extents[0].digest is not None)
+                assert plain == (i not in kept), (data.hex(), entry)
+                packed += plain
+    assert len(objects) <= accepted < len(cases) // 2 and packed  # both outcomes exercised
+
+
+def test_the_packing_decoder_names_what_is_wrong() -> None:
+    """A damaged entry is refused with the message decode_directory gives, whether it
+    looked like a packable file or not; bad names are named even when only the whole-list
+    check over every name sees them."""
+    good = {0: b"a", 1: 1, 2: 0o644, 5: 1, 7: 10, 8: [[DIGEST, 0, 10]], 14: DIGEST}
+    cases: list[tuple[list[Any], str]] = [
+        ([good | {2: True}], "mode is not a permission value"),
+        ([good | {8: [[DIGEST, fmt.CHUNK_MAX - 5, 10]]}], "runs past the largest possible chunk"),
+        ([good | {0: b"a/b"}], "contains '/' or NUL"),
+        ([good | {0: b"."}], "invalid entry name"),
+        ([good | {0: b"x" * 256}], "longer than 255 bytes"),
+        ([good | {0: "text"}], "name is not a byte string"),
+        ([good, good], "not sorted by name, or a name appears twice"),
+        ([good | {0: b"b"}, good], "not sorted by name"),
+        ([good, 5], "not a map"),
+    ]
+    for raw_entries, message in cases:
+        with pytest.raises(FormatError, match=re.escape(message)):
+            fmt.pack_directory(raw_entries, _RECORD, 1)
+        try:
+            fmt.decode_directory(cbor2.dumps({0: fmt.TYPE_DIR, 1: 1, 2: raw_entries}, canonical=True))
+        except FormatError as exc:
+            assert message in str(exc)
+        else:
+            raise AssertionError(f"decode_directory accepted {raw_entries!r}")
+    with pytest.raises(FormatError, match="not a byte string"):
+        fmt.check_names([b"a", 3])  # type: ignore[list-item]
+    fmt.check_names([])
+
+
+def test_a_single_layer_directory_with_whiteouts_composes_as_the_merge_does(store: Store,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whiteouts in a layer with nothing below hide nothing and are not shown; the packed
+    composition drops them and renumbers the rest as the merge does."""
+    ref = make_fileset(store, "wh", {"etc/a": "a", "etc/b": WH, "etc/c": "cc", "etc/d": L("c"), "etc/e": WH,
+                                     "etc/f/g": "g", "etc/h": "", "etc/i": WH})
+    fast = generation(store, [ref])
+    assert names(fast, "/etc") == ["a", "c", "d", "f", "h"]
+    fast_tree = tree(fast)
+    etc = fast.resolve("/etc").children
+    monkeypatch.setattr(Generation, "_single_source", lambda self, node: None)
+    slow = generation(store, [ref])
+    assert tree(slow) == fast_tree
+    other = slow.resolve("/etc").children
+    assert (etc.names, list(etc.inos), etc.extras, sorted(etc.dirs)) == (
+        other.names, list(other.inos), other.extras, sorted(other.dirs))
+    assert [etc.packed_at(i) for i in range(len(etc))] == [other.packed_at(i) for i in range(len(other))]
+    assert read(fast, "/etc/c") == b"cc" and read(fast, "/etc/f/g") == b"g"
+
+
+def test_a_damaged_directory_object_fails_its_composition_with_a_format_error(store: Store) -> None:
+    """A directory object that decodes as CBOR but breaks a rule (here a packable file's
+    mode) is refused by the packed composition, naming the entry; nothing is published."""
+    entries = [{0: b"a", 1: 1, 2: 0o644, 5: 1, 7: 1, 8: [[DIGEST, 0, 1]], 14: DIGEST},
+               {0: b"b", 1: 1, 2: 0o20000, 5: 1, 7: 1, 8: [[DIGEST, 0, 1]], 14: DIGEST}]
+    bad = cbor2.dumps({0: fmt.TYPE_DIR, 1: 1, 2: entries}, canonical=True)
+    with store.writer() as writer:
+        tree_digest = writer.add_object(bad)
+        root = fmt.Entry(b"", fmt.Kind.DIR, 0o755, tree=tree_digest)
+        fileset = writer.add_object(fmt.encode_fileset(fmt.FileSet("example.org/bad", "1", root)))
+        writer.commit([("example.org/bad", "1", T_FILESET, fileset)])
+    gen = generation(store, ["example.org/bad@1"])
+    with pytest.raises(FormatError, match=r"malformed directory entry b'b': mode"):
+        gen.load_children(gen.node(1))
+    assert gen.node(1).children is None
 
 
 def test_a_directory_of_one_layer_composes_as_the_general_merge_does(world: World,
@@ -307,6 +448,43 @@ def test_a_listing_is_names_only_until_its_reader_looks_a_name_up(world: World) 
         assert other.names_only == files
 
     run(operations(generation, kernel), check)
+
+
+def test_a_lean_listing_of_plain_files_only_gives_names_numbers_and_offsets(store: Store) -> None:
+    """A directory of packed plain files alone (a leaf of a large tree) is listed by its
+    own short loop: every name with its number and S_IFREG, offsets one past each other,
+    continued where a full reply buffer stopped, and no lookup counted."""
+    ref = make_fileset(store, "leaf", {f"leaf/f{i:02}": f"file {i}\n" * (i + 1) for i in range(7)})
+    generation_ = generation(store, [ref])
+
+    async def check(ops: Operations) -> None:
+        if not ops.lean_listings:
+            pytest.skip("pyfuse3 without patch 0003: listings always carry attributes")
+        leaf = generation_.resolve("/leaf")
+        assert not generation_.load_children(leaf).dirs and not leaf.children.extras  # type: ignore[union-attr]
+        attr = ops.attributes(leaf)
+        await ops.lookup(leaf.parent, leaf.path[-1], SimpleNamespace(pid=100))
+        children = leaf.children
+        assert children is not None
+        entries: list[tuple[bytes, int, int]] = []
+        modes: dict[bytes, int] = {}
+        offset = 0
+        while True:
+            part = Listing(room=2, pid=100)
+            await ops.readdir(attr.st_ino, offset, part)
+            if not part.entries:
+                break
+            entries.extend(part.entries)
+            modes.update(part.modes)
+            offset = part.entries[-1][2]
+        files = entries[2:]  # after . and ..
+        assert [name for name, _ino, _off in files] == children.names
+        assert [ino for _name, ino, _off in files] == [children.node_at(i).ino for i in range(len(children))]
+        assert [off for _name, _ino, off in entries] == list(range(1, len(children) + 3))
+        assert set(modes) == set(children.names) and set(modes.values()) == {stat.S_IFREG}
+        assert all(ops.lookup_count(children.inos[i]) == 0 for i in range(len(children)))
+
+    run(operations(generation_, FakeKernel()), check)
 
 
 def test_attributes_are_what_the_entries_say(world: World) -> None:

@@ -146,6 +146,7 @@ class Listing:
     entries: list[tuple[bytes, int, int]] = field(default_factory=list)  # name, st_ino, next offset
     pid: int = 0  # the reading process, as ReaddirToken.pid
     names_only: set[bytes] = field(default_factory=set)  # entries replied without attributes
+    modes: dict[bytes, int] = field(default_factory=dict)  # their file types, as the reply gave them
 
 
 @dataclass
@@ -166,6 +167,7 @@ class FakeKernel:
             return False
         token.entries.append((name, ino, next_id))
         token.names_only.add(name)
+        token.modes[name] = mode
         return True
 
     def seam(self) -> Kernel:

@@ -603,6 +603,14 @@ class Operations(pyfuse3.Operations):
         names, dirs, extras, inodes = listing.names, listing.dirs, listing.extras, self.generation.inodes
         lookups, held, attributes, packed = self.lookups, self.held, self.attributes, self._packed_attributes
         reply_name = self.kernel.readdir_reply_name
+        if lean and reply_name is not None and not dirs and not extras:
+            # Only packed plain files (the leaves of a large tree): nothing to look up
+            # per entry but its name and number (about 70 ns an entry less on a walk).
+            inos = listing.inos
+            for index in range(start_id - 2, end - 2):
+                if not reply_name(token, names[index], inos[index], _S_IFREG, index + 3):
+                    return
+            return
         for index in range(start_id - 2, end - 2):
             child = dirs.get(index)
             if child is not None:

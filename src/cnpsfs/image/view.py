@@ -217,6 +217,21 @@ def _pack_into(buf: bytearray, at: int, entry: fmt.Entry) -> bool:
     return True
 
 
+def _drop_whiteouts(names: list[bytes], recs: bytearray, others: list[tuple[int, fmt.Entry]]
+                    ) -> tuple[list[bytes], bytearray, list[tuple[int, fmt.Entry]]]:
+    """:func:`fmt.pack_directory`'s result without its whiteouts (a single layer directory
+    shows none: nothing is below them), positions renumbered to close the gaps."""
+    size = _REC.size
+    gone = {index for index, entry in others if entry.kind is _WHITEOUT}
+    kept = [i for i in range(len(names)) if i not in gone]
+    out = bytearray(size * len(kept))
+    for new, old in enumerate(kept):
+        out[new * size : (new + 1) * size] = recs[old * size : (old + 1) * size]
+    renumbered = {old: new for new, old in enumerate(kept)}
+    return ([names[i] for i in kept], out,
+            [(renumbered[index], entry) for index, entry in others if index not in gone])
+
+
 class Children(Mapping[bytes, Node]):
     """A composed directory's children, packed: what a million entries can afford.
 
@@ -1058,43 +1073,27 @@ class Generation:
         (most of a cold mount): its entries packed straight from the object's CBOR maps.
 
         A file of one chunk range (most entries) goes from its map to its record without
-        an :class:`fmt.Entry` (:func:`fmt.plain_file_fields` makes every check
-        :func:`fmt.entry_from_cbor` would); anything else is decoded and placed as the
+        an :class:`fmt.Entry` (:func:`fmt.pack_directory` makes every check
+        :func:`fmt.decode_directory` would); anything else is decoded and placed as the
         general path places it. The same children, numbers and checks as a merge of one
         source: whiteouts dropped (nothing is below them), the opaque flag moot.
         """
         tree = source.entry.tree
         assert tree is not None
         raw_entries, _opaque = self.store.get_directory_items(tree)
+        names, recs, others = fmt.pack_directory(raw_entries, _REC, _ONE_EXTENT)
+        del raw_entries  # the maps: about 700 bytes an entry until the records are built
         size = _REC.size
-        recs = bytearray(size * len(raw_entries))
-        pack, plain, decode = _REC.pack_into, fmt.plain_file_fields, fmt.entry_from_cbor
-        every: list[bytes] = []  # in object order, whiteouts too: what the order check needs
-        names: list[bytes] = []
+        if any(entry.kind is _WHITEOUT for _index, entry in others):
+            names, recs, others = _drop_whiteouts(names, recs, others)
         extras: dict[int, fmt.Entry] = {}
         dirs: dict[int, Node] = {}
         links: dict[int, int] = {}
-        files: list[int] = []
         layer = source.layer
-        for raw in raw_entries:
-            fields = plain(raw)
-            if fields is not None:
-                name, mode, mtime, fsize, digest, offset, length, content_hash = fields
-                index = len(names)
-                pack(recs, index * size, _ONE_EXTENT, mode, 0, 0, mtime, fsize, offset, length, digest, content_hash)
-                every.append(name)
-                names.append(name)
-                files.append(index)
-                continue
-            entry = decode(raw)
-            name = entry.name
-            every.append(name)
+        for index, entry in others:
             kind = entry.kind
-            if kind is _WHITEOUT:
-                continue
-            index = len(names)
-            names.append(name)
             if kind is _DIR:
+                name = entry.name
                 path = (*node.path, name)
                 sources = [self._child_source(source, entry, path)]
                 child = Node(self.inodes.number(("d", path)), self._dir_metadata(sources, name), node.ino, path,
@@ -1104,11 +1103,8 @@ class Generation:
             elif entry.link is not None:
                 links[index] = self._link_number(layer, entry)
                 extras[index] = entry
-            else:
-                if not _pack_into(recs, index * size, entry):
-                    extras[index] = entry
-                files.append(index)
-        fmt.check_sorted_names(every)
+            elif not _pack_into(recs, index * size, entry):
+                extras[index] = entry
         if not base:
             base = self.inodes.block(len(names))
         inos = array("Q", range(base, base + len(names)))
@@ -1116,7 +1112,6 @@ class Generation:
             inos[index] = child.ino
         for index, ino in links.items():
             inos[index] = ino
-        del recs[len(names) * size:]
         children = Children(node.ino, node.path, base, names, inos, bytes(recs), extras, dirs, (layer,), None)
         self.inodes.register(children)
         self.entries += len(names)
