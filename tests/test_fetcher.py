@@ -308,3 +308,85 @@ def test_a_corrupt_block_loaded_ahead_fails_only_its_own_chunks(tmp_path: Path) 
         else:
             assert outcome[digest] == expected, "the blocks around it still read"
     assert None in outcome.values()
+
+
+# --------------------------------------------------------------------------- chunks as views of their block
+
+
+def test_chunks_of_a_block_decoded_whole_are_views_of_it_counted_once(
+        one_block: tuple[LocalStore, list[bytes], dict[bytes, bytes]]) -> None:
+    """No copy per chunk: every member of a block decoded in one call is a view of the one
+    decoded block, and the cache counts that block once, whole."""
+    store, digests, data = one_block
+    fetcher = new_fetcher(store)
+
+    async def main() -> None:
+        await fetcher.fetch(digests)
+        got = [await fetcher.get(d) for d in digests]
+        assert [bytes(g) for g in got] == [data[d] for d in digests]
+        assert all(isinstance(g, memoryview) and g.readonly for g in got)
+        assert len({id(g.obj) for g in got if isinstance(g, memoryview)}) == 1
+        assert fetcher.cache.size == len(digests) * CHUNK  # the block's raw size, not 14 copies
+        # A small first miss streams the block into a growing bytearray: its members are copies.
+        streamed = new_fetcher(store)
+        first = await streamed.get(digests[0])
+        assert type(first) is bytes and first == data[digests[0]]
+
+    run(main)
+
+
+def _recount(cache: ChunkCache) -> int:
+    """What the cache holds, counted from scratch: own chunks, and each viewed block once."""
+    blocks = {id(v.obj): memoryview(v.obj).nbytes for v in cache._data.values() if isinstance(v, memoryview)}
+    return sum(len(v) for v in cache._data.values() if not isinstance(v, memoryview)) + sum(blocks.values())
+
+
+def test_the_cache_bound_counts_the_blocks_its_views_keep_alive() -> None:
+    """Random puts of views of 12 blocks and of chunks of their own, in a cache smaller than
+    four blocks: the bytes held (each block counted whole while any view of it is cached)
+    never exceed the bound, and a block is let go of with its last view only."""
+    rnd = random.Random(3)
+    blocks = [rnd.randbytes(rnd.randrange(50_000, 120_000)) for _ in range(12)]
+    cache = ChunkCache(400_000)
+    for step in range(3000):
+        digest = step.to_bytes(4, "big")
+        if rnd.random() < 0.2:
+            cache.put(digest, rnd.randbytes(rnd.randrange(1, 30_000)))
+        else:
+            block = rnd.choice(blocks)
+            start = rnd.randrange(len(block) - 1)
+            cache.put(digest, memoryview(block)[start : start + rnd.randrange(1, 20_000)])
+        assert cache.size == _recount(cache) <= cache.capacity, step
+    # A block stays counted until its last view goes.
+    cache = ChunkCache(10 * CHUNK)
+    block = bytes(4 * CHUNK)
+    for i in range(4):
+        cache.put(b"v%d" % i, memoryview(block)[i * CHUNK : (i + 1) * CHUNK])
+    assert cache.size == 4 * CHUNK
+    for i in range(3):
+        cache.put(b"own%d" % i, bytes(2 * CHUNK))  # 10 chunks' worth: nothing evicted yet
+    assert cache.size == 10 * CHUNK and cache.contains(b"v0")
+    cache.put(b"own3", bytes(1))  # over: evicting one view frees nothing, so all four go
+    assert not any(cache.contains(b"v%d" % i) for i in range(4))
+    assert all(cache.contains(b"own%d" % i) for i in range(4))
+    assert cache.size == 6 * CHUNK + 1 == _recount(cache)
+
+
+def test_a_small_cache_of_views_stays_bounded_while_blocks_stream_through(tmp_path: Path) -> None:
+    """Reading 6 blocks through a cache of a block and a half: right bytes, bound respected."""
+    store = LocalStore(tmp_path / "store", create=True)
+    chunks = [text_chunk(100 + i) for i in range(6 * 14)]
+    with store.writer() as w:
+        digests = [w.add(c, T_CHUNK) for c in chunks]
+        w.commit()
+    assert len({loc.block for loc in store.locate_many(digests).values()}) >= 5
+    fetcher = ChunkFetcher(store, ChunkCache(21 * CHUNK), trio.CapacityLimiter(2))
+
+    async def main() -> None:
+        for i in range(0, len(digests), 7):
+            await fetcher.fetch(digests[i : i + 7])
+            for d, c in zip(digests[i : i + 7], chunks[i : i + 7], strict=True):
+                assert await fetcher.get(d) == c
+            assert fetcher.cache.size == _recount(fetcher.cache) <= fetcher.cache.capacity
+
+    run(main)

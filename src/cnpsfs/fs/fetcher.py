@@ -58,7 +58,8 @@ FAILED_MAX = 4096
 CHAIN_MAX = 64
 
 #: (block key, a location in it, the digests wanted, its reader or why it failed, members decoded)
-_Loaded = tuple[Hashable, ChunkLocation, list[bytes], BlockReader | BaseException, dict[bytes, bytes | None]]
+_Loaded = tuple[Hashable, ChunkLocation, list[bytes], BlockReader | BaseException,
+                dict[bytes, bytes | memoryview | None]]
 #: (block key, a location in it, the digests wanted, how far): located, left for another worker
 _Later = tuple[Hashable, ChunkLocation, list[bytes], int]
 
@@ -265,7 +266,7 @@ class ChunkFetcher:
                 del pending[digest]
 
     def _settle(self, key: Hashable, loc: ChunkLocation, wanted: list[bytes], stream: BlockReader,
-                members: dict[bytes, bytes | None]) -> int:
+                members: dict[bytes, bytes | memoryview | None]) -> int:
         """On the loop: cache what a load decoded, record failures, keep the reader for next time.
 
         Returns the bytes added to the cache."""
@@ -353,7 +354,7 @@ class ChunkFetcher:
             del self._failed[next(iter(self._failed))]
 
     def _advance(self, stream: BlockReader | None, loc: ChunkLocation, upto: int
-                 ) -> tuple[dict[bytes, bytes | None], BlockReader]:
+                 ) -> tuple[dict[bytes, bytes | memoryview | None], BlockReader]:
         """On a worker: decode the block through *upto* (opening it first if need be)."""
         if stream is None:
             with self._count_lock:
@@ -390,8 +391,10 @@ class ChunkFetcher:
                 loaded.append((key, loc, wanted, stream, members))
         return set(locs), loaded, later
 
-    async def get(self, digest: bytes) -> bytes:
-        """The verified chunk *digest*: from the cache, else loaded (raises its load's failure)."""
+    async def get(self, digest: bytes) -> bytes | memoryview:
+        """The verified chunk *digest*: from the cache, else loaded (raises its load's failure).
+
+        It may be a read-only view of its decoded block (see :class:`ChunkCache`)."""
         data = self.cache.get(digest)
         if data is not None:
             if self._chain:

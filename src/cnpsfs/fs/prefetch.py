@@ -516,7 +516,7 @@ class Prefetcher:
         cache = self.ops.fetcher.cache
         notify = self.ops.kernel.notify_store
 
-        def chunk(digest: bytes) -> bytes:
+        def chunk(digest: bytes) -> bytes | memoryview:
             data = cache.get(digest)
             if data is None:
                 raise KeyError(digest)

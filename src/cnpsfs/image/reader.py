@@ -25,17 +25,31 @@ READER_CACHE_BYTES = 64 << 20
 
 
 class ChunkCache:
-    """A thread-safe LRU of verified, decompressed chunks, bounded in bytes."""
+    """A thread-safe LRU of verified, decompressed chunks, bounded in bytes.
+
+    A chunk is kept as bytes of its own, or as a read-only memoryview of the decoded block
+    it came from (:meth:`BlockStream.advance <cnpsfs.store.blocks.BlockStream.advance>`
+    hands out views, not copies). A view keeps its whole block alive, so the bound counts
+    what is really held: a block is counted whole, once, from the first of its views
+    cached to the last one evicted; a chunk of its own counts its length.
+    """
 
     def __init__(self, capacity_bytes: int = 64 << 20) -> None:
         self.capacity = capacity_bytes
-        self._data: OrderedDict[bytes, bytes] = OrderedDict()
+        self._data: OrderedDict[bytes, bytes | memoryview] = OrderedDict()
         self._size = 0
+        #: id of a block some cached views show -> (the block, how many views, its size).
+        self._blocks: dict[int, tuple[object, int, int]] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, digest: bytes) -> bytes | None:
+    @property
+    def size(self) -> int:
+        """The bytes held: chunks of their own, and every block a cached view keeps alive."""
+        return self._size
+
+    def get(self, digest: bytes) -> bytes | memoryview | None:
         with self._lock:
             data = self._data.get(digest)
             if data is not None:
@@ -48,15 +62,41 @@ class ChunkCache:
     def contains(self, digest: bytes) -> bool:
         return digest in self._data
 
-    def put(self, digest: bytes, data: bytes) -> None:
+    def put(self, digest: bytes, data: bytes | memoryview) -> None:
         with self._lock:
             if digest in self._data:
                 return
             self._data[digest] = data
-            self._size += len(data)
+            self._size += self._hold(data)
             while self._size > self.capacity and self._data:
                 _d, old = self._data.popitem(last=False)
-                self._size -= len(old)
+                self._size -= self._let_go(old)
+
+    def _hold(self, data: bytes | memoryview) -> int:
+        """The bytes caching *data* adds: its length, or its block's size for the block's first view."""
+        if not isinstance(data, memoryview):
+            return len(data)
+        base = data.obj
+        key = id(base)  # stable while the entry below holds the block
+        held = self._blocks.get(key)
+        if held is not None:
+            self._blocks[key] = (base, held[1] + 1, held[2])
+            return 0
+        size = memoryview(base).nbytes
+        self._blocks[key] = (base, 1, size)
+        return size
+
+    def _let_go(self, data: bytes | memoryview) -> int:
+        """The bytes evicting *data* frees: its length, or its block's size with the block's last view."""
+        if not isinstance(data, memoryview):
+            return len(data)
+        key = id(data.obj)
+        base, views, size = self._blocks[key]
+        if views > 1:
+            self._blocks[key] = (base, views - 1, size)
+            return 0
+        del self._blocks[key]
+        return size
 
 
 class ExtentMap:
@@ -87,9 +127,10 @@ class ExtentMap:
         return [e.digest for e, _i, _n in self.pieces(offset, size) if e.digest is not None]
 
 
-def read_range(emap: ExtentMap, offset: int, size: int, get_chunk: Callable[[bytes], bytes]) -> bytes:
+def read_range(emap: ExtentMap, offset: int, size: int,
+               get_chunk: Callable[[bytes], bytes | memoryview]) -> bytes:
     """Assemble ``[offset, offset+size)`` from chunks fetched by *get_chunk* (blocking)."""
-    out: list[bytes] = []
+    out: list[bytes | memoryview] = []
     for ext, inner, n in emap.pieces(offset, size):
         if ext.digest is None:
             out.append(bytes(n))
@@ -100,7 +141,7 @@ def read_range(emap: ExtentMap, offset: int, size: int, get_chunk: Callable[[byt
             if len(piece) != n:
                 raise past_the_end(ext, len(chunk))
             out.append(piece)
-    return b"".join(out) if len(out) != 1 else out[0]
+    return out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
 
 
 def past_the_end(ext: fmt.Extent, chunk_size: int) -> CorruptObjectError:
@@ -113,7 +154,7 @@ def past_the_end(ext: fmt.Extent, chunk_size: int) -> CorruptObjectError:
 class StoreFile:
     """A file-like reader over a stored file (for export and ``cat``)."""
 
-    def __init__(self, emap: ExtentMap, get_chunk: Callable[[bytes], bytes]) -> None:
+    def __init__(self, emap: ExtentMap, get_chunk: Callable[[bytes], bytes | memoryview]) -> None:
         self.emap = emap
         self.get_chunk = get_chunk
         self.pos = 0
@@ -126,8 +167,8 @@ class StoreFile:
         return data
 
 
-def cached_getter(store_get: Callable[[bytes], bytes], cache: ChunkCache) -> Callable[[bytes], bytes]:
-    def get_chunk(digest: bytes) -> bytes:
+def cached_getter(store_get: Callable[[bytes], bytes], cache: ChunkCache) -> Callable[[bytes], bytes | memoryview]:
+    def get_chunk(digest: bytes) -> bytes | memoryview:
         data = cache.get(digest)
         if data is None:
             data = store_get(digest)

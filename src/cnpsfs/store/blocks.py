@@ -100,11 +100,17 @@ class BlockStream:
         """How far the block is decoded (members ending there or before are complete)."""
         return len(self.data)
 
-    def advance(self, upto: int) -> dict[bytes, bytes | None]:
+    def advance(self, upto: int) -> dict[bytes, bytes | memoryview | None]:
         """Decode through byte *upto* (plus slack); the members completed by it, in order.
 
         Values are the verified bytes, or None for a member that does not match its
         digest. Raises CorruptObjectError when the payload does not decode.
+
+        A block decoded whole (or stored raw) is immutable, so its members are handed out
+        as read-only views of it, not copies: each copy cost fresh pages, their faults and
+        a memmove per chunk. A view keeps the whole block alive, which the chunk cache
+        counts (:class:`~cnpsfs.image.reader.ChunkCache`). A block being streamed grows a
+        ``bytearray``, which cannot be resized while viewed: its members are copied.
         """
         want = min(self.loc.raw, max(upto + self.SLACK, self.decoded))
         if self.decoded and want > self.decoded:
@@ -141,14 +147,15 @@ class BlockStream:
                     buf += piece
                 if len(buf) >= self.loc.raw:
                     self._payload = self._reader = None
-        out: dict[bytes, bytes | None] = {}
+        out: dict[bytes, bytes | memoryview | None] = {}
         view = memoryview(self.data)
+        share = view.readonly  # immutable: bytes, or a view of bytes (never a bytearray's)
         members = self.members
         while self._next < len(members):
             digest, _type, inner, length = members[self._next]
             if inner + length > self.decoded:
                 break
-            data = bytes(view[inner : inner + length])
+            data = view[inner : inner + length] if share else bytes(view[inner : inner + length])
             out[digest] = data if fmt.digest_bytes(data) == digest else None
             self._next += 1
         view.release()

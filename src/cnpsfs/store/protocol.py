@@ -91,8 +91,11 @@ class BlockReader(Protocol):
         """Every member of the block: (digest, type code, offset in the block, length), in order."""
         ...
 
-    def advance(self, upto: int) -> dict[bytes, bytes | None]:
-        """Decode through byte *upto* of the block; the members completed, verified (None if bad)."""
+    def advance(self, upto: int) -> dict[bytes, bytes | memoryview | None]:
+        """Decode through byte *upto* of the block; the members completed, verified (None if bad).
+
+        A member may be a read-only view of the decoded block (which it keeps alive) rather
+        than a copy: :class:`~cnpsfs.image.reader.ChunkCache` counts such blocks whole."""
         ...
 
 

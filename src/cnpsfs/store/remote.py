@@ -149,7 +149,7 @@ class DecodedBlock:
     def decoded(self) -> int:
         return sum(m[3] for m in self.members)
 
-    def advance(self, upto: int) -> dict[bytes, bytes | None]:
+    def advance(self, upto: int) -> dict[bytes, bytes | memoryview | None]:
         if self._given:
             return {}
         self._given = True
