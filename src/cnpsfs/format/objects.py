@@ -724,8 +724,8 @@ def check_names(names: list[bytes]) -> None:
         joined = b"".join(names)
     except TypeError:
         raise FormatError("an entry name is not a byte string") from None
-    if names and (b"/" in joined or b"\0" in joined or min(map(len, names)) == 0
-                  or max(map(len, names)) > NAME_MAX or not _DOTS.isdisjoint(names)):
+    if names and (b"/" in joined or b"\0" in joined or b"" in names or max(map(len, names)) > NAME_MAX
+                  or not _DOTS.isdisjoint(names)):
         for name in names:
             check_name(name)
         raise FormatError("invalid entry name")  # not reached: check_name names it
