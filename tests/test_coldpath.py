@@ -45,7 +45,7 @@ from cnpsfs.fs.operations import Operations
 from cnpsfs.image.manifest import compose
 from cnpsfs.image.view import Generation
 from cnpsfs.store import LocalStore, Store
-from cnpsfs.store.protocol import T_FILESET
+from cnpsfs.store.protocol import T_DIR, T_FILESET
 
 # --------------------------------------------------------------------------- decoding
 
@@ -315,6 +315,116 @@ def test_the_packing_decoder_names_what_is_wrong() -> None:
     with pytest.raises(FormatError, match="not a byte string"):
         fmt.check_names([b"a", 3])  # type: ignore[list-item]
     fmt.check_names([])
+
+
+def test_the_trusting_packer_gives_what_the_checking_one_gives_and_never_crashes() -> None:
+    """pack_directory(checked=True) skips the checks of the common entries: on every valid
+    object it returns exactly what the checked path returns; on damaged objects (which a
+    store never records as checked, but a damaged index might) it returns or raises a
+    FormatError, nothing else."""
+    objects, cases = _directory_cases()
+    valid = 0
+    for data in cases:
+        try:
+            raw_entries = fmt.directory_items(data)[0]
+        except FormatError:
+            continue
+        try:
+            expected: Any = fmt.pack_directory(raw_entries, _RECORD, 3)
+        except FormatError:
+            expected = None
+        try:
+            trusted: Any = fmt.pack_directory(raw_entries, _RECORD, 3, checked=True)
+        except FormatError:
+            trusted = None
+        if expected is not None:
+            valid += 1
+            assert trusted == expected, data.hex()
+    assert valid >= len(objects)
+
+
+def test_a_writer_records_the_directory_objects_it_checked(store: Store) -> None:
+    """What add_object found valid is recorded at commit under the current rules; what it
+    did not check (bytes added as a pull adds them), what failed the checks, marks under
+    other rules and reads on a cache-only thread are not trusted."""
+    assert isinstance(store, LocalStore)
+    ref = make_fileset(store, "marks", {"etc/a": "a", "etc/sub/b": "b", "etc/link": L("a")})
+    gen = generation(store, [ref])
+    trees = [node.entry.tree for _path, node in gen.walk() if node.is_dir]
+    assert len(trees) == 3 and all(tree is not None and store.directory_checked(tree) for tree in trees)
+    with store.cache_only():
+        assert not store.directory_checked(trees[0])
+    good = fmt.encode_directory(fmt.Directory([fmt.Entry(b"x", fmt.Kind.FILE, 0o600)]))
+    bad = cbor2.dumps({0: fmt.TYPE_DIR, 1: 1, 2: [{0: b"x", 1: 1, 2: 0o20000}]}, canonical=True)
+    with store.writer() as writer:
+        unchecked = writer.add(good, T_DIR)  # as a pull copies an object: not decoded
+        refused = writer.add_object(bad)
+        writer.commit()
+    assert not store.directory_checked(unchecked) and not store.directory_checked(refused)
+    store.index.publish([], [], [], replace=False, retire_packs=(), checked=[(unchecked, fmt.DIRECTORY_RULES - 1)])
+    assert not store.directory_checked(unchecked)  # checked under other rules
+    with store.writer() as writer:
+        assert writer.add_object(good) == unchecked  # already stored: decoded now, and recorded
+        writer.commit()
+    assert store.directory_checked(unchecked)
+
+
+def test_a_store_without_the_table_checks_everything(tmp_path: Path) -> None:
+    fresh = LocalStore(tmp_path / "fresh", create=True)
+    try:
+        with fresh.index.transaction() as db:
+            db.execute("DROP TABLE IF EXISTS checked")  # as a store written before it existed
+        assert not fresh.directory_checked(DIGEST)
+    finally:
+        fresh.close()
+
+
+def test_composition_trusts_what_the_store_checked_and_checks_the_rest(world: World,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An imported image composes through the trusting packer (its directories were
+    checked when written); once the marks are gone, through the checking one, to the same
+    children."""
+    seen: list[bool] = []
+    pack = fmt.pack_directory
+
+    def spy(entries: list[Any], record: struct.Struct, flags: int, *, checked: bool = False) -> Any:
+        seen.append(checked)
+        return pack(entries, record, flags, checked=checked)
+
+    monkeypatch.setattr(fmt, "pack_directory", spy)
+    trusted = compose(world.store, world.v1)
+    trusted_walk = [(path, node.ino, node.entry) for path, node in trusted.walk()]
+    assert seen and all(seen)
+    with world.store.index.transaction() as db:
+        db.execute("DELETE FROM checked")
+    seen.clear()
+    checked = compose(world.store, world.v1)
+    assert [(path, node.ino, node.entry) for path, node in checked.walk()] == trusted_walk
+    assert seen and not any(seen)
+    for path, node in trusted.walk():
+        if node.is_dir:
+            a, b = node.children, checked.resolve(b"/" + b"/".join(path)).children
+            assert a is not None and b is not None
+            assert [a.packed_at(i) for i in range(len(a))] == [b.packed_at(i) for i in range(len(b))], path
+
+
+def test_a_damaged_index_mark_never_crashes_a_composition(store: Store) -> None:
+    """A directory object recorded as checked that is not valid (only a damaged index can
+    say so) still composes without an exception other than a FormatError."""
+    assert isinstance(store, LocalStore)
+    entries = [{0: b"a", 1: 1, 2: 0o644, 5: 1, 7: 1, 8: [[DIGEST, 0, 1]], 14: DIGEST},
+               {0: b"b", 1: True, 2: "mode", 5: None, 7: [], 8: 5, 14: 7}, 3, {0: b"c"}]
+    bad = cbor2.dumps({0: fmt.TYPE_DIR, 1: 1, 2: entries}, canonical=True)
+    with store.writer() as writer:
+        tree_digest = writer.add_object(bad)
+        root = fmt.Entry(b"", fmt.Kind.DIR, 0o755, tree=tree_digest)
+        fileset = writer.add_object(fmt.encode_fileset(fmt.FileSet("example.org/lying", "1", root)))
+        writer.commit([("example.org/lying", "1", T_FILESET, fileset)])
+    store.index.publish([], [], [], replace=False, retire_packs=(), checked=[(tree_digest, fmt.DIRECTORY_RULES)])
+    assert store.directory_checked(tree_digest)
+    gen = generation(store, ["example.org/lying@1"])
+    with pytest.raises(FormatError):
+        gen.load_children(gen.node(1))
 
 
 def test_a_single_layer_directory_with_whiteouts_composes_as_the_merge_does(store: Store,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         CHUNK_MAX,
         DIGEST_PREFIX,
         DIGEST_SIZE,
+        DIRECTORY_RULES,
         FORMAT_VERSION,
         IFMT_KIND,
         INLINE_EXTENTS_MAX,
@@ -97,7 +98,7 @@ if TYPE_CHECKING:
 #: Where each name lives: the submodule of this package loaded when the name is first used.
 _WHERE = {
     **dict.fromkeys(("CDC_AVG", "CDC_MAX", "CDC_MIN", "CDC_NORMALIZATION", "LARGE_FILE", "new_chunker"), "chunker"),
-    **dict.fromkeys(("CHUNK_MAX", "DIGEST_PREFIX", "DIGEST_SIZE", "FORMAT_VERSION", "IFMT_KIND",
+    **dict.fromkeys(("CHUNK_MAX", "DIGEST_PREFIX", "DIGEST_SIZE", "DIRECTORY_RULES", "FORMAT_VERSION", "IFMT_KIND",
                      "INLINE_EXTENTS_MAX", "KIND_IFMT", "MAX_DEPTH", "MAX_DIR_ENTRIES", "MAX_EXTENTS", "MAX_LAYERS",
                      "MAX_NESTING", "MAX_OBJECT_SIZE", "NAME_MAX", "PATH_MAX", "TYPE_DIR", "TYPE_EXTENTS",
                      "TYPE_FILESET", "TYPE_IMAGE", "TYPE_PROVENANCE", "TYPE_SIGNATURE", "XATTR_NAME_MAX",
@@ -122,6 +123,7 @@ __all__ = [
     'DEFAULT_PROFILE',
     'DIGEST_PREFIX',
     'DIGEST_SIZE',
+    'DIRECTORY_RULES',
     'FORMAT_VERSION',
     'IFMT_KIND',
     'INLINE_EXTENTS_MAX',

@@ -660,7 +660,13 @@ def plain_file_fields(raw: Any) -> tuple[bytes, int, int, int, bytes, int, int, 
 _PLAIN_VALUES = itemgetter(*_SHAPE_FILE)
 
 
-def pack_directory(entries: list[Any], record: struct.Struct, flags: int
+#: The version of the rules a directory object is checked by (§1.4, as decode_directory
+#: checks them). A store remembers which directory objects passed them (docs/format.md
+#: §2.2, ``checked``), under this number: marks made under other rules are not trusted.
+DIRECTORY_RULES = 1
+
+
+def pack_directory(entries: list[Any], record: struct.Struct, flags: int, *, checked: bool = False
                    ) -> tuple[list[bytes], bytearray, list[tuple[int, Entry]]]:
     """A directory object's entries (:func:`directory_items`) checked as
     :func:`decode_directory` checks them, the files of one chunk range (owner root, no
@@ -679,7 +685,19 @@ def pack_directory(entries: list[Any], record: struct.Struct, flags: int
     ``..``) are made once on all names (:func:`check_names`). A map that is not exactly
     such a file, or that fails any check, goes to entry_from_cbor, which decides and
     names what is wrong; so both accept exactly the same entries.
+
+    *checked*: these entries are known to pass every check (their object passed
+    decode_directory before, under :data:`DIRECTORY_RULES`: validity is a function of
+    the bytes, and the bytes are the digest's). Then the files are packed without the
+    checks, which are most of the work; the result is the same for any valid object. Should
+    the knowledge be wrong (a damaged index), anything that goes wrong on the way sends the
+    entries through the checked path, which refuses them as it would have.
     """
+    if checked:
+        try:
+            return _pack_valid_directory(entries, record, flags)
+        except Exception:  # only a damaged index gets here: check everything
+            pass
     size = record.size
     recs = bytearray(size * len(entries))
     pack, values = record.pack_into, _PLAIN_VALUES
@@ -714,6 +732,38 @@ def pack_directory(entries: list[Any], record: struct.Struct, flags: int
         at += size
     check_names(names)
     check_sorted_names(names)
+    return names, recs, others
+
+
+def _pack_valid_directory(entries: list[Any], record: struct.Struct, flags: int
+                          ) -> tuple[list[bytes], bytearray, list[tuple[int, Entry]]]:
+    """:func:`pack_directory` for entries known to be valid: a valid map with the seven
+    keys of the common shape, kind 1 and one extent that is not a hole is exactly what
+    the checked loop packs, so only that is tested here."""
+    size = record.size
+    recs = bytearray(size * len(entries))
+    pack, values = record.pack_into, _PLAIN_VALUES
+    names: list[bytes] = []
+    others: list[tuple[int, Entry]] = []
+    at = 0
+    for raw in entries:
+        if len(raw) == 7:
+            try:
+                name, kind, mode, mtime, fsize, extents, content_hash = values(raw)
+            except KeyError:  # seven keys, but not these
+                pass
+            else:
+                if kind == 1 and len(extents) == 1:
+                    digest, offset, length = extents[0]
+                    if digest is not None:
+                        pack(recs, at, flags, mode, 0, 0, mtime, fsize, offset, length, digest, content_hash)
+                        names.append(name)
+                        at += size
+                        continue
+        entry = entry_from_cbor(raw)
+        others.append((len(names), entry))
+        names.append(entry.name)
+        at += size
     return names, recs, others
 
 

@@ -1081,7 +1081,8 @@ class Generation:
         tree = source.entry.tree
         assert tree is not None
         raw_entries, _opaque = self.store.get_directory_items(tree)
-        names, recs, others = fmt.pack_directory(raw_entries, _REC, _ONE_EXTENT)
+        checked = self.store.directory_checked(tree)  # the object passed every check once: no need again
+        names, recs, others = fmt.pack_directory(raw_entries, _REC, _ONE_EXTENT, checked=checked)
         del raw_entries  # the maps: about 700 bytes an entry until the records are built
         size = _REC.size
         if any(entry.kind is _WHITEOUT for _index, entry in others):

@@ -72,6 +72,17 @@ CREATE TABLE IF NOT EXISTS revisions(
 );
 """
 
+#: Directory objects a writer of this store decoded in full and found valid, under the
+#: rules numbered ``rules`` (fmt.DIRECTORY_RULES): the packed composition then skips the
+#: per-entry checks (docs/format.md §2.2). Created by the first writer that records one;
+#: a missing table, or a digest without its row, means "not known": check everything.
+CHECKED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS checked(
+    digest BLOB PRIMARY KEY,
+    rules INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
 #: Tables a store gains when it first caches a remote's blocks or records a setting; a
 #: store without them has no cache (older readers ignore them).
 CACHE_SCHEMA = """
@@ -418,13 +429,14 @@ class Index:
     def publish(self, packs: list[tuple[str, int]], rows: list[tuple[Any, ...]],
                 tags: Iterable[tuple[str, str, int, bytes, int]], *, replace: bool, retire_packs: Iterable[int],
                 attach: Iterable[tuple[bytes, bytes]] = (), cache: str | None = None,
-                adopt: Iterable[int] = ()) -> list[int]:
+                adopt: Iterable[int] = (), checked: Iterable[tuple[bytes, int]] = ()) -> list[int]:
         """Make a writer's packs and rows visible, point tags at them, retire packs: one transaction.
 
         *rows* name packs by their position in *packs*: (digest, type, pack#, offset, stored,
         raw, codec, inner, length, header). *tags* are (name, version, type, digest,
         created_ns). *cache* marks the new packs as cache packs of that remote; *adopt*
-        turns cache packs into ordinary ones. Returns the new pack ids.
+        turns cache packs into ordinary ones. *checked* records directory objects a writer
+        found valid: (digest, rules). Returns the new pack ids.
         """
         adopt = list(adopt)
         if cache is not None or adopt:
@@ -455,7 +467,22 @@ class Index:
                                ((pack_id, cache, size, now) for pack_id, (_n, size) in zip(ids, packs, strict=True)))
             if adopt:
                 db.executemany("DELETE FROM cache_packs WHERE pack=?", ((p,) for p in adopt))
+            checked = list(checked)
+            if checked:
+                db.execute(CHECKED_SCHEMA)
+                db.executemany("INSERT OR REPLACE INTO checked(digest, rules) VALUES (?, ?)", checked)
         return ids
+
+    @_mapped
+    def checked_under(self, digest: bytes) -> int | None:
+        """The rules under which a writer found directory object *digest* valid, or None."""
+        try:
+            row = self.db.execute("SELECT rules FROM checked WHERE digest=?", (digest,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return None  # a store no writer has recorded a checked directory in
+            raise
+        return row[0] if row else None
 
     @_mapped
     def checkpoint(self) -> None:

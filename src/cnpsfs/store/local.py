@@ -242,6 +242,14 @@ class LocalStore(DecodedReads):
         finally:
             self._local.cache_only = False
 
+    def directory_checked(self, digest: bytes) -> bool:
+        """Whether a writer of this store found directory object *digest* valid under the
+        current rules (the index's ``checked`` table). On a cache-only thread the index is
+        not asked and the answer is False: the caller then checks the entries itself."""
+        if getattr(self._local, "cache_only", False):
+            return False
+        return self.index.checked_under(digest) == fmt.DIRECTORY_RULES
+
     def get(self, digest: bytes) -> bytes:
         """The verified raw bytes of a chunk or object.
 

@@ -138,6 +138,12 @@ class Store(Protocol):
         """A directory object's entry maps undecoded, and its opaque flag (fmt.directory_items)."""
         ...
 
+    def directory_checked(self, digest: bytes) -> bool:
+        """Whether directory object *digest* is known to pass every check of
+        fmt.decode_directory (under fmt.DIRECTORY_RULES): a writer of this store decoded it
+        in full. False when not known: the reader checks it."""
+        ...
+
     def get_fileset(self, digest: bytes) -> fmt.FileSet: ...
     def get_image(self, digest: bytes) -> fmt.Image: ...
     def file_extents(self, entry: fmt.Entry) -> tuple[fmt.Extent, ...]: ...
@@ -247,6 +253,9 @@ class DecodedReads:
 
     def get_directory_items(self, digest: bytes) -> tuple[list[Any], bool]:
         return fmt.directory_items(self.get(digest))
+
+    def directory_checked(self, digest: bytes) -> bool:
+        return False  # a store that records nothing about its objects: check them
 
     def get_fileset(self, digest: bytes) -> fmt.FileSet:
         return fmt.decode_fileset(self.get(digest))
