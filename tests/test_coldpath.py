@@ -114,6 +114,8 @@ def test_the_fast_entry_decoder_agrees_with_the_field_by_field_one(raw: dict[int
     except FormatError:
         packed = None
     assert packed == (None if slow is None else [slow]), raw
+    if slow is not None:  # a valid entry: the trusting packer (checked=True) packs it the same
+        assert fmt.pack_directory([raw], _RECORD, 7, checked=True) == fmt.pack_directory([raw], _RECORD, 7), raw
 
 
 def test_a_directory_of_every_common_shape_decodes_as_encoded() -> None:
