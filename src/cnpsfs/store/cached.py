@@ -63,6 +63,10 @@ EVICT_EVERY = 5.0
 #: Eviction brings the cache down to this share of its size.
 EVICT_TO = 0.9
 SETTING_CACHE_SIZE = "cache-size"
+#: Blocks fetched ahead and not read yet, remembered (oldest forgotten first) to count the used ones.
+AHEAD_MAX = 4096
+#: A read-ahead takes at most this share of a bounded cache.
+AHEAD_SHARE = 8
 
 
 @dataclass(slots=True)
@@ -116,6 +120,8 @@ class CachedStore(DecodedReads):
         self._touched: dict[int, int] = {}
         #: Remote block keys this process committed locally (bounded): their members are local now.
         self._committed: dict[Hashable, None] = {}
+        #: Blocks fetched as a read-ahead that no reader has asked for yet (bounded).
+        self._ahead: dict[Hashable, None] = {}
         self._committer: threading.Thread | None = None
         self._wake = threading.Event()
         self._stop = False
@@ -461,23 +467,58 @@ class CachedStore(DecodedReads):
         for name, group in todo.items():
             self._start(self._remote_by_name(name), group)
 
-    def _start(self, remote: RemoteStore, locs: list[RemoteLocation]) -> None:
-        """One fetch per block not already fetched or being fetched (single flight across threads)."""
+    def _start(self, remote: RemoteStore, locs: list[RemoteLocation], *, after: RemoteLocation | None = None,
+               behind: bool = True) -> None:
+        """One fetch per block not already fetched or being fetched (single flight across threads).
+
+        With *after* (a demand miss, or a block read ahead that a reader got to), the
+        blocks around it that :meth:`_read_ahead` picks are fetched too, merged into the
+        same request where they lie next to *locs*' (see the module doc).
+        """
+        extra = self._read_ahead(remote, after, behind=behind) if after is not None else []
         fresh: dict[Hashable, tuple[RemoteLocation, concurrent.futures.Future[Any]]] = {}
+        ahead: set[Hashable] = set()
         with self._lock:
-            for loc in locs:
-                key = loc.block
-                if key in self._inflight or key in self._pending or key in fresh:
-                    continue
-                fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-                self._inflight[key] = fut
-                fresh[key] = (loc, fut)
+            for wanted, group in ((True, locs), (False, extra)):
+                for loc in group:
+                    key = loc.block
+                    if key in self._inflight or key in self._pending or key in fresh:
+                        continue
+                    fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+                    self._inflight[key] = fut
+                    fresh[key] = (loc, fut)
+                    if not wanted:
+                        ahead.add(key)
+                        self._ahead[key] = None
+            while len(self._ahead) > AHEAD_MAX:
+                del self._ahead[next(iter(self._ahead))]
         if not fresh:
             return
         for loc, fut in fresh.values():
             fut.add_done_callback(functools.partial(self._fetched, loc))
-        self.stats["misses"] += len(fresh)
-        remote.start_fetch([loc for loc, _f in fresh.values()], futures={k: f for k, (_l, f) in fresh.items()})
+        self.stats["misses"] += len(fresh) - len(ahead)
+        self.stats["read_ahead_blocks"] += len(ahead)
+        remote.start_fetch([loc for loc, _f in fresh.values()], futures={k: f for k, (_l, f) in fresh.items()},
+                           ahead=ahead)
+
+    def _read_ahead(self, remote: RemoteStore, loc: RemoteLocation, *, behind: bool = True) -> list[RemoteLocation]:
+        """The blocks to fetch with *loc*'s (:meth:`RemoteStore.around`), none of which we
+        have, have fetched or are fetching.
+
+        Only around a data block no larger than the remote's ``read-ahead`` (a small-file
+        block: a large file's blocks come through the reader's read-ahead and the
+        kernel's, many at once), and never more than 1/:data:`AHEAD_SHARE` of a bounded cache.
+        """
+        budget = remote.read_ahead
+        if self.cache_size is not None:
+            budget = min(budget, self.cache_size // AHEAD_SHARE)
+        if budget <= 0 or loc.type != T_CHUNK or loc.raw > budget:
+            return []
+        found = remote.around(loc, budget, behind=behind)
+        with self._lock:
+            found = [c for c in found if c.block not in self._inflight and c.block not in self._pending
+                     and c.block not in self._committed]
+        return [c for c in found if not self.local.contains(c.digest)]
 
     def _fetched(self, loc: RemoteLocation, fut: concurrent.futures.Future[Any]) -> None:
         """A fetch finished (on a pool thread): keep a good block for the next commit."""
@@ -504,11 +545,16 @@ class CachedStore(DecodedReads):
             with self._lock:
                 pending = self._pending.get(key)
                 fut = self._inflight.get(key)
+                ahead = (pending is not None or fut is not None) and key in self._ahead
+                if ahead:
+                    del self._ahead[key]
             if pending is not None:
                 self.stats["hits"] += 1
+                if ahead:
+                    self._ahead_used(loc)
                 return DecodedBlock(pending.members, pending.data, pending.record)
             if fut is None:
-                self._start(self._remote_by_name(loc.remote), [loc])
+                self._start(self._remote_by_name(loc.remote), [loc], after=loc)
                 with self._lock:
                     fut = self._inflight.get(key)
                     pending = self._pending.get(key)
@@ -523,8 +569,19 @@ class CachedStore(DecodedReads):
                 if isinstance(exc, UnavailableError):
                     log.debug("%s", exc)
                 raise
+            if block.advice:
+                # Read ahead and bad: fetched again in earnest (from the next mirror if it is
+                # bad again), so a reader of it meets exactly what a demand fetch would.
+                return self._remote_by_name(loc.remote).fetch_blocks([loc])[key]
+            if ahead:
+                self._ahead_used(loc)
             # Every waiter gets a reader of its own (a reader hands its members out once).
             return DecodedBlock(block.members, block.advance_all(), block.record)
+
+    def _ahead_used(self, loc: RemoteLocation) -> None:
+        """A reader got to a block read ahead: the read is sequential, so read on from there."""
+        self.stats["read_ahead_used"] += 1
+        self._start(self._remote_by_name(loc.remote), [], after=loc, behind=False)
 
     # ------------------------------------------------------------------ committing fetched blocks
 

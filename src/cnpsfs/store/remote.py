@@ -24,6 +24,7 @@ the network, and the last answer for each tag is remembered for when the remote 
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import contextlib
 import hashlib
@@ -53,7 +54,7 @@ from cnpsfs.errors import (
 from cnpsfs.store.backends import Backend
 from cnpsfs.store.blocks import CODEC_RAW, CODEC_ZSTD
 from cnpsfs.store.packs import MEMBER_HEADER, RECORD_HEADER, atomic_write
-from cnpsfs.store.protocol import T_FILESET, TYPE_NAMES, ChunkLocation, DecodedReads, NotCached, Tag
+from cnpsfs.store.protocol import T_CHUNK, T_FILESET, TYPE_NAMES, ChunkLocation, DecodedReads, NotCached, Tag
 from cnpsfs.store.wire import (
     INDEX_BLOB_MAX,
     BlobRef,
@@ -74,6 +75,9 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_PARALLEL = 8
+#: Raw bytes of the blocks after a missed small data block that are fetched with it
+#: (:meth:`ImageIndex.following`; ``read-ahead`` in remotes.toml, 0: none).
+DEFAULT_READ_AHEAD = 512 * 1024
 #: Records closer than this are fetched in one request (the gap is read and dropped).
 MERGE_GAP = 16 * 1024
 #: Longest merged request.
@@ -134,12 +138,15 @@ class DecodedBlock:
     fetched again from another mirror in one place.
     """
 
-    def __init__(self, members: list[Member], data: dict[bytes, bytes | None], record: bytes | None = None) -> None:
+    def __init__(self, members: list[Member], data: dict[bytes, bytes | None], record: bytes | None = None, *,
+                 advice: bool = False) -> None:
         self.members = members
         self._data = data
         self._given = False
         #: The record as fetched (header and payload), for a cache to store verbatim; None if bad.
         self.record = record
+        #: Fetched as a read-ahead and bad, not fetched again: a reader that wants it must.
+        self.advice = advice
 
     @property
     def done(self) -> bool:
@@ -161,7 +168,7 @@ class DecodedBlock:
 
     @property
     def intact(self) -> bool:
-        return all(v is not None for v in self._data.values())
+        return not self.advice and all(v is not None for v in self._data.values())
 
     def member(self, digest: bytes) -> bytes | None:
         return self._data.get(digest)
@@ -220,6 +227,14 @@ class ImageIndex:
         self._shards: dict[tuple[bool, int], Shard] = {}
         self._lock = threading.Lock()
         self._loading: dict[tuple[bool, int], threading.Lock] = {}
+        #: For :meth:`following`, built on first need: each blob's blocks in offset order
+        #: (blob digest -> record offsets, block numbers), a chunk of each block (from the
+        #: shards loaded so far, which :attr:`_indexed` names) and the blocks holding objects.
+        self._layout_lock = threading.Lock()
+        self._by_blob: dict[str, tuple[list[int], list[int]]] | None = None
+        self._a_chunk: dict[int, tuple[bytes, int, int]] = {}
+        self._meta_blocks: set[int] = set()
+        self._indexed: set[tuple[bool, int]] = set()
 
     @property
     def digest(self) -> bytes:
@@ -260,6 +275,77 @@ class ImageIndex:
         blob = self.root.blobs[block.blob]
         return RemoteLocation(blob.digest, blob.size, block.header, block.count, block.stored, block.raw,
                               block.codec, type_code, inner, length, self.remote.name, digest)
+
+    def following(self, loc: RemoteLocation, budget: int, *, window: int = MERGE_MAX, step: int = 1
+                  ) -> list[RemoteLocation]:
+        """Data blocks stored after *loc*'s in its blob, up to *budget* raw bytes: a read-ahead.
+
+        A block's stream (docs/format.md 2.1) is recorded nowhere, but the writer seals
+        each stream's blocks in order, so the hot small-file blocks after a missed one hold
+        the files after its files (in path order), with blocks of other streams in
+        between. So: the blocks whose record starts within *window* bytes of *loc*'s end,
+        in offset order; a block larger than *budget* on its own (a large or cold file's,
+        of another stream) is skipped, and the first one that no longer fits what is left
+        of *budget* ends the list. Skipped too are blocks holding objects (metadata, which
+        a mount fetches on its own) and blocks none of whose chunks the shards loaded so
+        far name: the caller checks by a chunk whether it has a block already. Each
+        location returned names one chunk of its block.
+        """
+        if budget <= 0:
+            return []
+        layout = self._blob_layout(loc.blob)
+        if layout is None:
+            return []
+        headers, numbers = layout
+        i = bisect.bisect_left(headers, loc.header)
+        if i >= len(headers) or headers[i] != loc.header:
+            return []
+        a_chunk, meta = self._chunks_of_blocks()
+        end = loc.header + loc.record_length
+        left = budget
+        out: list[RemoteLocation] = []
+        for j in (range(i + 1, len(headers)) if step > 0 else range(i - 1, -1, -1)):
+            number = numbers[j]
+            block = self.root.blocks[number]
+            if (block.header - end if step > 0 else loc.header - block.header - block.length) > window:
+                break
+            if block.raw > budget or number in meta:
+                continue
+            if block.raw > left:
+                break
+            member = a_chunk.get(number)
+            if member is None:
+                continue
+            out.append(self.location(member[0], number, T_CHUNK, member[1], member[2]))
+            left -= block.raw
+        return out
+
+    def _blob_layout(self, blob: str) -> tuple[list[int], list[int]] | None:
+        with self._layout_lock:
+            if self._by_blob is None:
+                numbers: dict[int, list[int]] = {}
+                for number, block in enumerate(self.root.blocks):
+                    numbers.setdefault(block.blob, []).append(number)
+                by_blob: dict[str, tuple[list[int], list[int]]] = {}
+                for blob_no, blocks in numbers.items():
+                    blocks.sort(key=lambda n: self.root.blocks[n].header)
+                    by_blob[self.root.blobs[blob_no].digest] = ([self.root.blocks[n].header for n in blocks], blocks)
+                self._by_blob = by_blob
+            return self._by_blob.get(blob)
+
+    def _chunks_of_blocks(self) -> tuple[dict[int, tuple[bytes, int, int]], set[int]]:
+        """A chunk of each block and the blocks holding objects, from the shards loaded so far."""
+        with self._layout_lock:
+            for key, shard in list(self._shards.items()):
+                if key in self._indexed:
+                    continue
+                self._indexed.add(key)
+                for digest, (number, type_code, inner, length) in shard:
+                    if type_code != T_CHUNK:
+                        self._meta_blocks.add(number)
+                    elif number not in self._a_chunk:
+                        self._a_chunk[number] = (digest, inner, length)
+            return self._a_chunk, self._meta_blocks
 
     def load_shards(self) -> None:
         """Fetch every shard now (a push's catalogue needs them all)."""
@@ -324,7 +410,8 @@ class RemoteStore(DecodedReads):
     """The read side of the Store protocol over one remote and its mirrors (*backends*, in order)."""
 
     def __init__(self, name: str, backends: Sequence[Backend], *, state_dir: Path | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, parallel: int = DEFAULT_PARALLEL) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, parallel: int = DEFAULT_PARALLEL,
+                 read_ahead: int = DEFAULT_READ_AHEAD) -> None:
         if not backends:
             raise UsageError(f"remote {name}: no URL")
         self.name = name
@@ -332,6 +419,8 @@ class RemoteStore(DecodedReads):
         self.state_dir = state_dir
         self.timeout = timeout
         self.parallel = max(1, parallel)
+        #: Raw bytes of following blocks a cache in front fetches with a missed one (:meth:`following`).
+        self.read_ahead = max(0, read_ahead)
         self.stats: Counter[str] = Counter()
         self._indexes: dict[bytes, ImageIndex] = {}
         self._lock = threading.Lock()
@@ -754,15 +843,35 @@ class RemoteStore(DecodedReads):
 
     # ------------------------------------------------------------------ fetching blocks
 
+    def around(self, loc: RemoteLocation, budget: int | None = None, *, behind: bool = True
+               ) -> list[RemoteLocation]:
+        """The blocks to fetch with *loc*'s as a read-ahead: up to *budget* raw bytes
+        (default :attr:`read_ahead`) of those stored after it, and with *behind* as much of
+        those before it (:meth:`ImageIndex.following`), from the first loaded index that
+        has *loc*'s blob."""
+        budget = self.read_ahead if budget is None else budget
+        if budget <= 0:
+            return []
+        for index in self.loaded():
+            if any(blob.digest == loc.blob for blob in index.root.blobs):
+                found = index.following(loc, budget)
+                if behind:
+                    found += index.following(loc, budget, step=-1)
+                return found
+        return []
+
     def start_fetch(self, locs: Iterable[RemoteLocation], *,
-                    futures: dict[Any, concurrent.futures.Future[Any]] | None = None
-                    ) -> dict[Any, concurrent.futures.Future[Any]]:
+                    futures: dict[Any, concurrent.futures.Future[Any]] | None = None,
+                    ahead: Container[Any] = ()) -> dict[Any, concurrent.futures.Future[Any]]:
         """Fetch the blocks of *locs* in the background: one future per block key.
 
         Records of one blob that lie close together are merged into one request (up to
         :data:`MERGE_MAX`); the requests run on the remote's pool (:attr:`parallel` at
         once). A future's result is a :class:`DecodedBlock`, or the error that ended it.
         *futures* may supply the future objects (by block key) the caller already holds.
+        The blocks whose keys are in *ahead* are a read-ahead (advice): one that fails its
+        check is not fetched again here but handed out as bad (:attr:`DecodedBlock.advice`),
+        for a reader that wants it to fetch it again in earnest.
         """
         blocks: dict[tuple[str, int], RemoteLocation] = {}
         for loc in locs:
@@ -773,7 +882,8 @@ class RemoteStore(DecodedReads):
         t_end = self._deadline()
         pool = self._executor()
         for run in merge_runs(blocks.values()):
-            pool.submit(self._fetch_run, run, {loc.block: futures[loc.block] for loc in run}, t_end)
+            pool.submit(self._fetch_run, run, {loc.block: futures[loc.block] for loc in run}, t_end,
+                        {loc.block for loc in run if loc.block in ahead})
         return futures
 
     def fetch_blocks(self, locs: Iterable[RemoteLocation]) -> dict[tuple[str, int], DecodedBlock]:
@@ -782,8 +892,9 @@ class RemoteStore(DecodedReads):
         return {key: fut.result() for key, fut in futures.items()}
 
     def _fetch_run(self, run: list[RemoteLocation], futures: Mapping[tuple[str, int], concurrent.futures.Future[Any]],
-                   t_end: float) -> None:
-        """On a pool thread: one request for a run of records, then each record checked."""
+                   t_end: float, ahead: Container[tuple[str, int]] = ()) -> None:
+        """On a pool thread: one request for a run of records, then each record checked
+        (in offset order: a read-ahead's blocks come after the block wanted)."""
         first, last = run[0], run[-1]
         start, end = first.header, last.header + last.record_length
         what = f"blob {first.blob} bytes {start}-{end - 1}"
@@ -804,15 +915,17 @@ class RemoteStore(DecodedReads):
         for loc in run:
             record = data[loc.header - start:loc.header - start + loc.record_length]
             try:
-                block = self._check(record, loc, t_end)
+                block = self._check(record, loc, t_end, advice=loc.block in ahead)
             except BaseException as exc:
                 futures[loc.block].set_exception(exc)
             else:
                 futures[loc.block].set_result(block)
 
-    def _check(self, record: bytes, loc: RemoteLocation, t_end: float) -> DecodedBlock:
-        """Verify a record; a bad one is fetched once more, from the next mirror."""
+    def _check(self, record: bytes, loc: RemoteLocation, t_end: float, *, advice: bool = False) -> DecodedBlock:
+        """Verify a record; a bad one is fetched once more, from the next mirror (unless *advice*)."""
         where = self.describe(loc)
+        members: list[Member] = []
+        data: dict[bytes, bytes | None] = {}
         try:
             members, data = parse_record(record, loc, where)
         except CorruptObjectError as exc:
@@ -825,6 +938,9 @@ class RemoteStore(DecodedReads):
             bad = next(d for d, v in data.items() if v is None)
             problem = f"{where}: member {fmt.format_digest(bad)} does not match its digest"
         self.stats["corrupt"] += 1
+        if advice:
+            log.debug("%s (a block read ahead: dropped)", problem)
+            return DecodedBlock(members, data, None, advice=True)
         retry_from = (self._preferred + 1) % len(self.backends)
         log.warning("%s; fetching it again from %s", problem, self.backends[retry_from].url)
         record = self._mirrors(t_end, f"blob {loc.blob} bytes {loc.header}-{loc.header + loc.record_length - 1}",

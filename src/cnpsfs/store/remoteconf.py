@@ -12,6 +12,7 @@
     connect-timeout = 10
     retries = 4
     parallel = 8                                      # block requests at once
+    read-ahead = "512K"                               # fetched around a missed small block; 0: off
     authfile = "/etc/cnpsfs/auth.json"                # docker:// credentials (containers-auth.json)
     creds-file = "/etc/cnpsfs/origin.creds"           # or USER:PASSWORD in a file of its own
 
@@ -33,13 +34,13 @@ from typing import Any
 
 from cnpsfs.errors import UsageError
 from cnpsfs.store.backends import Backend, open_backend, parse_remote_url
-from cnpsfs.store.remote import DEFAULT_PARALLEL, DEFAULT_TIMEOUT, RemoteStore
-from cnpsfs.store.remotelimits import MAX_PARALLEL, MAX_RETRIES, MAX_TIMEOUT
+from cnpsfs.store.remote import DEFAULT_PARALLEL, DEFAULT_READ_AHEAD, DEFAULT_TIMEOUT, RemoteStore
+from cnpsfs.store.remotelimits import MAX_PARALLEL, MAX_READ_AHEAD, MAX_RETRIES, MAX_TIMEOUT
 from cnpsfs.transport import HttpConfig
 
 SYSTEM_CONFIG = Path("/etc/cnpsfs/remotes.toml")
 KEYS = {"url", "mirrors", "ca", "tls-verify", "proxy", "timeout", "connect-timeout", "retries", "parallel",
-        "authfile", "creds-file"}
+        "read-ahead", "authfile", "creds-file"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class RemoteSpec:
     connect_timeout: float = 10.0
     retries: int = 4
     parallel: int = DEFAULT_PARALLEL
+    read_ahead: int = DEFAULT_READ_AHEAD
     authfile: str | None = None
     creds_file: str | None = None
     source: str = "--remote"
@@ -86,7 +88,7 @@ class RemoteSpec:
     def open(self, state_dir: Path | None = None) -> RemoteStore:
         """The remote store (no network traffic until it is used)."""
         return RemoteStore(self.name, self.backends(), state_dir=state_dir, timeout=self.timeout,
-                           parallel=self.parallel)
+                           parallel=self.parallel, read_ahead=self.read_ahead)
 
 
 def config_paths(environ: Mapping[str, str] | None = None) -> list[Path]:
@@ -147,8 +149,8 @@ def _spec(name: str, entry: Any, source: str) -> RemoteSpec:
         name=name, urls=(url, *mirrors), ca=get("ca", str, None), tls_verify=get("tls-verify", bool, True),
         proxy=get("proxy", str, None), timeout=timeout,
         connect_timeout=float(get("connect-timeout", (int, float), 10.0)), retries=int(get("retries", int, 4)),
-        parallel=int(get("parallel", int, DEFAULT_PARALLEL)), authfile=get("authfile", str, None),
-        creds_file=get("creds-file", str, None), source=source)
+        parallel=int(get("parallel", int, DEFAULT_PARALLEL)), read_ahead=_read_ahead(entry, where),
+        authfile=get("authfile", str, None), creds_file=get("creds-file", str, None), source=source)
     # Every wait bounded, every pool sized: inf, nan or a huge pool would mean "forever" or "unbounded".
     for key, value in (("timeout", spec.timeout), ("connect-timeout", spec.connect_timeout)):
         if not 0 < value <= MAX_TIMEOUT:  # also false for nan
@@ -158,6 +160,23 @@ def _spec(name: str, entry: Any, source: str) -> RemoteSpec:
     if not 0 <= spec.retries <= MAX_RETRIES:
         raise UsageError(f"{where}: retries must be 0 to {MAX_RETRIES}")
     return spec
+
+
+def _read_ahead(entry: Mapping[str, Any], where: str) -> int:
+    """``read-ahead``: bytes (an integer) or a size (``"512K"``, ``"1M"``); 0 turns it off."""
+    value = entry.get("read-ahead", DEFAULT_READ_AHEAD)
+    if isinstance(value, str):
+        from cnpsfs.store.cached import parse_size
+
+        try:
+            value = parse_size(value)
+        except UsageError as exc:
+            raise UsageError(f"{where}: read-ahead: {exc}") from None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UsageError(f"{where}: read-ahead has the wrong type (bytes, or a size such as \"512K\")")
+    if not 0 <= value <= MAX_READ_AHEAD:
+        raise UsageError(f"{where}: read-ahead must be 0 to {MAX_READ_AHEAD >> 20} MiB")
+    return value
 
 
 def remote_spec(text: str, configured: Mapping[str, RemoteSpec] | None = None, *,

@@ -12,3 +12,5 @@ MAX_TIMEOUT = 3600.0
 MAX_PARALLEL = 64
 #: The most retries of one request.
 MAX_RETRIES = 100
+#: The most raw bytes a remote's read-ahead may fetch on each side of a missed block.
+MAX_READ_AHEAD = 16 << 20
