@@ -36,6 +36,7 @@ awaits is atomic, which the single-flight bookkeeping relies on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -194,7 +195,8 @@ class ChunkFetcher:
         try:
             self.hops += 1
             continued = stream is not None
-            members, opened = await trio.to_thread.run_sync(self._advance, stream, loc, upto, limiter=limiter)
+            members, opened = await trio.to_thread.run_sync(self._advance, stream, loc, upto,
+                                                            limiter is not self.limiter, limiter=limiter)
             stream = opened
             added[0] += self._settle(key, loc, wanted, opened, members)
             if continued and opened.done:
@@ -233,7 +235,7 @@ class ChunkFetcher:
         try:
             self.hops += 1
             located, loaded, later = await trio.to_thread.run_sync(self._locate_and_advance, digests,
-                                                                   limiter=limiter)
+                                                                   limiter is not self.limiter, limiter=limiter)
             for digest in digests:
                 if digest not in located:
                     self._fail(digest, MissingObjectError(f"{fmt.format_digest(digest)} is not in the store"))
@@ -353,16 +355,22 @@ class ChunkFetcher:
         while len(self._failed) > FAILED_MAX:
             del self._failed[next(iter(self._failed))]
 
-    def _advance(self, stream: BlockReader | None, loc: ChunkLocation, upto: int
+    def _advance(self, stream: BlockReader | None, loc: ChunkLocation, upto: int, planned: bool = False
                  ) -> tuple[dict[bytes, bytes | memoryview | None], BlockReader]:
-        """On a worker: decode the block through *upto* (opening it first if need be)."""
+        """On a worker: decode the block through *upto* (opening it first if need be).
+
+        *planned*: a load of a prefetch (on its own limiter), whose plan names the blocks it
+        wants: a remote-backed store then reads nothing ahead (``CachedStore.planned``)."""
         if stream is None:
             with self._count_lock:
                 self.opens += 1
-            stream = self.store.open_block(loc)
+            plan = getattr(self.store, "planned", None) if planned else None
+            with plan() if plan is not None else contextlib.nullcontext():
+                stream = self.store.open_block(loc)
         return stream.advance(upto), stream
 
-    def _locate_and_advance(self, digests: list[bytes]) -> tuple[set[bytes], list[_Loaded], list[_Later]]:
+    def _locate_and_advance(self, digests: list[bytes], planned: bool = False
+                            ) -> tuple[set[bytes], list[_Loaded], list[_Later]]:
         """On a worker: where *digests* are, the first one's block decoded as far as they end
         in it, and the other blocks they are in, to be decoded by other workers.
 
@@ -384,7 +392,7 @@ class ChunkFetcher:
         if later:
             key, loc, wanted, upto = later.pop(0)
             try:
-                members, stream = self._advance(None, loc, upto)
+                members, stream = self._advance(None, loc, upto, planned)
             except (CnpsfsError, OSError) as exc:
                 loaded.append((key, loc, wanted, exc, {}))
             else:

@@ -9,6 +9,18 @@ records the remote holds, so a second mount or a remount reads locally. One fetc
 block however many threads want it (single flight); a block that fails on one remote is
 tried on the next.
 
+**Read-ahead.** A demand miss of a small data block (raw size at most the remote's
+``read-ahead``: a hot small-file block, docs/format.md 2.1) also fetches the chunk blocks
+stored around it in its blob (:meth:`RemoteStore.around`), in the same request where they
+are adjacent, each under its own single flight; a reader that gets to one of them while it
+is still in memory has the blocks after it fetched in turn. Python's start-up reads a few
+hundred small files of a region of the hot stream in import order, not path order: at
+20 ms RTT a first run waits for about a fifth fewer round trips (docs/performance.md,
+"Remote read-ahead"). It is advice: a neighbour we have, have fetched or are fetching is
+skipped, a bad one is dropped unrepaired (:attr:`DecodedBlock.advice`: its reader fetches
+it again in earnest), it takes at most 1/:data:`AHEAD_SHARE` of a bounded cache, and the
+loads of a profile replay (:meth:`planned`) bring none.
+
 **Crash safety.** Fetched records wait in memory for at most a second (or
 :data:`COMMIT_BYTES`), then go through an ordinary store writer: temporary pack, fsync,
 rename, one transaction that adds the index rows and marks the new pack as a *cache pack*
@@ -122,6 +134,7 @@ class CachedStore(DecodedReads):
         self._committed: dict[Hashable, None] = {}
         #: Blocks fetched as a read-ahead that no reader has asked for yet (bounded).
         self._ahead: dict[Hashable, None] = {}
+        self._thread = threading.local()  # .planned: see planned()
         self._committer: threading.Thread | None = None
         self._wake = threading.Event()
         self._stop = False
@@ -453,6 +466,15 @@ class CachedStore(DecodedReads):
         self._touch(loc.pack)
         return reader
 
+    @contextlib.contextmanager
+    def planned(self) -> Iterator[None]:
+        """Blocks opened on this thread meanwhile are a plan's (a profile replay's): no read-ahead."""
+        self._thread.planned = True
+        try:
+            yield
+        finally:
+            self._thread.planned = False
+
     def prefetch(self, locs: Iterable[Any]) -> None:
         """Start fetching the remote blocks among *locs* now (merged, in parallel); returns at once."""
         todo: dict[str, list[RemoteLocation]] = {}
@@ -554,7 +576,8 @@ class CachedStore(DecodedReads):
                     self._ahead_used(loc)
                 return DecodedBlock(pending.members, pending.data, pending.record)
             if fut is None:
-                self._start(self._remote_by_name(loc.remote), [loc], after=loc)
+                planned = getattr(self._thread, "planned", False)
+                self._start(self._remote_by_name(loc.remote), [loc], after=None if planned else loc)
                 with self._lock:
                     fut = self._inflight.get(key)
                     pending = self._pending.get(key)
