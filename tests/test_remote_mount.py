@@ -141,7 +141,8 @@ def test_lazy_mount_over_http(source: SourceStore, served: Restartable, tmp_path
                      and r["range"].startswith("bytes="))
     assert ranges and max(ranges.values()) == 1, ranges.most_common(3)  # single flight: no range twice
     assert all(r["status"] == "206" for r in served.server.access_log() if r["range"].startswith("bytes="))
-    assert cache["hits"] > 0 and cache["misses"] == blocks
+    # every block fetched once: asked for (a miss) or read ahead with one
+    assert cache["hits"] > 0 and cache["misses"] + cache.get("read_ahead_blocks", 0) == blocks
     print(f"mount {mount_seconds:.2f}s; python fetched {after_python['block_bytes']} of {block_bytes} bytes")
 
     # A remount reads locally: with the server stopped, everything is still there.
