@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from cnpsfs.cli import root
 
@@ -87,3 +90,19 @@ def test_mount_and_its_daemon_import_only_what_serving_needs() -> None:
     loaded = set(json.loads(proc.stdout))
     assert {"pyfuse3", "trio", "cnpsfs.store.local"} <= loaded
     assert _offenders(loaded, (*NOT_AT_START, "tomllib")) == []
+
+
+def test_a_remote_mount_reads_no_toml_without_a_remotes_file(tmp_path: Path) -> None:
+    """``mount --remote URL`` with no remotes.toml anywhere: the TOML parser is not imported
+    (a lazy mount's start pays for every module). The remote refuses the connection, so the
+    command ends after its store and remote are open and the lookup has failed."""
+    if Path("/etc/cnpsfs/remotes.toml").exists():
+        pytest.skip("this host has /etc/cnpsfs/remotes.toml")
+    (tmp_path / "mnt").mkdir()
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    proc = subprocess.run([sys.executable, "-c", _LIST_MODULES, "--store", str(tmp_path / "store"), "mount",
+                           "--remote", "http://127.0.0.1:9/none", "example.org/x@1", str(tmp_path / "mnt")],
+                          capture_output=True, text=True, timeout=60, check=True, env=env)
+    loaded = set(json.loads(proc.stdout.splitlines()[-1]))
+    assert "cnpsfs.store.remoteconf" in loaded and "urllib3" in loaded  # the remote path ran
+    assert "tomllib" not in loaded

@@ -26,7 +26,6 @@ twice are tried in order for what the first one lacks or cannot serve.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,15 +102,18 @@ def load_remotes(paths: Sequence[Path] | None = None) -> dict[str, RemoteSpec]:
     remotes: dict[str, RemoteSpec] = {}
     for path in config_paths() if paths is None else paths:
         try:
-            with open(path, "rb") as f:
-                doc = tomllib.load(f)
+            data = Path(path).read_bytes()
         except FileNotFoundError:
             continue
         except OSError as exc:
             raise UsageError(f"{path}: {exc.strerror}") from None
+        import tomllib  # only for a file that exists: a lazy mount's start pays for every import
+
+        try:
+            doc = tomllib.loads(data.decode())
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{path}: not valid TOML: {exc}") from None
-        except UnicodeDecodeError:  # tomllib decodes the bytes itself and lets this through
+        except UnicodeDecodeError:
             raise UsageError(f"{path}: not UTF-8 text") from None
         table = doc.get("remotes", {})
         unknown = set(doc) - {"remotes"}
